@@ -1,0 +1,15 @@
+//! shiftfs: shifting bind mounts for user-namespaced containers.
+//!
+//! Layout (see `../shared/ARCHITECTURE.md`): `idmap` and `xattr` are pure; `fuse` and
+//! `kernel` are the two backends; `mount` picks one and runs the daemon life cycle;
+//! `shift` and `scan` work on trees offline; `sys` is the only home of `unsafe`.
+#![deny(unsafe_code)]
+
+pub mod fuse;
+pub mod idmap;
+pub mod kernel;
+pub mod mount;
+pub mod scan;
+pub mod shift;
+pub mod sys;
+pub mod xattr;

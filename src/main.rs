@@ -1,0 +1,58 @@
+//! The `shiftfs` command line: argument handling and output only; the work is in the library.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shiftfs", version, about = "Shifting bind mounts for user-namespaced containers")]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount SOURCE at TARGET with every owner id shifted through a map.
+    Mount(cli::mount::Args),
+    /// Unmount a shifted mount and stop its daemon (also cleans up a dead mount).
+    #[command(alias = "unmount")]
+    Umount(cli::umount::Args),
+    /// List the shifted mounts on this machine.
+    #[command(alias = "status")]
+    List(cli::list::Args),
+    /// Rewrite a tree's ids on disk from one map to another.
+    Shift(cli::shift::Args),
+    /// Report which ids a tree uses, what a map leaves unmapped, and hazards.
+    Scan(cli::scan::Args),
+    /// Report what this machine supports and what to do about what is missing.
+    Doctor(cli::doctor::Args),
+}
+
+fn main() -> ExitCode {
+    // Invoked as mount(8)'s helper: `mount.shiftfs SOURCE TARGET [-o OPTS] ...`.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let as_helper = std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("mount."));
+    if as_helper {
+        cli::init_logging(0);
+        return cli::finish(cli::mount_helper::run(std::env::args_os().skip(1).collect()));
+    }
+    let args = Cli::parse();
+    cli::init_logging(args.verbose);
+    let result = match args.command {
+        Command::Mount(a) => cli::mount::run(a),
+        Command::Umount(a) => cli::umount::run(a),
+        Command::List(a) => cli::list::run(a),
+        Command::Shift(a) => cli::shift::run(a),
+        Command::Scan(a) => cli::scan::run(a),
+        Command::Doctor(a) => cli::doctor::run(a),
+    };
+    cli::finish(result)
+}

@@ -1,0 +1,269 @@
+#!/usr/bin/env python3
+"""Turns benches/run.sh's raw numbers into the ratio tables, the target check and the chart.
+
+usage: report.py RAW.tsv ENV.txt OUTDIR
+RAW.tsv lines: backing, metric, contender, run, value (seconds, MiB/s or IOPS).
+Writes OUTDIR/results.md (everything), OUTDIR/README-table.md (the part for the README),
+OUTDIR/results.png (chart, if matplotlib is there) and prints results.md.
+"""
+
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+CONTENDERS = {
+    "plain": "plain dir",
+    "kernel": "kernel idmapped",
+    "fuse": "shiftfs FUSE",
+    "bindfs": "bindfs",
+    "overlay": "fuse-overlayfs",
+}
+# metric -> (label, unit, higher is better)
+METRICS = {
+    "walk": ("metadata walk (find: owner, mode, size)", "s", False),
+    "readall": ("read every file (tar c)", "s", False),
+    "seqread": ("sequential read, 1 MiB blocks", "MiB/s", True),
+    "seqwrite": ("sequential write, 1 MiB blocks", "MiB/s", True),
+    "randread": ("4 KiB random read", "IOPS", True),
+    "extract": ("extract rootfs tarball as userns root", "s", False),
+    "small_create": ("small files: create", "s", False),
+    "small_stat": ("small files: stat", "s", False),
+    "small_delete": ("small files: delete", "s", False),
+    "small_total": ("small files: create+stat+delete", "s", False),
+}
+# The issue's targets for shiftfs FUSE: (metric, baseline contender, kind, limit).
+# kind "time" = time ratio <= limit; "tput" = throughput ratio >= limit.
+TARGETS = [
+    ("walk", "plain", "time", 1.3),
+    ("readall", "plain", "time", 1.3),
+    ("seqread", "plain", "tput", 0.9),
+    ("seqwrite", "plain", "tput", 0.9),
+    ("randread", "plain", "tput", 0.8),
+    ("extract", "kernel", "time", 1.5),
+    ("small_total", "kernel", "time", 2.0),
+]
+EVERY = ["walk", "readall", "seqread", "seqwrite", "randread", "extract", "small_total"]
+
+
+def load(raw):
+    runs = defaultdict(list)  # (backing, metric, contender) -> values
+    backings = []
+    for line in Path(raw).read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) != 5:
+            continue
+        b, m, c, _run, v = parts
+        try:
+            runs[(b, m, c)].append(float(v))
+        except ValueError:
+            continue
+        if b not in backings:
+            backings.append(b)
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    return backings, med, runs
+
+
+def cost(med, b, m, c):
+    """Time-like cost (lower is better) of contender c, or None."""
+    v = med.get((b, m, c))
+    if v is None or v <= 0:
+        return None
+    return 1.0 / v if METRICS[m][2] else v
+
+
+def ratio(med, b, m, c, base="plain"):
+    """The natural ratio to base: time ratio, or throughput ratio for throughput metrics."""
+    v, p = med.get((b, m, c)), med.get((b, m, base))
+    if v is None or not p:
+        return None
+    return v / p
+
+
+def fmt_abs(v, unit):
+    if v is None:
+        return "n/a"
+    if unit == "s":
+        return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+    if unit == "IOPS":
+        return f"{v / 1000:.0f}k IOPS"
+    return f"{v:.0f} {unit}"
+
+
+def fx(v):
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def tables(backings, med, runs, env):
+    out = []
+    for b in backings:
+        cs = [c for c in CONTENDERS if any(k[0] == b and k[2] == c for k in med)]
+        out.append(f"### Source on {b}\n")
+        out.append(
+            "Ratio to the plain directory in the same run (median of the timed runs). "
+            "**time** rows: lower is better; **throughput** rows: higher is better.\n"
+        )
+        head = ["workload", "kind", "plain dir (median)"] + [CONTENDERS[c] for c in cs if c != "plain"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * 2 + "---:|" * (len(head) - 2))
+        for m, (label, unit, higher) in METRICS.items():
+            if not any(k[0] == b and k[1] == m for k in med):
+                continue
+            n = max((len(runs.get((b, m, c), [])) for c in cs), default=0)
+            row = [label, "throughput" if higher else "time", fmt_abs(med.get((b, m, "plain")), unit)]
+            row += [fx(ratio(med, b, m, c)) for c in cs if c != "plain"]
+            out.append("| " + " | ".join(row) + " |")
+        out.append(f"\n(timed runs per cell: {n})\n")
+    return out
+
+
+def target_check(backings, med):
+    out, summary = [], []
+    for b in backings:
+        out.append(f"### Targets for shiftfs FUSE, source on {b}\n")
+        out.append("| target | measured | met |")
+        out.append("|---|---:|---|")
+        for m, base, kind, limit in TARGETS:
+            r = ratio(med, b, m, "fuse", base)
+            label = METRICS[m][0]
+            if kind == "time":
+                goal = f"{label}: time <= {limit}x {CONTENDERS[base]}"
+                met = r is not None and r <= limit
+                miss = "" if r is None or met else f" (over by {r / limit:.2f}x)"
+            else:
+                goal = f"{label}: throughput >= {limit}x {CONTENDERS[base]}"
+                met = r is not None and r >= limit
+                miss = "" if r is None or met else f" (short by {limit / r:.2f}x)"
+            verdict = "n/a" if r is None else ("yes" if met else "**no**" + miss)
+            out.append(f"| {goal} | {fx(r)} | {verdict} |")
+            summary.append((b, goal, r, met))
+        for other, need, word in (("bindfs", 2.0, "at least 2x faster than bindfs"),
+                                  ("overlay", 1.0, "faster than fuse-overlayfs")):
+            sp = {}
+            for m in EVERY:
+                cf, co = cost(med, b, m, "fuse"), cost(med, b, m, other)
+                if cf and co:
+                    sp[m] = co / cf
+            if not sp:
+                out.append(f"| {word} on every workload | n/a | n/a |")
+                continue
+            worst = min(sp, key=sp.get)
+            fails = [m for m, s in sp.items() if not (s >= need if need > 1 else s > need)]
+            met = not fails
+            verdict = "yes" if met else "**no**: " + ", ".join(f"{m} {sp[m]:.2f}x" for m in fails)
+            out.append(f"| {word} on every workload (speedup, worst: {worst}) | {sp[worst]:.2f}x | {verdict} |")
+            summary.append((b, word, sp[worst], met))
+        out.append("")
+        out.append(f"shiftfs FUSE speedup over each contender, source on {b} (cost of the other / cost of "
+                   "shiftfs FUSE; > 1 means shiftfs FUSE is faster):\n")
+        others = [c for c in ("kernel", "bindfs", "overlay") if any(k[0] == b and k[2] == c for k in med)]
+        out.append("| workload | " + " | ".join(f"vs {CONTENDERS[c]}" for c in others) + " |")
+        out.append("|---|" + "---:|" * len(others))
+        for m in METRICS:
+            cf = cost(med, b, m, "fuse")
+            if cf is None:
+                continue
+            cells = []
+            for c in others:
+                co = cost(med, b, m, c)
+                cells.append(fx(co / cf) if co else "n/a")
+            out.append(f"| {METRICS[m][0]} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out, summary
+
+
+def chart(backings, med, env, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report: no matplotlib, no chart", file=sys.stderr)
+        return False
+    shown = ["kernel", "fuse", "bindfs", "overlay"]
+    colors = {"kernel": "#4c72b0", "fuse": "#dd8452", "bindfs": "#8c8c8c", "overlay": "#55a868"}
+    short = {
+        "walk": "metadata\nwalk", "readall": "read all\nfiles", "seqread": "seq\nread",
+        "seqwrite": "seq\nwrite", "randread": "4K rand\nread", "extract": "extract\nas ns root",
+        "small_total": "small files\ncreate/stat/del",
+    }
+    fig, axes = plt.subplots(len(backings), 1, figsize=(12, 4.8 * len(backings)), squeeze=False)
+    for ax, b in zip(axes[:, 0], backings):
+        ms = [m for m in EVERY if (b, m, "plain") in med]
+        width = 0.8 / len(shown)
+        top, bottom = 1.0, 1.0
+        for i, c in enumerate(shown):
+            xs, ys = [], []
+            for j, m in enumerate(ms):
+                cp, cc = cost(med, b, m, "plain"), cost(med, b, m, c)
+                if cp and cc:
+                    xs.append(j + (i - (len(shown) - 1) / 2) * width)
+                    ys.append(cc / cp)
+            if not xs:
+                continue
+            top, bottom = max(top, max(ys)), min(bottom, min(ys))
+            bars = ax.bar(xs, ys, width, label=CONTENDERS[c], color=colors[c], edgecolor="black", linewidth=0.4)
+            for bar, y in zip(bars, ys):
+                ax.annotate(f"{y:.1f}" if y >= 10 else f"{y:.2f}", (bar.get_x() + bar.get_width() / 2, y),
+                            ha="center", va="bottom", fontsize=7, rotation=90, xytext=(0, 2),
+                            textcoords="offset points")
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_yscale("log")
+        ax.set_ylim(min(0.3, bottom * 0.6), top * 3)
+        ax.set_xticks(range(len(ms)))
+        ax.set_xticklabels([short.get(m, m) for m in ms])
+        ax.set_ylabel("cost relative to plain dir\n(time, or 1/throughput; lower is better)")
+        ax.set_title(f"source on {b}: each bar = contender / plain directory (dashed line = native)")
+        ax.legend(loc="upper left", ncol=4, fontsize=9)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    fig.suptitle(f"shiftfs benchmark, {env.get('date', '')}, {env.get('machine', '')}\n{env.get('mode', '')}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__.strip().splitlines()[1])
+    raw, envf, outdir = sys.argv[1:]
+    env = {}
+    for line in Path(envf).read_text().splitlines():
+        k, _, v = line.partition("=")
+        env[k] = v
+    backings, med, runs = load(raw)
+    outdir = Path(outdir)
+    ratio_lines = tables(backings, med, runs, env)
+    target_lines, summary = target_check(backings, med)
+
+    head = [
+        "# shiftfs benchmark results",
+        "",
+        f"{env.get('date', '')}; {env.get('mode', '')}",
+        f"Machine: {env.get('machine', '')}. {env.get('versions', '')}.",
+        f"Tree: {env.get('rootfs', '')}. Made by `benches/run.sh` (see its header for the method: "
+        "warm = one untimed run first, then timed runs interleaved across contenders, median).",
+        "",
+    ]
+    notes = [f"- {k[5:]}: {v}" for k, v in env.items() if k.startswith("note_")]
+    if notes:
+        head += ["Notes:", ""] + sorted(notes) + [""]
+    met = sum(1 for s in summary if s[3])
+    verdict = [f"**Targets met: {met} of {len(summary)}** (both backings).", ""]
+    md = head + ["## Ratios to the plain directory", ""] + ratio_lines + ["## Targets", ""] + verdict + target_lines
+    png = chart(backings, med, env, outdir / "results.png")
+    if png:
+        md += ["## Chart", "", "![ratios](results.png)", ""]
+    (outdir / "results.md").write_text("\n".join(md) + "\n")
+    readme = [
+        f"Benchmark ({env.get('date', '')}, {env.get('machine', '')}; `benches/run.sh`, "
+        "full results in `bench-results/results.md`):",
+        "",
+    ] + ratio_lines + verdict
+    (outdir / "README-table.md").write_text("\n".join(readme) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

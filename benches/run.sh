@@ -1,0 +1,434 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of shifting mounts (issue 5). One command, as root:
+#
+#   benches/run.sh            full run (~15-20 min on 2 cores), results in bench-results/
+#   benches/run.sh --quick    smoke test (~2 min: small sizes, 1 timed run), bench-results/tmp/quick/
+#   benches/run.sh --scale    1,000,000-entry tree walked twice through shiftfs FUSE, daemon peak RSS
+#
+# Contenders, each over the same source tree (on-disk 0 shown as host 100000 where the tool can):
+#   plain    the source directory itself (the baseline of every ratio)
+#   kernel   kernel idmapped mount: `shiftfs mount --backend kernel` (falls back to
+#            benches/idmap_mount.py, the same syscalls, while that backend is unavailable)
+#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536`
+#   bindfs   `bindfs --uid-offset=100000 --gid-offset=100000` (+ allow_other)
+#   overlay  `fuse-overlayfs -o uidmapping=0:100000:65536,gidmapping=0:100000:65536` (+ allow_other)
+# on two backings: a tmpfs (the filesystem layer alone) and ext4 (/var/tmp here).
+#
+# "Warm": every workload runs once untimed on every contender (filling the page cache, the
+# dentry/inode caches and the FUSE daemons' caches), then RUNS timed runs, interleaved
+# round-robin across contenders so background load hits them alike; the median is reported.
+# Caches are never dropped. Reads run as host root; writes (seq write, extract, small files)
+# run as root of a user namespace mapped 0 100000 65536, as a container would (host root
+# has no id inside the map, so shifted mounts refuse its creates with EOVERFLOW).
+#
+# Options: --quick, --scale, --runs N, --backings tmpfs,ext4, --contenders plain,kernel,...,
+#          --workloads walk,readall,..., --out DIR, --no-build, --keep (leave the work dir).
+# Env: SHIFTFS_BIN (use this binary, skip the build), BENCH_WORKDIR (default /var/tmp).
+set -euo pipefail
+export LC_ALL=C
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+
+quick=0 scale=0 runs= build=1 keep=0 out=
+backings=tmpfs,ext4
+contenders=plain,kernel,fuse,bindfs,overlay
+workloads=walk,readall,seqread,randread,seqwrite,extract,smallfiles
+while [ $# -gt 0 ]; do
+  case $1 in
+    --quick) quick=1 ;;
+    --scale) scale=1 ;;
+    --runs) runs=$2; shift ;;
+    --backings) backings=$2; shift ;;
+    --contenders) contenders=$2; shift ;;
+    --workloads) workloads=$2; shift ;;
+    --out) out=$2; shift ;;
+    --no-build) build=0 ;;
+    --keep) keep=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ $quick = 1 ]; then
+  : "${runs:=1}"; big_mib=128; walk_loops=2; rr_secs=1; small_n=2000; scale_dirs=100
+else
+  : "${runs:=5}"; big_mib=1024; walk_loops=5; rr_secs=4; small_n=10000; scale_dirs=1000
+fi
+scale_files=1000
+if [ -z "$out" ]; then
+  if [ $quick = 1 ]; then out=$repo/bench-results/tmp/quick; else out=$repo/bench-results; fi
+fi
+
+log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (the benchmark mounts)"
+
+# ---------------------------------------------------------------- prerequisites
+need_pkgs=()
+for p in bindfs:bindfs fuse-overlayfs:fuse-overlayfs fio:fio unshare:util-linux \
+         python3:python3 find:findutils tar:tar; do
+  command -v "${p%%:*}" >/dev/null || need_pkgs+=("${p#*:}")
+done
+[ -x /usr/bin/python3 ] || need_pkgs+=(python3)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]} (Debian)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || die "/dev/fuse is missing (modprobe fuse)"
+for f in /etc/subuid /etc/subgid; do
+  grep -q '^root:100000:65536$' "$f" 2>/dev/null || echo 'root:100000:65536' >> "$f"
+done
+# The chart: matplotlib from PyPI for the python3 on PATH, else Debian's for /usr/bin/python3.
+pyplot=python3
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  log "installing matplotlib"
+  if ! python3 -m pip install --quiet matplotlib >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib >/dev/null \
+      && pyplot=/usr/bin/python3 || log "no matplotlib: results without the PNG chart"
+  fi
+fi
+
+if [ -n "${SHIFTFS_BIN:-}" ]; then
+  shiftfs=$SHIFTFS_BIN
+else
+  shiftfs=$repo/target/release/shiftfs
+  if [ $build = 1 ]; then
+    log "cargo build --release"
+    (cd "$repo" && cargo build --release --quiet)
+  fi
+fi
+[ -x "$shiftfs" ] || die "no shiftfs binary at $shiftfs (build it, or set SHIFTFS_BIN)"
+
+minbase=$("$repo/scripts/minbase.sh")
+[ -d "$minbase/usr" ] || die "scripts/minbase.sh gave no root file system ($minbase)"
+
+# ---------------------------------------------------------------- work dir and cleanup
+work=$(mktemp -d "${BENCH_WORKDIR:-/var/tmp}/shiftfs-bench.XXXXXX")
+chmod 755 "$work"   # the namespace root (host 100000) must reach the mounts below
+mounts=()           # "KIND PATH", unmounted in reverse order on exit
+
+cleanup() {
+  local rc=$? i kind path
+  trap - EXIT INT TERM
+  for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do
+    kind=${mounts[i]%% *} path=${mounts[i]#* }
+    if [ "$kind" = shiftfs ]; then
+      "$shiftfs" umount "$path" 2>/dev/null || "$shiftfs" umount --lazy "$path" 2>/dev/null \
+        || umount -l "$path" 2>/dev/null || true
+    else
+      umount "$path" 2>/dev/null || umount -l "$path" 2>/dev/null || true
+    fi
+  done
+  # Never rm -rf through a mount that is still there: it would delete the source.
+  if grep -q " ${work}[/ ]" /proc/self/mountinfo; then
+    log "mounts left under $work; not removing it:"; grep " ${work}[/ ]" /proc/self/mountinfo >&2 || true
+  elif [ $keep = 0 ]; then
+    rm -rf --one-file-system "$work"
+  fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'log interrupted; exit 130' INT TERM
+
+# Forgets a mount that was unmounted on purpose before exit.
+forget_mount() {
+  local i
+  for i in "${!mounts[@]}"; do [ "${mounts[i]#* }" = "$1" ] && unset 'mounts[i]'; done
+  mounts=("${mounts[@]}")
+}
+
+warming=0
+NSROOT=(unshare --user --map-users=100000,0,65536 --map-groups=100000,0,65536 --setuid 0 --setgid 0 --)
+now() { echo "$EPOCHREALTIME"; }
+sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a - b }'; }
+
+# ---------------------------------------------------------------- mounting contenders
+declare -A notes=()
+# mount_contender BACKING_BASE CONTENDER: sets $mpath, the path the workloads use. Not in a
+# subshell: it records the mount for cleanup.
+mount_contender() {
+  local base=$1 c=$2 mnt=$1/mnt-$2 err
+  mpath=
+  if [ "$c" = plain ]; then mpath=$base/src; return 0; fi
+  mkdir -p "$mnt"
+  err=$work/mount-$c.err
+  case $c in
+    kernel)
+      if "$shiftfs" mount --backend kernel --map b:0:100000:65536 "$base/src" "$mnt" >/dev/null 2>"$err"; then
+        mounts+=("shiftfs $mnt"); notes[kernel]="shiftfs mount --backend kernel"
+      else
+        log "kernel: shiftfs mount --backend kernel failed ($(tr '\n' ' ' <"$err")); using benches/idmap_mount.py"
+        /usr/bin/python3 "$here/idmap_mount.py" 0 100000 65536 "$base/src" "$mnt" 2>"$err" || return 1
+        mounts+=("umount $mnt"); notes[kernel]="benches/idmap_mount.py (shiftfs kernel backend unavailable)"
+      fi ;;
+    fuse)
+      "$shiftfs" mount --backend fuse --map b:0:100000:65536 "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
+      mounts+=("shiftfs $mnt") ;;
+    bindfs)
+      bindfs -o allow_other --uid-offset=100000 --gid-offset=100000 "$base/src" "$mnt" 2>"$err" || return 1
+      mounts+=("umount $mnt") ;;
+    overlay)
+      mkdir -p "$base/ovl-upper" "$base/ovl-work"
+      fuse-overlayfs -o "allow_other,lowerdir=$base/src,upperdir=$base/ovl-upper,workdir=$base/ovl-work,uidmapping=0:100000:65536,gidmapping=0:100000:65536" \
+        "$mnt" 2>"$err" || return 1
+      mounts+=("umount $mnt") ;;
+    *) echo "unknown contender $c" >"$err"; return 1 ;;
+  esac
+  # A contender that does not shift as promised would make every number meaningless.
+  local owner
+  owner=$(stat -c %u:%g "$mnt/rootfs" 2>>"$err") || return 1
+  [ "$owner" = 100000:100000 ] || { echo "rootfs shows owner $owner, want 100000:100000" >>"$err"; return 1; }
+  mpath=$mnt
+}
+
+unmount_contender() {
+  local mnt=$1/mnt-$2
+  [ "$2" = plain ] && return 0
+  local i kind
+  for i in "${!mounts[@]}"; do
+    [ "${mounts[i]#* }" = "$mnt" ] || continue
+    kind=${mounts[i]%% *}
+    if [ "$kind" = shiftfs ]; then "$shiftfs" umount "$mnt"; else umount "$mnt"; fi
+    forget_mount "$mnt"
+    return 0
+  done
+}
+
+# Pid of the shiftfs FUSE daemon serving MNT, from its record (what `shiftfs list` shows).
+daemon_pid() {
+  "$shiftfs" list 2>/dev/null | awk -v t="$1" '$1 == t && $NF == "active" { print $(NF-1) }' | head -1
+}
+
+# ---------------------------------------------------------------- workloads
+# Each prints one or more "METRIC VALUE" lines, or fails. $1 = path of the contender's
+# view of the source, $2 = its scratch dir (writable by the namespace root).
+fio_common=(--ioengine=psync --invalidate=0 --fallocate=none --output-format=terse --terse-version=3)
+
+w_walk() {
+  local t0 t1 i
+  t0=$(now)
+  for ((i = 0; i < walk_loops; i++)); do find "$1/rootfs" -printf '%U %G %m %s\n' >/dev/null; done
+  t1=$(now)
+  echo "walk $(awk -v d="$(sub "$t1" "$t0")" -v n=$walk_loops 'BEGIN { printf "%.6f", d / n }')"
+}
+w_readall() {
+  local t0 t1
+  # Through a pipe: GNU tar skips reading file data when its archive is /dev/null.
+  t0=$(now); tar -cf - -C "$1/rootfs" . | cat >/dev/null; t1=$(now)
+  echo "readall $(sub "$t1" "$t0")"
+}
+w_seqread() {
+  local r
+  r=$(fio --name=seqread --filename="$1/big.dat" --rw=read --bs=1M --size=${big_mib}M "${fio_common[@]}")
+  echo "seqread $(echo "$r" | awk -F';' '{ printf "%.1f", $7 / 1024 }')"
+}
+w_randread() {
+  local r
+  # The warm-up is short: the sequential read before it has already cached the file.
+  r=$(fio --name=randread --filename="$1/big.dat" --rw=randread --bs=4k --size=${big_mib}M \
+        --time_based --runtime=$([ "$warming" = 1 ] && echo 1 || echo $rr_secs) --norandommap "${fio_common[@]}")
+  echo "randread $(echo "$r" | awk -F';' '{ print $8 }')"
+}
+w_seqwrite() {
+  local r
+  "${NSROOT[@]}" rm -f "$2/seq.dat"
+  r=$("${NSROOT[@]}" fio --name=seqwrite --filename="$2/seq.dat" --rw=write --bs=1M --size=${big_mib}M \
+        "${fio_common[@]}")
+  "${NSROOT[@]}" rm -f "$2/seq.dat"
+  echo "seqwrite $(echo "$r" | awk -F';' '{ printf "%.1f", $48 / 1024 }')"
+}
+w_extract() {
+  local t0 t1
+  "${NSROOT[@]}" rm -rf "$2/x"
+  t0=$(now)
+  "${NSROOT[@]}" sh -c 'mkdir "$1" && tar -xf "$2" -C "$1"' sh "$2/x" "$work/rootfs.tar"
+  t1=$(now)
+  "${NSROOT[@]}" rm -rf "$2/x"
+  echo "extract $(sub "$t1" "$t0")"
+}
+w_smallfiles() {
+  local r
+  "${NSROOT[@]}" rm -rf "$2/sf"
+  r=$("${NSROOT[@]}" sh -c 'mkdir "$1" && /usr/bin/python3 "$2" "$1" "$3"' sh "$2/sf" "$work/smallfiles.py" $small_n)
+  "${NSROOT[@]}" rm -rf "$2/sf"
+  echo "$r" | awk '{ printf "small_create %s\nsmall_stat %s\nsmall_delete %s\nsmall_total %.6f\n", $2, $4, $6, $2 + $4 + $6 }'
+}
+
+# ---------------------------------------------------------------- scale mode
+run_scale() {
+  local dirs=$scale_dirs files=$scale_files base=$work/scale mnt pid want
+  mkdir -p "$base/src" "$out"
+  mount -t tmpfs -o size=8G,nr_inodes=4M,mode=755 shiftfs-bench-scale "$base/src"
+  mounts+=("umount $base/src")
+  log "scale: making $dirs dirs x $files empty files on tmpfs"
+  /usr/bin/python3 - "$base/src" "$dirs" "$files" <<'EOF'
+import os, sys
+root, dirs, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for d in range(dirs):
+    dp = os.path.join(root, f"d{d:04d}")
+    os.mkdir(dp)
+    dfd = os.open(dp, os.O_RDONLY | os.O_DIRECTORY)
+    for f in range(files):
+        os.close(os.open(f"f{f:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd))
+    os.close(dfd)
+EOF
+  want=$((dirs * files + dirs + 1))
+  mnt=$base/mnt && mkdir -p "$mnt"
+  "$shiftfs" mount --backend fuse --map b:0:100000:65536 "$base/src" "$mnt" >/dev/null
+  mounts+=("shiftfs $mnt")
+  pid=$(daemon_pid "$mnt")
+  [ -n "$pid" ] || die "scale: no daemon pid for $mnt in shiftfs list"
+  local report=$out/scale.md tmp=$work/scale.out
+  {
+    echo "# shiftfs FUSE: walk of a $want-entry tree"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), kernel $(uname -r), $(nproc) cores; tree: $dirs dirs x $files empty files on tmpfs,"
+    echo "mounted with \`shiftfs mount --backend fuse --map b:0:100000:65536\`; each walk is"
+    echo "\`find MNT -printf '%U %G %m %s\\n'\` (counts lines, checks exit status, stderr and the shifted owner)."
+    echo
+    echo "| walk | entries seen | errors | owners not 100000 | seconds | daemon VmHWM (peak RSS) | daemon VmRSS | daemon open fds |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  } >"$report"
+  local ok=1 i t0 t1 n errs bad hwm rss fds
+  for i in 1 2; do
+    t0=$(now)
+    set +e
+    find "$mnt" -printf '%U %G %m %s\n' >"$tmp" 2>"$work/scale.err"
+    local rc=$?
+    set -e
+    t1=$(now)
+    n=$(wc -l <"$tmp")
+    bad=$(awk '$1 != 100000' "$tmp" | wc -l)
+    errs=$(wc -l <"$work/scale.err")
+    [ $rc = 0 ] || errs="$errs (exit $rc)"
+    hwm=$(awk '/^VmHWM/ { print $2 " " $3 }' "/proc/$pid/status")
+    rss=$(awk '/^VmRSS/ { print $2 " " $3 }' "/proc/$pid/status")
+    fds=$(ls "/proc/$pid/fd" | wc -l)
+    log "scale walk $i: $n entries (want $want), $errs errors, $(sub "$t1" "$t0") s, VmHWM $hwm, fds $fds"
+    [ "$n" = "$want" ] && [ "$errs" = 0 ] && [ "$bad" = 0 ] || { ok=0; head -5 "$work/scale.err" >&2; }
+    echo "| $i | $n | $errs | $bad | $(sub "$t1" "$t0") | $hwm | $rss | $fds |" >>"$report"
+  done
+  t0=$(now); find "$base/src" -printf '%U %G %m %s\n' >/dev/null; t1=$(now)
+  {
+    echo
+    echo "Same walk on the plain tmpfs directory: $(sub "$t1" "$t0") s. Expected entries: $want."
+    if [ $ok = 1 ]; then echo "Result: PASS (both walks complete, no errors, every owner shifted)."
+    else echo "Result: FAIL (see the table)."; fi
+  } >>"$report"
+  "$shiftfs" umount "$mnt" && forget_mount "$mnt"
+  cat "$report"
+  [ $ok = 1 ]
+}
+
+if [ $scale = 1 ]; then
+  run_scale
+  exit
+fi
+
+# ---------------------------------------------------------------- the benchmark
+mkdir -p "$out"
+raw=$out/raw.tsv
+: >"$raw"
+log "work dir $work; results to $out; runs=$runs big file ${big_mib} MiB"
+
+# The rootfs tarball for the extract workload: ids as on disk (0...), no device nodes
+# (a namespace root may not create them).
+# Quick mode extracts a part (etc, usr/bin, var: ~1/4 of the entries).
+tar_what=(.)
+[ $quick = 1 ] && tar_what=(./etc ./usr/bin ./var)
+tar -cf "$work/rootfs.tar" --numeric-owner --exclude=./dev -C "$minbase" "${tar_what[@]}"
+# The namespace root (host 100000) runs these; the repository may not be readable to it.
+install -m 644 "$here/smallfiles.py" "$work/smallfiles.py"
+chmod 644 "$work/rootfs.tar"
+
+IFS=, read -r -a B <<<"$backings"
+IFS=, read -r -a C <<<"$contenders"
+IFS=, read -r -a W <<<"$workloads"
+
+for b in "${B[@]}"; do
+  base=$work/$b
+  mkdir -p "$base"
+  case $b in
+    tmpfs) mount -t tmpfs -o size=12G,mode=755 shiftfs-bench "$base"; mounts+=("umount $base") ;;
+    ext4) fs=$(stat -f -c %T "$work"); [ "$fs" = ext2/ext3 ] || die "$work is on $fs, not ext4 (set BENCH_WORKDIR)" ;;
+    *) die "unknown backing $b" ;;
+  esac
+  log "$b: copying the minbase root file system and writing a ${big_mib} MiB file"
+  mkdir -p "$base/src"
+  cp -a "$minbase" "$base/src/rootfs"
+  head -c ${big_mib}M /dev/urandom >"$base/src/big.dat"
+  for c in "${C[@]}"; do
+    mkdir -p "$base/src/w-$c"
+    # The plain directory is written by the namespace root as itself (host 100000).
+    [ "$c" = plain ] && chown 100000:100000 "$base/src/w-$c"
+  done
+  sync
+
+  declare -A path=()
+  active=()
+  for c in "${C[@]}"; do
+    if mount_contender "$base" "$c"; then
+      path[$c]=$mpath; active+=("$c")
+    else
+      log "$b/$c: mount failed, skipped: $(tr '\n' ' ' <"$work/mount-$c.err")"
+      notes[$c]="mount failed: $(head -c 200 "$work/mount-$c.err" | tr '\n|' '  ')"
+    fi
+  done
+
+  for w in "${W[@]}"; do
+    declare -F "w_$w" >/dev/null || die "unknown workload $w"
+    declare -A dead=()
+    warming=1
+    for c in "${active[@]}"; do   # warm-up, untimed
+      "w_$w" "${path[$c]}" "${path[$c]}/w-$c" >/dev/null 2>"$work/err" \
+        || { dead[$c]=1; log "$b/$w/$c: warm-up failed: $(head -c 300 "$work/err" | tr '\n' ' ')"; }
+    done
+    warming=0
+    for ((r = 1; r <= runs; r++)); do
+      # Each round starts at another contender, so none always runs right after the
+      # heaviest writer (ext4 writeback of the previous run's data lands on the next one).
+      n=${#active[@]} order=()
+      for ((i = 0; i < n; i++)); do order+=("${active[(i + r - 1) % n]}"); done
+      for c in "${order[@]}"; do
+        [ -z "${dead[$c]:-}" ] || continue
+        if res=$("w_$w" "${path[$c]}" "${path[$c]}/w-$c" 2>"$work/err"); then
+          while read -r metric value; do
+            printf '%s\t%s\t%s\t%s\t%s\n' "$b" "$metric" "$c" "$r" "$value" >>"$raw"
+          done <<<"$res"
+        else
+          dead[$c]=1; log "$b/$w/$c: run $r failed: $(head -c 300 "$work/err" | tr '\n' ' ')"
+        fi
+      done
+    done
+    log "$b: $w done"
+    unset dead
+  done
+
+  if [ -n "${path[fuse]:-}" ] && pid=$(daemon_pid "${path[fuse]}") && [ -n "$pid" ]; then
+    notes[fuse_hwm_$b]=$(awk '/^VmHWM/ { print $2 " " $3 }' "/proc/$pid/status")
+  fi
+  for c in "${active[@]}"; do unmount_contender "$base" "$c"; done
+  unset path
+  if [ "$b" = tmpfs ]; then
+    # FUSE daemons close their fds on the source a moment after their unmount returns.
+    for ((i = 0; i < 50; i++)); do umount "$base" 2>/dev/null && break; sleep 0.2; done
+    [ $i -lt 50 ] || umount -l "$base"
+    forget_mount "$base"
+  fi
+  rm -rf --one-file-system "$base"
+done
+
+{
+  echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "mode=$([ $quick = 1 ] && echo quick || echo full) runs=$runs big_file_mib=$big_mib walk_loops=$walk_loops randread_secs=$rr_secs small_files=$small_n"
+  echo "machine=$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
+  echo "versions=shiftfs $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo ?), $(bindfs --version 2>&1 | head -1), fuse-overlayfs $(fuse-overlayfs --version 2>&1 | awk '/^fuse-overlayfs: version/ { print $NF; exit }'), $(fio --version)"
+  echo "rootfs=Debian bookworm minbase, $(find "$minbase" | wc -l) entries, $(du -sm "$minbase" | cut -f1) MiB"
+  for k in "${!notes[@]}"; do echo "note_$k=${notes[$k]}"; done
+} >"$out/env.txt"
+
+"$pyplot" "$here/report.py" "$raw" "$out/env.txt" "$out"

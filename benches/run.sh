@@ -4,6 +4,8 @@
 #   benches/run.sh            full run (~15-20 min on 2 cores), results in bench-results/
 #   benches/run.sh --quick    smoke test (~2 min: small sizes, 1 timed run), bench-results/tmp/quick/
 #   benches/run.sh --scale    1,000,000-entry tree walked twice through shiftfs FUSE, daemon peak RSS
+#   benches/run.sh --profile W  perf profile of the shiftfs FUSE daemon during workload W
+#                             (tmpfs; perf report in bench-results/tmp/profile/)
 #
 # Contenders, each over the same source tree (on-disk 0 shown as host 100000 where the tool can):
 #   plain    the source directory itself (the baseline of every ratio)
@@ -30,7 +32,7 @@ export LC_ALL=C
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-quick=0 scale=0 runs= build=1 keep=0 out=
+quick=0 scale=0 runs= build=1 keep=0 out= profile=
 backings=tmpfs,ext4
 contenders=plain,kernel,fuse,bindfs,overlay
 workloads=walk,readall,seqread,randread,seqwrite,extract,smallfiles
@@ -38,6 +40,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --quick) quick=1 ;;
     --scale) scale=1 ;;
+    --profile) profile=$2; shift ;;
     --runs) runs=$2; shift ;;
     --backings) backings=$2; shift ;;
     --contenders) contenders=$2; shift ;;
@@ -57,6 +60,13 @@ else
   : "${runs:=5}"; big_mib=1024; walk_loops=5; rr_secs=4; small_n=10000; scale_dirs=1000
 fi
 scale_files=1000
+if [ -n "$profile" ]; then
+  workloads=$profile
+  [ "$backings" = tmpfs,ext4 ] && backings=tmpfs
+  [ "$contenders" = plain,kernel,fuse,bindfs,overlay ] && contenders=plain,kernel,fuse
+  : "${out:=$repo/bench-results/tmp/profile}"
+  command -v perf >/dev/null || need_perf=1
+fi
 if [ -z "$out" ]; then
   if [ $quick = 1 ]; then out=$repo/bench-results/tmp/quick; else out=$repo/bench-results; fi
 fi
@@ -73,6 +83,7 @@ for p in bindfs:bindfs fuse-overlayfs:fuse-overlayfs fio:fio unshare:util-linux 
   command -v "${p%%:*}" >/dev/null || need_pkgs+=("${p#*:}")
 done
 [ -x /usr/bin/python3 ] || need_pkgs+=(python3)
+[ -z "${need_perf:-}" ] || need_pkgs+=(linux-perf)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]} (Debian)"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -290,10 +301,10 @@ EOF
     echo "mounted with \`shiftfs mount --backend fuse --map b:0:100000:65536\`; each walk is"
     echo "\`find MNT -printf '%U %G %m %s\\n'\` (counts lines, checks exit status, stderr and the shifted owner)."
     echo
-    echo "| walk | entries seen | errors | owners not 100000 | seconds | daemon VmHWM (peak RSS) | daemon VmRSS | daemon open fds |"
+    echo "| walk | entries seen | errors | owners not 100000 | seconds | daemon VmHWM (peak RSS) | daemon VmRSS | daemon open fds (limit) |"
     echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   } >"$report"
-  local ok=1 i t0 t1 n errs bad hwm rss fds
+  local ok=1 i t0 t1 n errs bad hwm rss fds lim
   for i in 1 2; do
     t0=$(now)
     set +e
@@ -306,11 +317,14 @@ EOF
     errs=$(wc -l <"$work/scale.err")
     [ $rc = 0 ] || errs="$errs (exit $rc)"
     hwm=$(awk '/^VmHWM/ { print $2 " " $3 }' "/proc/$pid/status")
+    lim=$(awk '/^Max open files/ { print $4 }' "/proc/$pid/limits")
     rss=$(awk '/^VmRSS/ { print $2 " " $3 }' "/proc/$pid/status")
     fds=$(ls "/proc/$pid/fd" | wc -l)
     log "scale walk $i: $n entries (want $want), $errs errors, $(sub "$t1" "$t0") s, VmHWM $hwm, fds $fds"
-    [ "$n" = "$want" ] && [ "$errs" = 0 ] && [ "$bad" = 0 ] || { ok=0; head -5 "$work/scale.err" >&2; }
-    echo "| $i | $n | $errs | $bad | $(sub "$t1" "$t0") | $hwm | $rss | $fds |" >>"$report"
+    if [ "$n" != "$want" ] || [ "$errs" != 0 ] || [ "$bad" != 0 ]; then
+      ok=0; sort "$work/scale.err" | awk -F': ' '{ print $NF }' | uniq -c | head -5 >&2
+    fi
+    echo "| $i | $n | $errs | $bad | $(sub "$t1" "$t0") | $hwm | $rss | $fds ($lim) |" >>"$report"
   done
   t0=$(now); find "$base/src" -printf '%U %G %m %s\n' >/dev/null; t1=$(now)
   {
@@ -388,6 +402,14 @@ for b in "${B[@]}"; do
         || { dead[$c]=1; log "$b/$w/$c: warm-up failed: $(head -c 300 "$work/err" | tr '\n' ' ')"; }
     done
     warming=0
+    perf_pid=
+    if [ -n "$profile" ] && [ -n "${path[fuse]:-}" ] && [ -z "${dead[fuse]:-}" ]; then
+      # DWARF call graphs: release builds keep debug info but no frame pointers.
+      perf record -F 999 --call-graph dwarf,16384 -o "$out/perf-$b-$w.data" -p "$(daemon_pid "${path[fuse]}")" \
+        >/dev/null 2>"$work/perf.err" &
+      perf_pid=$!
+      sleep 1
+    fi
     for ((r = 1; r <= runs; r++)); do
       # Each round starts at another contender, so none always runs right after the
       # heaviest writer (ext4 writeback of the previous run's data lands on the next one).
@@ -404,6 +426,14 @@ for b in "${B[@]}"; do
         fi
       done
     done
+    if [ -n "$perf_pid" ]; then
+      kill -INT "$perf_pid"; wait "$perf_pid" || true
+      perf report -i "$out/perf-$b-$w.data" --no-children --stdio --sort sym --percent-limit 0.5 -g none \
+        >"$out/profile-$b-$w.txt" 2>/dev/null || true
+      perf report -i "$out/perf-$b-$w.data" --no-children --stdio --percent-limit 2 -g caller,0.5,callee,function \
+        >"$out/profile-$b-$w-callgraph.txt" 2>/dev/null || true
+      log "$b: $w: profile of the shiftfs FUSE daemon in $out/profile-$b-$w.txt"
+    fi
     log "$b: $w done"
     unset dead
   done

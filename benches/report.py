@@ -103,17 +103,17 @@ def tables(backings, med, runs, env):
             "Ratio to the plain directory in the same run (median of the timed runs). "
             "**time** rows: lower is better; **throughput** rows: higher is better.\n"
         )
-        head = ["workload", "kind", "plain dir (median)"] + [CONTENDERS[c] for c in cs if c != "plain"]
+        head = ["workload", "kind", "runs", "plain dir (median)"] + [CONTENDERS[c] for c in cs if c != "plain"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * 2 + "---:|" * (len(head) - 2))
         for m, (label, unit, higher) in METRICS.items():
             if not any(k[0] == b and k[1] == m for k in med):
                 continue
             n = max((len(runs.get((b, m, c), [])) for c in cs), default=0)
-            row = [label, "throughput" if higher else "time", fmt_abs(med.get((b, m, "plain")), unit)]
+            row = [label, "throughput" if higher else "time", str(n), fmt_abs(med.get((b, m, "plain")), unit)]
             row += [fx(ratio(med, b, m, c)) for c in cs if c != "plain"]
             out.append("| " + " | ".join(row) + " |")
-        out.append(f"\n(timed runs per cell: {n})\n")
+        out.append("")
     return out
 
 

@@ -1,1 +1,424 @@
-//! (being written)
+//! The kernel backend: an idmapped mount (Linux >= 5.12). No daemon: the kernel translates
+//! every id through the mount's user namespace, whose `uid_map`/`gid_map` are our map
+//! (first column = on disk, second = what callers see).
+//!
+//! Steps, one function each: [`clone_tree`] (a detached copy of SOURCE), [`userns_fd`]
+//! (a user namespace holding the map), [`set_idmap`] (one `mount_setattr` with IDMAP and
+//! the VFS flags), [`attach`] (`move_mount` onto TARGET). [`probe`] runs the first three on
+//! a throw-away tree to learn whether a source's filesystem supports idmapped mounts.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::io::Errno;
+use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags};
+
+use crate::idmap::IdMapping;
+use crate::mount::MountFlags;
+use crate::mountinfo::fstype_name;
+use crate::sys::mount::{AT_RECURSIVE, MountAttr, mount_setattr};
+use crate::sys::userns::UsernsChild;
+
+/// The first kernel with `mount_setattr` and `MOUNT_ATTR_IDMAP`.
+pub const MIN_KERNEL: (u32, u32) = (5, 12);
+
+/// The kernel accepts a map write only if it is shorter than a page.
+const MAP_WRITE_MAX: usize = 4095;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open the mount tree of {path}: {source}")]
+    OpenTree {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create a user namespace for the map: {source}")]
+    Userns {
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the {name} text is {len} bytes; the kernel takes at most {MAP_WRITE_MAX}: use fewer or larger ranges"
+    )]
+    MapTooLong { name: &'static str, len: usize },
+    #[error("cannot write {path} (map {text:?}): {source}")]
+    WriteMap {
+        path: PathBuf,
+        text: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "filesystem {fstype} on {path} {scope}does not support idmapped mounts; use --backend fuse"
+    )]
+    Unsupported {
+        fstype: String,
+        path: PathBuf,
+        /// Empty, or a note that a submount may be the culprit (recursive mounts).
+        scope: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "not permitted to idmap {path}: it needs CAP_SYS_ADMIN over its filesystem (root in the \
+         initial user namespace), and {path} must not already be an idmapped mount"
+    )]
+    NotPermitted {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("this kernel has no idmapped mounts (Linux >= 5.12 needed); use --backend fuse")]
+    NoKernelSupport {
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set the idmapping on the tree of {path}: {source}")]
+    SetAttr {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot attach the shifted tree of {src} at {target}: {source}")]
+    MoveMount {
+        src: PathBuf,
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// The errno a caller (or a FUSE reply) should see for this error.
+    pub fn errno(&self) -> Errno {
+        let io = match self {
+            Self::MapTooLong { .. } => return Errno::INVAL,
+            Self::OpenTree { source, .. }
+            | Self::Userns { source }
+            | Self::WriteMap { source, .. }
+            | Self::Unsupported { source, .. }
+            | Self::NotPermitted { source, .. }
+            | Self::NoKernelSupport { source }
+            | Self::SetAttr { source, .. }
+            | Self::MoveMount { source, .. } => source,
+        };
+        io.raw_os_error()
+            .map_or(Errno::IO, Errno::from_raw_os_error)
+    }
+}
+
+/// Mounts SOURCE at TARGET with every owner id shifted through `mapping`: on-disk `d`
+/// shows as `mapping.to_outer(d)`, a write by host id `h` stores `mapping.to_inner(h)`.
+///
+/// `flags` only add restrictions: a source mount that is already `ro`, `nosuid`, ... stays
+/// so. `recursive` carries SOURCE's submounts along (each must support idmapped mounts).
+/// Nothing is left behind on failure: the detached tree is freed when its fd closes.
+pub fn mount(
+    source: &Path,
+    target: &Path,
+    mapping: &IdMapping,
+    flags: MountFlags,
+    recursive: bool,
+) -> Result<(), Error> {
+    let tree = clone_tree(source, recursive)?;
+    let userns = userns_fd(mapping)?;
+    set_idmap(tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
+    drop(userns);
+    attach(tree, source, target)?;
+    tracing::info!(
+        source = %source.display(),
+        target = %target.display(),
+        %mapping,
+        "idmapped mount attached"
+    );
+    Ok(())
+}
+
+/// A detached copy of the mount at `source` (and its submounts if `recursive`): visible
+/// nowhere until [`attach`]ed, freed when the fd is closed.
+pub fn clone_tree(source: &Path, recursive: bool) -> Result<OwnedFd, Error> {
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    rustix::mount::open_tree(rustix::fs::CWD, source, flags).map_err(|e| Error::OpenTree {
+        path: source.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// An fd of a fresh user namespace whose `uid_map`/`gid_map` are `mapping`. The helper
+/// process that created it is killed and reaped before this returns; the fd alone keeps
+/// the namespace alive, and an idmapped mount keeps its own reference.
+pub fn userns_fd(mapping: &IdMapping) -> Result<OwnedFd, Error> {
+    let uid_text = mapping.uid.to_proc_text();
+    let gid_text = mapping.gid.to_proc_text();
+    for (name, text) in [("uid_map", &uid_text), ("gid_map", &gid_text)] {
+        if text.len() > MAP_WRITE_MAX {
+            return Err(Error::MapTooLong {
+                name,
+                len: text.len(),
+            });
+        }
+    }
+    let child = UsernsChild::spawn().map_err(|source| Error::Userns { source })?;
+    let proc_dir = PathBuf::from(format!("/proc/{}", child.pid().as_raw_nonzero()));
+    // Root holds CAP_SETGID over the parent namespace, so gid_map may be written without
+    // first denying setgroups.
+    write_map(&proc_dir.join("uid_map"), uid_text)?;
+    write_map(&proc_dir.join("gid_map"), gid_text)?;
+    let ns = proc_dir.join("ns/user");
+    let fd = rustix::fs::open(
+        &ns,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::Userns {
+        source: io::Error::new(e.kind(), format!("open {}: {e}", ns.display())),
+    })?;
+    drop(child);
+    Ok(fd)
+}
+
+/// The kernel wants the whole map in one `write`.
+fn write_map(path: &Path, text: String) -> Result<(), Error> {
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| rustix::io::write(&f, text.as_bytes()).map_err(io::Error::from));
+    match result {
+        Ok(n) if n == text.len() => Ok(()),
+        Ok(n) => Err(Error::WriteMap {
+            path: path.to_path_buf(),
+            text,
+            source: io::Error::other(format!("short write of {n} bytes")),
+        }),
+        Err(source) => Err(Error::WriteMap {
+            path: path.to_path_buf(),
+            text,
+            source,
+        }),
+    }
+}
+
+/// The `mount_setattr` attributes for `flags`: IDMAP plus the restrictions asked for.
+pub fn mount_attr_flags(flags: MountFlags) -> MountAttrFlags {
+    let mut set = MountAttrFlags::MOUNT_ATTR_IDMAP;
+    for (on, attr) in [
+        (flags.read_only, MountAttrFlags::MOUNT_ATTR_RDONLY),
+        (!flags.suid, MountAttrFlags::MOUNT_ATTR_NOSUID),
+        (!flags.dev, MountAttrFlags::MOUNT_ATTR_NODEV),
+        (!flags.exec, MountAttrFlags::MOUNT_ATTR_NOEXEC),
+    ] {
+        if on {
+            set |= attr;
+        }
+    }
+    set
+}
+
+/// Makes the detached `tree` idmapped through `userns` and applies `flags`, in one
+/// `mount_setattr` so the tree never has the idmapping without the restrictions.
+/// `source` is only for messages.
+pub fn set_idmap(
+    tree: BorrowedFd<'_>,
+    source: &Path,
+    userns: BorrowedFd<'_>,
+    flags: MountFlags,
+    recursive: bool,
+) -> Result<(), Error> {
+    let mut at = rustix::fs::AtFlags::EMPTY_PATH;
+    if recursive {
+        at |= AT_RECURSIVE;
+    }
+    let attr = MountAttr {
+        set: mount_attr_flags(flags),
+        clr: MountAttrFlags::empty(),
+        userns: Some(userns),
+    };
+    mount_setattr(tree, c"", at, &attr).map_err(|e| classify_setattr(e, tree, source, recursive))
+}
+
+fn classify_setattr(e: io::Error, tree: BorrowedFd<'_>, source: &Path, recursive: bool) -> Error {
+    let path = source.to_path_buf();
+    match e.raw_os_error() {
+        // EINVAL here means the filesystem lacks FS_ALLOW_IDMAP (our attr struct, flags
+        // and fresh detached tree are otherwise valid).
+        Some(libc::EINVAL) => Error::Unsupported {
+            fstype: tree_fstype(tree).unwrap_or_else(|| fstype_name(source)),
+            path,
+            scope: if recursive {
+                "(or a filesystem mounted below it) "
+            } else {
+                ""
+            },
+            source: e,
+        },
+        Some(libc::EPERM) => Error::NotPermitted { path, source: e },
+        Some(libc::ENOSYS) => Error::NoKernelSupport { source: e },
+        _ => Error::SetAttr { path, source: e },
+    }
+}
+
+/// The filesystem type of a detached tree, by `statfs` magic (it has no mountinfo line).
+fn tree_fstype(tree: BorrowedFd<'_>) -> Option<String> {
+    let st = rustix::fs::fstatfs(tree).ok()?;
+    let name = crate::mountinfo::statfs_name(&st);
+    (name != "unknown" && name != "fuse").then(|| name.to_string())
+}
+
+/// Moves the detached `tree` onto `target`, where it becomes visible.
+pub fn attach(tree: OwnedFd, source: &Path, target: &Path) -> Result<(), Error> {
+    rustix::mount::move_mount(
+        tree.as_fd(),
+        c"",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| Error::MoveMount {
+        src: source.to_path_buf(),
+        target: target.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// What [`probe`] found out about one source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub supported: bool,
+    /// Why not, or what was seen (e.g. "ext4 supports idmapped mounts").
+    pub reason: String,
+    /// The source's filesystem type as mount(8) names it (`ext4`, `fuse.bindfs`, ...).
+    pub fstype: String,
+    /// What the user can do about it, when not supported.
+    pub advice: Option<String>,
+}
+
+/// Whether an idmapped mount of `source` would work here: kernel version, CAP_SYS_ADMIN,
+/// then a real `open_tree` + `mount_setattr(IDMAP)` on a detached copy that is never
+/// attached anywhere and is freed on return. Leaves nothing mounted and no process behind.
+pub fn probe(source: &Path) -> Probe {
+    let fstype = fstype_name(source);
+    let no = |reason: String, advice: &str| Probe {
+        supported: false,
+        reason,
+        fstype: fstype.clone(),
+        advice: Some(advice.to_string()),
+    };
+    let release = kernel_release();
+    match parse_kernel_version(&release) {
+        Some(v) if v < MIN_KERNEL => {
+            return no(
+                format!("kernel {release} is older than 5.12, which introduced idmapped mounts"),
+                "use --backend fuse, or upgrade the kernel",
+            );
+        }
+        _ => {}
+    }
+    if !has_cap_sys_admin() {
+        return no(
+            "this process lacks CAP_SYS_ADMIN, which idmapped mounts need".to_string(),
+            "run shiftfs as root, or use --backend fuse",
+        );
+    }
+    let attempt = || -> Result<(), Error> {
+        let tree = clone_tree(source, false)?;
+        let userns = userns_fd(&IdMapping::identity())?;
+        set_idmap(
+            tree.as_fd(),
+            source,
+            userns.as_fd(),
+            MountFlags::default(),
+            false,
+        )
+    };
+    match attempt() {
+        Ok(()) => Probe {
+            supported: true,
+            reason: format!("{fstype} supports idmapped mounts"),
+            fstype,
+            advice: None,
+        },
+        Err(e @ Error::Unsupported { .. }) => {
+            tracing::debug!("probe of {}: {e}", source.display());
+            no(
+                format!("{fstype} does not support idmapped mounts"),
+                "use --backend fuse",
+            )
+        }
+        Err(e @ Error::NotPermitted { .. }) => no(
+            format!("{e}"),
+            "run as root in the initial user namespace; if SOURCE is itself an idmapped \
+             mount, use the mount below it; otherwise use --backend fuse",
+        ),
+        Err(e @ Error::NoKernelSupport { .. }) => {
+            no(format!("{e}"), "use --backend fuse, or upgrade the kernel")
+        }
+        Err(e) => no(format!("{e}"), "check SOURCE, or use --backend fuse"),
+    }
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `(major, minor)` of a release string like `6.18.44-fc-v669`.
+pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Whether this thread has CAP_SYS_ADMIN in its effective set.
+pub fn has_cap_sys_admin() -> bool {
+    rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::SYS_ADMIN)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(parse_kernel_version("6.18.44-fc-v669"), Some((6, 18)));
+        assert_eq!(parse_kernel_version("5.12.0"), Some((5, 12)));
+        assert_eq!(parse_kernel_version("5.4"), Some((5, 4)));
+        assert_eq!(parse_kernel_version("garbage"), None);
+        assert!(parse_kernel_version("5.11.22").is_some_and(|v| v < MIN_KERNEL));
+        assert!(parse_kernel_version("5.12.1").is_some_and(|v| v >= MIN_KERNEL));
+    }
+
+    #[test]
+    fn default_flags_are_idmap_nosuid_nodev() {
+        let f = mount_attr_flags(MountFlags::default());
+        assert_eq!(
+            f,
+            MountAttrFlags::MOUNT_ATTR_IDMAP
+                | MountAttrFlags::MOUNT_ATTR_NOSUID
+                | MountAttrFlags::MOUNT_ATTR_NODEV
+        );
+        let all = mount_attr_flags(MountFlags {
+            read_only: true,
+            suid: true,
+            dev: true,
+            exec: false,
+        });
+        assert_eq!(
+            all,
+            MountAttrFlags::MOUNT_ATTR_IDMAP
+                | MountAttrFlags::MOUNT_ATTR_RDONLY
+                | MountAttrFlags::MOUNT_ATTR_NOEXEC
+        );
+    }
+}

@@ -9,6 +9,7 @@ pub mod fuse;
 pub mod idmap;
 pub mod kernel;
 pub mod mount;
+pub mod mountinfo;
 pub mod scan;
 pub mod shift;
 pub mod sys;

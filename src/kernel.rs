@@ -43,6 +43,12 @@ pub enum Error {
         "the {name} text is {len} bytes; the kernel takes at most {MAP_WRITE_MAX}: use fewer or larger ranges"
     )]
     MapTooLong { name: &'static str, len: usize },
+    #[error("cannot open the new user namespace {path}: {source}")]
+    OpenNs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write {path} (map {text:?}): {source}")]
     WriteMap {
         path: PathBuf,
@@ -97,6 +103,7 @@ impl Error {
             Self::MapTooLong { .. } => return Errno::INVAL,
             Self::OpenTree { source, .. }
             | Self::Userns { source }
+            | Self::OpenNs { source, .. }
             | Self::WriteMap { source, .. }
             | Self::Unsupported { source, .. }
             | Self::NotPermitted { source, .. }
@@ -175,8 +182,9 @@ pub fn userns_fd(mapping: &IdMapping) -> Result<OwnedFd, Error> {
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .map_err(|e| Error::Userns {
-        source: io::Error::new(e.kind(), format!("open {}: {e}", ns.display())),
+    .map_err(|e| Error::OpenNs {
+        path: ns.clone(),
+        source: e.into(),
     })?;
     drop(child);
     Ok(fd)

@@ -413,3 +413,101 @@ fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
+
+fn sh(dir: &Path, script: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .expect("spawn sh");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim() == line)
+}
+
+/// ACL entry ids and a capability's root id go through the mount's map like owners do.
+#[test]
+fn acl_and_capability_ids_are_translated() {
+    let _s = serial();
+    if !is_root() {
+        return;
+    }
+    let tools = ["setfacl", "getfacl", "setcap", "getcap"];
+    if !prerequisite(
+        tools.iter().all(|t| which(t)),
+        "needs setfacl/getfacl (acl) and setcap/getcap (libcap2-bin)",
+    ) {
+        return;
+    }
+    let Some(base) = ext4_base() else { return };
+    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
+    mkdir(&src, 0o755);
+    mkdir(&tgt, 0o755);
+    for f in ["acl_in", "acl_out", "cap_v2", "cap_v3", "cap_host"] {
+        fs::write(src.join(f), "x").expect("fixture");
+    }
+    sh(
+        base.path(),
+        "setfacl -m u:2000:rwx,g:3000:r,u:70000:r src/acl_in",
+    );
+    sh(base.path(), "setcap cap_net_bind_service=ep src/cap_v2");
+    sh(
+        base.path(),
+        "setcap -n 1000 cap_net_bind_service=ep src/cap_v3",
+    );
+    let _m = shifted_mount(&src, &tgt, MountFlags::default());
+
+    // Reading: on-disk ACL ids shift; an unmapped one reads as -1, not the overflow id.
+    let out = sh(base.path(), "getfacl -n tgt/acl_in");
+    for line in ["user:102000:rwx", "group:103000:r--", "user:4294967295:r--"] {
+        assert!(has_line(&out, line), "{line} missing in\n{out}");
+    }
+    // Writing: host ids are stored as inner ids; an unmapped one is refused.
+    sh(
+        base.path(),
+        "setfacl -m u:101000:rwx,g:103000:r tgt/acl_out",
+    );
+    let out = sh(base.path(), "getfacl -n src/acl_out");
+    for line in ["user:1000:rwx", "group:3000:r--"] {
+        assert!(has_line(&out, line), "{line} missing in\n{out}");
+    }
+    let out = sh(base.path(), "setfacl -m u:5000:r tgt/acl_out");
+    assert!(out.contains("Invalid argument"), "{out}");
+    assert!(!sh(base.path(), "getfacl -n src/acl_out").contains("5000"));
+
+    // A capability's root id: on-disk v2 (root 0) reads as root 100000, v3 root 1000 as 101000.
+    let out = sh(base.path(), "getcap -n tgt/cap_v2 tgt/cap_v3");
+    assert!(
+        has_line(&out, "tgt/cap_v2 cap_net_bind_service=ep [rootid=100000]"),
+        "{out}"
+    );
+    assert!(
+        has_line(&out, "tgt/cap_v3 cap_net_bind_service=ep [rootid=101000]"),
+        "{out}"
+    );
+    // Writing root id 100000 stores on-disk root 0 (a plain v2 capability) ...
+    sh(
+        base.path(),
+        "setcap -n 100000 cap_net_bind_service=ep tgt/cap_host",
+    );
+    let out = sh(base.path(), "getcap -n src/cap_host");
+    assert!(
+        has_line(&out, "src/cap_host cap_net_bind_service=ep"),
+        "{out}"
+    );
+    // ... while host root's own v2 capability (root id 0, unmapped) is refused.
+    fs::write(src.join("cap_host"), "x").expect("rewrite drops the capability");
+    let out = sh(
+        base.path(),
+        "setcap cap_net_bind_service=ep tgt/cap_host; getcap src/cap_host",
+    );
+    assert!(out.contains("Invalid file"), "{out}");
+    assert!(!out.contains("cap_net_bind_service"), "{out}");
+}

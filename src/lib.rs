@@ -5,6 +5,7 @@
 //! `shift` and `scan` work on trees offline; `sys` is the only home of `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod doctor;
 pub mod fuse;
 pub mod idmap;
 pub mod kernel;

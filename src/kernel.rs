@@ -56,20 +56,25 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "filesystem {fstype} on {path} {scope}does not support idmapped mounts; use --backend fuse"
-    )]
+    #[error("filesystem {fstype} on {path} does not support idmapped mounts; use --backend fuse")]
     Unsupported {
         fstype: String,
         path: PathBuf,
-        /// Empty, or a note that a submount may be the culprit (recursive mounts).
-        scope: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{path} is already an idmapped mount, and the kernel does not stack idmappings: shift \
+         the mount below it (with the maps composed), or use --backend fuse"
+    )]
+    AlreadyIdmapped {
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
     #[error(
         "not permitted to idmap {path}: it needs CAP_SYS_ADMIN over its filesystem (root in the \
-         initial user namespace), and {path} must not already be an idmapped mount"
+         initial user namespace for a host filesystem)"
     )]
     NotPermitted {
         path: PathBuf,
@@ -107,6 +112,7 @@ impl Error {
             | Self::WriteMap { source, .. }
             | Self::Unsupported { source, .. }
             | Self::NotPermitted { source, .. }
+            | Self::AlreadyIdmapped { source, .. }
             | Self::NoKernelSupport { source }
             | Self::SetAttr { source, .. }
             | Self::MoveMount { source, .. } => source,
@@ -246,35 +252,60 @@ pub fn set_idmap(
         clr: MountAttrFlags::empty(),
         userns: Some(userns),
     };
-    mount_setattr(tree, c"", at, &attr).map_err(|e| classify_setattr(e, tree, source, recursive))
+    mount_setattr(tree, c"", at, &attr).map_err(|e| classify_setattr(e, source, userns, recursive))
 }
 
-fn classify_setattr(e: io::Error, tree: BorrowedFd<'_>, source: &Path, recursive: bool) -> Error {
-    let path = source.to_path_buf();
+fn classify_setattr(e: io::Error, source: &Path, userns: BorrowedFd<'_>, recursive: bool) -> Error {
+    // A recursive call fails as a whole: name the submount that cannot be idmapped.
+    if recursive
+        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM))
+        && let Some(err) = failing_submount(source, userns)
+    {
+        return err;
+    }
+    classify(e, source)
+}
+
+fn classify(e: io::Error, path: &Path) -> Error {
+    let path = path.to_path_buf();
     match e.raw_os_error() {
-        // EINVAL here means the filesystem lacks FS_ALLOW_IDMAP (our attr struct, flags
-        // and fresh detached tree are otherwise valid).
+        // Our attr struct, flags and fresh detached tree are valid, so EINVAL means the
+        // filesystem lacks FS_ALLOW_IDMAP.
         Some(libc::EINVAL) => Error::Unsupported {
-            fstype: tree_fstype(tree).unwrap_or_else(|| fstype_name(source)),
+            fstype: fstype_name(&path),
             path,
-            scope: if recursive {
-                "(or a filesystem mounted below it) "
-            } else {
-                ""
-            },
             source: e,
         },
+        Some(libc::EPERM) if is_idmapped(&path) => Error::AlreadyIdmapped { path, source: e },
         Some(libc::EPERM) => Error::NotPermitted { path, source: e },
         Some(libc::ENOSYS) => Error::NoKernelSupport { source: e },
         _ => Error::SetAttr { path, source: e },
     }
 }
 
-/// The filesystem type of a detached tree, by `statfs` magic (it has no mountinfo line).
-fn tree_fstype(tree: BorrowedFd<'_>) -> Option<String> {
-    let st = rustix::fs::fstatfs(tree).ok()?;
-    let name = crate::mountinfo::statfs_name(&st);
-    (name != "unknown" && name != "fuse").then(|| name.to_string())
+fn is_idmapped(path: &Path) -> bool {
+    crate::mountinfo::mount_of(path, Path::new(crate::mountinfo::SELF_MOUNTINFO))
+        .is_ok_and(|m| m.has_option("idmapped"))
+}
+
+/// The first mount below `source` that refuses an idmapping on its own, as an error.
+fn failing_submount(source: &Path, userns: BorrowedFd<'_>) -> Option<Error> {
+    let root = std::fs::canonicalize(source).ok()?;
+    let mounts = crate::mountinfo::read(Path::new(crate::mountinfo::SELF_MOUNTINFO)).ok()?;
+    let attr = MountAttr {
+        set: MountAttrFlags::MOUNT_ATTR_IDMAP,
+        clr: MountAttrFlags::empty(),
+        userns: Some(userns),
+    };
+    mounts
+        .iter()
+        .filter(|m| m.mount_point != root && m.mount_point.starts_with(&root))
+        .find_map(|m| {
+            let tree = clone_tree(&m.mount_point, false).ok()?;
+            let e =
+                mount_setattr(tree.as_fd(), c"", rustix::fs::AtFlags::EMPTY_PATH, &attr).err()?;
+            Some(classify(e, &m.mount_point))
+        })
 }
 
 /// Moves the detached `tree` onto `target`, where it becomes visible.
@@ -359,8 +390,11 @@ pub fn probe(source: &Path) -> Probe {
         }
         Err(e @ Error::NotPermitted { .. }) => no(
             format!("{e}"),
-            "run as root in the initial user namespace; if SOURCE is itself an idmapped \
-             mount, use the mount below it; otherwise use --backend fuse",
+            "run as root in the initial user namespace, or use --backend fuse",
+        ),
+        Err(Error::AlreadyIdmapped { .. }) => no(
+            format!("{} is already an idmapped mount", source.display()),
+            "shift the mount below it, or use --backend fuse",
         ),
         Err(e @ Error::NoKernelSupport { .. }) => {
             no(format!("{e}"), "use --backend fuse, or upgrade the kernel")

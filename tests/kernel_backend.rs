@@ -302,13 +302,7 @@ fn fuse_source_is_refused() {
     mkdir(&src, 0o755);
     mkdir(&fuse, 0o755);
     mkdir(&tgt, 0o755);
-    let out = Command::new("bindfs")
-        .arg(&src)
-        .arg(&fuse)
-        .output()
-        .expect("spawn bindfs");
-    assert!(out.status.success(), "bindfs: {out:?}");
-    let _fuse = Mounted(fuse.clone());
+    let _fuse = mount_bindfs(&src, &fuse);
     // bindfs mounting as root shows as plain `fuse` (as `fuse.bindfs` through fusermount).
     let fstype = mountinfo::fstype_name(&fuse);
     assert!(fstype.starts_with("fuse"), "{fstype}");
@@ -510,4 +504,79 @@ fn acl_and_capability_ids_are_translated() {
     );
     assert!(out.contains("Invalid file"), "{out}");
     assert!(!out.contains("cap_net_bind_service"), "{out}");
+}
+
+#[test]
+fn idmapped_source_is_refused_by_name() {
+    let _s = serial();
+    if !is_root() {
+        return;
+    }
+    let Some(base) = ext4_base() else { return };
+    let (src, tgt, tgt2) = (
+        base.path().join("src"),
+        base.path().join("tgt"),
+        base.path().join("tgt2"),
+    );
+    for d in [&src, &tgt, &tgt2] {
+        mkdir(d, 0o755);
+    }
+    let _m = shifted_mount(&src, &tgt, MountFlags::default());
+    let p = kernel::probe(&tgt);
+    assert!(!p.supported, "{p:?}");
+    assert!(p.reason.contains("already an idmapped mount"), "{p:?}");
+    let err = kernel::mount(&tgt, &tgt2, &map(), MountFlags::default(), false)
+        .expect_err("the kernel does not stack idmappings");
+    assert!(
+        matches!(err, kernel::Error::AlreadyIdmapped { .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.errno(), rustix::io::Errno::PERM);
+}
+
+fn mount_bindfs(src: &Path, dst: &Path) -> Mounted {
+    let out = Command::new("bindfs")
+        .arg(src)
+        .arg(dst)
+        .output()
+        .expect("spawn bindfs");
+    assert!(out.status.success(), "bindfs: {out:?}");
+    Mounted(dst.to_path_buf())
+}
+
+#[test]
+fn recursive_names_the_unsupported_submount() {
+    let _s = serial();
+    if !is_root() || !prerequisite(which("bindfs"), "needs bindfs (apt-get install bindfs)") {
+        return;
+    }
+    let Some(base) = ext4_base() else { return };
+    let (src, tgt, other) = (
+        base.path().join("src"),
+        base.path().join("tgt"),
+        base.path().join("other"),
+    );
+    for d in [&src, &tgt, &other] {
+        mkdir(d, 0o755);
+    }
+    mkdir(&src.join("ok"), 0o755);
+    mkdir(&src.join("fuse"), 0o755);
+    let _tmpfs = mount_tmpfs(&src.join("ok"));
+    let _fuse = mount_bindfs(&other, &src.join("fuse"));
+    let err = kernel::mount(&src, &tgt, &map(), MountFlags::default(), true)
+        .expect_err("a FUSE submount cannot be idmapped");
+    match &err {
+        kernel::Error::Unsupported { path, fstype, .. } => {
+            assert_eq!(path, &src.join("fuse"));
+            assert!(fstype.starts_with("fuse"), "{fstype}");
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    // Nothing was attached.
+    assert_eq!(
+        mountinfo::mount_id(&tgt).ok(),
+        mountinfo::mount_id(base.path()).ok()
+    );
+    // Without --recursive the submounts are not carried along, so the mount works.
+    let _m = shifted_mount(&src, &tgt, MountFlags::default());
 }

@@ -26,15 +26,16 @@ pub const MIN_KERNEL: (u32, u32) = (5, 12);
 /// The kernel accepts a map write only if it is shorter than a page.
 const MAP_WRITE_MAX: usize = 4095;
 
+/// Messages leave the cause to `source()`, so `{:#}` chains print each part once.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open the mount tree of {path}: {source}")]
+    #[error("cannot open the mount tree of {path}")]
     OpenTree {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot create a user namespace for the map: {source}")]
+    #[error("cannot create a user namespace for the map")]
     Userns {
         #[source]
         source: io::Error,
@@ -43,13 +44,13 @@ pub enum Error {
         "the {name} text is {len} bytes; the kernel takes at most {MAP_WRITE_MAX}: use fewer or larger ranges"
     )]
     MapTooLong { name: &'static str, len: usize },
-    #[error("cannot open the new user namespace {path}: {source}")]
+    #[error("cannot open the new user namespace {path}")]
     OpenNs {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot write {path} (map {text:?}): {source}")]
+    #[error("cannot write {path} (map {text:?})")]
     WriteMap {
         path: PathBuf,
         text: String,
@@ -86,13 +87,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("cannot set the idmapping on the tree of {path}: {source}")]
+    #[error("cannot set the idmapping on the tree of {path}")]
     SetAttr {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot attach the shifted tree of {src} at {target}: {source}")]
+    #[error("cannot attach the shifted tree of {src} at {target}")]
     MoveMount {
         src: PathBuf,
         target: PathBuf,
@@ -382,14 +383,14 @@ pub fn probe(source: &Path) -> Probe {
             advice: None,
         },
         Err(e @ Error::Unsupported { .. }) => {
-            tracing::debug!("probe of {}: {e}", source.display());
+            tracing::debug!("probe of {}: {}", source.display(), with_causes(&e));
             no(
                 format!("{fstype} does not support idmapped mounts"),
                 "use --backend fuse",
             )
         }
         Err(e @ Error::NotPermitted { .. }) => no(
-            format!("{e}"),
+            with_causes(&e),
             "run as root in the initial user namespace, or use --backend fuse",
         ),
         Err(Error::AlreadyIdmapped { .. }) => no(
@@ -397,10 +398,22 @@ pub fn probe(source: &Path) -> Probe {
             "shift the mount below it, or use --backend fuse",
         ),
         Err(e @ Error::NoKernelSupport { .. }) => {
-            no(format!("{e}"), "use --backend fuse, or upgrade the kernel")
+            no(with_causes(&e), "use --backend fuse, or upgrade the kernel")
         }
-        Err(e) => no(format!("{e}"), "check SOURCE, or use --backend fuse"),
+        Err(e) => no(with_causes(&e), "check SOURCE, or use --backend fuse"),
     }
+}
+
+/// `error: cause: cause ...` on one line.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// `uname -r`.

@@ -29,13 +29,13 @@ impl MountInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot stat {path}: {source}")]
+    #[error("cannot stat {path}")]
     Stat {
         path: PathBuf,
         #[source]
@@ -156,7 +156,7 @@ pub fn fstype_name(path: &Path) -> String {
     match mount_of(path, Path::new(SELF_MOUNTINFO)) {
         Ok(m) => m.fstype,
         Err(e) => {
-            tracing::debug!("{e}; falling back to statfs");
+            tracing::debug!(error = ?e, "no mountinfo line; falling back to statfs");
             rustix::fs::statfs(path)
                 .map(|s| statfs_name(&s).to_string())
                 .unwrap_or_else(|_| "unknown".to_string())

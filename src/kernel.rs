@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::AtFlags;
 use rustix::io::Errno;
 use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags};
 
@@ -136,11 +137,23 @@ pub fn mount(
     flags: MountFlags,
     recursive: bool,
 ) -> Result<(), Error> {
-    let tree = clone_tree(source, recursive)?;
-    let userns = userns_fd(mapping)?;
-    set_idmap(tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
+    mount_with(&Syscalls, source, target, mapping, flags, recursive)
+}
+
+/// [`mount`] through `api`: the call sequence, testable with a fake.
+pub fn mount_with(
+    api: &impl MountApi,
+    source: &Path,
+    target: &Path,
+    mapping: &IdMapping,
+    flags: MountFlags,
+    recursive: bool,
+) -> Result<(), Error> {
+    let tree = clone_tree(api, source, recursive)?;
+    let userns = api.userns_fd(mapping)?;
+    set_idmap(api, tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
     drop(userns);
-    attach(tree, source, target)?;
+    attach(api, tree, source, target)?;
     tracing::info!(
         source = %source.display(),
         target = %target.display(),
@@ -150,17 +163,68 @@ pub fn mount(
     Ok(())
 }
 
+/// The system calls of the kernel backend.
+pub trait MountApi {
+    /// `open_tree(AT_FDCWD, path, flags)`.
+    fn open_tree(&self, path: &Path, flags: OpenTreeFlags) -> io::Result<OwnedFd>;
+    /// A user namespace holding `mapping`, see [`userns_fd`].
+    fn userns_fd(&self, mapping: &IdMapping) -> Result<OwnedFd, Error>;
+    /// `mount_setattr(tree, "", flags, attr)`.
+    fn mount_setattr(
+        &self,
+        tree: BorrowedFd<'_>,
+        flags: AtFlags,
+        attr: &MountAttr<'_>,
+    ) -> io::Result<()>;
+    /// `move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`.
+    fn move_mount(&self, tree: BorrowedFd<'_>, target: &Path) -> io::Result<()>;
+}
+
+/// The real system calls.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Syscalls;
+
+impl MountApi for Syscalls {
+    fn open_tree(&self, path: &Path, flags: OpenTreeFlags) -> io::Result<OwnedFd> {
+        Ok(rustix::mount::open_tree(rustix::fs::CWD, path, flags)?)
+    }
+
+    fn userns_fd(&self, mapping: &IdMapping) -> Result<OwnedFd, Error> {
+        userns_fd(mapping)
+    }
+
+    fn mount_setattr(
+        &self,
+        tree: BorrowedFd<'_>,
+        flags: AtFlags,
+        attr: &MountAttr<'_>,
+    ) -> io::Result<()> {
+        mount_setattr(tree, c"", flags | AtFlags::EMPTY_PATH, attr)
+    }
+
+    fn move_mount(&self, tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
+        Ok(rustix::mount::move_mount(
+            tree,
+            c"",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )?)
+    }
+}
+
 /// A detached copy of the mount at `source` (and its submounts if `recursive`): visible
 /// nowhere until [`attach`]ed, freed when the fd is closed.
-pub fn clone_tree(source: &Path, recursive: bool) -> Result<OwnedFd, Error> {
+pub fn clone_tree(api: &impl MountApi, source: &Path, recursive: bool) -> Result<OwnedFd, Error> {
     let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if recursive {
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
-    rustix::mount::open_tree(rustix::fs::CWD, source, flags).map_err(|e| Error::OpenTree {
-        path: source.to_path_buf(),
-        source: e.into(),
-    })
+    api.open_tree(source, flags)
+        .map_err(|source_err| Error::OpenTree {
+            path: source.to_path_buf(),
+            source: source_err,
+        })
 }
 
 /// An fd of a fresh user namespace whose `uid_map`/`gid_map` are `mapping`. The helper
@@ -238,33 +302,33 @@ pub fn mount_attr_flags(flags: MountFlags) -> MountAttrFlags {
 /// `mount_setattr` so the tree never has the idmapping without the restrictions.
 /// `source` is only for messages.
 pub fn set_idmap(
+    api: &impl MountApi,
     tree: BorrowedFd<'_>,
     source: &Path,
     userns: BorrowedFd<'_>,
     flags: MountFlags,
     recursive: bool,
 ) -> Result<(), Error> {
-    let mut at = rustix::fs::AtFlags::EMPTY_PATH;
-    if recursive {
-        at |= AT_RECURSIVE;
-    }
+    let at = if recursive {
+        AT_RECURSIVE
+    } else {
+        AtFlags::empty()
+    };
     let attr = MountAttr {
         set: mount_attr_flags(flags),
         clr: MountAttrFlags::empty(),
         userns: Some(userns),
     };
-    mount_setattr(tree, c"", at, &attr).map_err(|e| classify_setattr(e, source, userns, recursive))
-}
-
-fn classify_setattr(e: io::Error, source: &Path, userns: BorrowedFd<'_>, recursive: bool) -> Error {
-    // A recursive call fails as a whole: name the submount that cannot be idmapped.
-    if recursive
-        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM))
-        && let Some(err) = failing_submount(source, userns)
-    {
-        return err;
-    }
-    classify(e, source)
+    api.mount_setattr(tree, at, &attr).map_err(|e| {
+        // A recursive call fails as a whole: name the submount that cannot be idmapped.
+        if recursive
+            && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM))
+            && let Some(err) = failing_submount(api, source, userns)
+        {
+            return err;
+        }
+        classify(e, source)
+    })
 }
 
 fn classify(e: io::Error, path: &Path) -> Error {
@@ -290,7 +354,7 @@ fn is_idmapped(path: &Path) -> bool {
 }
 
 /// The first mount below `source` that refuses an idmapping on its own, as an error.
-fn failing_submount(source: &Path, userns: BorrowedFd<'_>) -> Option<Error> {
+fn failing_submount(api: &impl MountApi, source: &Path, userns: BorrowedFd<'_>) -> Option<Error> {
     let root = std::fs::canonicalize(source).ok()?;
     let mounts = crate::mountinfo::read(Path::new(crate::mountinfo::SELF_MOUNTINFO)).ok()?;
     let attr = MountAttr {
@@ -302,27 +366,27 @@ fn failing_submount(source: &Path, userns: BorrowedFd<'_>) -> Option<Error> {
         .iter()
         .filter(|m| m.mount_point != root && m.mount_point.starts_with(&root))
         .find_map(|m| {
-            let tree = clone_tree(&m.mount_point, false).ok()?;
-            let e =
-                mount_setattr(tree.as_fd(), c"", rustix::fs::AtFlags::EMPTY_PATH, &attr).err()?;
+            let tree = clone_tree(api, &m.mount_point, false).ok()?;
+            let e = api
+                .mount_setattr(tree.as_fd(), AtFlags::empty(), &attr)
+                .err()?;
             Some(classify(e, &m.mount_point))
         })
 }
 
 /// Moves the detached `tree` onto `target`, where it becomes visible.
-pub fn attach(tree: OwnedFd, source: &Path, target: &Path) -> Result<(), Error> {
-    rustix::mount::move_mount(
-        tree.as_fd(),
-        c"",
-        rustix::fs::CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(|e| Error::MoveMount {
-        src: source.to_path_buf(),
-        target: target.to_path_buf(),
-        source: e.into(),
-    })
+pub fn attach(
+    api: &impl MountApi,
+    tree: OwnedFd,
+    source: &Path,
+    target: &Path,
+) -> Result<(), Error> {
+    api.move_mount(tree.as_fd(), target)
+        .map_err(|e| Error::MoveMount {
+            src: source.to_path_buf(),
+            target: target.to_path_buf(),
+            source: e,
+        })
 }
 
 /// What [`probe`] found out about one source.
@@ -365,9 +429,10 @@ pub fn probe(source: &Path) -> Probe {
         );
     }
     let attempt = || -> Result<(), Error> {
-        let tree = clone_tree(source, false)?;
+        let tree = clone_tree(&Syscalls, source, false)?;
         let userns = userns_fd(&IdMapping::identity())?;
         set_idmap(
+            &Syscalls,
             tree.as_fd(),
             source,
             userns.as_fd(),
@@ -443,6 +508,143 @@ pub fn has_cap_sys_admin() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    #[derive(Debug, PartialEq, Eq)]
+    enum Call {
+        OpenTree(PathBuf, OpenTreeFlags),
+        Userns(String, String),
+        SetAttr {
+            recursive: bool,
+            set: MountAttrFlags,
+            clr: MountAttrFlags,
+            userns: bool,
+        },
+        MoveMount(PathBuf),
+    }
+
+    /// Records the calls; `mount_setattr` fails with `setattr_errno` if set.
+    #[derive(Default)]
+    struct Fake {
+        calls: RefCell<Vec<Call>>,
+        setattr_errno: Option<i32>,
+    }
+
+    fn null_fd() -> io::Result<OwnedFd> {
+        Ok(std::fs::File::open("/dev/null")?.into())
+    }
+
+    impl MountApi for Fake {
+        fn open_tree(&self, path: &Path, flags: OpenTreeFlags) -> io::Result<OwnedFd> {
+            self.calls
+                .borrow_mut()
+                .push(Call::OpenTree(path.to_path_buf(), flags));
+            null_fd()
+        }
+        fn userns_fd(&self, mapping: &IdMapping) -> Result<OwnedFd, Error> {
+            self.calls.borrow_mut().push(Call::Userns(
+                mapping.uid.to_proc_text(),
+                mapping.gid.to_proc_text(),
+            ));
+            null_fd().map_err(|source| Error::Userns { source })
+        }
+        fn mount_setattr(
+            &self,
+            _tree: BorrowedFd<'_>,
+            flags: AtFlags,
+            attr: &MountAttr<'_>,
+        ) -> io::Result<()> {
+            self.calls.borrow_mut().push(Call::SetAttr {
+                recursive: flags.contains(AT_RECURSIVE),
+                set: attr.set,
+                clr: attr.clr,
+                userns: attr.userns.is_some(),
+            });
+            self.setattr_errno
+                .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+        }
+        fn move_mount(&self, _tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
+            self.calls
+                .borrow_mut()
+                .push(Call::MoveMount(target.to_path_buf()));
+            Ok(())
+        }
+    }
+
+    fn map() -> IdMapping {
+        IdMapping::parse("u:0:100000:65536 g:0:200000:1000").unwrap()
+    }
+
+    #[test]
+    fn mount_is_clone_userns_one_setattr_move() {
+        for recursive in [false, true] {
+            let fake = Fake::default();
+            mount_with(
+                &fake,
+                Path::new("/src"),
+                Path::new("/dst"),
+                &map(),
+                MountFlags::default(),
+                recursive,
+            )
+            .unwrap();
+            let mut tree_flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+            if recursive {
+                tree_flags |= OpenTreeFlags::AT_RECURSIVE;
+            }
+            assert_eq!(
+                fake.calls.into_inner(),
+                vec![
+                    Call::OpenTree("/src".into(), tree_flags),
+                    Call::Userns("0 100000 65536\n".into(), "0 200000 1000\n".into()),
+                    Call::SetAttr {
+                        recursive,
+                        set: MountAttrFlags::MOUNT_ATTR_IDMAP
+                            | MountAttrFlags::MOUNT_ATTR_NOSUID
+                            | MountAttrFlags::MOUNT_ATTR_NODEV,
+                        clr: MountAttrFlags::empty(),
+                        userns: true,
+                    },
+                    Call::MoveMount("/dst".into()),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn failed_setattr_attaches_nothing() {
+        let fake = Fake {
+            setattr_errno: Some(libc::EINVAL),
+            ..Fake::default()
+        };
+        let err = mount_with(
+            &fake,
+            Path::new("/nonexistent-src"),
+            Path::new("/dst"),
+            &map(),
+            MountFlags::default(),
+            false,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+        assert_eq!(err.errno(), Errno::INVAL);
+        assert!(err.to_string().contains("--backend fuse"), "{err}");
+        let calls = fake.calls.into_inner();
+        assert!(
+            !calls.iter().any(|c| matches!(c, Call::MoveMount(_))),
+            "{calls:?}"
+        );
+    }
+
+    #[test]
+    fn map_too_long_for_one_write_is_refused() {
+        let spec: Vec<String> = (0..300)
+            .map(|i| format!("b:{}:{}:1", i * 2 + 1_000_000_000, i * 2 + 3_000_000_000u32))
+            .collect();
+        let m = IdMapping::parse(&spec.join(",")).unwrap();
+        let err = userns_fd(&m).unwrap_err();
+        assert!(matches!(err, Error::MapTooLong { .. }), "{err:?}");
+    }
 
     #[test]
     fn kernel_versions() {

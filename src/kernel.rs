@@ -94,6 +94,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read the id maps of the mount at {path} (statmount needs Linux >= 6.15)")]
+    Statmount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the kernel reported an id map for {path} that shiftfs cannot read")]
+    BadIdmap {
+        path: PathBuf,
+        #[source]
+        source: crate::idmap::Error,
+    },
     #[error("cannot attach the shifted tree of {src} at {target}")]
     MoveMount {
         src: PathBuf,
@@ -107,7 +119,7 @@ impl Error {
     /// The errno a caller (or a FUSE reply) should see for this error.
     pub fn errno(&self) -> Errno {
         let io = match self {
-            Self::MapTooLong { .. } => return Errno::INVAL,
+            Self::MapTooLong { .. } | Self::BadIdmap { .. } => return Errno::INVAL,
             Self::OpenTree { source, .. }
             | Self::Userns { source }
             | Self::OpenNs { source, .. }
@@ -117,6 +129,7 @@ impl Error {
             | Self::AlreadyIdmapped { source, .. }
             | Self::NoKernelSupport { source }
             | Self::SetAttr { source, .. }
+            | Self::Statmount { source, .. }
             | Self::MoveMount { source, .. } => source,
         };
         io.raw_os_error()
@@ -386,6 +399,36 @@ pub fn attach(
             src: source.to_path_buf(),
             target: target.to_path_buf(),
             source: e,
+        })
+}
+
+/// The id mapping of the idmapped mount `path` is on, `None` if that mount is not idmapped.
+/// Outer ids are as this process sees them. Needs Linux >= 6.15 (`statmount` with
+/// `STATMOUNT_MNT_UIDMAP`); older kernels give [`Error::Statmount`].
+pub fn mount_idmapping(path: &Path) -> Result<Option<IdMapping>, Error> {
+    let statmount_err = |source: io::Error| Error::Statmount {
+        path: path.to_path_buf(),
+        source,
+    };
+    let st = rustix::fs::statx(
+        rustix::fs::CWD,
+        path,
+        AtFlags::empty(),
+        rustix::fs::StatxFlags::from_bits_retain(crate::sys::statmount::STATX_MNT_ID_UNIQUE),
+    )
+    .map_err(|e| statmount_err(e.into()))?;
+    if st.stx_mask & crate::sys::statmount::STATX_MNT_ID_UNIQUE == 0 {
+        return Err(statmount_err(io::Error::from_raw_os_error(libc::ENOSYS)));
+    }
+    let maps = crate::sys::statmount::statmount_idmaps(st.stx_mnt_id).map_err(statmount_err)?;
+    if !maps.idmapped {
+        return Ok(None);
+    }
+    IdMapping::parse_separate(&maps.uid.join("\n"), &maps.gid.join("\n"))
+        .map(Some)
+        .map_err(|source| Error::BadIdmap {
+            path: path.to_path_buf(),
+            source,
         })
 }
 

@@ -144,6 +144,13 @@ fn check_shifting(src: &Path, tgt: &Path) {
     assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
     assert_eq!(owner(&src.join("root")), (2000, 2000));
 
+    // The kernel reports the map back (statmount, Linux >= 6.15); the source has none.
+    assert_eq!(
+        kernel::mount_idmapping(tgt).expect("statmount"),
+        Some(map())
+    );
+    assert_eq!(kernel::mount_idmapping(src).expect("statmount"), None);
+
     // Default flags: nosuid,nodev, idmapped, writable.
     let info = mountinfo::mount_of(tgt, Path::new(mountinfo::SELF_MOUNTINFO)).expect("mountinfo");
     assert_eq!(info.mount_point, tgt);
@@ -579,4 +586,28 @@ fn recursive_names_the_unsupported_submount() {
     );
     // Without --recursive the submounts are not carried along, so the mount works.
     let _m = shifted_mount(&src, &tgt, MountFlags::default());
+}
+
+#[test]
+fn separate_multi_range_maps() {
+    let _s = serial();
+    if !is_root() {
+        return;
+    }
+    let Some(base) = ext4_base() else { return };
+    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
+    mkdir(&src, 0o755);
+    mkdir(&tgt, 0o755);
+    fs::write(src.join("f"), "x").expect("fixture");
+    chown(src.join("f"), Some(70001), Some(500)).expect("chown");
+    let mapping = IdMapping::parse("u:0:100000:65536 u:70000:300:2 g:0:200000:1000").expect("map");
+    kernel::mount(&src, &tgt, &mapping, MountFlags::default(), false).expect("mount");
+    let _m = Mounted(tgt.clone());
+    assert_eq!(owner(&tgt.join("f")), (301, 200500));
+    chown(tgt.join("f"), Some(300), Some(200999)).expect("chown through the mount");
+    assert_eq!(owner(&src.join("f")), (70000, 999));
+    assert_eq!(
+        kernel::mount_idmapping(&tgt).expect("statmount"),
+        Some(mapping)
+    );
 }

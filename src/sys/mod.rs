@@ -5,3 +5,4 @@
 pub mod creds;
 pub mod mount;
 pub mod userns;
+pub mod statmount;

@@ -448,6 +448,12 @@ pub struct Probe {
 /// then a real `open_tree` + `mount_setattr(IDMAP)` on a detached copy that is never
 /// attached anywhere and is freed on return. Leaves nothing mounted and no process behind.
 pub fn probe(source: &Path) -> Probe {
+    probe_tree(source, false)
+}
+
+/// [`probe`] for a `--recursive` mount: every mount under `source` must support idmapped
+/// mounts, and the reason names the first one that does not.
+pub fn probe_tree(source: &Path, recursive: bool) -> Probe {
     let fstype = fstype_name(source);
     let no = |reason: String, advice: &str| Probe {
         supported: false,
@@ -472,7 +478,7 @@ pub fn probe(source: &Path) -> Probe {
         );
     }
     let attempt = || -> Result<(), Error> {
-        let tree = clone_tree(&Syscalls, source, false)?;
+        let tree = clone_tree(&Syscalls, source, recursive)?;
         let userns = userns_fd(&IdMapping::identity())?;
         set_idmap(
             &Syscalls,
@@ -480,7 +486,7 @@ pub fn probe(source: &Path) -> Probe {
             source,
             userns.as_fd(),
             MountFlags::default(),
-            false,
+            recursive,
         )
     };
     match attempt() {
@@ -490,19 +496,27 @@ pub fn probe(source: &Path) -> Probe {
             fstype,
             advice: None,
         },
-        Err(e @ Error::Unsupported { .. }) => {
-            tracing::debug!("probe of {}: {}", source.display(), with_causes(&e));
-            no(
-                format!("{fstype} does not support idmapped mounts"),
-                "use --backend fuse",
-            )
-        }
+        Err(Error::Unsupported {
+            fstype: culprit,
+            path,
+            ..
+        }) if path != source => no(
+            format!(
+                "{culprit} mounted at {} does not support idmapped mounts",
+                path.display()
+            ),
+            "use --backend fuse, or leave out --recursive",
+        ),
+        Err(Error::Unsupported { .. }) => no(
+            format!("{fstype} does not support idmapped mounts"),
+            "use --backend fuse",
+        ),
         Err(e @ Error::NotPermitted { .. }) => no(
             with_causes(&e),
             "run as root in the initial user namespace, or use --backend fuse",
         ),
-        Err(Error::AlreadyIdmapped { .. }) => no(
-            format!("{} is already an idmapped mount", source.display()),
+        Err(Error::AlreadyIdmapped { path, .. }) => no(
+            format!("{} is already an idmapped mount", path.display()),
             "shift the mount below it, or use --backend fuse",
         ),
         Err(e @ Error::NoKernelSupport { .. }) => {

@@ -2,6 +2,7 @@
 //!
 //! The parser is pure; the readers take the mountinfo path so tests can use a fixture.
 
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 /// One line of `mountinfo` (see proc(5)).
@@ -63,12 +64,12 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     let id = h.next()?.parse().ok()?;
     let parent_id = h.next()?.parse().ok()?;
     let _dev = h.next()?;
-    let root = PathBuf::from(unescape(h.next()?));
-    let mount_point = PathBuf::from(unescape(h.next()?));
+    let root = path(h.next()?);
+    let mount_point = path(h.next()?);
     let mount_options = h.next()?.split(',').map(str::to_string).collect();
     let mut t = tail.split(' ');
-    let fstype = unescape(t.next()?);
-    let source = unescape(t.next()?);
+    let fstype = lossy(t.next()?);
+    let source = lossy(t.next()?);
     let super_options = t
         .next()
         .unwrap_or("")
@@ -88,8 +89,17 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     })
 }
 
+/// Paths may be any bytes, not only UTF-8.
+fn path(field: &str) -> PathBuf {
+    PathBuf::from(std::ffi::OsString::from_vec(unescape(field)))
+}
+
+fn lossy(field: &str) -> String {
+    String::from_utf8_lossy(&unescape(field)).into_owned()
+}
+
 /// Undoes the kernel's `\ooo` octal escapes of space, tab, newline and backslash.
-fn unescape(s: &str) -> String {
+fn unescape(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -110,7 +120,7 @@ fn unescape(s: &str) -> String {
         out.push(b[i]);
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// Reads and parses a `mountinfo` file.
@@ -223,10 +233,15 @@ bad line
 
     #[test]
     fn unescape_keeps_non_octal_backslashes() {
-        assert_eq!(unescape("a\\134b"), "a\\b");
-        assert_eq!(unescape("a\\xb"), "a\\xb");
-        assert_eq!(unescape("tab\\011x"), "tab\tx");
-        assert_eq!(unescape("end\\04"), "end\\04");
+        assert_eq!(unescape("a\\134b"), b"a\\b");
+        assert_eq!(unescape("a\\xb"), b"a\\xb");
+        assert_eq!(unescape("tab\\011x"), b"tab\tx");
+        assert_eq!(unescape("end\\04"), b"end\\04");
+        // A non-UTF-8 byte in a mount point survives.
+        assert_eq!(
+            path("/mnt/\\377x").as_os_str().as_encoded_bytes(),
+            b"/mnt/\xffx"
+        );
     }
 
     #[test]

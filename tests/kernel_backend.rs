@@ -579,6 +579,14 @@ fn recursive_names_the_unsupported_submount() {
         }
         e => panic!("unexpected {e:?}"),
     }
+    let p = kernel::probe_tree(&src, true);
+    assert!(!p.supported, "{p:?}");
+    assert_eq!(p.fstype, "ext4");
+    assert!(
+        p.reason.contains(&*src.join("fuse").to_string_lossy()) && p.reason.contains("fuse"),
+        "{p:?}"
+    );
+    assert!(kernel::probe_tree(&src, false).supported);
     // Nothing was attached.
     assert_eq!(
         mountinfo::mount_id(&tgt).ok(),

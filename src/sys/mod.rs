@@ -4,5 +4,5 @@
 
 pub mod creds;
 pub mod mount;
-pub mod userns;
 pub mod statmount;
+pub mod userns;

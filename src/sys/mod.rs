@@ -4,3 +4,5 @@
 
 pub mod creds;
 pub mod mount;
+pub mod statmount;
+pub mod userns;

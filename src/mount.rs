@@ -744,8 +744,11 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         }
         return Err(Error::NotMounted { path: target });
     };
-    let shifted =
-        record.is_some() || info.fstype.starts_with("fuse") || info.has_option("idmapped");
+    // Any FUSE mount is not ours (bindfs, sshfs, ...): only one with our record is. A record
+    // alone is not enough either: the shifted mount may be gone and something else mounted.
+    let ours_fuse = info.fstype.starts_with("fuse")
+        && record.as_ref().is_some_and(|r| r.backend == Backend::Fuse);
+    let shifted = ours_fuse || info.has_option("idmapped");
     if !shifted {
         return Err(Error::NotShifted {
             path: target,

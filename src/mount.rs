@@ -118,7 +118,7 @@ pub enum Error {
     Fuse(#[from] crate::fuse::Error),
     #[error("{path} is not mounted")]
     NotMounted { path: PathBuf },
-    #[error("{path} is a {fstype} mount, not a shifted mount; use umount(8)")]
+    #[error("{path} is a plain {fstype} mount, not a shifted mount; use umount(8)")]
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },

@@ -3,4 +3,6 @@
 #![allow(unsafe_code)]
 
 pub mod creds;
+pub mod fusedev;
 pub mod mount;
+pub mod procfd;

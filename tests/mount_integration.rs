@@ -832,6 +832,50 @@ fn umount_cleans_up_after_killed_daemon() {
     assert_eq!(owner(&d.src.join("root")), (0, 0));
 }
 
+/// A busy mount: `shiftfs umount` refuses with advice; `--lazy` detaches it at once, and a
+/// FUSE daemon exits when the last open file is closed.
+fn umount_busy(backend: &str) {
+    let Some(d) = ext4_dirs() else { return };
+    populate(&d.src);
+    let (r, m) = shiftfs_mount(&d.src, &d.tgt, &["--backend", backend]);
+    r.assert_ok("shiftfs mount");
+    let open = fs::File::open(d.tgt.join("user")).expect("open through the mount");
+    let r = shiftfs(&[OsStr::new("umount"), os(&d.tgt)]);
+    r.assert_one_line_error("shiftfs umount of a busy mount", "--lazy");
+    assert!(mount_at(&d.tgt).is_some(), "still mounted");
+
+    let start = Instant::now();
+    shiftfs(&[OsStr::new("umount"), OsStr::new("--lazy"), os(&d.tgt)]).assert_ok("umount --lazy");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "--lazy returns at once, took {:?}",
+        start.elapsed()
+    );
+    assert!(mount_at(&d.tgt).is_none(), "detached");
+    assert!(list_row(&d.tgt).is_none(), "gone from shiftfs list");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut &open, &mut text).expect("open file still readable");
+    assert_eq!(text, "user");
+    drop(open);
+    m.assert_daemon_exits();
+}
+
+#[test]
+fn umount_busy_kernel() {
+    let _p = shared();
+    if is_root() {
+        umount_busy("kernel");
+    }
+}
+
+#[test]
+fn umount_busy_fuse() {
+    let _p = shared();
+    if fuse_ready() {
+        umount_busy("fuse");
+    }
+}
+
 #[test]
 fn umount_refuses_non_mount_and_plain_bind_mount() {
     let _p = shared();

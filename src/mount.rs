@@ -774,7 +774,13 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             });
         }
     }
-    if let Some(pid) = record.as_ref().and_then(|r| r.pid).filter(|_| !was_dead) {
+    // After a lazy unmount the daemon serves open files until the last one is closed, and
+    // then exits by itself: waiting (and then SIGTERM) would only block the caller.
+    if let Some(pid) = record
+        .as_ref()
+        .and_then(|r| r.pid)
+        .filter(|_| !was_dead && !lazy)
+    {
         wait_for_exit(pid, Duration::from_secs(10));
     }
     if let Some(r) = &record {

@@ -408,6 +408,20 @@ pub fn check_fuse_device() -> Result<(), Error> {
 
 /// The backend to use and why.
 pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
+    let (backend, reason) = pick_backend(req)?;
+    // The daemon reaches the source through fds that cross mounts, so below the target it
+    // would find its own mount again, without end, and hold it busy for ever.
+    if backend == Backend::Fuse && req.target.starts_with(&req.source) {
+        return Err(Error::Target(
+            req.target.clone(),
+            "lies inside the source, which the FUSE backend cannot serve; pick a target outside it"
+                .into(),
+        ));
+    }
+    Ok((backend, reason))
+}
+
+fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
     match req.backend {
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {

@@ -1018,3 +1018,21 @@ fn kernel_mounts_and_probes_leave_no_process() {
     );
     assert!(mount_at(&d.tgt).is_none());
 }
+
+// ---------------------------------------------------------------------------------------
+// A FUSE target inside its source would serve itself
+
+#[test]
+fn fuse_refuses_a_target_inside_its_source() {
+    let _p = shared();
+    if !fuse_ready() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    let inner = d.src.join("mnt");
+    fs::create_dir(&inner).expect("mkdir");
+    let (r, m) = shiftfs_mount(&d.src, &inner, &["--backend", "fuse"]);
+    r.assert_one_line_error("FUSE mount inside its source", "inside the source");
+    assert!(mount_at(&inner).is_none(), "nothing mounted");
+    assert!(m.daemons.is_empty(), "no daemon started");
+}

@@ -1036,3 +1036,32 @@ fn fuse_refuses_a_target_inside_its_source() {
     assert!(mount_at(&inner).is_none(), "nothing mounted");
     assert!(m.daemons.is_empty(), "no daemon started");
 }
+
+#[test]
+fn fuse_daemon_does_not_hold_the_callers_directory() {
+    let _p = shared();
+    if !fuse_ready() {
+        return;
+    }
+    let Some((d, tmpfs)) = tmpfs_dirs() else {
+        return;
+    };
+    let src = d.path().join("src");
+    let out = Command::new(BIN)
+        .args([
+            OsStr::new("mount"),
+            OsStr::new("--backend"),
+            OsStr::new("fuse"),
+        ])
+        .args([OsStr::new("--map"), OsStr::new(MAP), os(&src), os(&d.tgt)])
+        .current_dir(&tmpfs.0)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shiftfs mount");
+    let m = Shifted::guard(&d.tgt);
+    assert!(out.status.success(), "{out:?}");
+    let cwd = fs::read_link(format!("/proc/{}/cwd", m.daemon())).expect("daemon cwd");
+    assert_eq!(cwd, Path::new("/"), "the daemon keeps no directory busy");
+    // The file system the caller ran from can still be unmounted.
+    rustix::mount::unmount(&tmpfs.0, UnmountFlags::empty()).expect("unmount the caller's fs");
+}

@@ -1065,3 +1065,25 @@ fn fuse_daemon_does_not_hold_the_callers_directory() {
     // The file system the caller ran from can still be unmounted.
     rustix::mount::unmount(&tmpfs.0, UnmountFlags::empty()).expect("unmount the caller's fs");
 }
+
+#[test]
+fn mount_t_shiftfs_without_a_map_says_how_to_give_one() {
+    let _p = shared();
+    if !is_root() || !install_helper() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    let r = run(
+        "mount",
+        &[
+            OsStr::new("-t"),
+            OsStr::new("shiftfs"),
+            os(&d.src),
+            os(&d.tgt),
+        ],
+    );
+    let _m = Shifted::guard(&d.tgt);
+    assert_ne!(r.code, Some(0), "{}", r.show());
+    assert!(r.stderr.contains("-o map="), "{}", r.show());
+    assert!(mount_at(&d.tgt).is_none());
+}

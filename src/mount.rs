@@ -497,6 +497,9 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         tracing::warn!("could not record the mount for `shiftfs list`: {e}");
     }
     let target = req.target.clone();
+    // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
+    // the same path by the time the signal comes.
+    let own_id = mounted_at(&target).map(|m| m.id);
     // Unmounting makes the session end; the session's own threads never see the signal.
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -507,9 +510,15 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    tracing::info!("signal {sig}: unmounting {}", target.display());
-                    if let Err(e) = detach(&target) {
-                        tracing::warn!("unmount {}: {e}", target.display());
+                    if own_id.is_some() && mounted_at(&target).map(|m| m.id) == own_id {
+                        tracing::info!("signal {sig}: unmounting {}", target.display());
+                        if let Err(e) = detach(&target) {
+                            tracing::warn!("unmount {}: {e}", target.display());
+                        }
+                    } else {
+                        // Already detached (lazily, with files still open): stop serving.
+                        tracing::info!("signal {sig}: no longer mounted; exiting");
+                        std::process::exit(0);
                     }
                 }
             });
@@ -534,14 +543,16 @@ fn detach(target: &Path) -> io::Result<()> {
     }
 }
 
-/// Opens (appending) the daemon's log file, making the run directory if needed.
+/// Opens the daemon's log file afresh (one per target, so logs do not pile up), making
+/// the run directory if needed.
 pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(path)
 }
 

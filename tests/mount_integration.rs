@@ -1087,3 +1087,40 @@ fn mount_t_shiftfs_without_a_map_says_how_to_give_one() {
     assert!(r.stderr.contains("-o map="), "{}", r.show());
     assert!(mount_at(&d.tgt).is_none());
 }
+
+#[test]
+fn fuse_daemon_keeps_no_inherited_descriptor() {
+    let _p = shared();
+    if !fuse_ready() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    let leak = d.path().join("inherited");
+    // The shell opens fd 7 without close-on-exec, as `exec 7>file` in a script would.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 7>"$1"; exec "$2" mount --backend fuse --map "$3" "$4" "$5""#)
+        .arg("sh")
+        .args([
+            os(&leak),
+            OsStr::new(BIN),
+            OsStr::new(MAP),
+            os(&d.src),
+            os(&d.tgt),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run shiftfs mount");
+    let m = Shifted::guard(&d.tgt);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(m.daemons.len(), 1, "{out:?}");
+    let fds: Vec<PathBuf> = fs::read_dir(format!("/proc/{}/fd", m.daemon()))
+        .expect("daemon fds")
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .collect();
+    assert!(
+        !fds.iter().any(|p| p == &leak),
+        "the daemon holds the caller's fd 7: {fds:?}"
+    );
+}

@@ -190,12 +190,26 @@ fn get_with(path: &OsStr, name: &[u8], f: GetFn) -> io::Result<Option<Vec<u8>>> 
     }
 }
 
-/// The id-bearing xattrs of the inode `path` names, without following it.
-fn id_xattrs(path: &OsStr, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>, Error> {
+/// Where to read an inode's xattrs: a path never followed in its last component, or an fd
+/// opened for reading (the tree root; `/proc/self/fd/N` with the `l*` calls would name the
+/// proc symlink itself rather than the directory).
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    Path(&'a OsStr),
+    Fd(BorrowedFd<'a>),
+}
+
+/// The id-bearing xattrs of an inode.
+fn id_xattrs(src: Source<'_>, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>, Error> {
     let mut size = 256;
     let names = loop {
         let mut buf = Vec::with_capacity(size);
-        match rustix::fs::llistxattr(path, rustix::buffer::spare_capacity(&mut buf)) {
+        let spare = rustix::buffer::spare_capacity(&mut buf);
+        let r = match src {
+            Source::Path(p) => rustix::fs::llistxattr(p, spare),
+            Source::Fd(fd) => rustix::fs::flistxattr(fd, spare),
+        };
+        match r {
             Ok(_) => break buf,
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
             Err(rustix::io::Errno::RANGE) if size < 1 << 20 => size *= 4,
@@ -207,7 +221,11 @@ fn id_xattrs(path: &OsStr, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>, Er
         let Some(kind) = xattr::Kind::of(name) else {
             continue;
         };
-        match lget(path, name) {
+        let value = match src {
+            Source::Path(p) => lget(p, name),
+            Source::Fd(fd) => fget(fd, kind.name()),
+        };
+        match value {
             Ok(Some(v)) => out.push((kind, v)),
             Ok(None) => {}
             Err(e) => return Err(io_err(rel, "read xattr", e)),
@@ -274,7 +292,7 @@ pub fn walk(
         STATX_WANT,
     )
     .map_err(|e| io_err(b"", "stat", e))?;
-    let root_xattrs = id_xattrs(OsStr::from_bytes(&proc_path(root, b"")), b"")?;
+    let root_xattrs = id_xattrs(Source::Fd(root), b"")?;
     let root_entry = Entry {
         path: Vec::new(),
         dev: dev_of(&stx),
@@ -387,7 +405,10 @@ fn walk_dir_inner<'s>(
                 continue;
             }
         }
-        let xattrs = id_xattrs(OsStr::from_bytes(&proc_path(dir.as_fd(), name)), &child)?;
+        let xattrs = id_xattrs(
+            Source::Path(OsStr::from_bytes(&proc_path(dir.as_fd(), name))),
+            &child,
+        )?;
         if ft == FileType::Directory {
             let sub = openat2(
                 dir,

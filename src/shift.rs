@@ -50,6 +50,8 @@ use crate::xattr::{self, IdKind, IdTranslate, Reshift};
 /// The progress journal's name in the tree root.
 pub const JOURNAL: &str = ".shiftfs-journal";
 const JOURNAL_VERSION: u32 = 1;
+/// How every journal starts (the header's first field).
+const JOURNAL_MAGIC: &[u8] = b"{\"shiftfs_journal\":";
 
 /// What to do with an id the maps do not cover.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -325,6 +327,7 @@ pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Out
         });
     }
 
+    remove_stale_journal(tree, root.as_fd())?;
     progress.phase("checking", None);
     let walked = scan::walk(root.as_fd(), opts.walk, &|n| progress.set(n));
     progress.finish();
@@ -507,6 +510,46 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
     })
 }
 
+/// A journal without the marker is left by a crash before the shift began: nothing was
+/// changed yet, so it is dropped. A file of that name that is not one of our journals (a
+/// link to something else, say) is never touched.
+fn remove_stale_journal(tree: &Path, root: BorrowedFd<'_>) -> Result<(), Error> {
+    let not_ours = |reason: &str| Error::Journal {
+        path: tree.join(JOURNAL),
+        reason: format!("{reason}; it is not a shiftfs journal, move it out of the tree"),
+    };
+    let st = match rustix::fs::statat(root, JOURNAL, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(io_err(JOURNAL.as_bytes(), "stat", e)),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+        || st.st_nlink != 1
+        || st.st_uid != 0
+        || st.st_mode & 0o7777 != 0o600
+    {
+        return Err(not_ours(
+            "it exists with another type, owner, mode or link count",
+        ));
+    }
+    let fd = rustix::fs::openat(
+        root,
+        JOURNAL,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err(JOURNAL.as_bytes(), "open", e))?;
+    // A kill while the journal was being written can leave it empty or cut short.
+    let mut start = [0u8; JOURNAL_MAGIC.len()];
+    let n = rustix::io::read(&fd, &mut start).map_err(|e| io_err(JOURNAL.as_bytes(), "read", e))?;
+    if n != 0 && start[..] != *JOURNAL_MAGIC {
+        return Err(not_ours("it does not start like a journal"));
+    }
+    tracing::info!("removing the journal of a shift that never started");
+    rustix::fs::unlinkat(root, JOURNAL, AtFlags::empty())
+        .map_err(|e| io_err(JOURNAL.as_bytes(), "remove", e))
+}
+
 fn write_journal(
     tree: &Path,
     root: BorrowedFd<'_>,
@@ -520,7 +563,7 @@ fn write_journal(
     let fd = rustix::fs::openat(
         root,
         JOURNAL,
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o600),
     )
     .map_err(|e| jerr(e.into()))?;

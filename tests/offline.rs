@@ -183,6 +183,8 @@ fn shift_and_reverse_the_issue_tree() {
     let t = dir.path().join("tree");
     std::fs::create_dir(&t).unwrap();
     issue_tree(&t);
+    // The tree root itself carries ACLs too (read through its fd, not a path).
+    sh(&t, "setfacl -m u:1000:rx -m d:g:1000:rx .");
     let ts = t.to_str().unwrap();
     let before = external_dump(&t);
     let passwd_before = sh(&t, "stat -c '%i %u %g %a %Z %Y' /etc/passwd");
@@ -230,6 +232,8 @@ fn shift_and_reverse_the_issue_tree() {
         acl_ids(&t.join("fifo"), "system.posix_acl_access"),
         vec![(Uid, 101000)]
     );
+    assert_eq!(acl_ids(&t, "system.posix_acl_access"), vec![(Uid, 101000)]);
+    assert_eq!(acl_ids(&t, "system.posix_acl_default"), vec![(Gid, 101000)]);
     let getfacl = sh(&t, "getfacl -n aclfile");
     assert!(
         getfacl.contains("user:101000:rw-") && getfacl.contains("group:101000:r--"),
@@ -458,31 +462,42 @@ fn sigkill_then_rerun_equals_an_uninterrupted_shift() {
     ok(&["shift", "--map", MAP, a.to_str().unwrap()]);
     let want = dump(&a);
 
-    // Kill the shift of b at growing delays after its journal appears, until one kill lands
-    // half way through (marker set, some inodes shifted, some not); then once more.
+    // First a kill as soon as the journal appears (most likely before the marker is set:
+    // nothing changed yet). Then kills at growing delays after the marker is set, until two
+    // have landed half way through (marker set, some inodes shifted, some not).
     let bs = b.to_str().unwrap();
-    let mut partial_kills = 0;
-    let mut delay_us = 0u64;
-    for _ in 0..200 {
-        if partial_kills >= 2 {
-            break;
-        }
-        let mut child = Command::new(BIN)
+    let spawn = || {
+        Command::new(BIN)
             .args(["shift", "--map", MAP, bs])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap();
-        let journal = b.join(".shiftfs-journal");
+            .unwrap()
+    };
+    let wait_for = |child: &mut std::process::Child, cond: &dyn Fn() -> bool| {
         let t0 = std::time::Instant::now();
-        while !journal.exists() && t0.elapsed() < Duration::from_secs(60) {
+        while !cond() && t0.elapsed() < Duration::from_secs(120) {
             if child.try_wait().unwrap().is_some() {
-                break;
+                return;
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(100));
         }
+    };
+    let mut child = spawn();
+    wait_for(&mut child, &|| b.join(".shiftfs-journal").exists());
+    let _ = child.kill(); // SIGKILL
+    child.wait().unwrap();
+
+    let mut partial_kills = 0;
+    let mut delay_us = 500u64;
+    for _ in 0..100 {
+        if partial_kills >= 2 {
+            break;
+        }
+        let mut child = spawn();
+        wait_for(&mut child, &|| marker_present(&b));
         std::thread::sleep(Duration::from_micros(delay_us));
-        let _ = child.kill(); // SIGKILL
+        let _ = child.kill();
         let status = child.wait().unwrap();
         let shifted = (0..40)
             .filter(|d| owner(&b.join(format!("d{d}/f0"))).0 >= 100000)
@@ -493,7 +508,8 @@ fn sigkill_then_rerun_equals_an_uninterrupted_shift() {
         if !marker_present(&b) && xattr_raw(&b, "trusted.shiftfs.map").is_some() {
             break; // finished before the kill
         }
-        delay_us += 2000;
+        // Geometric steps: the window is the apply phase, wherever it starts.
+        delay_us = delay_us * 23 / 20;
     }
     eprintln!("partial kills: {partial_kills}");
     assert!(partial_kills >= 1, "never caught the shift half way");
@@ -742,4 +758,94 @@ fn minbase_copy_shifts_and_reverses_exactly() {
     assert_eq!(unshifted, "");
     ok(&["shift", "--map", MAP, "--reverse", ts]);
     assert_eq!(external_dump(&t), before);
+}
+
+#[test]
+fn a_stale_journal_is_dropped_and_a_foreign_one_never_touched() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    std::fs::create_dir(&t).unwrap();
+    big_tree(&t, 2, 5);
+    let ts = t.to_str().unwrap();
+    // A file of the journal's name that links to something outside: refused, untouched.
+    let outside = dir.path().join("precious");
+    std::fs::write(&outside, b"keep me").unwrap();
+    std::fs::hard_link(&outside, t.join(".shiftfs-journal")).unwrap();
+    let out = shiftfs(&["shift", "--map", MAP, ts]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not a shiftfs journal"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+    assert_eq!(owner(&t.join("d0/f1")).0, 1);
+    std::fs::remove_file(t.join(".shiftfs-journal")).unwrap();
+
+    // What a crash between writing the journal and setting the marker leaves: a journal
+    // and an untouched tree. Make one with a shift to elsewhere, then put the tree back.
+    let before = dump(&t);
+    ok(&["shift", "--map", "b:0:300000:65536", ts]);
+    let journal = std::fs::read(dir.path().join("t/.shiftfs-journal")).ok();
+    assert_eq!(journal, None, "journal left after a completed shift");
+    ok(&["shift", "--map", "b:0:300000:65536", "--reverse", ts]);
+    assert_eq!(dump(&t), before);
+    let header = format!(
+        "{{\"shiftfs_journal\":1,\"from\":\"b:0:0:4294967295\",\"to\":\"{MAP}\",\"unmapped\":\"fail\",\
+         \"cross_file_systems\":false,\"root_atime\":[0,0],\"root_mtime\":[0,0],\"records\":0}}\n"
+    );
+    let j = t.join(".shiftfs-journal");
+    std::fs::write(&j, header).unwrap();
+    std::fs::set_permissions(&j, PermissionsExt::from_mode(0o600)).unwrap();
+    ok(&["shift", "--map", MAP, ts]);
+    assert!(!j.exists());
+    assert_eq!(owner(&t.join("d0/f1")), (100001, 100001));
+    assert!(!dump(&t).contains_key(Path::new(".shiftfs-journal")));
+}
+
+/// Lazily unmounts on drop, so a failing test leaves no mount behind.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[test]
+fn mount_points_are_skipped_unless_asked() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    std::fs::create_dir_all(t.join("mnt")).unwrap();
+    std::fs::write(t.join("file"), b"x").unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        t.join("mnt"),
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let _guard = Mounted(t.join("mnt"));
+    std::fs::write(t.join("mnt/inner"), b"y").unwrap();
+    let ts = t.to_str().unwrap();
+
+    let scan = ok(&["scan", ts]);
+    assert!(scan.contains("mount points skipped (1):\n  mnt"), "{scan}");
+    let out = shiftfs(&["shift", "--map", MAP, ts]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped mount point mnt"));
+    assert_eq!(owner(&t.join("file")), (100000, 100000));
+    assert_eq!(owner(&t.join("mnt/inner")), (0, 0));
+    assert_eq!(owner(&t.join("mnt")), (0, 0));
+
+    ok(&["shift", "--map", MAP, "--reverse", ts]);
+    ok(&["shift", "--map", MAP, "--cross-file-systems", ts]);
+    assert_eq!(owner(&t.join("mnt/inner")), (100000, 100000));
+    assert_eq!(owner(&t.join("mnt")), (100000, 100000));
 }

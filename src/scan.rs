@@ -359,7 +359,7 @@ fn walk_dir<'s>(
     rel: Vec<u8>,
     mnt_id: u64,
 ) {
-    if let Err(e) = walk_dir_inner(s, shared, &dir, &rel, mnt_id) {
+    if let Err(e) = walk_dir_inner(s, shared, dir, &rel, mnt_id) {
         lock(&shared.errors).push(e);
     }
 }
@@ -367,14 +367,15 @@ fn walk_dir<'s>(
 fn walk_dir_inner<'s>(
     s: &rayon::Scope<'s>,
     shared: &'s Shared<'s>,
-    dir: &OwnedFd,
+    dir: OwnedFd,
     rel: &[u8],
     mnt_id: u64,
 ) -> Result<(), Error> {
     let mut local = Vec::new();
-    let reader = Dir::read_from(dir).map_err(|e| io_err(rel, "read directory", e))?;
-    for item in reader {
+    let mut reader = Dir::new(dir).map_err(|e| io_err(rel, "read directory", e))?;
+    while let Some(item) = reader.read() {
         let item = item.map_err(|e| io_err(rel, "read directory", e))?;
+        let dir = reader.fd().map_err(|e| io_err(rel, "read directory", e))?;
         let name = item.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;

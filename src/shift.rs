@@ -700,13 +700,53 @@ fn apply_all(
     progress.phase("shifting", Some(records.len() as u64));
     let done = AtomicU64::new(0);
     let errors = Mutex::new(Vec::new());
-    records.par_iter().for_each(|r| {
-        if let Err(e) = apply(root, header.cross_file_systems, r, t) {
-            errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    let fail = |e| errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    // Grouped by directory: each directory is opened once (beneath the root), each entry
+    // by its single name beneath that.
+    let mut groups: BTreeMap<Vec<u8>, Vec<(Vec<u8>, &Record)>> = BTreeMap::new();
+    for r in records {
+        match unhex(&r.p) {
+            Some(path) => {
+                let parent = match path.iter().rposition(|&c| c == b'/') {
+                    Some(i) => path[..i].to_vec(),
+                    None => Vec::new(),
+                };
+                groups.entry(parent).or_default().push((path, r));
+            }
+            None => fail(Error::Journal {
+                path: PathBuf::from(JOURNAL),
+                reason: format!("bad path '{}'", r.p),
+            }),
         }
-        let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % 256 == 0 {
-            progress.set(n);
+    }
+    let resolve = scan::resolve_flags(header.cross_file_systems);
+    groups.par_iter().for_each(|(parent, members)| {
+        let owned;
+        let dir = if parent.is_empty() {
+            root
+        } else {
+            match rustix::fs::openat2(
+                root,
+                OsStr::from_bytes(parent),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+                resolve,
+            ) {
+                Ok(fd) => {
+                    owned = fd;
+                    owned.as_fd()
+                }
+                Err(e) => return fail(io_err(parent, "open", e)),
+            }
+        };
+        for (path, r) in members {
+            if let Err(e) = apply(root, dir, resolve, path, r, t) {
+                fail(e);
+            }
+            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if n % 256 == 0 {
+                progress.set(n);
+            }
         }
     });
     progress.set(records.len() as u64);
@@ -722,20 +762,30 @@ fn apply_all(
     }
 }
 
-fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Result<(), Error> {
-    let path = unhex(&r.p).unwrap_or_default();
+fn apply(
+    root: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    resolve: rustix::fs::ResolveFlags,
+    path: &[u8],
+    r: &Record,
+    t: &Translate<'_>,
+) -> Result<(), Error> {
     let owned;
     let fd = if path.is_empty() {
         root
     } else {
+        let name = match path.iter().rposition(|&c| c == b'/') {
+            Some(i) => &path[i + 1..],
+            None => path,
+        };
         owned = rustix::fs::openat2(
-            root,
-            OsStr::from_bytes(&path),
+            dir,
+            OsStr::from_bytes(name),
             OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
-            scan::resolve_flags(cross),
+            resolve,
         )
-        .map_err(|e| io_err(&path, "open", e))?;
+        .map_err(|e| io_err(path, "open", e))?;
         owned.as_fd()
     };
     let stat = |fd| {
@@ -745,13 +795,13 @@ fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Re
             AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
             StatxFlags::BASIC_STATS,
         )
-        .map_err(|e| io_err(&path, "stat", e))
+        .map_err(|e| io_err(path, "stat", e))
     };
     let stx = stat(fd)?;
     let dev = rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor);
     if (dev, stx.stx_ino) != (r.d, r.i) {
         return Err(Error::Changed {
-            path: display(&path),
+            path: display(path),
             what: "the inode at this path".into(),
         });
     }
@@ -759,11 +809,11 @@ fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Re
     let proc = scan::proc_path(fd, b"");
     let proc = OsStr::from_bytes(&proc);
     let changed = |what: &str| Error::Changed {
-        path: display(&path),
+        path: display(path),
         what: what.to_string(),
     };
     let xerr = |source| Error::Xattr {
-        path: display(&path),
+        path: display(path),
         source,
     };
 
@@ -780,7 +830,7 @@ fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Re
         if is_link || new == old {
             continue;
         }
-        let cur = scan::get(proc, name.as_bytes()).map_err(|e| io_err(&path, "read xattr", e))?;
+        let cur = scan::get(proc, name.as_bytes()).map_err(|e| io_err(path, "read xattr", e))?;
         if cur.as_deref() == Some(&new[..]) {
             continue;
         }
@@ -788,7 +838,7 @@ fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Re
             return Err(changed(name));
         }
         rustix::fs::setxattr(proc, name.as_str(), &new, XattrFlags::REPLACE)
-            .map_err(|e| io_err(&path, "set xattr", e))?;
+            .map_err(|e| io_err(path, "set xattr", e))?;
     }
 
     let uid = t
@@ -810,17 +860,18 @@ fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Re
             Some(rustix::fs::Gid::from_raw(gid)),
             AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
         )
-        .map_err(|e| io_err(&path, "chown", e))?;
+        .map_err(|e| io_err(path, "chown", e))?;
         chowned = true;
     }
     if is_link {
         return Ok(());
     }
-    // chown clears setuid/setgid on non-directories (also on the run a crash cut short).
-    let mode = if chowned {
-        u32::from(stat(fd)?.stx_mode)
-    } else {
-        u32::from(stx.stx_mode)
+    // chown clears setuid/setgid on non-directories (also on the run a crash cut short);
+    // it changes no other mode bit.
+    let mode = match (r.m & 0o6000 != 0, chowned) {
+        (false, _) => r.m,
+        (true, true) => u32::from(stat(fd)?.stx_mode),
+        (true, false) => u32::from(stx.stx_mode),
     };
     if mode & 0o7777 != r.m & 0o7777 {
         rustix::fs::chmodat(
@@ -829,16 +880,16 @@ fn apply(root: BorrowedFd<'_>, cross: bool, r: &Record, t: &Translate<'_>) -> Re
             Mode::from_raw_mode(r.m & 0o7777),
             AtFlags::empty(),
         )
-        .map_err(|e| io_err(&path, "chmod", e))?;
+        .map_err(|e| io_err(path, "chmod", e))?;
     }
     // chown drops the capability too: put the new one (back) after it.
     if let Some((old, new)) = cap {
-        let cur = scan::get(proc, xattr::CAPABILITY).map_err(|e| io_err(&path, "read xattr", e))?;
+        let cur = scan::get(proc, xattr::CAPABILITY).map_err(|e| io_err(path, "read xattr", e))?;
         match cur {
             Some(c) if c == new => {}
             Some(c) if c != old => return Err(changed("security.capability")),
             _ => rustix::fs::setxattr(proc, "security.capability", &new, XattrFlags::empty())
-                .map_err(|e| io_err(&path, "set capability", e))?,
+                .map_err(|e| io_err(path, "set capability", e))?,
         }
     }
     Ok(())
@@ -876,7 +927,8 @@ fn finalize(root: BorrowedFd<'_>, opts: &Options, header: Option<&Header>) -> Re
         };
         rustix::fs::futimens(root, &times).map_err(e("restore times"))?;
     }
-    rustix::fs::fsync(root).map_err(e("fsync"))?;
+    // A marker outliving the journal is harmless: a re-run sees the recorded map and only
+    // removes the marker. So no sync is needed between these two steps.
     match rustix::fs::fremovexattr(root, SHIFT_XATTR) {
         Ok(()) | Err(rustix::io::Errno::NODATA) => {}
         Err(err) => return Err(e("remove shift marker")(err)),

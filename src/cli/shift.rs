@@ -61,16 +61,22 @@ pub fn parse_map(s: &str) -> anyhow::Result<IdMapping> {
 }
 
 /// An indicatif bar on a terminal, nothing otherwise.
-pub struct Bar(Mutex<Option<indicatif::ProgressBar>>);
+pub struct Bar {
+    tty: bool,
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+}
 
 impl Bar {
     pub fn new() -> Self {
-        Bar(Mutex::new(None))
+        Bar {
+            tty: std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        }
     }
 
     fn with(&self, f: impl FnOnce(&mut Option<indicatif::ProgressBar>)) {
-        if std::io::stderr().is_terminal() {
-            f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.tty {
+            f(&mut self.bar.lock().unwrap_or_else(|p| p.into_inner()));
         }
     }
 }

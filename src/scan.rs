@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, StatxFlags, openat2, statx};
 use serde::Serialize;
 
-use crate::idmap::{IdMapping, InnerGid, InnerUid};
-use crate::xattr::{self, IdKind};
+use crate::idmap::IdMapping;
+use crate::xattr::{self, IdKind, IdTranslate};
 
 /// Where the tree's current map is recorded (absent = the tree is unshifted).
 pub const MAP_XATTR: &str = "trusted.shiftfs.map";
@@ -506,7 +506,8 @@ pub struct Report {
     pub inodes: u64,
     pub uids: Vec<IdUse>,
     pub gids: Vec<IdUse>,
-    /// With a map: the ids (as stored on disk) the map has no outer id for.
+    /// With a map: the ids (as stored on disk) that `shift` to that map, from the tree's
+    /// recorded map, would find no mapping for.
     pub unmapped: Option<UnmappedIds>,
     pub hazards: Hazards,
     pub mount_points_skipped: Vec<String>,
@@ -522,7 +523,9 @@ pub fn scan(
     let root = open_root(path)?;
     let (recorded, shifting) = recorded_state(root.as_fd(), path)?;
     let tree = walk(root.as_fd(), opts, progress)?;
-    let mut report = summarize(&tree, map);
+    // The ids on disk are laid out for the recorded map: that is what a shift starts from.
+    let from = recorded.clone().unwrap_or_else(IdMapping::identity);
+    let mut report = summarize(&tree, map.map(|m| (&from, m)));
     report.root = path.display().to_string();
     report.recorded_map = recorded.map(|m| m.to_string());
     report.interrupted_shift = shifting;
@@ -530,7 +533,9 @@ pub fn scan(
 }
 
 /// Counts and hazards of a walked tree.
-pub fn summarize(tree: &Tree, map: Option<&IdMapping>) -> Report {
+/// With `map = Some((from, to))`, also lists the ids `shift --from FROM --to TO` has no
+/// mapping for.
+pub fn summarize(tree: &Tree, map: Option<(&IdMapping, &IdMapping)>) -> Report {
     let mut uids: BTreeMap<u32, IdUse> = BTreeMap::new();
     let mut gids: BTreeMap<u32, IdUse> = BTreeMap::new();
     let mut h = Hazards::default();
@@ -592,18 +597,21 @@ pub fn summarize(tree: &Tree, map: Option<&IdMapping>) -> Report {
             }
         }
     }
-    let unmapped = map.map(|m| UnmappedIds {
-        map: m.to_string(),
-        uids: uids
-            .values()
-            .filter(|u| m.uid.to_outer(InnerUid(u.id)).is_none())
-            .cloned()
-            .collect(),
-        gids: gids
-            .values()
-            .filter(|g| m.gid.to_outer(InnerGid(g.id)).is_none())
-            .cloned()
-            .collect(),
+    let unmapped = map.map(|(from, to)| {
+        let r = xattr::Reshift { from, to };
+        UnmappedIds {
+            map: to.to_string(),
+            uids: uids
+                .values()
+                .filter(|u| r.uid(u.id).is_none())
+                .cloned()
+                .collect(),
+            gids: gids
+                .values()
+                .filter(|g| r.gid(g.id).is_none())
+                .cloned()
+                .collect(),
+        }
     });
     Report {
         root: String::new(),
@@ -677,7 +685,7 @@ mod tests {
             mount_points: vec![b"proc".to_vec()],
         };
         let map = IdMapping::parse("b:0:100000:65536").unwrap();
-        let r = summarize(&tree, Some(&map));
+        let r = summarize(&tree, Some((&IdMapping::identity(), &map)));
         assert_eq!(r.inodes, 10);
         let u1000 = r.uids.iter().find(|u| u.id == 1000).unwrap();
         assert_eq!(

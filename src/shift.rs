@@ -201,6 +201,9 @@ pub struct Outcome {
     pub skipped_unmapped: u64,
     /// The tree already holds ids for `to`.
     pub nothing_to_do: bool,
+    /// Changed inodes that also have names outside the tree (first few paths, and the count):
+    /// the shift changes them there too.
+    pub external_links: (Vec<String>, u64),
 }
 
 /// The id translation of a shift, with the unmapped policy applied.
@@ -345,6 +348,7 @@ pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Out
         changed: plan.records.len() as u64,
         mount_points_skipped: walked.mount_points.iter().map(|p| display(p)).collect(),
         skipped_unmapped: plan.skipped_unmapped,
+        external_links: plan.external_links.clone(),
         ..Outcome::default()
     };
     if opts.dry_run {
@@ -403,6 +407,7 @@ fn mismatch(tree: &Path, current: &IdMapping, opts: &Options) -> Error {
 
 struct Plan {
     records: Vec<Record>,
+    external_links: (Vec<String>, u64),
     changes: Vec<Change>,
     skipped_unmapped: u64,
 }
@@ -424,6 +429,7 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
     };
     let mut records = Vec::new();
     let mut changes = Vec::new();
+    let mut external_links = (Vec::new(), 0);
     for e in entries {
         note(IdKind::Uid, e.uid, &e.path);
         note(IdKind::Gid, e.gid, &e.path);
@@ -463,6 +469,12 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
         };
         if uid == e.uid && gid == e.gid && xchanges.is_empty() {
             continue;
+        }
+        if e.file_type() != FileType::Directory && e.nlink > e.links_in_tree {
+            if external_links.0.len() < 5 {
+                external_links.0.push(display(&e.path));
+            }
+            external_links.1 += 1;
         }
         records.push(Record {
             p: hex(&e.path),
@@ -505,6 +517,7 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
     }
     Ok(Plan {
         records,
+        external_links,
         changes,
         skipped_unmapped,
     })

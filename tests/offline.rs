@@ -311,6 +311,16 @@ fn from_to_moves_a_shifted_tree_and_wrong_from_is_refused() {
     ]);
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(!wrong.status.success() && err.contains(MAP), "{err}");
+    // scan --map judges from the recorded map: MAP -> 200000 covers everything, while
+    // identity -> 200000 would not cover the on-disk 165534.
+    let scan: serde_json::Value =
+        serde_json::from_str(&ok(&["scan", "--json", "--map", "b:0:200000:65536", ts])).unwrap();
+    assert_eq!(scan["recorded_map"], MAP);
+    assert_eq!(
+        scan["unmapped"]["uids"].as_array().unwrap().len(),
+        0,
+        "{scan}"
+    );
     ok(&["shift", "--from", MAP, "--to", "b:0:200000:65536", ts]);
     assert_eq!(owner(&t.join("userfile")), (201000, 201000));
     assert_eq!(
@@ -636,6 +646,21 @@ fn scan_reports_ids_and_hazards() {
     assert_eq!(uid(65534)["owners"], 1);
     assert_eq!(r["unmapped"]["uids"][0]["id"], 70000);
     assert_eq!(r["unmapped"]["gids"].as_array().unwrap().len(), 0);
+    // A shift changes such an inode outside the tree too: it says so.
+    let dry = shiftfs(&[
+        "shift",
+        "--map",
+        MAP,
+        "--skip-unmapped",
+        "--dry-run",
+        t.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&dry.stderr);
+    assert!(
+        dry.status.success() && err.contains("1 inode(s) also have names outside the tree"),
+        "{err}"
+    );
+    assert!(err.contains("leaks"), "{err}");
     let table = ok(&["scan", t.to_str().unwrap()]);
     assert!(
         table.contains("setuid files (1):\n  bin/suidroot"),

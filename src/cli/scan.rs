@@ -11,8 +11,9 @@ use shiftfs::shift::Progress;
 pub struct Args {
     /// The tree to scan.
     tree: PathBuf,
-    /// Also report which ids this map (`[u:|g:|b:]INNER:OUTER:COUNT,...`) leaves without an
-    /// outer id, i.e. what `shiftfs shift --map MAP` would stop on.
+    /// Also report which ids this map (`[u:|g:|b:]INNER:OUTER:COUNT,...`) leaves unmapped,
+    /// i.e. what `shiftfs shift` from the tree's recorded map (identity if none) to MAP
+    /// would stop on.
     #[arg(long)]
     map: Option<String>,
     /// Print JSON instead of a table.

@@ -171,6 +171,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for p in &out.mount_points_skipped {
         eprintln!("shiftfs: skipped mount point {p} (use --cross-file-systems to shift it too)");
     }
+    if out.external_links.1 > 0 {
+        eprintln!(
+            "shiftfs: warning: {} inode(s) also have names outside the tree and {} there too: {}",
+            out.external_links.1,
+            if args.dry_run {
+                "would change"
+            } else {
+                "changed"
+            },
+            out.external_links.0.join(", ")
+        );
+    }
     if out.skipped_unmapped > 0 {
         eprintln!(
             "shiftfs: {} use(s) of unmapped ids were {}",

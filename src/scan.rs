@@ -267,10 +267,10 @@ pub(crate) fn resolve_flags(cross_file_systems: bool) -> ResolveFlags {
 const STATX_WANT: StatxFlags = StatxFlags::BASIC_STATS.union(StatxFlags::MNT_ID);
 
 struct Shared<'p> {
+    root: BorrowedFd<'p>,
     opts: WalkOptions,
     entries: Mutex<Vec<Entry>>,
-    /// (dev, ino) of multiply linked non-directories -> (index in `entries` or usize::MAX
-    /// while pending, links seen).
+    /// (dev, ino) of multiply linked non-directories -> links seen.
     links: Mutex<HashMap<(u64, u64), u64>>,
     mount_points: Mutex<Vec<Vec<u8>>>,
     errors: Mutex<Vec<Error>>,
@@ -293,6 +293,7 @@ pub fn walk(
     )
     .map_err(|e| io_err(b"", "stat", e))?;
     let root_xattrs = id_xattrs(Source::Fd(root), b"")?;
+    let root_entry_key = (dev_of(&stx), stx.stx_ino);
     let root_entry = Entry {
         path: Vec::new(),
         dev: dev_of(&stx),
@@ -305,6 +306,7 @@ pub fn walk(
         xattrs: root_xattrs,
     };
     let shared = Shared {
+        root,
         opts,
         entries: Mutex::new(vec![root_entry]),
         links: Mutex::new(HashMap::new()),
@@ -313,8 +315,8 @@ pub fn walk(
         visited: AtomicU64::new(1),
         progress,
     };
-    let dup = rustix::io::fcntl_dupfd_cloexec(root, 0).map_err(|e| io_err(b"", "dup", e))?;
-    rayon::scope(|s| walk_dir(s, &shared, dup, Vec::new(), stx.stx_mnt_id));
+    let key = (root_entry_key.0, root_entry_key.1);
+    rayon::scope(|s| walk_dir(s, &shared, Vec::new(), key, stx.stx_mnt_id));
 
     let mut errors = take(shared.errors);
     if !errors.is_empty() {
@@ -352,14 +354,42 @@ fn dev_of(stx: &rustix::fs::Statx) -> u64 {
     rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor)
 }
 
+/// A queued directory holds no fd (a wide tree would run out of them): it is opened when
+/// its turn comes, beneath the root without following any symlink, and must still be the
+/// inode its parent listed.
 fn walk_dir<'s>(
     s: &rayon::Scope<'s>,
     shared: &'s Shared<'s>,
-    dir: OwnedFd,
     rel: Vec<u8>,
+    key: (u64, u64),
     mnt_id: u64,
 ) {
-    if let Err(e) = walk_dir_inner(s, shared, dir, &rel, mnt_id) {
+    let open = || -> Result<OwnedFd, Error> {
+        let path: &OsStr = if rel.is_empty() {
+            OsStr::new(".")
+        } else {
+            OsStr::from_bytes(&rel)
+        };
+        let fd = openat2(
+            shared.root,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve_flags(shared.opts.cross_file_systems),
+        )
+        .map_err(|e| io_err(&rel, "open directory", e))?;
+        let again =
+            statx(&fd, "", AtFlags::EMPTY_PATH, STATX_WANT).map_err(|e| io_err(&rel, "stat", e))?;
+        if (dev_of(&again), again.stx_ino) != key {
+            return Err(io_err(
+                &rel,
+                "open directory",
+                io::Error::other("replaced while the tree was walked"),
+            ));
+        }
+        Ok(fd)
+    };
+    if let Err(e) = open().and_then(|dir| walk_dir_inner(s, shared, dir, &rel, mnt_id)) {
         lock(&shared.errors).push(e);
     }
 }
@@ -411,26 +441,9 @@ fn walk_dir_inner<'s>(
             &child,
         )?;
         if ft == FileType::Directory {
-            let sub = openat2(
-                dir,
-                OsStr::from_bytes(name),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-                resolve_flags(shared.opts.cross_file_systems),
-            )
-            .map_err(|e| io_err(&child, "open directory", e))?;
-            let again = statx(&sub, "", AtFlags::EMPTY_PATH, STATX_WANT)
-                .map_err(|e| io_err(&child, "stat", e))?;
-            if (dev_of(&again), again.stx_ino) != key {
-                return Err(io_err(
-                    &child,
-                    "open directory",
-                    io::Error::other("replaced while the tree was walked"),
-                ));
-            }
             let child_path = child.clone();
             let child_mnt = stx.stx_mnt_id;
-            s.spawn(move |s| walk_dir(s, shared, sub, child_path, child_mnt));
+            s.spawn(move |s| walk_dir(s, shared, child_path, key, child_mnt));
         }
         local.push(Entry {
             path: child,
@@ -707,6 +720,28 @@ mod tests {
         assert_eq!(r.hazards.capabilities[0].root_id, 1000);
         assert_eq!(r.hazards.hard_links_leaving_tree[0].path, "l");
         assert_eq!(r.mount_points_skipped, vec!["proc"]);
+    }
+
+    #[test]
+    fn a_wide_tree_does_not_run_out_of_fds() {
+        // More subdirectories than this process may have open files: queued directories
+        // hold no fd. The limit is lowered for the walk only (other tests in this binary
+        // open few files).
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let n = 2000u64;
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..n {
+            std::fs::create_dir(dir.path().join(i.to_string())).unwrap();
+        }
+        let root = open_root(dir.path()).unwrap();
+        let saved = getrlimit(Resource::Nofile);
+        let mut low = saved;
+        low.current = Some(256);
+        setrlimit(Resource::Nofile, low).unwrap();
+        let tree = walk(root.as_fd(), WalkOptions::default(), &|_| {});
+        setrlimit(Resource::Nofile, saved).unwrap();
+        let tree = tree.unwrap();
+        assert_eq!(tree.entries.len() as u64, n + 1);
     }
 
     #[test]

@@ -1000,7 +1000,11 @@ fn kernel_mounts_and_probes_leave_no_process() {
         run("umount", &[os(&d.tgt)]).assert_ok("umount(8)");
     }
 
-    assert_eq!(children(), vec![], "processes left behind");
+    assert_eq!(
+        children(),
+        Vec::<(i32, char, String)>::new(),
+        "processes left behind"
+    );
     let base = d.path();
     let mentions: Vec<i32> = all_pids()
         .into_iter()
@@ -1012,7 +1016,7 @@ fn kernel_mounts_and_probes_leave_no_process() {
         .collect();
     assert_eq!(
         mentions,
-        vec![],
+        Vec::<i32>::new(),
         "processes still working on {}",
         base.display()
     );

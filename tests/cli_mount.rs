@@ -162,6 +162,13 @@ fn assert_one_line_error(out: &Out, mentions: &str, tgt: &Path) {
         lines[0].contains(mentions),
         "error line should name `{mentions}`:\n{out}"
     );
+    let clauses: Vec<&str> = lines[0].split(": ").filter(|c| c.len() > 12).collect();
+    for (i, c) in clauses.iter().enumerate() {
+        assert!(
+            !clauses[i + 1..].contains(c),
+            "error line repeats itself (`{c}`):\n{out}"
+        );
+    }
     assert!(
         !is_mountpoint(tgt),
         "a refused mount left {} mounted",

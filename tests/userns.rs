@@ -1,0 +1,454 @@
+//! A container's view: root of a user namespace mapped `0 100000 65536` works through a mount
+//! `b:0:100000:65536` and everything lands on disk with image ids; callers outside the map are
+//! refused with EOVERFLOW; setgid directories and symlinks behave; swapping a directory for a
+//! symlink on the source side never lets a write escape the source. Each case runs on both
+//! backends.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+const EOVERFLOW_TEXT: &str = "Value too large for defined data type";
+
+/// An image as a container runtime would unpack it: root-owned, plus a world-writable
+/// directory and a setgid directory of group 1000.
+fn image(dir: &TestDir) -> PathBuf {
+    let src = dir.dir("src");
+    mkdir(&src.join("bin"), 0o755, 0, 0);
+    file(
+        &src.join("bin/hello.sh"),
+        b"#!/bin/sh\necho \"hello from the image as $(id -u)\"\n",
+        0o755,
+        0,
+        0,
+    );
+    file(&src.join("secret"), b"root only\n", 0o600, 0, 0);
+    mkdir(&src.join("pub"), 0o1777, 0, 0);
+    file(&src.join("pub/existing"), b"", 0o666, 0, 0);
+    mkdir(&src.join("sg"), 0o2775, 0, 1000);
+    mkdir(&src.join("work"), 0o755, 0, 0);
+    src
+}
+
+#[track_caller]
+fn assert_ids(path: impl AsRef<Path>, want: (u32, u32)) {
+    let p = path.as_ref();
+    assert_eq!(lstat_ids(p), want, "owner of {}", p.display());
+}
+
+/// A control for the plumbing itself: without any shifting mount, the namespace root writes
+/// host ids 100000 on disk. If this fails, the other tests here prove nothing.
+#[test]
+fn namespace_root_writes_its_host_ids_on_a_plain_dir() {
+    if !require_root() {
+        return;
+    }
+    let dir = TestDir::new("ns-control");
+    let plain = dir.dir("plain");
+    std::os::unix::fs::chown(&plain, Some(100000), Some(100000)).expect("chown");
+    let ns = UserNs::new(NS_MAP);
+    let out = run(&mut ns.sh(&format!(
+        "id -u; id -g; touch {f}; stat -c %u:%g {f}",
+        f = q(plain.join("f"))
+    )));
+    out.assert_ok();
+    assert_eq!(out.stdout, "0\n0\n0:0\n", "{out}");
+    assert_ids(plain.join("f"), (100000, 100000));
+    dir.finish();
+}
+
+fn ns_root_creates_with_image_ids(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("ns-create");
+    let src = image(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+
+    let script = format!(
+        "set -e; cd {w}
+         echo data > f; mkdir d; ln -s f sl; mkfifo p; ln f hl
+         touch u; chown 1000:1000 u; mkdir ud; chown 1000:1000 ud
+         touch g; chgrp 1000 g
+         mv u ud/u2; mv f f2
+         echo new > a; echo old > b; mv a b
+         mkdir -p deep/er/est; touch deep/er/est/x; mv deep/er deep2; rm -r deep
+         stat -c '%n %u:%g' f2 ud/u2 g",
+        w = q(mnt.join("work"))
+    );
+    let out = run(&mut ns.sh(&script));
+    out.assert_ok();
+    assert_eq!(
+        out.stdout, "f2 0:0\nud/u2 1000:1000\ng 0:1000\n",
+        "namespace view of its own files:\n{out}"
+    );
+
+    let w = src.join("work");
+    assert_eq!(
+        ls(&w),
+        ["b", "d", "deep2", "f2", "g", "hl", "p", "sl", "ud"],
+        "on-disk names"
+    );
+    for name in [
+        "f2",
+        "d",
+        "sl",
+        "p",
+        "hl",
+        "b",
+        "deep2",
+        "deep2/est",
+        "deep2/est/x",
+    ] {
+        assert_ids(w.join(name), (0, 0));
+    }
+    assert_ids(w.join("ud"), (1000, 1000));
+    assert_ids(w.join("ud/u2"), (1000, 1000));
+    assert_ids(w.join("g"), (0, 1000));
+    let f2 = fs::symlink_metadata(w.join("f2")).expect("f2");
+    let hl = fs::symlink_metadata(w.join("hl")).expect("hl");
+    assert_eq!((f2.ino(), f2.nlink()), (hl.ino(), 2), "hard link on disk");
+    assert_eq!(fs::read(w.join("f2")).expect("read"), b"data\n");
+    assert_eq!(
+        fs::read(w.join("b")).expect("read"),
+        b"new\n",
+        "rename over"
+    );
+    assert!(fs::symlink_metadata(w.join("sl")).expect("sl").is_symlink());
+    assert_eq!(
+        fs::read_link(w.join("sl")).expect("readlink"),
+        Path::new("f")
+    );
+    assert!(
+        fs::symlink_metadata(w.join("p"))
+            .expect("p")
+            .file_type()
+            .is_fifo()
+    );
+    assert!(fs::symlink_metadata(w.join("d")).expect("d").is_dir());
+
+    // The host sees the same objects shifted.
+    assert_ids(mnt.join("work/f2"), (100000, 100000));
+    assert_ids(mnt.join("work/ud/u2"), (101000, 101000));
+    assert_ids(mnt.join("work/g"), (100000, 101000));
+    let (a, b2) = (
+        fs::symlink_metadata(mnt.join("work/f2")).expect("f2"),
+        fs::symlink_metadata(mnt.join("work/hl")).expect("hl"),
+    );
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b2.ino(), 2),
+        "two names of one inode are one inode through the mount"
+    );
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+fn unmapped_writers_get_eoverflow(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("eoverflow");
+    let src = image(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let p = mnt.join("pub");
+
+    // Host uid 5 has no image id under this map: every create and chown is refused.
+    for (what, script) in [
+        ("create", format!("touch {}", q(p.join("x")))),
+        ("mkdir", format!("mkdir {}", q(p.join("xd")))),
+        ("mkfifo", format!("mkfifo {}", q(p.join("xp")))),
+        ("symlink", format!("ln -s target {}", q(p.join("xs")))),
+        ("redirect", format!("echo hi > {}", q(p.join("xr")))),
+    ] {
+        let out = run(&mut sh_as(5, 5, &script));
+        assert!(
+            !out.ok() && out.stderr.contains(EOVERFLOW_TEXT),
+            "{what} as host uid 5 must fail with EOVERFLOW:\n{out}"
+        );
+    }
+    // Writing into an existing file creates no id and is allowed by its mode 0666.
+    let out = run(&mut sh_as(
+        5,
+        5,
+        &format!("echo ok >> {}", q(p.join("existing"))),
+    ));
+    out.assert_ok();
+
+    // Host root is outside this map too.
+    let err = fs::write(p.join("by-host-root"), b"x").expect_err("host root create");
+    assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
+    let err = fs::create_dir(p.join("dir-by-host-root")).expect_err("host root mkdir");
+    assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
+    // Giving a file to a host id without an image id is refused, not stored as something else.
+    let err = std::os::unix::fs::chown(p.join("existing"), Some(5), None)
+        .expect_err("chown to unmapped uid");
+    assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
+    let err = std::os::unix::fs::chown(p.join("existing"), None, Some(5))
+        .expect_err("chgrp to unmapped gid");
+    assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
+
+    assert_eq!(
+        ls(src.join("pub")),
+        ["existing"],
+        "nothing left behind on disk"
+    );
+    assert_ids(src.join("pub/existing"), (0, 0));
+    assert_eq!(fs::read(src.join("pub/existing")).expect("read"), b"ok\n");
+    m.unmount();
+    dir.finish();
+}
+
+fn ns_root_uses_image_root_files(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("ns-rootfiles");
+    let src = image(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+
+    let out = run(&mut ns.sh(&q(mnt.join("bin/hello.sh"))));
+    out.assert_ok();
+    assert_eq!(out.stdout, "hello from the image as 0\n", "{out}");
+
+    let secret = q(mnt.join("secret"));
+    let out = run(&mut ns.sh(&format!("cat {secret} && echo more >> {secret}")));
+    out.assert_ok();
+    assert_eq!(out.stdout, "root only\n", "{out}");
+    assert_eq!(
+        fs::read(src.join("secret")).expect("read"),
+        b"root only\nmore\n"
+    );
+    assert_ids(src.join("secret"), (0, 0));
+    assert_eq!(lstat_mode(src.join("secret")) & 0o7777, 0o600);
+
+    // Another namespace user gets no more than the mode allows.
+    let out = run(&mut ns.sh_as(1000, 1000, &format!("cat {secret}")));
+    assert!(
+        !out.ok() && out.stderr.contains("Permission denied"),
+        "uid 1000 must not read root's 0600 file:\n{out}"
+    );
+    // Host root is still root on the host: reads work even though it cannot create here.
+    assert_eq!(
+        fs::read(mnt.join("secret")).expect("host root read"),
+        b"root only\nmore\n"
+    );
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+fn symlinks_stay_links(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("symlinks");
+    let src = image(&dir);
+    let w = src.join("work");
+    file(&w.join("target"), b"t\n", 0o644, 0, 0);
+    file(&w.join("target2"), b"t2\n", 0o644, 0, 0);
+    symlink("target", &w.join("link"), 0, 0);
+    symlink("target2", &w.join("link2"), 0, 0);
+    symlink("/etc/passwd", &w.join("abs"), 1000, 1000);
+    symlink("nowhere", &w.join("dangling"), 0, 0);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let mw = mnt.join("work");
+
+    for (name, target, ids) in [
+        ("link", "target", (100000, 100000)),
+        ("abs", "/etc/passwd", (101000, 101000)),
+        ("dangling", "nowhere", (100000, 100000)),
+    ] {
+        let md = fs::symlink_metadata(mw.join(name)).expect("lstat");
+        assert!(md.is_symlink(), "{name} is a symlink through the mount");
+        assert_eq!(
+            fs::read_link(mw.join(name)).expect("readlink"),
+            Path::new(target)
+        );
+        assert_eq!((md.uid(), md.gid()), ids, "{name} owner");
+    }
+    assert_eq!(fs::read(mw.join("link")).expect("follow"), b"t\n");
+
+    let ns = UserNs::new(NS_MAP);
+    run(&mut ns.sh(&format!("chown -h 1000:1000 {}", q(mw.join("link"))))).assert_ok();
+    assert_ids(w.join("link"), (1000, 1000));
+    assert_ids(w.join("target"), (0, 0));
+    run(&mut ns.sh(&format!("chown 1000:1000 {}", q(mw.join("link2"))))).assert_ok();
+    assert_ids(w.join("link2"), (0, 0));
+    assert_ids(w.join("target2"), (1000, 1000));
+    assert_ids(mw.join("link"), (101000, 101000));
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+#[track_caller]
+fn assert_setgid_inherited(sg: &Path, gid: u32) {
+    for name in ["f", "sub", "sub/deeper", "sub/deeper/g"] {
+        let md = fs::symlink_metadata(sg.join(name)).expect("lstat");
+        assert_eq!(md.gid(), gid, "{name} takes the setgid dir's group");
+        assert_eq!(md.uid(), 0, "{name} owner");
+        if md.is_dir() {
+            assert!(
+                md.mode() & 0o2000 != 0,
+                "{name} keeps the setgid bit: {:o}",
+                md.mode()
+            );
+        }
+    }
+}
+
+fn setgid_dir_for_ns_root(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("setgid-ns");
+    let src = image(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let script = format!(
+        "set -e; cd {}; touch f; mkdir sub; mkdir sub/deeper; touch sub/deeper/g
+         stat -c '%n %g' f sub sub/deeper/g",
+        q(mnt.join("sg"))
+    );
+    let out = run(&mut ns.sh(&script));
+    out.assert_ok();
+    assert_eq!(out.stdout, "f 1000\nsub 1000\nsub/deeper/g 1000\n", "{out}");
+    assert_setgid_inherited(&src.join("sg"), 1000);
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+fn setgid_dir_for_host_root(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    // An identity map, then one that maps only host root and the setgid group (shown as 5000).
+    for (map, shown_gid) in [(IDENTITY_MAP, 1000), ("b:0:0:1,b:1000:5000:1", 5000)] {
+        let dir = TestDir::new("setgid-host");
+        let src = image(&dir);
+        let mnt = dir.dir("mnt");
+        let m = ShiftMount::new(b, map, &src, &mnt);
+        let sg = mnt.join("sg");
+        assert_eq!(stat_ids(&sg), (0, shown_gid), "map {map}");
+        fs::write(sg.join("f"), b"x").expect("create");
+        fs::create_dir(sg.join("sub")).expect("mkdir");
+        fs::create_dir(sg.join("sub/deeper")).expect("mkdir");
+        fs::write(sg.join("sub/deeper/g"), b"x").expect("create");
+        assert_eq!(
+            stat_ids(sg.join("sub/deeper/g")),
+            (0, shown_gid),
+            "map {map}"
+        );
+        assert_setgid_inherited(&src.join("sg"), 1000);
+        m.unmount();
+        dir.finish();
+    }
+}
+
+fn symlink_swap_cannot_escape(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("escape");
+    let src = image(&dir);
+    mkdir(&src.join("d"), 0o755, 0, 0);
+    file(&src.join("d/keep"), b"inside\n", 0o644, 0, 0);
+    // Outside the source and owned by host root: nobody in the namespace may touch it.
+    let outside = dir.dir("outside");
+    file(&outside.join("keep"), b"precious\n", 0o644, 0, 0);
+    let outside_before = snapshot(&outside);
+    let outside_meta = (lstat_mode(&outside), lstat_ids(&outside));
+
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let md = mnt.join("d");
+    let flag = dir.path().join("swapped");
+
+    // One shell looks `d` up and sits in it (the kernel keeps that inode) while the host swaps
+    // `d` for a symlink; then it writes relative to its cwd and through the path again.
+    let writes = |base: &str| {
+        format!(
+            "touch {base}x; echo pwned > {base}keep; chown 1000:1000 {base}keep; \
+             chmod 777 {base}keep; mkdir {base}newdir; mkfifo {base}fifo; \
+             ln -s /etc {base}sl; ln {base}keep {base}hard; mv {base}keep {base}moved; \
+             rm -f {base}moved; "
+        )
+    };
+    let script = format!(
+        "ls {md} >/dev/null; cd {md}; \
+         while [ ! -e {flag} ]; do sleep 0.02; done; \
+         {rel} ls {md}/ >/dev/null 2>&1; {abs} true",
+        md = q(&md),
+        flag = q(&flag),
+        rel = writes(""),
+        abs = writes(&format!("{}/", q(&md)))
+    );
+    let mut child = ns
+        .sh(&script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn namespace shell");
+    // Let the shell reach its wait loop holding `d` as its cwd.
+    std::thread::sleep(Duration::from_millis(300));
+    fs::rename(src.join("d"), src.join("d.old")).expect("move d away");
+    std::os::unix::fs::symlink(&outside, src.join("d")).expect("swap in a symlink");
+    fs::write(&flag, b"").expect("flag");
+    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("namespace shell hung");
+    // Only whether anything escaped matters, not which writes the backend allowed.
+    let _ = status;
+
+    assert_eq!(
+        snapshot(&outside),
+        outside_before,
+        "the outside dir's entries changed"
+    );
+    assert_eq!(
+        (lstat_mode(&outside), lstat_ids(&outside)),
+        outside_meta,
+        "the outside dir itself changed"
+    );
+    // Whatever the writes did, they did it inside the source.
+    assert!(fs::symlink_metadata(src.join("d")).expect("d").is_symlink());
+    for e in ls(src.join("d.old")) {
+        let ids = lstat_ids(src.join("d.old").join(&e));
+        assert!(
+            [(0, 0), (1000, 1000), (0, 1000)].contains(&ids),
+            "d.old/{e} written with untranslated ids {ids:?}"
+        );
+    }
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+backend_tests!(
+    ns_root_creates_with_image_ids,
+    unmapped_writers_get_eoverflow,
+    ns_root_uses_image_root_files,
+    symlinks_stay_links,
+    setgid_dir_for_ns_root,
+    setgid_dir_for_host_root,
+    symlink_swap_cannot_escape,
+);

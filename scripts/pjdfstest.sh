@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --userns) userns="$2"; shift 2 ;;
     --baseline) baseline="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     --) shift; break ;;
     -*) echo "pjdfstest.sh: unknown option $1" >&2; exit 2 ;;
     *) break ;;

@@ -13,6 +13,7 @@ use rustix::fs::{Mode, OFlags};
 use rustix::mount::UnmountFlags;
 
 use crate::idmap::{self, IdMapping};
+use crate::mountinfo::{self, MountInfo};
 
 /// Which implementation serves a shifted mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -91,7 +92,7 @@ pub enum Error {
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
     BadOption { option: String, reason: String },
-    #[error("bad map: {0}")]
+    #[error("bad map")]
     Map(#[from] idmap::Error),
     #[error(
         "no map given: pass --map (e.g. --map b:0:100000:65536), --uid-map and --gid-map, or --map-from-pid PID"
@@ -121,7 +122,7 @@ pub enum Error {
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
@@ -410,7 +411,7 @@ pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
     match req.backend {
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
-            let p = crate::kernel::probe(&req.source);
+            let p = crate::kernel::probe_tree(&req.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -421,7 +422,7 @@ pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
             }
         }
         Backend::Auto => {
-            let p = crate::kernel::probe(&req.source);
+            let p = crate::kernel::probe_tree(&req.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -530,58 +531,13 @@ pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
         .open(path)
 }
 
-/// One line of `/proc/self/mountinfo`, the parts we use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountInfo {
-    pub target: PathBuf,
-    pub fstype: String,
-    pub source: String,
-    pub vfs_options: String,
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let l: Vec<&str> = left.split(' ').collect();
-            let r: Vec<&str> = right.split(' ').collect();
-            Some(MountInfo {
-                target: PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(l.get(4)?))),
-                vfs_options: l.get(5)?.to_string(),
-                fstype: r.first()?.to_string(),
-                source: String::from_utf8_lossy(&unescape_mountinfo(r.get(1)?)).into_owned(),
-            })
-        })
-        .collect()
-}
-
 /// The topmost mount at `target`, if any.
 pub fn mounted_at(target: &Path) -> Option<MountInfo> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&text)
+    let text = std::fs::read_to_string(mountinfo::SELF_MOUNTINFO).ok()?;
+    mountinfo::parse(&text)
         .into_iter()
         .rev()
-        .find(|m| m.target == target)
+        .find(|m| m.mount_point == target)
 }
 
 /// What `shiftfs list` knows of one mount; kept as a small text file under `/run/shiftfs`.
@@ -730,15 +686,15 @@ impl Record {
         let Ok(dir) = std::fs::read_dir(run_dir()) else {
             return Vec::new();
         };
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|t| parse_mountinfo(&t))
+        let mounts = std::fs::read_to_string(mountinfo::SELF_MOUNTINFO)
+            .map(|t| mountinfo::parse(&t))
             .unwrap_or_default();
         let mut out: Vec<Self> = dir
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "mount"))
             .filter_map(|e| Self::from_text(&std::fs::read_to_string(e.path()).ok()?))
             .filter(|r| {
-                let live = mounts.iter().any(|m| m.target == r.target);
+                let live = mounts.iter().any(|m| m.mount_point == r.target);
                 if !live {
                     r.remove();
                 }
@@ -788,9 +744,8 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         }
         return Err(Error::NotMounted { path: target });
     };
-    let shifted = record.is_some()
-        || info.fstype.starts_with("fuse")
-        || info.vfs_options.split(',').any(|o| o == "idmapped");
+    let shifted =
+        record.is_some() || info.fstype.starts_with("fuse") || info.has_option("idmapped");
     if !shifted {
         return Err(Error::NotShifted {
             path: target,
@@ -889,15 +844,7 @@ mod tests {
     }
 
     #[test]
-    fn mountinfo_and_records() {
-        let text = "36 35 98:0 /mnt1 /mnt\\040x rw,nosuid,idmapped shared:1 - ext4 /dev/root rw\n\
-                    37 35 0:40 / /t rw - fuse /src\\040dir rw,user_id=0\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m[0].target, PathBuf::from("/mnt x"));
-        assert!(m[0].vfs_options.contains("idmapped"));
-        assert_eq!(m[1].fstype, "fuse");
-        assert_eq!(m[1].source, "/src dir");
-
+    fn records_round_trip() {
         let rec = Record {
             target: PathBuf::from("/a b/c%\nd"),
             source: PathBuf::from("/src"),

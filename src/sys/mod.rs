@@ -3,4 +3,8 @@
 #![allow(unsafe_code)]
 
 pub mod creds;
+pub mod fusedev;
 pub mod mount;
+pub mod procfd;
+pub mod statmount;
+pub mod userns;

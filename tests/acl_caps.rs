@@ -63,8 +63,10 @@ fn getfacl_shows_shifted_ids(b: Backend) {
     let m = ShiftMount::new(b, MAP, &src, &mnt);
 
     let acl = acl_of(&mnt.join("acl-file"));
-    assert!(acl.contains(&"user:101000:r--".to_owned()), "{acl:?}");
-    assert!(acl.contains(&"group:101000:r--".to_owned()), "{acl:?}");
+    assert!(
+        acl.contains(&"user:101000:r--".to_owned()) && acl.contains(&"group:101000:r--".to_owned()),
+        "ACL through the mount should name 101000 (image 1000): {acl:?}"
+    );
     let dacl = acl_of(&mnt.join("dacl"));
     assert!(
         dacl.contains(&"default:user:101000:rwx".to_owned()),
@@ -79,7 +81,10 @@ fn getfacl_shows_shifted_ids(b: Backend) {
     let ns = UserNs::new(NS_MAP);
     let out = run(&mut ns.sh(&format!("getfacl -n -p {}", q(mnt.join("acl-file")))));
     out.assert_ok();
-    assert!(out.stdout.contains("user:1000:r--"), "{out}");
+    assert!(
+        out.stdout.contains("user:1000:r--"),
+        "the namespace should see its own id 1000:\n{out}"
+    );
 
     drop(ns);
     m.unmount();
@@ -105,11 +110,11 @@ fn setfacl_stores_image_ids(b: Backend) {
     let disk = acl_of(&src.join("acl-file"));
     assert!(
         disk.contains(&"user:2000:rw-".to_owned()),
-        "on disk: {disk:?}"
+        "on-disk ACL should hold image ids: {disk:?}"
     );
     assert!(
         disk.contains(&"group:2001:r--".to_owned()),
-        "on disk: {disk:?}"
+        "on-disk ACL should hold image ids: {disk:?}"
     );
     assert!(disk.contains(&"user:1000:r--".to_owned()), "kept: {disk:?}");
 
@@ -123,11 +128,11 @@ fn setfacl_stores_image_ids(b: Backend) {
     let disk = acl_of(&src.join("dacl"));
     assert!(
         disk.contains(&"user:3000:r--".to_owned()),
-        "on disk: {disk:?}"
+        "on-disk ACL should hold image ids: {disk:?}"
     );
     assert!(
         disk.contains(&"default:group:3001:r-x".to_owned()),
-        "on disk: {disk:?}"
+        "on-disk ACL should hold image ids: {disk:?}"
     );
 
     drop(ns);

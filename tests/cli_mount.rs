@@ -270,14 +270,6 @@ fn refuses_non_root(b: Backend) {
     dir.finish();
 }
 
-backend_tests!(
-    shows_shifted_owners,
-    list_shows_mount,
-    mount_options,
-    refuses_bad_input,
-    refuses_non_root
-);
-
 // ---------------------------------------------------------------------------------------------
 // FUSE daemon life cycle
 
@@ -377,7 +369,7 @@ fn foreground_signal_unmounts(signal: rustix::process::Signal, name: &str) {
         .spawn()
         .expect("spawn shiftfs --foreground");
     // Kills the child and unmounts if an assertion below fails.
-    let guard = ShiftMount::adopt(Backend::Fuse, &mnt);
+    let guard = ShiftMount::adopt(&mnt);
     let start = std::time::Instant::now();
     while !is_mountpoint(&mnt) && start.elapsed() < Duration::from_secs(15) {
         if let Ok(Some(st)) = child.try_wait() {
@@ -429,7 +421,7 @@ fn fuse_mount_detaches_from_callers_output() {
     let dir = TestDir::new("detach");
     let src = owned_tree(&dir);
     let mnt = dir.dir("mnt");
-    let guard = ShiftMount::adopt(Backend::Fuse, &mnt);
+    let guard = ShiftMount::adopt(&mnt);
     let script = format!(
         "out=$({} mount --backend fuse --map {MAP} {} {} 2>&1); echo \"rc=$? out=$out\"",
         q(BIN),
@@ -441,5 +433,175 @@ fn fuse_mount_detaches_from_callers_output() {
     assert!(out.stdout.starts_with("rc=0"), "{out}");
     assert!(is_mountpoint(&mnt));
     guard.unmount();
+    dir.finish();
+}
+
+fn separate_maps_and_map_from_pid(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("maps");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+
+    let m = ShiftMount::with_args(
+        b,
+        &["--uid-map", "0:100000:65536", "--gid-map", "0:200000:65536"],
+        &src,
+        &mnt,
+    );
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 201000));
+    assert_eq!(stat_ids(mnt.join("user-dir/mixed")), (100000, 201000));
+    m.unmount();
+
+    let ns = UserNs::new("0 300000 65536");
+    let pid = ns.pid().to_string();
+    let m = ShiftMount::with_args(b, &["--map-from-pid", &pid], &src, &mnt);
+    assert_eq!(stat_ids(mnt.join("user-file")), (301000, 301000));
+    assert_eq!(stat_ids(mnt.join("far-file")), (OVERFLOW, OVERFLOW));
+    m.unmount();
+    drop(ns);
+    dir.finish();
+}
+
+/// Paths with spaces, given relative to the caller's cwd, survive into the daemon, mountinfo,
+/// `shiftfs list` and `shiftfs umount`.
+fn relative_paths_with_spaces(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("spaces");
+    let src = dir.path().join("my source");
+    mkdir(&src, 0o755, 0, 0);
+    file(&src.join("f"), b"x", 0o644, 1000, 1000);
+    let mnt = dir.path().join("my mount");
+    mkdir(&mnt, 0o755, 0, 0);
+    let guard = ShiftMount::adopt(&mnt);
+    let out = run(shiftfs([
+        "mount",
+        "--backend",
+        b.name(),
+        "--map",
+        MAP,
+        "my source",
+        "my mount",
+    ])
+    .current_dir(dir.path()));
+    out.assert_ok();
+    assert!(is_mountpoint(&mnt), "not mounted at {}", mnt.display());
+    assert_eq!(stat_ids(mnt.join("f")), (101000, 101000));
+    let list = run(&mut shiftfs(["list"]));
+    assert!(
+        list.stdout.contains(mnt.to_str().expect("utf-8")),
+        "list should show the absolute target:\n{list}"
+    );
+    let out = run(shiftfs(["umount", "my mount"]).current_dir(dir.path()));
+    out.assert_ok();
+    assert!(!is_mountpoint(&mnt));
+    guard.disarm();
+    dir.finish();
+}
+
+/// A busy mount is not torn away: one clear line, the mount stays; `-l` detaches it.
+fn umount_busy(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("busy");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("user-dir"))
+        .spawn()
+        .expect("spawn a process inside the mount");
+    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+    let still = is_mountpoint(&mnt);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_one_line_error_allow_mounted(&out, "busy");
+    assert!(still, "a busy mount must stay mounted");
+    assert_eq!(
+        stat_ids(mnt.join("user-file")),
+        (101000, 101000),
+        "still served"
+    );
+
+    // This user leaves by itself, so the daemon can finish once it is gone.
+    let mut holder = Command::new("sleep")
+        .arg("2")
+        .current_dir(mnt.join("user-dir"))
+        .spawn()
+        .expect("spawn a process inside the mount");
+    let out = run(&mut shiftfs([
+        OsStr::new("umount"),
+        OsStr::new("-l"),
+        mnt.as_os_str(),
+    ]));
+    out.assert_ok();
+    assert!(!is_mountpoint(&mnt), "-l detaches at once");
+    let _ = holder.wait();
+    let start = std::time::Instant::now();
+    while !shiftfs_pids_mentioning(&mnt).is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.disarm();
+    dir.finish();
+}
+
+#[track_caller]
+fn assert_one_line_error_allow_mounted(out: &Out, mentions: &str) {
+    assert_eq!(out.code(), Some(1), "exit code:\n{out}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "want exactly one line on stderr:\n{out}");
+    assert!(lines[0].starts_with("shiftfs: "), "{out}");
+    assert!(
+        lines[0].contains(mentions),
+        "should say `{mentions}`:\n{out}"
+    );
+}
+
+backend_tests!(
+    shows_shifted_owners,
+    list_shows_mount,
+    mount_options,
+    refuses_bad_input,
+    refuses_non_root,
+    separate_maps_and_map_from_pid,
+    relative_paths_with_spaces,
+    umount_busy
+);
+
+/// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel
+/// backend; a source on a FUSE filesystem falls back to FUSE.
+#[test]
+fn auto_backend_choice() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("auto");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::with_args_auto(&["--map", MAP], &src, &mnt);
+    let e = mount_at(&mnt).expect("mounted");
+    assert!(
+        !e.fstype.starts_with("fuse"),
+        "ext4/tmpfs source should get the kernel: {e:?}"
+    );
+    assert!(e.mount_options.iter().any(|o| o == "idmapped"), "{e:?}");
+
+    // A FUSE mount as the source: the kernel cannot idmap it.
+    let mnt2 = dir.dir("mnt2");
+    let m2 = ShiftMount::with_args_auto(&["--map", "b:0:0:4294967295"], &mnt, &mnt2);
+    let e2 = mount_at(&mnt2).expect("mounted");
+    assert!(e2.fstype.starts_with("fuse"), "{e2:?}");
+    assert_eq!(
+        stat_ids(mnt2.join("user-file")),
+        (101000, 101000),
+        "maps compose"
+    );
+    m2.unmount();
+    m.unmount();
     dir.finish();
 }

@@ -721,7 +721,6 @@ pub fn all_shiftfs_pids() -> Vec<u32> {
 /// kills a daemon that outlived both, so a failing test never leaves anything behind.
 pub struct ShiftMount {
     target: PathBuf,
-    backend: Backend,
     armed: bool,
 }
 
@@ -735,29 +734,37 @@ impl ShiftMount {
     /// `shiftfs mount --backend B EXTRA... SRC TGT`; panics on failure.
     #[track_caller]
     pub fn with_args(backend: Backend, extra: &[&str], src: &Path, tgt: &Path) -> Self {
-        match Self::try_with_args(backend, extra, src, tgt) {
+        match Self::try_mount(Some(backend), extra, src, tgt) {
             Ok(m) => m,
             Err(out) => panic!("mount failed:\n{out}"),
         }
     }
 
-    /// Like [`Self::with_args`] but hands back the failed command's output.
+    /// `shiftfs mount EXTRA... SRC TGT`, letting shiftfs pick the backend; panics on failure.
     #[track_caller]
-    pub fn try_with_args(
-        backend: Backend,
+    pub fn with_args_auto(extra: &[&str], src: &Path, tgt: &Path) -> Self {
+        match Self::try_mount(None, extra, src, tgt) {
+            Ok(m) => m,
+            Err(out) => panic!("mount failed:\n{out}"),
+        }
+    }
+
+    /// Mounts, handing back the failed command's output.
+    #[track_caller]
+    pub fn try_mount(
+        backend: Option<Backend>,
         extra: &[&str],
         src: &Path,
         tgt: &Path,
     ) -> Result<Self, Out> {
-        let mut c = shiftfs(["mount", "--backend", backend.name()]);
+        let mut c = shiftfs(["mount"]);
+        if let Some(b) = backend {
+            c.args(["--backend", b.name()]);
+        }
         c.args(extra).arg(src).arg(tgt);
         // The guard exists before the command runs: a mount that half-succeeded or hung is
         // still cleaned up.
-        let guard = Self {
-            target: tgt.to_path_buf(),
-            backend,
-            armed: true,
-        };
+        let guard = Self::adopt(tgt);
         let out = run_timeout(&mut c, Duration::from_secs(30));
         if !out.ok() {
             return Err(out);
@@ -771,10 +778,9 @@ impl ShiftMount {
     }
 
     /// Takes charge of whatever gets mounted on `tgt` by other means (e.g. `--foreground`).
-    pub fn adopt(backend: Backend, tgt: &Path) -> Self {
+    pub fn adopt(tgt: &Path) -> Self {
         Self {
             target: tgt.to_path_buf(),
-            backend,
             armed: true,
         }
     }
@@ -786,10 +792,6 @@ impl ShiftMount {
 
     pub fn target(&self) -> &Path {
         &self.target
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
     }
 
     /// `shiftfs umount`, asserting it succeeds, removes the mount and stops the daemon.

@@ -443,6 +443,236 @@ fn symlink_swap_cannot_escape(b: Backend) {
     dir.finish();
 }
 
+const RENAMEAT2_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/fs.h>
+/* renameat2 FLAGS OLD NEW: prints "ok" or the errno name. FLAGS: noreplace|exchange */
+int main(int argc, char **argv) {
+    unsigned flags = strcmp(argv[1], "exchange") == 0 ? RENAME_EXCHANGE : RENAME_NOREPLACE;
+    if (syscall(SYS_renameat2, AT_FDCWD, argv[2], AT_FDCWD, argv[3], flags) == 0) {
+        puts("ok");
+        return 0;
+    }
+    puts(strerrorname_np(errno));
+    return 1;
+}
+"#;
+
+fn renameat2_flags(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("renameat2");
+    let Some(tool) = compile_c(dir.path(), "renameat2", RENAMEAT2_C) else {
+        return;
+    };
+    let src = image(&dir);
+    let w = src.join("work");
+    file(&w.join("a"), b"A", 0o644, 0, 0);
+    file(&w.join("b"), b"B", 0o644, 1000, 1000);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let mw = mnt.join("work");
+    let r2 = |flags: &str, from: &str, to: &str| {
+        let out = run(ns
+            .cmd_as(0, 0, tool.to_str().expect("utf-8"))
+            .arg(flags)
+            .arg(mw.join(from))
+            .arg(mw.join(to)));
+        out.stdout.trim().to_owned()
+    };
+
+    assert_eq!(
+        r2("noreplace", "a", "b"),
+        "EEXIST",
+        "NOREPLACE onto an existing name"
+    );
+    assert_eq!(fs::read(w.join("b")).expect("b"), b"B");
+    assert_eq!(r2("exchange", "a", "b"), "ok", "EXCHANGE");
+    assert_eq!(fs::read(w.join("a")).expect("a"), b"B");
+    assert_eq!(fs::read(w.join("b")).expect("b"), b"A");
+    assert_eq!(
+        lstat_ids(w.join("a")),
+        (1000, 1000),
+        "owners travel with the files"
+    );
+    assert_eq!(
+        lstat_ids(mw.join("b")),
+        (100000, 100000),
+        "and through the mount"
+    );
+    assert_eq!(r2("noreplace", "a", "c"), "ok", "NOREPLACE onto a new name");
+    assert_eq!(ls(&w), ["b", "c"]);
+    assert_eq!(r2("exchange", "b", "nonexistent"), "ENOENT");
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+/// The kernel's rules on the translated owners: writes by others clear setuid/setgid, a
+/// sticky dir protects other users' files, only the owner may chmod.
+fn privilege_bits_and_sticky(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("privbits");
+    let src = image(&dir);
+    let w = src.join("work");
+    file(&w.join("suid"), b"#!/bin/sh\n", 0o6777, 0, 0);
+    file(&w.join("suid2"), b"#!/bin/sh\n", 0o4755, 0, 0);
+    mkdir(&w.join("tmp"), 0o1777, 0, 0);
+    file(&w.join("tmp/of-2000"), b"", 0o666, 2000, 2000);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let mw = mnt.join("work");
+
+    run(&mut ns.sh_as(1000, 1000, &format!("echo x >> {}", q(mw.join("suid"))))).assert_ok();
+    assert_eq!(
+        lstat_mode(w.join("suid")) & 0o7777,
+        0o0777,
+        "a write by another user clears setuid and setgid on disk"
+    );
+    run(&mut ns.sh(&format!("chown 1000 {}", q(mw.join("suid2"))))).assert_ok();
+    assert_eq!(
+        lstat_mode(w.join("suid2")) & 0o7777,
+        0o0755,
+        "chown clears setuid"
+    );
+    assert_eq!(lstat_ids(w.join("suid2")), (1000, 0));
+
+    let out = run(&mut ns.sh_as(1000, 1000, &format!("rm -f {}", q(mw.join("tmp/of-2000")))));
+    assert!(
+        !out.ok(),
+        "sticky dir: uid 1000 removed uid 2000's file:\n{out}"
+    );
+    assert!(w.join("tmp/of-2000").exists());
+    let out = run(&mut ns.sh_as(
+        1000,
+        1000,
+        &format!("chmod 777 {}", q(mw.join("tmp/of-2000"))),
+    ));
+    assert!(!out.ok(), "uid 1000 chmodded uid 2000's file:\n{out}");
+    run(&mut ns.sh(&format!("rm {}", q(mw.join("tmp/of-2000"))))).assert_ok();
+    assert!(
+        !w.join("tmp/of-2000").exists(),
+        "namespace root may remove it"
+    );
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+/// A setuid-root binary of the image makes a namespace user root only on a `-o suid` mount.
+fn setuid_binary_honours_mount_option(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("setuid-exec");
+    let src = image(&dir);
+    let id = fs::read("/usr/bin/id").expect("read /usr/bin/id");
+    file(&src.join("bin/suid-id"), &id, 0o4755, 0, 0);
+    let mnt = dir.dir("mnt");
+    let ns = UserNs::new(NS_MAP);
+    let euid = |ns: &UserNs| {
+        let out = run(&mut ns.sh_as(1000, 1000, &format!("{} -u", q(mnt.join("bin/suid-id")))));
+        out.assert_ok();
+        out.stdout.trim().to_owned()
+    };
+
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    assert_eq!(
+        euid(&ns),
+        "1000",
+        "nosuid (the default) ignores the setuid bit"
+    );
+    m.unmount();
+    let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid"], &src, &mnt);
+    assert_eq!(
+        euid(&ns),
+        "0",
+        "-o suid: setuid to the image's root, the namespace root"
+    );
+    m.unmount();
+    drop(ns);
+    dir.finish();
+}
+
+fn data_xattrs_and_big_dirs(b: Backend) {
+    if !require(b) || !require_tool("setfattr", "attr") {
+        return;
+    }
+    let dir = TestDir::new("data");
+    let src = image(&dir);
+    let w = src.join("work");
+    mkdir(&w.join("many"), 0o755, 0, 0);
+    let mut names: Vec<String> = (0..3000).map(|i| format!("entry-{i:05}")).collect();
+    for n in &names {
+        fs::write(w.join("many").join(n), b"").expect("create");
+    }
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let mw = mnt.join("work");
+
+    names.sort();
+    assert_eq!(
+        ls(mw.join("many")),
+        names,
+        "a 3000-entry directory read through the mount"
+    );
+
+    let script = format!(
+        "set -e; cd {w}
+         head -c 5000000 /dev/urandom > big
+         fallocate -l 8M alloc
+         sha256sum big | cut -d' ' -f1
+         setfattr -n user.note -v hello big
+         getfattr --only-values -n user.note big; echo
+         if setfattr -n trusted.evil -v 1 big 2>/dev/null; then echo trusted-set; fi",
+        w = q(&mw)
+    );
+    let out = run(&mut ns.sh(&script));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let disk = run(&mut sh(&format!(
+        "sha256sum {} | cut -d' ' -f1",
+        q(w.join("big"))
+    )));
+    assert_eq!(
+        lines[0],
+        disk.stdout.trim(),
+        "bytes on disk = bytes written"
+    );
+    assert_eq!(lines[1], "hello", "user xattr through the mount");
+    assert_eq!(fs::metadata(w.join("alloc")).expect("alloc").len(), 8 << 20);
+    let x = run(&mut sh(&format!(
+        "getfattr --only-values -n user.note {}",
+        q(w.join("big"))
+    )));
+    assert_eq!(x.stdout, "hello", "user xattr on disk:\n{x}");
+    let t = run(&mut sh(&format!("getfattr -m - -d {}", q(w.join("big")))));
+    assert!(
+        !t.stdout.contains("trusted.evil"),
+        "namespace root set a trusted xattr:\n{t}"
+    );
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -451,4 +681,8 @@ backend_tests!(
     setgid_dir_for_ns_root,
     setgid_dir_for_host_root,
     symlink_swap_cannot_escape,
+    renameat2_flags,
+    privilege_bits_and_sticky,
+    setuid_binary_honours_mount_option,
+    data_xattrs_and_big_dirs,
 );

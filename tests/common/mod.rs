@@ -835,3 +835,23 @@ impl Drop for ShiftMount {
         }
     }
 }
+
+/// Compiles a one-file C program into `dir` (world-executable); None (after `skip`) without gcc.
+#[track_caller]
+pub fn compile_c(dir: &Path, name: &str, source: &str) -> Option<PathBuf> {
+    if !require_tool("gcc", "gcc") {
+        return None;
+    }
+    let c = dir.join(format!("{name}.c"));
+    let bin = dir.join(name);
+    fs::write(&c, source).expect("write C source");
+    run(Command::new("gcc")
+        .arg("-O")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&c)
+        .current_dir(dir))
+    .assert_ok();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod");
+    Some(bin)
+}

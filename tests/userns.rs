@@ -385,7 +385,9 @@ fn symlink_swap_cannot_escape(b: Backend) {
     let flag = dir.path().join("swapped");
 
     // One shell looks `d` up and sits in it (the kernel keeps that inode) while the host swaps
-    // `d` for a symlink; then it writes relative to its cwd and through the path again.
+    // `d` for a symlink; then it writes relative to its cwd, and, once the kernel's cached
+    // entry has expired (1 s by default), through the path again, so the daemon looks `d` up
+    // anew and must not follow the symlink.
     let writes = |base: &str| {
         format!(
             "touch {base}x; echo pwned > {base}keep; chown 1000:1000 {base}keep; \
@@ -397,7 +399,7 @@ fn symlink_swap_cannot_escape(b: Backend) {
     let script = format!(
         "ls {md} >/dev/null; cd {md}; \
          while [ ! -e {flag} ]; do sleep 0.02; done; \
-         {rel} ls {md}/ >/dev/null 2>&1; {abs} true",
+         {rel} sleep 1.5; ls {md}/ >/dev/null 2>&1; {abs} true",
         md = q(&md),
         flag = q(&flag),
         rel = writes(""),

@@ -675,6 +675,31 @@ fn data_xattrs_and_big_dirs(b: Backend) {
     dir.finish();
 }
 
+/// overlayfs inside a container stores deletions as whiteouts (char device 0:0), which the
+/// kernel lets a namespace root create; `nodev` is about opening devices, not making them.
+fn ns_root_creates_whiteouts(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("whiteout");
+    let src = image(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let out = run(&mut ns.sh(&format!("mknod {} c 0 0", q(mnt.join("work/wh")))));
+    out.assert_ok();
+    let md = fs::symlink_metadata(src.join("work/wh")).expect("whiteout on disk");
+    assert!(md.file_type().is_char_device() && md.rdev() == 0, "{md:?}");
+    assert_ids(src.join("work/wh"), (0, 0));
+    // A real device stays out of reach of the namespace root.
+    let out = run(&mut ns.sh(&format!("mknod {} c 1 3", q(mnt.join("work/null")))));
+    assert!(!out.ok(), "namespace root made a device node:\n{out}");
+    assert!(!src.join("work/null").exists());
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -687,4 +712,5 @@ backend_tests!(
     privilege_bits_and_sticky,
     setuid_binary_honours_mount_option,
     data_xattrs_and_big_dirs,
+    ns_root_creates_whiteouts,
 );

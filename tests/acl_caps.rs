@@ -320,6 +320,85 @@ fn file_capability_root_id(b: Backend) {
     dir.finish();
 }
 
+/// A capability the image was built with (stored by real root: v2, root id implied 0) belongs
+/// to the image's root, so it works for the container, whose root is the image's root.
+fn image_capability_works_in_container(b: Backend) {
+    if !require_acl_tools(b) {
+        return;
+    }
+    let dir = TestDir::new("caps-image");
+    let src = image(&dir);
+    let grep = fs::read("/usr/bin/grep").expect("read /usr/bin/grep");
+    file(&src.join("bin/capgrep"), &grep, 0o755, 0, 0);
+    run(Command::new("setcap")
+        .arg("cap_net_bind_service+ep")
+        .arg(src.join("bin/capgrep")))
+    .assert_ok();
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid"], &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+
+    let out = run(Command::new("getcap")
+        .arg("-n")
+        .arg(mnt.join("bin/capgrep")));
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("cap_net_bind_service=ep") && out.stdout.contains("rootid=100000"),
+        "through the mount the capability belongs to the namespace rooted at 100000:\n{out}"
+    );
+    assert_eq!(
+        cap_eff(&ns, 1000, &mnt.join("bin/capgrep")),
+        "0000000000000400"
+    );
+    // The host's own root gets nothing from it through the mount.
+    let out = run(&mut sh_as(
+        1000,
+        1000,
+        &format!("{} CapEff /proc/self/status", q(mnt.join("bin/capgrep"))),
+    ));
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("0000000000000000"),
+        "host uid 1000:\n{out}"
+    );
+
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
+/// With an ACL the mode's group bits are the mask, not the owning group's rights: a member of
+/// the owning group whose `group::` entry is empty must not get the mask's rights.
+fn acl_mask_does_not_widen_group_access(b: Backend) {
+    if !require_acl_tools(b) {
+        return;
+    }
+    let dir = TestDir::new("acl-mask");
+    let src = image(&dir);
+    file(&src.join("masked"), b"for 1000 only\n", 0o600, 0, 0);
+    setfacl(&["-m", "u::rw,g::-,o::-,u:1000:rw"], &src.join("masked"));
+    assert_eq!(
+        lstat_mode(src.join("masked")) & 0o777,
+        0o660,
+        "mask shows as group bits"
+    );
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let masked = q(mnt.join("masked"));
+
+    // Host gid 100000 is image group 0, the owning group, whose entry grants nothing.
+    let out = run(&mut sh_as(109999, 100000, &format!("cat {masked}")));
+    assert!(
+        !out.ok(),
+        "the owning group read a file its ACL entry denies (mode bits taken for the ACL):\n{out}"
+    );
+    let out = run(&mut sh_as(101000, 109999, &format!("cat {masked}")));
+    out.assert_ok();
+
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     getfacl_shows_shifted_ids,
     setfacl_stores_image_ids,
@@ -327,4 +406,6 @@ backend_tests!(
     acl_grants_access,
     default_acl_inherited,
     file_capability_root_id,
+    image_capability_works_in_container,
+    acl_mask_does_not_widen_group_access,
 );

@@ -700,6 +700,67 @@ fn ns_root_creates_whiteouts(b: Backend) {
     dir.finish();
 }
 
+/// Several namespace processes creating, linking, renaming and removing at once: every
+/// operation succeeds, the tree ends as expected and the mount keeps serving.
+fn parallel_churn(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("churn");
+    let src = image(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let children: Vec<_> = (0..4)
+        .map(|n| {
+            let script = format!(
+                "set -e; cd {w}; i=0
+                 while [ $i -lt 100 ]; do
+                   mkdir d{n}-$i; echo $i > d{n}-$i/f; mv d{n}-$i/f d{n}-$i/g; ln d{n}-$i/g d{n}-$i/h
+                   rm d{n}-$i/g; mv d{n}-$i e{n}-$i; mv e{n}-$i/h shared-{n}-$i
+                   rm -r e{n}-$i; i=$((i+1))
+                 done
+                 ls | grep -c '^shared-{n}-'",
+                w = q(mnt.join("work"))
+            );
+            let mut c = ns.sh(&script);
+            c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.spawn().expect("spawn churn")
+        })
+        .collect();
+    for (n, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().expect("wait churn");
+        assert!(
+            out.status.success(),
+            "churn {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "150",
+            "churn {n}"
+        );
+    }
+    let names = ls(src.join("work"));
+    assert_eq!(names.len(), 400, "400 files left on disk");
+    assert!(names.iter().all(|n| n.starts_with("shared-")), "{names:?}");
+    assert_eq!(
+        fs::read(src.join("work/shared-3-99")).expect("read"),
+        b"99\n"
+    );
+    assert_ids(src.join("work/shared-0-0"), (0, 0));
+    assert_eq!(
+        fs::symlink_metadata(mnt.join("work/shared-2-7"))
+            .expect("lstat")
+            .nlink(),
+        1,
+        "link counts through the mount are current"
+    );
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -713,4 +774,5 @@ backend_tests!(
     setuid_binary_honours_mount_option,
     data_xattrs_and_big_dirs,
     ns_root_creates_whiteouts,
+    parallel_churn,
 );

@@ -737,7 +737,7 @@ fn parallel_churn(b: Backend) {
         );
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "150",
+            "100",
             "churn {n}"
         );
     }

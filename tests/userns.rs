@@ -761,6 +761,40 @@ fn parallel_churn(b: Backend) {
     dir.finish();
 }
 
+/// A user outside the setgid dir's group: new files still take the dir's group, but a setgid
+/// bit such a user asks for on a file is dropped (the kernel's rule), and a new subdir still
+/// inherits the setgid bit.
+fn setgid_dir_for_non_member(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("setgid-other");
+    let src = image(&dir);
+    mkdir(&src.join("sg-open"), 0o2777, 0, 1000);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let script = format!(
+        "set -e; umask 022; cd {}; touch f; chmod 2755 f; install -m 2755 /dev/null g; mkdir sub
+         stat -c '%n %u:%g %a' f g sub",
+        q(mnt.join("sg-open"))
+    );
+    let out = run(&mut ns.sh_as(2000, 2000, &script));
+    out.assert_ok();
+    assert_eq!(
+        out.stdout, "f 2000:1000 755\ng 2000:1000 755\nsub 2000:1000 2755\n",
+        "namespace view:\n{out}"
+    );
+    let sg = src.join("sg-open");
+    for (name, mode) in [("f", 0o755), ("g", 0o755), ("sub", 0o2755)] {
+        assert_ids(sg.join(name), (2000, 1000));
+        assert_eq!(lstat_mode(sg.join(name)) & 0o7777, mode, "{name} on disk");
+    }
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -775,4 +809,5 @@ backend_tests!(
     data_xattrs_and_big_dirs,
     ns_root_creates_whiteouts,
     parallel_churn,
+    setgid_dir_for_non_member,
 );

@@ -4,7 +4,8 @@
 #   benches/run.sh            full run (~15-20 min on 2 cores), results in bench-results/
 #   benches/run.sh --quick    smoke test (~2 min: small sizes, 1 timed run), bench-results/tmp/quick/
 #   benches/run.sh --scale    1,000,000-entry tree walked twice through shiftfs FUSE, daemon peak RSS
-#   benches/run.sh --profile W  perf profile of the shiftfs FUSE daemon during workload W
+#   benches/run.sh --profile W  perf profile of the shiftfs FUSE daemon during workload W, and a count
+#                             of the FUSE requests it got, by opcode
 #                             (tmpfs; perf report in bench-results/tmp/profile/)
 #
 # Contenders, each over the same source tree (on-disk 0 shown as host 100000 where the tool can):
@@ -408,6 +409,10 @@ for b in "${B[@]}"; do
       perf record -F 999 --call-graph dwarf,16384 -o "$out/perf-$b-$w.data" -p "$(daemon_pid "${path[fuse]}")" \
         >/dev/null 2>"$work/perf.err" &
       perf_pid=$!
+      # And every request the kernel sends this mount's daemon, by opcode.
+      perf record -e fuse:fuse_request_send -a --filter "connection == $(stat -c %d "${path[fuse]}")" \
+        -o "$out/fusereq-$b-$w.data" >/dev/null 2>>"$work/perf.err" &
+      perf_req_pid=$!
       sleep 1
     fi
     # Extraction is the slowest workload by far (bindfs, fuse-overlayfs): fewer runs.
@@ -430,7 +435,11 @@ for b in "${B[@]}"; do
       done
     done
     if [ -n "$perf_pid" ]; then
-      kill -INT "$perf_pid"; wait "$perf_pid" || true
+      kill -INT "$perf_pid" "$perf_req_pid"; wait "$perf_pid" "$perf_req_pid" || true
+      perf script -i "$out/fusereq-$b-$w.data" -F trace 2>/dev/null \
+        | grep -o '(FUSE_[A-Z_0-9]*)' | tr -d '()' | sort | uniq -c | sort -rn \
+        | awk -v n="$nruns" 'BEGIN { print "FUSE requests to the shiftfs daemon during the timed runs (" n " runs)\n\n  total  per run  opcode" }
+                             { printf "%7d %8.0f  %s\n", $1, $1 / n, $2 }' >"$out/fusereq-$b-$w.txt"
       perf report -i "$out/perf-$b-$w.data" --no-children --stdio --sort sym --percent-limit 0.5 -g none \
         >"$out/profile-$b-$w.txt" 2>/dev/null || true
       perf report -i "$out/perf-$b-$w.data" --no-children --stdio --percent-limit 2 -g caller,0.5,callee,function \

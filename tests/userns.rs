@@ -405,20 +405,21 @@ fn symlink_swap_cannot_escape(b: Backend) {
         rel = writes(""),
         abs = writes(&format!("{}/", q(&md)))
     );
-    let mut child = ns
-        .sh(&script)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn namespace shell");
+    let mut shell = Children::default();
+    shell.push(
+        ns.sh(&script)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn namespace shell"),
+    );
     // Let the shell reach its wait loop holding `d` as its cwd.
     std::thread::sleep(Duration::from_millis(300));
     fs::rename(src.join("d"), src.join("d.old")).expect("move d away");
     std::os::unix::fs::symlink(&outside, src.join("d")).expect("swap in a symlink");
     fs::write(&flag, b"").expect("flag");
-    let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("namespace shell hung");
     // Only whether anything escaped matters, not which writes the backend allowed.
-    let _ = status;
+    shell.wait_all(Duration::from_secs(30));
 
     assert_eq!(
         snapshot(&outside),
@@ -711,7 +712,8 @@ fn parallel_churn(b: Backend) {
     let mnt = dir.dir("mnt");
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     let ns = UserNs::new(NS_MAP);
-    let children: Vec<_> = (0..4)
+    let children = Children(
+        (0..4)
         .map(|n| {
             let script = format!(
                 "set -e; cd {w}; i=0
@@ -727,9 +729,13 @@ fn parallel_churn(b: Backend) {
             c.stdout(Stdio::piped()).stderr(Stdio::piped());
             c.spawn().expect("spawn churn")
         })
-        .collect();
-    for (n, c) in children.into_iter().enumerate() {
-        let out = c.wait_with_output().expect("wait churn");
+        .collect(),
+    );
+    for (n, out) in children
+        .wait_all(Duration::from_secs(120))
+        .into_iter()
+        .enumerate()
+    {
         assert!(
             out.status.success(),
             "churn {n}: {}",

@@ -5,7 +5,8 @@ set -uo pipefail
 root="${TMPDIR:-/tmp}/shiftfs-tests"
 bad=0
 
-mounts="$(awk -v r="$root" 'index($5, r) == 1 {print $5 " (" $0 ")"}' /proc/self/mountinfo)"
+# Anything under the tests' roots, and any shiftfs FUSE mount or idmapped mount at all.
+mounts="$(awk -v r="$root" 'index($5, r) == 1 || $5 ~ /^\/var\/tmp\/shiftfs-/ || / - fuse\.shiftfs / || $6 ~ /idmapped/ {print $5 " (" $0 ")"}' /proc/self/mountinfo)"
 if [ -n "$mounts" ]; then echo "leaked mounts:"; echo "$mounts" | sed 's/^/  /'; bad=1; fi
 
 # Zombies are gone in all but name: their parent (often pid 1) has not reaped them yet.

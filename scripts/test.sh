@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --no-fail-fast "$@"
+status=0
+cargo test --no-fail-fast "$@" || status=$?
+scripts/check-leaks.sh || status=1
+exit $status

@@ -118,7 +118,7 @@ pub enum Error {
     Fuse(#[from] crate::fuse::Error),
     #[error("{path} is not mounted")]
     NotMounted { path: PathBuf },
-    #[error("{path} is a {fstype} mount, not a shifted mount; use umount(8)")]
+    #[error("{path} is a plain {fstype} mount, not a shifted mount; use umount(8)")]
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
@@ -408,6 +408,20 @@ pub fn check_fuse_device() -> Result<(), Error> {
 
 /// The backend to use and why.
 pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
+    let (backend, reason) = pick_backend(req)?;
+    // The daemon reaches the source through fds that cross mounts, so below the target it
+    // would find its own mount again, without end, and hold it busy for ever.
+    if backend == Backend::Fuse && req.target.starts_with(&req.source) {
+        return Err(Error::Target(
+            req.target.clone(),
+            "lies inside the source, which the FUSE backend cannot serve; pick a target outside it"
+                .into(),
+        ));
+    }
+    Ok((backend, reason))
+}
+
+fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
     match req.backend {
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
@@ -483,6 +497,9 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         tracing::warn!("could not record the mount for `shiftfs list`: {e}");
     }
     let target = req.target.clone();
+    // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
+    // the same path by the time the signal comes.
+    let own_id = mounted_at(&target).map(|m| m.id);
     // Unmounting makes the session end; the session's own threads never see the signal.
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -493,9 +510,15 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    tracing::info!("signal {sig}: unmounting {}", target.display());
-                    if let Err(e) = detach(&target) {
-                        tracing::warn!("unmount {}: {e}", target.display());
+                    if own_id.is_some() && mounted_at(&target).map(|m| m.id) == own_id {
+                        tracing::info!("signal {sig}: unmounting {}", target.display());
+                        if let Err(e) = detach(&target) {
+                            tracing::warn!("unmount {}: {e}", target.display());
+                        }
+                    } else {
+                        // Already detached (lazily, with files still open): stop serving.
+                        tracing::info!("signal {sig}: no longer mounted; exiting");
+                        std::process::exit(0);
                     }
                 }
             });
@@ -520,14 +543,16 @@ fn detach(target: &Path) -> io::Result<()> {
     }
 }
 
-/// Opens (appending) the daemon's log file, making the run directory if needed.
+/// Opens the daemon's log file afresh (one per target, so logs do not pile up), making
+/// the run directory if needed.
 pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(true)
         .open(path)
 }
 
@@ -744,8 +769,11 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         }
         return Err(Error::NotMounted { path: target });
     };
-    let shifted =
-        record.is_some() || info.fstype.starts_with("fuse") || info.has_option("idmapped");
+    // Any FUSE mount is not ours (bindfs, sshfs, ...): only one with our record is. A record
+    // alone is not enough either: the shifted mount may be gone and something else mounted.
+    let ours_fuse = info.fstype.starts_with("fuse")
+        && record.as_ref().is_some_and(|r| r.backend == Backend::Fuse);
+    let shifted = ours_fuse || info.has_option("idmapped");
     if !shifted {
         return Err(Error::NotShifted {
             path: target,
@@ -771,7 +799,13 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             });
         }
     }
-    if let Some(pid) = record.as_ref().and_then(|r| r.pid).filter(|_| !was_dead) {
+    // After a lazy unmount the daemon serves open files until the last one is closed, and
+    // then exits by itself: waiting (and then SIGTERM) would only block the caller.
+    if let Some(pid) = record
+        .as_ref()
+        .and_then(|r| r.pid)
+        .filter(|_| !was_dead && !lazy)
+    {
         wait_for_exit(pid, Duration::from_secs(10));
     }
     if let Some(r) = &record {

@@ -163,7 +163,13 @@ fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
 /// In the backgrounded daemon: leave the caller's session, mount, say `ready` (or
 /// `error MSG`) on stdout, then let go of stdout so the caller's read ends.
 fn daemon_child(req: Request) -> anyhow::Result<()> {
+    if let Err(e) = shiftfs::sys::process::close_fds_from(3) {
+        tracing::warn!("cannot close inherited file descriptors: {e}");
+    }
     let _ = rustix::process::setsid();
+    // The caller's working directory would stay busy as long as the mount lives; the paths
+    // handed over are absolute.
+    std::env::set_current_dir("/").context("cannot change to /")?;
     mount::serve_fuse(&req, |r| {
         let mut out = std::io::stdout().lock();
         let _ = match r {

@@ -39,7 +39,15 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<()> {
     let req = Request {
         source,
         target,
-        mapping: opts.mapping()?,
+        mapping: match opts.mapping() {
+            // The library's advice names the `shiftfs mount` flags, which mount(8) has not.
+            Err(shiftfs::mount::Error::NoMap) => {
+                bail!(
+                    "no map given: add -o map=MAP (e.g. map=b:0:100000:65536), or uidmap= and gidmap="
+                )
+            }
+            m => m?,
+        },
         flags: opts.flags,
         backend: opts.backend.unwrap_or_default(),
         recursive: opts.recursive,

@@ -5,6 +5,7 @@
 pub mod creds;
 pub mod fusedev;
 pub mod mount;
+pub mod process;
 pub mod procfd;
 pub mod statmount;
 pub mod userns;

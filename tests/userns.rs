@@ -801,6 +801,74 @@ fn setgid_dir_for_non_member(b: Backend) {
     dir.finish();
 }
 
+const TRUNC_BUSY_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+extern char **environ;
+/* trunc-busy BIN: runs BIN 10, opens it O_RDONLY|O_TRUNC while it runs, prints
+   "<result> <size before> <size after>" where result is "ok" or the errno name. */
+int main(int argc, char **argv) {
+    struct stat a, b;
+    if (stat(argv[1], &a)) { perror("stat"); return 2; }
+    pid_t pid; char *av[] = {argv[1], "10", NULL};
+    if (posix_spawn(&pid, argv[1], NULL, NULL, av, environ)) { perror("spawn"); return 2; }
+    int fd = open(argv[1], O_RDONLY | O_TRUNC);
+    int e = errno;
+    stat(argv[1], &b);
+    printf("%s %ld %ld\n", fd >= 0 ? "ok" : strerrorname_np(e), (long)a.st_size, (long)b.st_size);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    return 0;
+}
+"#;
+
+/// Truncating a running program is refused (ETXTBSY) and leaves it whole, as on a plain
+/// directory; the check must not come after the backing file was already truncated.
+fn running_binary_not_truncated(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("etxtbsy");
+    let Some(tool) = compile_c(dir.path(), "trunc-busy", TRUNC_BUSY_C) else {
+        return;
+    };
+    let src = image(&dir);
+    let sleep = fs::read("/usr/bin/sleep").expect("read /usr/bin/sleep");
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    for i in 0..5 {
+        let name = format!("work/sleep-{i}");
+        file(&src.join(&name), &sleep, 0o755, 0, 0);
+        let out = run(ns
+            .cmd_as(0, 0, tool.to_str().expect("utf-8"))
+            .arg(mnt.join(&name)));
+        out.assert_ok();
+        let size = sleep.len();
+        assert_eq!(
+            out.stdout.trim(),
+            format!("ETXTBSY {size} {size}"),
+            "open(O_RDONLY|O_TRUNC) of a running binary, try {i}:\n{out}"
+        );
+        assert_eq!(
+            fs::read(src.join(&name)).expect("read back").len(),
+            size,
+            "on disk"
+        );
+    }
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -816,4 +884,5 @@ backend_tests!(
     ns_root_creates_whiteouts,
     parallel_churn,
     setgid_dir_for_non_member,
+    running_binary_not_truncated,
 );

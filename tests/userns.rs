@@ -541,14 +541,14 @@ fn privilege_bits_and_sticky(b: Backend) {
 
     run(&mut ns.sh_as(1000, 1000, &format!("echo x >> {}", q(mw.join("suid"))))).assert_ok();
     assert_eq!(
-        lstat_mode(w.join("suid")) & 0o7777,
-        0o0777,
+        format!("{:o}", lstat_mode(w.join("suid")) & 0o7777),
+        "777",
         "a write by another user clears setuid and setgid on disk"
     );
     run(&mut ns.sh(&format!("chown 1000 {}", q(mw.join("suid2"))))).assert_ok();
     assert_eq!(
-        lstat_mode(w.join("suid2")) & 0o7777,
-        0o0755,
+        format!("{:o}", lstat_mode(w.join("suid2")) & 0o7777),
+        "755",
         "chown clears setuid"
     );
     assert_eq!(lstat_ids(w.join("suid2")), (1000, 0));
@@ -869,6 +869,35 @@ fn running_binary_not_truncated(b: Backend) {
     dir.finish();
 }
 
+/// Truncating on open, like writing, by a user other than the owner clears setuid and setgid.
+fn truncating_open_clears_setuid(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("trunc-suid");
+    let src = image(&dir);
+    let w = src.join("work");
+    file(&w.join("suid"), b"#!/bin/sh\n", 0o6777, 0, 0);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let f = q(mnt.join("work/suid"));
+    run(&mut ns.sh_as(1000, 1000, &format!(": > {f}"))).assert_ok();
+    assert_eq!(
+        fs::metadata(w.join("suid")).expect("stat").len(),
+        0,
+        "truncated"
+    );
+    assert_eq!(
+        format!("{:o}", lstat_mode(w.join("suid")) & 0o7777),
+        "777",
+        "open(O_TRUNC) by another user clears setuid and setgid on disk"
+    );
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -885,4 +914,5 @@ backend_tests!(
     parallel_churn,
     setgid_dir_for_non_member,
     running_binary_not_truncated,
+    truncating_open_clears_setuid,
 );

@@ -806,10 +806,12 @@ fn reply_empty(reply: ReplyEmpty, r: Result<()>) {
 impl Filesystem for ShiftFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
+        // Not FUSE_ATOMIC_O_TRUNC: with it the kernel leaves O_TRUNC to our open, skipping
+        // its own truncate step, where ETXTBSY for a running binary and the clearing of
+        // setuid/setgid happen (a running program was emptied, setuid survived `: > f`).
         let wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_ATOMIC_O_TRUNC
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_AUTO_INVAL_DATA

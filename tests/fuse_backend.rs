@@ -120,13 +120,17 @@ fn owners_are_shown_shifted_and_unmapped_as_overflow() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        for (name, id) in [("zero", 0), ("thousand", 1000), ("unmapped", 70000)] {
-            fs::write(src.join(name), b"x").unwrap();
-            std::os::unix::fs::chown(src.join(name), Some(id), Some(id)).unwrap();
-        }
-        std::os::unix::fs::chown(src.join("thousand"), Some(1000), Some(2000)).unwrap();
-    });
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            for (name, id) in [("zero", 0), ("thousand", 1000), ("unmapped", 70000)] {
+                fs::write(src.join(name), b"x").unwrap();
+                std::os::unix::fs::chown(src.join(name), Some(id), Some(id)).unwrap();
+            }
+            std::os::unix::fs::chown(src.join("thousand"), Some(1000), Some(2000)).unwrap();
+        },
+    );
     assert_eq!(owner(&m.m("zero")), (100000, 100000));
     assert_eq!(owner(&m.m("thousand")), (101000, 102000));
     assert_eq!(owner(&m.m("unmapped")), (65534, 65534));
@@ -154,14 +158,36 @@ fn unmapped_caller_gets_eoverflow_and_nothing_is_created() {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
-        stderr.matches("Value too large for defined data type").count(),
+        stderr
+            .matches("Value too large for defined data type")
+            .count(),
         4,
         "{stderr}"
     );
-    // Host root is unmapped as well.
-    assert_eq!(errno(fs::File::create(m.m("by_root"))), Some(libc::EOVERFLOW));
-    assert_eq!(errno(fs::create_dir(m.m("dir_by_root"))), Some(libc::EOVERFLOW));
-    assert_eq!(fs::read_dir(&m.src).unwrap().count(), 0, "nothing left on disk");
+    // Host root is unmapped as well; a new name by link or rename is a creation too.
+    assert_eq!(
+        errno(fs::File::create(m.m("by_root"))),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(
+        errno(fs::create_dir(m.m("dir_by_root"))),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(
+        fs::read_dir(&m.src).unwrap().count(),
+        0,
+        "nothing left on disk"
+    );
+    fs::write(m.s("old"), b"x").unwrap();
+    assert_eq!(
+        errno(fs::hard_link(m.m("old"), m.m("new"))),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(
+        errno(fs::rename(m.m("old"), m.m("new"))),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(fs::read_dir(&m.src).unwrap().count(), 1);
 }
 
 #[test]
@@ -169,10 +195,14 @@ fn chown_to_unmapped_target_changes_nothing() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        fs::write(src.join("f"), b"x").unwrap();
-        std::os::unix::fs::chown(src.join("f"), Some(1000), Some(1000)).unwrap();
-    });
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            fs::write(src.join("f"), b"x").unwrap();
+            std::os::unix::fs::chown(src.join("f"), Some(1000), Some(1000)).unwrap();
+        },
+    );
     let r = std::os::unix::fs::chown(m.m("f"), Some(5), None);
     assert_eq!(errno(r), Some(libc::EOVERFLOW));
     let r = std::os::unix::fs::chown(m.m("f"), Some(101001), Some(5));
@@ -197,13 +227,22 @@ fn creates_by_mapped_caller_land_with_inner_ids() {
             m.mnt.display()
         ),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for name in ["f", "d", "p", "l", "hard"] {
         assert_eq!(owner(&m.s(name)), (1000, 1000), "{name} on disk");
         assert_eq!(owner(&m.m(name)), (101000, 101000), "{name} in mount");
     }
     assert_eq!(fs::read(m.s("f")).unwrap(), b"hi\n");
-    assert!(fs::symlink_metadata(m.s("l")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.s("l"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert_eq!(fs::read_link(m.m("l")).unwrap(), Path::new("f"));
 }
 
@@ -217,7 +256,11 @@ fn umask_and_mode_of_new_objects_follow_the_caller() {
         101000,
         &format!("cd {} && umask 027 && touch f && mkdir d", m.mnt.display()),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(fs::metadata(m.s("f")).unwrap().mode() & 0o7777, 0o640);
     assert_eq!(fs::metadata(m.s("d")).unwrap().mode() & 0o7777, 0o750);
 }
@@ -227,17 +270,25 @@ fn setgid_directory_passes_group_and_bit() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        let sg = src.join("sg");
-        fs::create_dir(&sg).unwrap();
-        std::os::unix::fs::chown(&sg, Some(0), Some(2000)).unwrap();
-        fs::set_permissions(&sg, fs::Permissions::from_mode(0o2777)).unwrap();
-    });
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            let sg = src.join("sg");
+            fs::create_dir(&sg).unwrap();
+            std::os::unix::fs::chown(&sg, Some(0), Some(2000)).unwrap();
+            fs::set_permissions(&sg, fs::Permissions::from_mode(0o2777)).unwrap();
+        },
+    );
     let out = sh_as(
         101000,
         &format!("cd {}/sg && touch f && mkdir sub", m.mnt.display()),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(owner(&m.s("sg/f")), (1000, 2000));
     assert_eq!(owner(&m.s("sg/sub")), (1000, 2000));
     let sub = fs::metadata(m.s("sg/sub")).unwrap().mode();
@@ -251,10 +302,15 @@ fn rename_noreplace_and_exchange() {
         return;
     }
     use rustix::fs::{CWD, RenameFlags, renameat_with};
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        fs::write(src.join("a"), b"A").unwrap();
-        fs::write(src.join("b"), b"B").unwrap();
-    });
+    // Host root must be mapped to create the new names.
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |_| {},
+        |src| {
+            fs::write(src.join("a"), b"A").unwrap();
+            fs::write(src.join("b"), b"B").unwrap();
+        },
+    );
     let r = renameat_with(CWD, m.m("a"), CWD, m.m("b"), RenameFlags::NOREPLACE);
     assert_eq!(r, Err(rustix::io::Errno::EXIST));
     renameat_with(CWD, m.m("a"), CWD, m.m("b"), RenameFlags::EXCHANGE).unwrap();
@@ -270,10 +326,14 @@ fn hard_links_are_one_inode() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        fs::write(src.join("a"), b"x").unwrap();
-        fs::hard_link(src.join("a"), src.join("b")).unwrap();
-    });
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |_| {},
+        |src| {
+            fs::write(src.join("a"), b"x").unwrap();
+            fs::hard_link(src.join("a"), src.join("b")).unwrap();
+        },
+    );
     let a = fs::metadata(m.m("a")).unwrap();
     let b = fs::metadata(m.m("b")).unwrap();
     assert_eq!(a.ino(), b.ino());
@@ -282,7 +342,10 @@ fn hard_links_are_one_inode() {
     let c = fs::metadata(m.m("c")).unwrap();
     assert_eq!(c.ino(), a.ino());
     assert_eq!(fs::metadata(m.m("a")).unwrap().nlink(), 3);
-    assert_eq!(fs::metadata(m.s("c")).unwrap().ino(), fs::metadata(m.s("a")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(m.s("c")).unwrap().ino(),
+        fs::metadata(m.s("a")).unwrap().ino()
+    );
     fs::remove_file(m.m("b")).unwrap();
     assert_eq!(fs::metadata(m.m("c")).unwrap().nlink(), 2);
 }
@@ -292,11 +355,20 @@ fn chown_h_changes_the_link_not_its_target() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        fs::write(src.join("t"), b"x").unwrap();
-        symlink("t", src.join("l")).unwrap();
-    });
-    assert!(fs::symlink_metadata(m.m("l")).unwrap().file_type().is_symlink());
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            fs::write(src.join("t"), b"x").unwrap();
+            symlink("t", src.join("l")).unwrap();
+        },
+    );
+    assert!(
+        fs::symlink_metadata(m.m("l"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     std::os::unix::fs::lchown(m.m("l"), Some(100003), Some(100004)).unwrap();
     assert_eq!(owner(&m.s("l")), (3, 4));
     assert_eq!(owner(&m.s("t")), (0, 0));
@@ -390,10 +462,14 @@ fn truncate_chmod_utimens_and_xattrs() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        fs::write(src.join("f"), b"0123456789").unwrap();
-        std::os::unix::fs::chown(src.join("f"), Some(1000), Some(1000)).unwrap();
-    });
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            fs::write(src.join("f"), b"0123456789").unwrap();
+            std::os::unix::fs::chown(src.join("f"), Some(1000), Some(1000)).unwrap();
+        },
+    );
     let out = sh_as(
         101000,
         &format!(
@@ -401,7 +477,11 @@ fn truncate_chmod_utimens_and_xattrs() {
             m.mnt.display()
         ),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let md = fs::metadata(m.s("f")).unwrap();
     assert_eq!(md.len(), 4);
     assert_eq!(md.mode() & 0o7777, 0o640);
@@ -430,16 +510,35 @@ fn data_round_trips_with_and_without_passthrough() {
         return;
     }
     for passthrough in [true, false] {
-        let m = Mounted::new(MAP, |o| o.passthrough = passthrough, |src| {
-            std::os::unix::fs::chown(src, Some(1000), Some(1000)).unwrap();
-        });
+        let m = Mounted::new(
+            MAP,
+            |o| o.passthrough = passthrough,
+            |src| {
+                std::os::unix::fs::chown(src, Some(1000), Some(1000)).unwrap();
+            },
+        );
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let out = sh_as(101000, &format!("head -c 3000000 /dev/zero > {}/z", m.mnt.display()));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = sh_as(
+            101000,
+            &format!("head -c 3000000 /dev/zero > {}/z", m.mnt.display()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Root cannot create here (unmapped), but may write an existing file.
         fs::write(m.m("z"), &data).unwrap();
-        assert_eq!(fs::read(m.s("z")).unwrap(), data, "passthrough={passthrough}");
-        assert_eq!(fs::read(m.m("z")).unwrap(), data, "passthrough={passthrough}");
+        assert_eq!(
+            fs::read(m.s("z")).unwrap(),
+            data,
+            "passthrough={passthrough}"
+        );
+        assert_eq!(
+            fs::read(m.m("z")).unwrap(),
+            data,
+            "passthrough={passthrough}"
+        );
     }
 }
 
@@ -448,11 +547,15 @@ fn many_lookups_do_not_leak_fds() {
     if !prerequisites() {
         return;
     }
-    let m = Mounted::new(MAP, |_| {}, |src| {
-        for i in 0..2000 {
-            fs::write(src.join(format!("f{i}")), b"").unwrap();
-        }
-    });
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            for i in 0..2000 {
+                fs::write(src.join(format!("f{i}")), b"").unwrap();
+            }
+        },
+    );
     let count_fds = || fs::read_dir("/proc/self/fd").unwrap().count();
     for _ in 0..2 {
         assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), 2000);
@@ -471,4 +574,48 @@ fn many_lookups_do_not_leak_fds() {
         after + 250 < held,
         "forget should close fds: {held} before, {after} after drop_caches"
     );
+}
+
+#[test]
+fn objects_with_unmapped_owner_cannot_be_changed_until_mapped() {
+    if !prerequisites() {
+        return;
+    }
+    // As on a kernel idmapped mount: an owner with no outer id (shown as 65534) blocks
+    // every change but a chown that maps it, for everyone including host root.
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            for name in ["f", "g"] {
+                fs::write(src.join(name), b"x").unwrap();
+                std::os::unix::fs::chown(src.join(name), Some(70000), Some(1000)).unwrap();
+            }
+        },
+    );
+    assert_eq!(owner(&m.m("f")), (65534, 101000));
+    let chmod = fs::set_permissions(m.m("f"), fs::Permissions::from_mode(0o600));
+    assert_eq!(errno(chmod), Some(libc::EOVERFLOW));
+    assert_eq!(errno(fs::remove_file(m.m("f"))), Some(libc::EOVERFLOW));
+    assert_eq!(errno(fs::rename(m.m("f"), m.m("h"))), Some(libc::EOVERFLOW));
+    assert_eq!(errno(fs::rename(m.m("g"), m.m("f"))), Some(libc::EOVERFLOW));
+    assert_eq!(
+        errno(
+            fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(m.m("f"))
+        ),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(
+        rustix::fs::setxattr(m.m("f"), "user.k", b"v", rustix::fs::XattrFlags::empty()),
+        Err(rustix::io::Errno::PERM)
+    );
+    assert_eq!(fs::read(m.s("f")).unwrap(), b"x");
+    assert_eq!(fs::metadata(m.s("f")).unwrap().mode() & 0o7777, 0o644);
+    std::os::unix::fs::chown(m.m("f"), Some(100005), None).unwrap();
+    assert_eq!(owner(&m.s("f")), (5, 1000));
+    fs::remove_file(m.m("f")).unwrap();
+    assert!(!m.s("f").exists());
 }

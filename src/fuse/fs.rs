@@ -263,6 +263,29 @@ impl ShiftFs {
         }
     }
 
+    fn owner_mapped(&self, st: &Stat) -> (bool, bool) {
+        (
+            self.map.uid.to_outer(InnerUid(st.st_uid)).is_some(),
+            self.map.gid.to_outer(InnerGid(st.st_gid)).is_some(),
+        )
+    }
+
+    /// Like the kernel's idmapped mounts (`may_delete`, `may_linkat`, "inode writeback is
+    /// not safe when the uid or gid are invalid"): an object whose on-disk owner has no
+    /// outer id may not be deleted, renamed, linked or have its xattrs changed, else a host
+    /// user whose id happens to equal the overflow id would own every unmapped file.
+    fn check_owner_mapped(&self, st: &Stat, err: Errno) -> Result<()> {
+        match self.owner_mapped(st) {
+            (true, true) => Ok(()),
+            _ => Err(err),
+        }
+    }
+
+    fn check_child_owner_mapped(&self, parent: &Inode, name: &OsStr) -> Result<()> {
+        let st = rustix::fs::statat(parent.fd(), name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys)?;
+        self.check_owner_mapped(&st, Errno::EOVERFLOW)
+    }
+
     /// Runs `f` (one creating syscall) with the caller's inner ids as this thread's fsuid
     /// and fsgid, so the backing filesystem gives the new object its owner atomically and
     /// applies setgid-directory inheritance itself.
@@ -395,6 +418,13 @@ impl ShiftFs {
             Some(g) => Some(self.map.gid.to_inner(OuterGid(g)).ok_or(Errno::EOVERFLOW)?),
             None => None,
         };
+        // As notify_change on an idmapped mount: no change to an object with an unmapped
+        // owner unless the change maps it.
+        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        let (uid_ok, gid_ok) = self.owner_mapped(&st);
+        if (!uid_ok && uid.is_none()) || (!gid_ok && gid.is_none()) {
+            return Err(Errno::EOVERFLOW);
+        }
         if let Some(size) = size {
             if !inode.is_reg() {
                 return Err(if inode.is_dir() {
@@ -515,10 +545,19 @@ impl ShiftFs {
         Ok(self.lookup_child(&p, name)?.1)
     }
 
-    fn do_link(&self, ino: INodeNo, newparent: INodeNo, newname: &OsStr) -> Result<FileAttr> {
+    fn do_link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+    ) -> Result<FileAttr> {
         let inode = self.inode(ino)?;
         let p = self.inode(newparent)?;
         check_name(newname)?;
+        self.inner_caller(req)?;
+        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        self.check_owner_mapped(&st, Errno::EOVERFLOW)?;
         // The new name keeps the inode's owner: plain linkat, no credential switch.
         rustix::fs::linkat(inode.fd(), "", p.fd(), newname, AtFlags::EMPTY_PATH).map_err(sys)?;
         if !self.inodes.add_lookup(inode.nodeid) {
@@ -530,11 +569,13 @@ impl ShiftFs {
     fn do_unlink(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Result<()> {
         let p = self.inode(parent)?;
         check_name(name)?;
+        self.check_child_owner_mapped(&p, name)?;
         rustix::fs::unlinkat(p.fd(), name, flags).map_err(sys)
     }
 
     fn do_rename(
         &self,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -546,6 +587,14 @@ impl ShiftFs {
         check_name(name)?;
         check_name(newname)?;
         let flags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+        self.check_child_owner_mapped(&p, name)?;
+        match self.check_child_owner_mapped(&np, newname) {
+            // A new name is a creation: the caller must be mapped.
+            Err(e) if e == Errno::ENOENT => {
+                self.inner_caller(req)?;
+            }
+            r => r?,
+        }
         rustix::fs::renameat_with(p.fd(), name, np.fd(), newname, flags).map_err(sys)
     }
 
@@ -556,6 +605,11 @@ impl ShiftFs {
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
         let inode = self.inode(ino)?;
+        if flags.0 & libc::O_TRUNC != 0 {
+            // A truncating open changes the file: same rule as setattr.
+            let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+            self.check_owner_mapped(&st, Errno::EOVERFLOW)?;
+        }
         let fd = self
             .proc
             .reopen(inode.fd(), backing_open_flags(flags.0))
@@ -725,6 +779,8 @@ impl ShiftFs {
 
     fn do_setxattr(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let inode = self.inode(ino)?;
+        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        self.check_owner_mapped(&st, Errno::EPERM)?;
         let value = self.xattr_in(name, value)?;
         let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
         rustix::fs::setxattr(self.proc.path(inode.fd()), &*cstr(name)?, &value, flags).map_err(sys)
@@ -732,6 +788,8 @@ impl ShiftFs {
 
     fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
         let inode = self.inode(ino)?;
+        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        self.check_owner_mapped(&st, Errno::EPERM)?;
         rustix::fs::removexattr(self.proc.path(inode.fd()), &*cstr(name)?).map_err(sys)
     }
 }
@@ -898,7 +956,7 @@ impl Filesystem for ShiftFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -908,19 +966,19 @@ impl Filesystem for ShiftFs {
     ) {
         reply_empty(
             reply,
-            self.do_rename(parent, name, newparent, newname, flags),
+            self.do_rename(req, parent, name, newparent, newname, flags),
         );
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.do_link(ino, newparent, newname) {
+        match self.do_link(req, ino, newparent, newname) {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }

@@ -70,13 +70,16 @@ fn file_type(mode: u32) -> FileType {
     }
 }
 
+/// Never panics: a timestamp SystemTime cannot hold shows as the epoch.
 fn time(sec: i64, nsec: u64) -> SystemTime {
     let nsec = Duration::from_nanos(nsec.min(999_999_999));
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::from_secs(sec.unsigned_abs()) + nsec
+    let secs = Duration::from_secs(sec.unsigned_abs());
+    let t = if sec >= 0 {
+        UNIX_EPOCH.checked_add(secs)
     } else {
-        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + nsec
-    }
+        UNIX_EPOCH.checked_sub(secs)
+    };
+    t.and_then(|t| t.checked_add(nsec)).unwrap_or(UNIX_EPOCH)
 }
 
 fn timespec(t: Option<TimeOrNow>) -> Timespec {
@@ -342,15 +345,20 @@ impl ShiftFs {
         fd: BorrowedFd<'_>,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
-        if !self.passthrough_on() || !inode.is_reg() {
+        if !inode.is_reg() {
             return None;
         }
         let mut slot = inode
             .backing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The kernel fails an open with EIO when its mode (passthrough or cached) differs
+        // from that of the inode's other open files, so follow whatever is open already.
         if let Some(b) = slot.upgrade() {
             return Some(b);
+        }
+        if !self.passthrough_on() || inode.cached_opens.load(Ordering::Relaxed) > 0 {
+            return None;
         }
         match register(fd) {
             Ok(id) => {
@@ -1305,6 +1313,12 @@ mod tests {
             assert_eq!(check_name(OsStr::new(bad)), Err(Errno::EINVAL), "{bad:?}");
         }
         assert_eq!(check_name(OsStr::new("...")), Ok(()));
+    }
+
+    #[test]
+    fn extreme_times_do_not_panic() {
+        assert_eq!(time(i64::MIN, 999_999_999), UNIX_EPOCH);
+        let _ = time(i64::MAX, u64::MAX);
     }
 
     #[test]

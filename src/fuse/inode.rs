@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use fuser::BackingId;
@@ -35,6 +36,8 @@ pub struct Inode {
     /// The kernel allows one backing file per inode at a time: shared by all open handles
     /// of this inode (each handle holds a strong reference).
     pub backing: Mutex<Weak<BackingId>>,
+    /// Open handles served without passthrough (the kernel's "cached" io mode).
+    pub cached_opens: AtomicUsize,
 }
 
 impl Inode {
@@ -99,6 +102,7 @@ impl InodeTable {
             kind: libc::S_IFDIR,
             fd: root,
             backing: Mutex::new(Weak::new()),
+            cached_opens: AtomicUsize::new(0),
         });
         let mut by_id = HashMap::new();
         by_id.insert(
@@ -150,6 +154,7 @@ impl InodeTable {
                         kind,
                         fd,
                         backing: Mutex::new(Weak::new()),
+                        cached_opens: AtomicUsize::new(0),
                     });
                     inner.by_id.insert(
                         nodeid,

@@ -94,14 +94,15 @@ fn timespec(t: Option<TimeOrNow>) -> Timespec {
         },
         Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
             Ok(d) => Timespec {
-                tv_sec: d.as_secs() as i64,
+                tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                 tv_nsec: d.subsec_nanos().into(),
             },
             Err(e) => {
                 let d = e.duration();
-                let (mut s, mut n) = (-(d.as_secs() as i64), -i64::from(d.subsec_nanos()));
+                let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+                let (mut s, mut n) = (secs.saturating_neg(), -i64::from(d.subsec_nanos()));
                 if n < 0 {
-                    s -= 1;
+                    s = s.saturating_sub(1);
                     n += 1_000_000_000;
                 }
                 Timespec {
@@ -1317,8 +1318,9 @@ mod tests {
 
     #[test]
     fn extreme_times_do_not_panic() {
-        assert_eq!(time(i64::MIN, 999_999_999), UNIX_EPOCH);
-        let _ = time(i64::MAX, u64::MAX);
+        for (s, n) in [(i64::MIN, 999_999_999), (i64::MAX, u64::MAX), (i64::MIN, 0)] {
+            let _ = timespec(Some(TimeOrNow::SpecificTime(time(s, n))));
+        }
     }
 
     #[test]

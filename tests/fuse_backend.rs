@@ -619,3 +619,37 @@ fn objects_with_unmapped_owner_cannot_be_changed_until_mapped() {
     fs::remove_file(m.m("f")).unwrap();
     assert!(!m.s("f").exists());
 }
+
+#[test]
+fn past_the_fd_budget_inodes_work_through_file_handles() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |o| o.max_inode_fds = 8,
+        |src| {
+            for i in 0..50 {
+                fs::create_dir(src.join(format!("d{i}"))).unwrap();
+                fs::write(src.join(format!("d{i}/f")), format!("{i}")).unwrap();
+            }
+        },
+    );
+    for i in 0..50 {
+        assert_eq!(
+            fs::read_to_string(m.m(&format!("d{i}/f"))).unwrap(),
+            format!("{i}")
+        );
+        std::os::unix::fs::chown(m.m(&format!("d{i}/f")), Some(7), Some(8)).unwrap();
+        fs::write(m.m(&format!("d{i}/new")), b"n").unwrap();
+        fs::rename(m.m(&format!("d{i}/new")), m.m(&format!("d{i}/renamed"))).unwrap();
+    }
+    for i in 0..50 {
+        assert_eq!(owner(&m.s(&format!("d{i}/f"))), (7, 8));
+        assert_eq!(fs::read(m.s(&format!("d{i}/renamed"))).unwrap(), b"n");
+    }
+    // An unlinked but open file still answers fstat through its open handle.
+    let f = fs::File::open(m.m("d49/f")).unwrap();
+    fs::remove_file(m.m("d49/f")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 2);
+}

@@ -186,6 +186,8 @@ pub(super) struct Config {
     pub ttl: Duration,
     pub passthrough: bool,
     pub stack_depth: u32,
+    /// Inodes anchored by fds before file handles are used instead.
+    pub fd_budget: usize,
 }
 
 pub(super) struct ShiftFs {
@@ -209,7 +211,7 @@ impl ShiftFs {
             map: cfg.mapping,
             flags: cfg.flags,
             ttl: cfg.ttl,
-            inodes: InodeTable::new(root, key(&st)),
+            inodes: InodeTable::new(root, key(&st), cfg.fd_budget),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
             proc,
@@ -252,7 +254,7 @@ impl ShiftFs {
     }
 
     fn stat_attr(&self, inode: &Inode) -> Result<FileAttr> {
-        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        let st = rustix::fs::fstat(inode.fd().map_err(io)?).map_err(sys)?;
         Ok(self.attr(inode.nodeid, &st))
     }
 
@@ -286,7 +288,8 @@ impl ShiftFs {
     }
 
     fn check_child_owner_mapped(&self, parent: &Inode, name: &OsStr) -> Result<()> {
-        let st = rustix::fs::statat(parent.fd(), name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys)?;
+        let st = rustix::fs::statat(parent.fd().map_err(io)?, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
     }
 
@@ -310,16 +313,16 @@ impl ShiftFs {
     /// Records a kernel lookup of the object `fd` refers to.
     fn remember(&self, fd: OwnedFd) -> Result<(Arc<Inode>, FileAttr)> {
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        let inode = self
-            .inodes
-            .insert_lookup(fd, key(&st), st.st_mode & libc::S_IFMT);
+        let inode =
+            self.inodes
+                .insert_lookup(self.inodes.anchor(fd), key(&st), st.st_mode & libc::S_IFMT);
         let attr = self.attr(inode.nodeid, &st);
         Ok((inode, attr))
     }
 
     fn lookup_child(&self, parent: &Inode, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
         check_name(name)?;
-        let fd = open_beneath(parent.fd(), name, OFlags::PATH, 0)?;
+        let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
         self.remember(fd)
     }
 
@@ -401,8 +404,15 @@ impl ShiftFs {
         Ok(self.lookup_child(&p, name)?.1)
     }
 
-    fn do_getattr(&self, ino: INodeNo) -> Result<FileAttr> {
-        self.stat_attr(&*self.inode(ino)?)
+    fn do_getattr(&self, ino: INodeNo, fh: Option<FileHandle>) -> Result<FileAttr> {
+        let inode = self.inode(ino)?;
+        // fstat on an open file works even when the inode is unlinked and only anchored
+        // by a file handle.
+        if let Some(h) = fh.and_then(|fh| self.files.get(fh.0)) {
+            let st = rustix::fs::fstat(h.fd()).map_err(sys)?;
+            return Ok(self.attr(inode.nodeid, &st));
+        }
+        self.stat_attr(&inode)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -418,6 +428,8 @@ impl ShiftFs {
         fh: Option<FileHandle>,
     ) -> Result<FileAttr> {
         let inode = self.inode(ino)?;
+        let ifd = inode.fd().map_err(io)?;
+        let ifd = ifd.as_fd();
         // Translate everything first: an unmapped target changes nothing on disk.
         let uid = match uid {
             Some(u) => Some(self.map.uid.to_inner(OuterUid(u)).ok_or(Errno::EOVERFLOW)?),
@@ -429,7 +441,7 @@ impl ShiftFs {
         };
         // As notify_change on an idmapped mount: no change to an object with an unmapped
         // owner unless the change maps it.
-        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        let st = rustix::fs::fstat(ifd).map_err(sys)?;
         let (uid_ok, gid_ok) = self.owner_mapped(&st);
         if (!uid_ok && uid.is_none()) || (!gid_ok && gid.is_none()) {
             return Err(Errno::EOVERFLOW);
@@ -446,14 +458,14 @@ impl ShiftFs {
             match handle {
                 Some(h) => rustix::fs::ftruncate(h.fd(), size).map_err(sys)?,
                 None => {
-                    let fd = self.proc.reopen(inode.fd(), OFlags::WRONLY).map_err(io)?;
+                    let fd = self.proc.reopen(ifd, OFlags::WRONLY).map_err(io)?;
                     rustix::fs::ftruncate(&fd, size).map_err(sys)?;
                 }
             }
         }
         if uid.is_some() || gid.is_some() {
             rustix::fs::chownat(
-                inode.fd(),
+                ifd,
                 "",
                 uid.map(|u| rustix::fs::Uid::from_raw_unchecked(u.0)),
                 gid.map(|g| rustix::fs::Gid::from_raw_unchecked(g.0)),
@@ -467,14 +479,14 @@ impl ShiftFs {
             if inode.is_symlink() {
                 return Err(Errno::EOPNOTSUPP);
             }
-            self.proc.chmod(inode.fd(), mode & 0o7777).map_err(io)?;
+            self.proc.chmod(ifd, mode & 0o7777).map_err(io)?;
         }
         if atime.is_some() || mtime.is_some() {
             let times = Timestamps {
                 last_access: timespec(atime),
                 last_modification: timespec(mtime),
             };
-            self.proc.utimens(inode.fd(), &times).map_err(io)?;
+            self.proc.utimens(ifd, &times).map_err(io)?;
         }
         self.stat_attr(&inode)
     }
@@ -484,7 +496,8 @@ impl ShiftFs {
         if !inode.is_symlink() {
             return Err(Errno::EINVAL);
         }
-        let target = rustix::fs::readlinkat(inode.fd(), "", Vec::new()).map_err(sys)?;
+        let target =
+            rustix::fs::readlinkat(inode.fd().map_err(io)?, "", Vec::new()).map_err(sys)?;
         Ok(target.into_bytes())
     }
 
@@ -499,6 +512,8 @@ impl ShiftFs {
         rdev: u32,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
+        let pfd = p.fd().map_err(io)?;
+        let pfd = pfd.as_fd();
         check_name(name)?;
         let kind = mode & libc::S_IFMT;
         let ftype = match kind {
@@ -512,7 +527,7 @@ impl ShiftFs {
         };
         self.as_caller(req, Some(umask), || {
             rustix::fs::mknodat(
-                p.fd(),
+                pfd,
                 name,
                 ftype,
                 Mode::from_raw_mode(mode & 0o7777),
@@ -532,9 +547,11 @@ impl ShiftFs {
         umask: u32,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
+        let pfd = p.fd().map_err(io)?;
+        let pfd = pfd.as_fd();
         check_name(name)?;
         self.as_caller(req, Some(umask), || {
-            rustix::fs::mkdirat(p.fd(), name, Mode::from_raw_mode(mode & 0o7777)).map_err(sys)
+            rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(mode & 0o7777)).map_err(sys)
         })?;
         Ok(self.lookup_child(&p, name)?.1)
     }
@@ -547,9 +564,11 @@ impl ShiftFs {
         target: &Path,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
+        let pfd = p.fd().map_err(io)?;
+        let pfd = pfd.as_fd();
         check_name(name)?;
         self.as_caller(req, None, || {
-            rustix::fs::symlinkat(target, p.fd(), name).map_err(sys)
+            rustix::fs::symlinkat(target, pfd, name).map_err(sys)
         })?;
         Ok(self.lookup_child(&p, name)?.1)
     }
@@ -563,12 +582,14 @@ impl ShiftFs {
     ) -> Result<FileAttr> {
         let inode = self.inode(ino)?;
         let p = self.inode(newparent)?;
+        let (ifd, pfd) = (inode.fd().map_err(io)?, p.fd().map_err(io)?);
         check_name(newname)?;
         self.inner_caller(req)?;
-        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EOVERFLOW)?;
         // The new name keeps the inode's owner: plain linkat, no credential switch.
-        rustix::fs::linkat(inode.fd(), "", p.fd(), newname, AtFlags::EMPTY_PATH).map_err(sys)?;
+        rustix::fs::linkat(ifd.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
+            .map_err(sys)?;
         if !self.inodes.add_lookup(inode.nodeid) {
             return Ok(self.lookup_child(&p, newname)?.1);
         }
@@ -577,9 +598,11 @@ impl ShiftFs {
 
     fn do_unlink(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Result<()> {
         let p = self.inode(parent)?;
+        let pfd = p.fd().map_err(io)?;
+        let pfd = pfd.as_fd();
         check_name(name)?;
         self.check_child_owner_mapped(&p, name)?;
-        rustix::fs::unlinkat(p.fd(), name, flags).map_err(sys)
+        rustix::fs::unlinkat(pfd, name, flags).map_err(sys)
     }
 
     fn do_rename(
@@ -604,7 +627,8 @@ impl ShiftFs {
             }
             r => r?,
         }
-        rustix::fs::renameat_with(p.fd(), name, np.fd(), newname, flags).map_err(sys)
+        let (pfd, npfd) = (p.fd().map_err(io)?, np.fd().map_err(io)?);
+        rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
     }
 
     fn do_open(
@@ -614,14 +638,15 @@ impl ShiftFs {
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
         let inode = self.inode(ino)?;
+        let ifd = inode.fd().map_err(io)?;
         if flags.0 & libc::O_TRUNC != 0 {
             // A truncating open changes the file: same rule as setattr.
-            let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+            let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
             self.check_owner_mapped(&st, Errno::EOVERFLOW)?;
         }
         let fd = self
             .proc
-            .reopen(inode.fd(), backing_open_flags(flags.0))
+            .reopen(ifd.as_fd(), backing_open_flags(flags.0))
             .map_err(io)?;
         let backing = self.backing_for(&inode, fd.as_fd(), register);
         let fh = self.files.insert(OpenFile::new(inode, fd, backing.clone()));
@@ -640,6 +665,8 @@ impl ShiftFs {
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(FileAttr, u64, FopenFlags, Option<Arc<BackingId>>)> {
         let p = self.inode(parent)?;
+        let pfd = p.fd().map_err(io)?;
+        let pfd = pfd.as_fd();
         check_name(name)?;
         let oflags = backing_open_flags(flags)
             | OFlags::CREATE
@@ -649,7 +676,7 @@ impl ShiftFs {
                 OFlags::empty()
             };
         let fd = self.as_caller(req, Some(umask), || {
-            open_beneath(p.fd(), name, oflags, mode & 0o7777)
+            open_beneath(pfd, name, oflags, mode & 0o7777)
         })?;
         let path_fd = self.proc.reopen(fd.as_fd(), OFlags::PATH).map_err(io)?;
         let (inode, attr) = self.remember(path_fd)?;
@@ -694,7 +721,10 @@ impl ShiftFs {
         let inode = self.inode(ino)?;
         let fd = self
             .proc
-            .reopen(inode.fd(), OFlags::RDONLY | OFlags::DIRECTORY)
+            .reopen(
+                inode.fd().map_err(io)?.as_fd(),
+                OFlags::RDONLY | OFlags::DIRECTORY,
+            )
             .map_err(io)?;
         Ok(self.dirs.insert(DirHandle::new(inode, fd)))
     }
@@ -771,35 +801,39 @@ impl ShiftFs {
 
     fn do_statfs(&self, ino: INodeNo) -> Result<rustix::fs::StatVfs> {
         let inode = self.inode(ino)?;
-        rustix::fs::fstatvfs(inode.fd()).map_err(sys)
+        rustix::fs::fstatvfs(inode.fd().map_err(io)?).map_err(sys)
     }
 
     fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let path = self.proc.path(inode.fd());
+        let ifd = inode.fd().map_err(io)?;
+        let path = self.proc.path(ifd.as_fd());
         let value = procfd::getxattr(&path, &cstr(name)?).map_err(io)?;
         self.xattr_out(name, value)
     }
 
     fn do_listxattr(&self, ino: INodeNo) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
-        procfd::listxattr(&self.proc.path(inode.fd())).map_err(io)
+        let ifd = inode.fd().map_err(io)?;
+        procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)
     }
 
     fn do_setxattr(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
         let inode = self.inode(ino)?;
-        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        let ifd = inode.fd().map_err(io)?;
+        let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EPERM)?;
         let value = self.xattr_in(name, value)?;
         let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
-        rustix::fs::setxattr(self.proc.path(inode.fd()), &*cstr(name)?, &value, flags).map_err(sys)
+        rustix::fs::setxattr(self.proc.path(ifd.as_fd()), &*cstr(name)?, &value, flags).map_err(sys)
     }
 
     fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
         let inode = self.inode(ino)?;
-        let st = rustix::fs::fstat(inode.fd()).map_err(sys)?;
+        let ifd = inode.fd().map_err(io)?;
+        let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EPERM)?;
-        rustix::fs::removexattr(self.proc.path(inode.fd()), &*cstr(name)?).map_err(sys)
+        rustix::fs::removexattr(self.proc.path(ifd.as_fd()), &*cstr(name)?).map_err(sys)
     }
 }
 
@@ -872,8 +906,8 @@ impl Filesystem for ShiftFs {
         self.inodes.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.do_getattr(ino) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino, fh) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }

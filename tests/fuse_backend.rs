@@ -653,3 +653,42 @@ fn past_the_fd_budget_inodes_work_through_file_handles() {
     fs::remove_file(m.m("d49/f")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 2);
 }
+
+#[test]
+fn mount_flags_and_zero_timeout() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new(
+        MAP,
+        |o| {
+            o.flags.read_only = true;
+            o.flags.exec = false;
+            o.attr_timeout = Duration::ZERO;
+        },
+        |src| fs::write(src.join("f"), b"one").unwrap(),
+    );
+    let opts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = opts
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(m.mnt.to_str().unwrap()))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains(" ro,") && line.contains("nosuid") && line.contains("nodev"),
+        "{line}"
+    );
+    assert!(line.contains("noexec"), "{line}");
+    assert!(line.contains(" - fuse.shiftfs "), "{line}");
+    assert!(
+        line.contains(m.src.to_str().unwrap()),
+        "fsname is the source: {line}"
+    );
+    assert_eq!(errno(fs::write(m.m("f"), b"x")), Some(libc::EROFS));
+    // With no caching, a change made on the source side shows at once.
+    assert_eq!(fs::read(m.m("f")).unwrap(), b"one");
+    fs::write(m.s("f"), b"two!").unwrap();
+    assert_eq!(fs::read(m.m("f")).unwrap(), b"two!");
+    fs::write(m.s("g"), b"").unwrap();
+    assert!(m.m("g").exists());
+}

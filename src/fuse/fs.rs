@@ -897,6 +897,11 @@ impl Filesystem for ShiftFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent, name) {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
+            // Node id 0 with a timeout: the kernel caches the miss (library and module
+            // searches probe many absent names). Creations through the mount drop it.
+            Err(e) if e == Errno::ENOENT && !self.ttl.is_zero() => {
+                reply.entry(&self.ttl, &blank_attr(libc::S_IFREG), GEN)
+            }
             Err(e) => reply.error(e),
         }
     }

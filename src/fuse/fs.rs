@@ -446,6 +446,9 @@ impl ShiftFs {
         if (!uid_ok && uid.is_none()) || (!gid_ok && gid.is_none()) {
             return Err(Errno::EOVERFLOW);
         }
+        if mode.is_some() && inode.is_symlink() {
+            return Err(Errno::EOPNOTSUPP);
+        }
         if let Some(size) = size {
             if !inode.is_reg() {
                 return Err(if inode.is_dir() {
@@ -476,9 +479,6 @@ impl ShiftFs {
         // After chown: the kernel sends the mode it wants (suid/sgid already cleared), and
         // the backing chown may have cleared bits we must set again.
         if let Some(mode) = mode {
-            if inode.is_symlink() {
-                return Err(Errno::EOPNOTSUPP);
-            }
             self.proc.chmod(ifd, mode & 0o7777).map_err(io)?;
         }
         if atime.is_some() || mtime.is_some() {
@@ -488,7 +488,8 @@ impl ShiftFs {
             };
             self.proc.utimens(ifd, &times).map_err(io)?;
         }
-        self.stat_attr(&inode)
+        let st = rustix::fs::fstat(ifd).map_err(sys)?;
+        Ok(self.attr(inode.nodeid, &st))
     }
 
     fn do_readlink(&self, ino: INodeNo) -> Result<Vec<u8>> {

@@ -199,7 +199,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::SourceNotDir);
     }
-    // Keep the caller's fd as given; our own O_PATH copy is what the inode table holds.
+    // Our own O_PATH fd of the directory, whatever flags the caller's fd was opened with.
     let root = rustix::fs::openat(
         &source,
         ".",

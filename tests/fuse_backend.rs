@@ -692,3 +692,39 @@ fn mount_flags_and_zero_timeout() {
     fs::write(m.s("g"), b"").unwrap();
     assert!(m.m("g").exists());
 }
+
+#[test]
+fn create_never_opens_a_file_that_appeared_behind_a_cached_miss() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new(
+        MAP,
+        |o| o.attr_timeout = Duration::from_secs(60),
+        |src| fs::create_dir(src.join("d")).map(|_| ()).unwrap(),
+    );
+    fs::set_permissions(m.s("d"), fs::Permissions::from_mode(0o777)).unwrap();
+    // The kernel caches the miss for the entry timeout.
+    assert!(!m.m("d/x").exists());
+    // Another user makes the file behind the mount's back.
+    fs::write(m.s("d/x"), b"secret").unwrap();
+    std::os::unix::fs::chown(m.s("d/x"), Some(2000), Some(2000)).unwrap();
+    fs::set_permissions(m.s("d/x"), fs::Permissions::from_mode(0o600)).unwrap();
+
+    let out = sh_as(101000, &format!("echo pwned >> {}", m.m("d/x").display()));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(m.s("d/x")).unwrap(), b"secret");
+    // Its owner may open it by the same path.
+    let out = sh_as(102000, &format!("echo more >> {}", m.m("d/x").display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(fs::read(m.s("d/x")).unwrap(), b"secretmore\n");
+}

@@ -619,12 +619,16 @@ impl ShiftFs {
         let np = self.inode(newparent)?;
         check_name(name)?;
         check_name(newname)?;
-        let flags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
+        let mut flags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
         self.check_child_owner_mapped(&p, name)?;
         match self.check_child_owner_mapped(&np, newname) {
-            // A new name is a creation: the caller must be mapped.
+            // A new name is a creation: the caller must be mapped. The kernel checked
+            // permissions for a free name; never replace a file that appeared since.
             Err(e) if e == Errno::ENOENT => {
                 self.inner_caller(req)?;
+                if flags.is_empty() {
+                    flags = rustix::fs::RenameFlags::NOREPLACE;
+                }
             }
             r => r?,
         }
@@ -669,21 +673,51 @@ impl ShiftFs {
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
-        let oflags = backing_open_flags(flags)
-            | OFlags::CREATE
-            | if flags & libc::O_EXCL != 0 {
-                OFlags::EXCL
-            } else {
-                OFlags::empty()
-            };
-        let fd = self.as_caller(req, Some(umask), || {
+        // Always O_EXCL: the kernel only asks us to create after a lookup found nothing, so
+        // an existing file here was made since (on the source side, through another mount,
+        // or behind a cached miss) and must not be opened with root's rights.
+        let oflags = backing_open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
+        let created = self.as_caller(req, Some(umask), || {
             open_beneath(pfd, name, oflags, mode & 0o7777)
-        })?;
+        });
+        let fd = match created {
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
+                self.open_existing_as_caller(req, pfd, name, flags)?
+            }
+            r => r?,
+        };
         let path_fd = self.proc.reopen(fd.as_fd(), OFlags::PATH).map_err(io)?;
         let (inode, attr) = self.remember(path_fd)?;
         let backing = self.backing_for(&inode, fd.as_fd(), register);
         let fh = self.files.insert(OpenFile::new(inode, fd, backing.clone()));
         Ok((attr, fh, self.open_flags_reply(backing.is_some()), backing))
+    }
+
+    /// Opens an existing `name` the way the caller's open(O_CREAT) would have: with the
+    /// caller's inner ids, no supplementary groups and no capability beyond what the
+    /// kernel leaves them, so the backing filesystem decides whether they may.
+    fn open_existing_as_caller(
+        &self,
+        req: &Request,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        flags: i32,
+    ) -> Result<OwnedFd> {
+        let (uid, gid) = self.inner_caller(req)?;
+        let fd = {
+            let _creds = FsCreds::switch_checked(uid, gid).map_err(io)?;
+            // Non-blocking so a FIFO put there cannot hang this thread.
+            open_beneath(dir, name, backing_open_flags(flags) | OFlags::NONBLOCK, 0)?
+        };
+        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Errno::EEXIST);
+        }
+        if flags & libc::O_NONBLOCK == 0 {
+            let fl = rustix::fs::fcntl_getfl(&fd).map_err(sys)?;
+            rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(sys)?;
+        }
+        Ok(fd)
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>> {

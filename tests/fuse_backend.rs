@@ -728,3 +728,39 @@ fn create_never_opens_a_file_that_appeared_behind_a_cached_miss() {
     );
     assert_eq!(fs::read(m.s("d/x")).unwrap(), b"secretmore\n");
 }
+
+#[test]
+fn unlink_and_rename_never_hit_a_file_swapped_in_since_the_lookup() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new(
+        MAP,
+        |o| o.attr_timeout = Duration::from_secs(60),
+        |src| {
+            let d = src.join("sticky");
+            fs::create_dir(&d).unwrap();
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o1777)).unwrap();
+            for n in ["mine", "other"] {
+                fs::write(d.join(n), b"mine").unwrap();
+                std::os::unix::fs::chown(d.join(n), Some(1000), Some(1000)).unwrap();
+            }
+        },
+    );
+    // The kernel checks the sticky bit against the files it looked up (owned by the caller)...
+    assert!(m.m("sticky/mine").exists() && m.m("sticky/other").exists());
+    // ...then the names are given to files of another user behind the mount's back.
+    for n in ["mine", "other"] {
+        fs::remove_file(m.s(&format!("sticky/{n}"))).unwrap();
+        fs::write(m.s(&format!("sticky/{n}")), b"theirs").unwrap();
+        std::os::unix::fs::chown(m.s(&format!("sticky/{n}")), Some(2000), Some(2000)).unwrap();
+    }
+    let out = sh_as(
+        101000,
+        &format!("cd {}/sticky && rm mine; mv other moved", m.mnt.display()),
+    );
+    assert!(!out.status.success());
+    assert_eq!(fs::read(m.s("sticky/mine")).unwrap(), b"theirs");
+    assert_eq!(fs::read(m.s("sticky/other")).unwrap(), b"theirs");
+    assert!(!m.s("sticky/moved").exists());
+}

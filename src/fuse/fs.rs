@@ -287,9 +287,15 @@ impl ShiftFs {
         }
     }
 
-    fn check_child_owner_mapped(&self, parent: &Inode, name: &OsStr) -> Result<()> {
+    /// Before deleting or replacing `name`: the object there must be the one the kernel
+    /// checked permissions on (it looked it up, so it is in the table; one swapped in on
+    /// the source side since is not) and its owner must be mapped.
+    fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
         let st = rustix::fs::statat(parent.fd().map_err(io)?, name, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(sys)?;
+        if !self.inodes.knows(key(&st)) {
+            return Err(stale);
+        }
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
     }
 
@@ -602,7 +608,7 @@ impl ShiftFs {
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
-        self.check_child_owner_mapped(&p, name)?;
+        self.check_victim(&p, name, Errno::ENOENT)?;
         rustix::fs::unlinkat(pfd, name, flags).map_err(sys)
     }
 
@@ -620,8 +626,8 @@ impl ShiftFs {
         check_name(name)?;
         check_name(newname)?;
         let mut flags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
-        self.check_child_owner_mapped(&p, name)?;
-        match self.check_child_owner_mapped(&np, newname) {
+        self.check_victim(&p, name, Errno::ENOENT)?;
+        match self.check_victim(&np, newname, Errno::EEXIST) {
             // A new name is a creation: the caller must be mapped. The kernel checked
             // permissions for a free name; never replace a file that appeared since.
             Err(e) if e == Errno::ENOENT => {

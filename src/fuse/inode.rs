@@ -255,6 +255,12 @@ impl InodeTable {
         inode
     }
 
+    /// Whether the kernel knows the object `key` (it looked it up and has not forgotten it).
+    pub fn knows(&self, key: Key) -> bool {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        inner.by_key.contains_key(&key)
+    }
+
     /// Counts one more lookup of a node already in the table (e.g. `link` returning the
     /// existing inode). False when the node is gone.
     pub fn add_lookup(&self, nodeid: u64) -> bool {

@@ -319,9 +319,9 @@ impl ShiftFs {
     /// Records a kernel lookup of the object `fd` refers to.
     fn remember(&self, fd: OwnedFd) -> Result<(Arc<Inode>, FileAttr)> {
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        let inode =
-            self.inodes
-                .insert_lookup(self.inodes.anchor(fd), key(&st), st.st_mode & libc::S_IFMT);
+        let inode = self
+            .inodes
+            .insert_lookup(fd, key(&st), st.st_mode & libc::S_IFMT);
         let attr = self.attr(inode.nodeid, &st);
         Ok((inode, attr))
     }

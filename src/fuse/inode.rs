@@ -188,7 +188,7 @@ impl InodeTable {
 
     /// How to remember the object `fd` refers to: the fd itself while under budget, else
     /// a file handle when the filesystem gives one.
-    pub fn anchor(&self, fd: OwnedFd) -> Anchor {
+    fn anchor(&self, fd: OwnedFd) -> Anchor {
         if self.fd_anchors.load(Ordering::Relaxed) < self.fd_budget {
             return Anchor::Fd(fd);
         }
@@ -209,13 +209,31 @@ impl InodeTable {
         inner.by_id.get(&nodeid).map(|e| Arc::clone(&e.inode))
     }
 
-    /// Records one kernel lookup of the object behind `anchor`. When the object is already
-    /// in the table, `anchor` is dropped (after the lock is released) and the existing
-    /// inode is returned, so hard links and repeated lookups share one node id.
-    pub fn insert_lookup(&self, anchor: Anchor, key: Key, kind: u32) -> Arc<Inode> {
+    /// Records one kernel lookup of the object `fd` refers to. When the object is already
+    /// in the table, `fd` is dropped (after the lock is released) and the existing inode is
+    /// returned, so hard links and repeated lookups share one node id.
+    pub fn insert_lookup(&self, fd: OwnedFd, key: Key, kind: u32) -> Arc<Inode> {
+        // A handle does not pin its inode: an entry anchored by one may be a deleted inode
+        // whose number the filesystem gave to a new object (the handles then differ).
+        let old_handle = {
+            let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+            let entry = inner.by_key.get(&key).and_then(|id| inner.by_id.get(id));
+            match entry.map(|e| &e.inode.anchor) {
+                Some(Anchor::Handle { handle, .. }) => Some(handle.clone()),
+                _ => None,
+            }
+        };
+        let reused = old_handle.is_some_and(|old| {
+            fhandle::name_to_handle(fd.as_fd()).is_ok_and(|(new, _)| new != old)
+        });
+        let anchor = self.anchor(fd);
         let (inode, spare) = {
             let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
             let inner = &mut *inner;
+            if reused {
+                // The old node stays until the kernel forgets it; the key names the new one.
+                inner.by_key.remove(&key);
+            }
             match inner
                 .by_key
                 .get(&key)
@@ -321,8 +339,8 @@ mod tests {
         .unwrap()
     }
 
-    fn fd() -> Anchor {
-        Anchor::Fd(raw())
+    fn fd() -> OwnedFd {
+        raw()
     }
 
     const ROOT_KEY: Key = Key { dev: 1, ino: 2 };
@@ -413,12 +431,11 @@ mod handle_tests {
         for n in ["a", "b"] {
             let fd = open(&dir.path().join(n));
             let st = rustix::fs::fstat(&fd).unwrap();
-            let anchor = t.anchor(fd);
             let key = Key {
                 dev: st.st_dev,
                 ino: st.st_ino,
             };
-            ids.push((t.insert_lookup(anchor, key, libc::S_IFREG), st.st_ino));
+            ids.push((t.insert_lookup(fd, key, libc::S_IFREG), st.st_ino));
         }
         assert!(matches!(ids[0].0.anchor, Anchor::Fd(_)));
         assert!(matches!(ids[1].0.anchor, Anchor::Handle { .. }));
@@ -426,6 +443,18 @@ mod handle_tests {
             let fd = inode.fd().unwrap();
             assert_eq!(rustix::fs::fstat(&fd).unwrap().st_ino, *ino);
         }
+        // The same key from a different object (an inode number the filesystem reused
+        // after a delete): a new node, and the key now names it.
+        let b = &ids[1].0;
+        let other = open(&dir.path().join("a"));
+        let newer = t.insert_lookup(other, b.key, libc::S_IFREG);
+        assert_ne!(newer.nodeid, b.nodeid);
+        assert!(
+            t.get(b.nodeid).is_some(),
+            "the old node lives until forgotten"
+        );
+        t.forget(b.nodeid, 1);
+        assert!(t.knows(b.key), "forgetting the old node keeps the new key");
         // Forgetting the fd-anchored one frees budget for the next.
         t.forget(ids[0].0.nodeid, 1);
         let fd = open(&dir.path().join("a"));

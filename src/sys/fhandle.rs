@@ -13,7 +13,7 @@ use rustix::fs::OFlags;
 const WORDS: usize = (8 + libc::MAX_HANDLE_SZ as usize).div_ceil(8);
 
 /// An opaque file handle of the filesystem it was taken on.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Handle {
     buf: Box<[u64]>,
 }

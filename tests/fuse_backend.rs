@@ -764,3 +764,28 @@ fn unlink_and_rename_never_hit_a_file_swapped_in_since_the_lookup() {
     assert_eq!(fs::read(m.s("sticky/other")).unwrap(), b"theirs");
     assert!(!m.s("sticky/moved").exists());
 }
+
+#[test]
+fn truncating_a_running_program_is_refused_and_leaves_it_intact() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new("b:0:0:65536", |_| {}, |_| {});
+    fs::copy("/bin/sleep", m.m("prog")).unwrap();
+    fs::set_permissions(m.m("prog"), fs::Permissions::from_mode(0o755)).unwrap();
+    let size = fs::metadata(m.s("prog")).unwrap().len();
+    let mut child = Command::new(m.m("prog")).arg("10").spawn().unwrap();
+    let r = rustix::fs::open(
+        m.m("prog"),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::TRUNC,
+        rustix::fs::Mode::empty(),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.err(), Some(rustix::io::Errno::TXTBSY));
+    assert_eq!(
+        fs::metadata(m.s("prog")).unwrap().len(),
+        size,
+        "program emptied on disk"
+    );
+}

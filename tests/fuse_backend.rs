@@ -389,6 +389,16 @@ fn device_nodes_need_the_dev_option() {
     );
     assert_eq!(r, Err(rustix::io::Errno::PERM));
     assert!(!m.s("null").exists());
+    // A whiteout (char 0:0) is not a device: allowed, as on any filesystem.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        m.m("wh"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o000),
+        0,
+    )
+    .unwrap();
+    assert_eq!(fs::metadata(m.s("wh")).unwrap().rdev(), 0);
 
     let m = Mounted::new("b:0:0:4294967295", |o| o.flags.dev = true, |_| {});
     rustix::fs::mknodat(

@@ -526,6 +526,8 @@ impl ShiftFs {
             libc::S_IFIFO => rustix::fs::FileType::Fifo,
             libc::S_IFSOCK => rustix::fs::FileType::Socket,
             libc::S_IFREG | 0 => rustix::fs::FileType::RegularFile,
+            // As the kernel: a whiteout (char 0:0) is no device and anyone may make one.
+            libc::S_IFCHR if rdev == 0 => rustix::fs::FileType::CharacterDevice,
             libc::S_IFCHR | libc::S_IFBLK if !self.flags.dev => return Err(Errno::EPERM),
             libc::S_IFCHR => rustix::fs::FileType::CharacterDevice,
             libc::S_IFBLK => rustix::fs::FileType::BlockDevice,

@@ -575,7 +575,8 @@ fn forgotten_inodes_close_their_fds() {
     }
     let held = count_fds();
     assert!(
-        held >= before + 2000,
+        // Other tests in this process open and close fds meanwhile: leave a margin.
+        held > before + 1900,
         "one O_PATH fd per looked-up inode: {before} -> {held}"
     );
     // Deleting through the mount makes the kernel evict the inodes and send FORGET.

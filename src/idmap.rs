@@ -144,7 +144,7 @@ pub enum Error {
         kind: &'static str,
         prefix: &'static str,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -23,12 +23,14 @@ use rustix::fs::Timespec;
 use rustix::fs::{AtFlags, Mode, OFlags, RawDir, ResolveFlags, SeekFrom, Stat, Timestamps};
 use rustix::io::Errno as SysErrno;
 
+use super::caller::Caller;
 use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable};
 use super::inode::{Inode, InodeTable, Key};
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::mount::MountFlags;
 use crate::sys::creds::{FsCreds, set_thread_umask};
 use crate::sys::procfd::{self, ProcFd};
+use crate::xattr;
 
 type Result<T> = std::result::Result<T, Errno>;
 
@@ -331,15 +333,26 @@ impl ShiftFs {
         self.remember(fd)
     }
 
-    /// Hook for id translation of xattr values read from disk (ACL entries, capability
-    /// root ids); values pass unchanged for now.
-    fn xattr_out(&self, _name: &OsStr, value: Vec<u8>) -> Result<Vec<u8>> {
-        Ok(value)
+    /// Ids inside ACL entries and a capability's root id, on-disk to host; an ACL entry
+    /// without a host id shows as the overflow id.
+    fn xattr_out(&self, name: &OsStr, value: Vec<u8>) -> Result<Vec<u8>> {
+        let t = xattr::ToOuter(&self.map);
+        match xattr::translate(name.as_bytes(), &value, &t, xattr::Unmapped::Overflow) {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Ok(value),
+            Err(e) => Err(Errno::from_i32(e.errno())),
+        }
     }
 
-    /// Hook for id translation of xattr values about to be written to disk.
-    fn xattr_in<'a>(&self, _name: &OsStr, value: &'a [u8]) -> Result<Cow<'a, [u8]>> {
-        Ok(Cow::Borrowed(value))
+    /// Ids in a value about to be written, host to on-disk; an id without an on-disk id
+    /// refuses the whole value (EOVERFLOW) and nothing is written.
+    fn xattr_in<'a>(&self, name: &OsStr, value: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        let t = xattr::ToInner(&self.map);
+        match xattr::translate(name.as_bytes(), value, &t, xattr::Unmapped::Fail) {
+            Ok(Some(v)) => Ok(Cow::Owned(v)),
+            Ok(None) => Ok(Cow::Borrowed(value)),
+            Err(e) => Err(Errno::from_i32(e.errno())),
+        }
     }
 
     fn passthrough_on(&self) -> bool {
@@ -526,7 +539,8 @@ impl ShiftFs {
             libc::S_IFIFO => rustix::fs::FileType::Fifo,
             libc::S_IFSOCK => rustix::fs::FileType::Socket,
             libc::S_IFREG | 0 => rustix::fs::FileType::RegularFile,
-            // As the kernel: a whiteout (char 0:0) is no device and anyone may make one.
+            // A whiteout (char 0:0) is no device: the kernel lets any user namespace root
+            // make one (overlayfs in containers needs it), so `nodev` does not refuse it.
             libc::S_IFCHR if rdev == 0 => rustix::fs::FileType::CharacterDevice,
             libc::S_IFCHR | libc::S_IFBLK if !self.flags.dev => return Err(Errno::EPERM),
             libc::S_IFCHR => rustix::fs::FileType::CharacterDevice,
@@ -855,14 +869,46 @@ impl ShiftFs {
         procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)
     }
 
-    fn do_setxattr(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+    fn do_setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EPERM)?;
         let value = self.xattr_in(name, value)?;
         let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
-        rustix::fs::setxattr(self.proc.path(ifd.as_fd()), &*cstr(name)?, &value, flags).map_err(sys)
+        rustix::fs::setxattr(self.proc.path(ifd.as_fd()), &*cstr(name)?, &value, flags)
+            .map_err(sys)?;
+        if name.as_bytes() == xattr::ACL_ACCESS {
+            self.kill_sgid_after_acl(req, ifd.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// The backing filesystem keeps the mode's group class in step with the new ACL, but
+    /// judges setgid by the daemon's credentials (root, CAP_FSETID: always kept). The kernel
+    /// would clear it unless the caller is in the file's group or holds CAP_FSETID over it;
+    /// fuser 0.18 cannot negotiate SETXATTR_EXT, which would tell us so, so decide here.
+    fn kill_sgid_after_acl(&self, req: &Request, fd: BorrowedFd<'_>) -> Result<()> {
+        let st = rustix::fs::fstat(fd).map_err(sys)?;
+        if st.st_mode & libc::S_ISGID == 0 {
+            return Ok(());
+        }
+        let file_uid = self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0;
+        let file_gid = self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0;
+        let who = Caller::read(Path::new("/proc"), req.pid());
+        if !who.may_keep_setgid(req.gid(), file_uid, file_gid) {
+            self.proc
+                .chmod(fd, (st.st_mode & 0o7777) & !libc::S_ISGID)
+                .map_err(io)?;
+        }
+        Ok(())
     }
 
     fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
@@ -1242,7 +1288,7 @@ impl Filesystem for ShiftFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -1250,7 +1296,7 @@ impl Filesystem for ShiftFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_setxattr(ino, name, value, flags));
+        reply_empty(reply, self.do_setxattr(req, ino, name, value, flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {

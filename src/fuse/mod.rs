@@ -5,6 +5,7 @@
 //! path as fsname) and hands the connection to `fuser::Session::from_fd`; the session runs
 //! on background threads until the filesystem is unmounted by anyone.
 
+mod caller;
 mod fs;
 mod handle;
 mod inode;

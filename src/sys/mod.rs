@@ -6,4 +6,7 @@ pub mod creds;
 pub mod fhandle;
 pub mod fusedev;
 pub mod mount;
+pub mod process;
 pub mod procfd;
+pub mod statmount;
+pub mod userns;

@@ -710,8 +710,8 @@ impl ShiftFs {
     }
 
     /// Opens an existing `name` the way the caller's open(O_CREAT) would have: with the
-    /// caller's inner ids, no supplementary groups and no capability beyond what the
-    /// kernel leaves them, so the backing filesystem decides whether they may.
+    /// caller's inner ids and groups and no capability beyond what the kernel leaves after
+    /// the fsuid change, so the backing filesystem decides whether they may.
     fn open_existing_as_caller(
         &self,
         req: &Request,
@@ -720,8 +720,15 @@ impl ShiftFs {
         flags: i32,
     ) -> Result<OwnedFd> {
         let (uid, gid) = self.inner_caller(req)?;
+        // The caller's supplementary groups as the filesystem knows them (unmapped ones
+        // cannot match any on-disk group).
+        let groups: Vec<u32> = Caller::read(Path::new("/proc"), req.pid())
+            .groups
+            .into_iter()
+            .filter_map(|g| self.map.gid.to_inner(OuterGid(g)).map(|g| g.0))
+            .collect();
         let fd = {
-            let _creds = FsCreds::switch_checked(uid, gid).map_err(io)?;
+            let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
             // Non-blocking so a FIFO put there cannot hang this thread.
             open_beneath(dir, name, backing_open_flags(flags) | OFlags::NONBLOCK, 0)?
         };

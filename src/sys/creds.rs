@@ -64,15 +64,15 @@ impl FsCreds {
 
     /// Like `switch`, but the backing filesystem checks permissions for real: the thread
     /// keeps only the capabilities the kernel leaves after the fsuid change (none of the
-    /// filesystem ones unless `uid` is 0) and has no supplementary groups.
-    pub fn switch_checked(uid: u32, gid: u32) -> io::Result<Self> {
+    /// filesystem ones unless `uid` is 0) and has `groups` as supplementary groups.
+    pub fn switch_checked(uid: u32, gid: u32, groups: &[u32]) -> io::Result<Self> {
         let caps = capabilities(None)?;
-        let groups = rustix::process::getgroups()?
+        let saved = rustix::process::getgroups()?
             .into_iter()
             .map(|g| g.as_raw())
             .collect();
-        raw_setgroups(&[])?;
-        Self::set(uid, gid, caps, Some(groups))
+        raw_setgroups(groups)?;
+        Self::set(uid, gid, caps, Some(saved))
     }
 
     /// Changes fsgid and fsuid; the returned guard (also when this fails half-way)
@@ -213,9 +213,17 @@ mod tests {
         std::thread::spawn(move || {
             let groups = rustix::process::getgroups().unwrap();
             {
-                let _g = FsCreds::switch_checked(4321, 8765).unwrap();
+                let _g = FsCreds::switch_checked(4321, 8765, &[]).unwrap();
                 let e = std::fs::File::open(&secret).unwrap_err();
                 assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+            }
+            // A supplementary group grants what it would grant the caller.
+            std::os::unix::fs::chown(&secret, Some(0), Some(5555)).unwrap();
+            std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+                .unwrap();
+            {
+                let _g = FsCreds::switch_checked(4321, 8765, &[5555]).unwrap();
+                std::fs::File::open(&secret).unwrap();
             }
             // Everything is back: root reads it again.
             std::fs::File::open(&secret).unwrap();

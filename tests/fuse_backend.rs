@@ -810,3 +810,53 @@ fn truncating_a_running_program_is_refused_and_leaves_it_intact() {
         "program emptied on disk"
     );
 }
+
+#[test]
+fn seek_data_hole_copy_range_fallocate_and_locks() {
+    if !prerequisites() {
+        return;
+    }
+    use std::os::fd::AsFd;
+    let m = Mounted::new("b:0:0:65536", |_| {}, |_| {});
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.m("sparse"))
+        .unwrap();
+    rustix::io::pwrite(&f, &[7u8; 4096], 1 << 20).unwrap();
+    assert_eq!(
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0)).unwrap(),
+        1 << 20
+    );
+    assert_eq!(
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(0)).unwrap(),
+        0
+    );
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::KEEP_SIZE, 0, 8192).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), (1 << 20) + 4096);
+
+    let g = fs::File::create(m.m("copy")).unwrap();
+    let (mut oi, mut oo) = (1u64 << 20, 0u64);
+    let n = rustix::fs::copy_file_range(&f, Some(&mut oi), &g, Some(&mut oo), 4096).unwrap();
+    assert_eq!(n, 4096);
+    assert_eq!(fs::read(m.s("copy")).unwrap(), vec![7u8; 4096]);
+
+    // flock and POSIX locks conflict between open files of the mount (kernel-local locks).
+    let other = fs::File::open(m.m("sparse")).unwrap();
+    rustix::fs::flock(f.as_fd(), rustix::fs::FlockOperation::LockExclusive).unwrap();
+    assert_eq!(
+        rustix::fs::flock(
+            other.as_fd(),
+            rustix::fs::FlockOperation::NonBlockingLockShared
+        ),
+        Err(rustix::io::Errno::WOULDBLOCK)
+    );
+    rustix::fs::flock(f.as_fd(), rustix::fs::FlockOperation::Unlock).unwrap();
+    rustix::fs::flock(
+        other.as_fd(),
+        rustix::fs::FlockOperation::NonBlockingLockShared,
+    )
+    .unwrap();
+}

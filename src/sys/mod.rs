@@ -4,3 +4,4 @@
 
 pub mod creds;
 pub mod mount;
+pub mod xattrat;

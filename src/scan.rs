@@ -33,28 +33,32 @@ pub const SHIFT_XATTR: &str = "trusted.shiftfs.shift";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open tree {path}: {source}")]
+    #[error("cannot open tree {path} (it must be a directory; a symlink is not followed)")]
     OpenRoot {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         path: String,
         op: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: cannot translate an id-bearing xattr")]
     Xattr {
         path: String,
         #[source]
         source: xattr::Error,
     },
-    #[error("{count} errors while walking the tree; the first: {first}")]
-    Walk { count: usize, first: Box<Error> },
-    #[error("{path}: recorded map in {MAP_XATTR} is not a valid map ({source}); fix or remove it")]
+    #[error("{count} error(s) while walking the tree; the first")]
+    Walk {
+        count: usize,
+        #[source]
+        first: Box<Error>,
+    },
+    #[error("{path}: {MAP_XATTR} on the tree root does not hold a valid map; fix or remove it")]
     BadRecord {
         path: PathBuf,
         #[source]

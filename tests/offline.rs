@@ -874,3 +874,60 @@ fn mount_points_are_skipped_unless_asked() {
     assert_eq!(owner(&t.join("mnt/inner")), (100000, 100000));
     assert_eq!(owner(&t.join("mnt")), (100000, 100000));
 }
+
+#[test]
+fn a_failed_shift_resumes_through_every_crash_window() {
+    if !prerequisites(&["setcap", "chattr"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (t, want_tree) = (dir.path().join("t"), dir.path().join("want"));
+    for p in [&t, &want_tree] {
+        std::fs::create_dir(p).unwrap();
+        sh(
+            p,
+            "printf a > stuck; printf b > capsuid && chmod 4755 capsuid && setcap cap_net_raw+ep capsuid
+             printf c > other && chown 7:7 other; printf d > plain",
+        );
+    }
+    ok(&["shift", "--map", MAP, want_tree.to_str().unwrap()]);
+    let want = dump(&want_tree);
+    let ts = t.to_str().unwrap();
+
+    // An immutable file makes the shift fail half way: journal and marker stay.
+    sh(&t, "chattr +i stuck");
+    let out = shiftfs(&["shift", "--map", MAP, ts]);
+    sh(&t, "chattr -i stuck");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("stuck: chown"),
+        "{err}"
+    );
+    assert!(err.contains("re-run the same command"), "{err}");
+    assert!(marker_present(&t) && t.join(".shiftfs-journal").exists());
+    assert_eq!(owner(&t.join("plain")), (100000, 100000));
+    // Put capsuid where a kill right after its chown leaves it: owner shifted, setuid and
+    // capability cleared by chown, not yet restored.
+    sh(
+        &t,
+        "setfattr -x security.capability capsuid && chmod 0755 capsuid",
+    );
+    // Someone changing a shifted file meanwhile is refused, not overwritten.
+    std::os::unix::fs::chown(t.join("other"), Some(4242), None).unwrap();
+    let out = shiftfs(&["shift", "--map", MAP, ts]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("other: the owner changed"),
+        "{err}"
+    );
+    std::os::unix::fs::chown(t.join("other"), Some(100007), None).unwrap();
+
+    let out = ok(&["shift", "--map", MAP, ts]);
+    assert!(out.contains("finished the interrupted shift"), "{out}");
+    assert_eq!(dump(&t), want);
+    assert_eq!(
+        xattr::capability_root(&xattr_raw(&t.join("capsuid"), "security.capability").unwrap())
+            .unwrap(),
+        (3, 100000)
+    );
+}

@@ -371,11 +371,25 @@ fn unmapped_ids_stop_the_shift_before_any_write() {
     assert!(dry.contains("a: uid 0 -> 100000; gid 0 -> 100000"), "{dry}");
     assert_eq!(dump(&t), before);
 
+    let copy = dir.path().join("copy");
+    sh(dir.path(), "cp -a tree copy");
     ok(&["shift", "--map", MAP, "--skip-unmapped=keep", ts]);
     assert_eq!(owner(&t.join("b")), (70000, 100005));
     assert_eq!(
         acl_ids(&t.join("c"), "system.posix_acl_access"),
         vec![(xattr::IdKind::Gid, 80000)]
+    );
+    ok(&[
+        "shift",
+        "--map",
+        MAP,
+        "--skip-unmapped=overflow",
+        copy.to_str().unwrap(),
+    ]);
+    assert_eq!(owner(&copy.join("b")), (65534, 100005));
+    assert_eq!(
+        acl_ids(&copy.join("c"), "system.posix_acl_access"),
+        vec![(xattr::IdKind::Gid, 65534)]
     );
 }
 

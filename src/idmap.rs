@@ -116,7 +116,9 @@ impl fmt::Display for Range {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bad map entry '{entry}': {reason} (expected [u:|g:|b:]INNER:OUTER:COUNT, e.g. b:0:100000:65536)")]
+    #[error(
+        "bad map entry '{entry}': {reason} (expected [u:|g:|b:]INNER:OUTER:COUNT, e.g. b:0:100000:65536)"
+    )]
     Syntax { entry: String, reason: String },
     #[error("{kind} range {range}: count must be at least 1")]
     ZeroCount { kind: &'static str, range: Range },
@@ -135,18 +137,22 @@ pub enum Error {
     },
     #[error("{kind} map has {n} ranges; the kernel allows at most {MAX_RANGES}")]
     TooMany { kind: &'static str, n: usize },
-    #[error("the map has no {kind} ranges; add a {prefix}:INNER:OUTER:COUNT entry or use b: for both")]
+    #[error(
+        "the map has no {kind} ranges; add a {prefix}:INNER:OUTER:COUNT entry or use b: for both"
+    )]
     Empty {
         kind: &'static str,
         prefix: &'static str,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} has no entry for {user}; add one (e.g. with usermod --add-subuids) or pass a map")]
+    #[error(
+        "{path} has no entry for {user}; add one (e.g. with usermod --add-subuids) or pass a map"
+    )]
     NoSubid { user: String, path: PathBuf },
     #[error("{path}:{line}: bad entry '{text}' (expected NAME:START:COUNT)")]
     SubidSyntax {
@@ -483,7 +489,8 @@ pub mod subid {
                 text: line.to_string(),
             };
             let mut f = line.split(':');
-            let (Some(owner), Some(start), Some(count), None) = (f.next(), f.next(), f.next(), f.next())
+            let (Some(owner), Some(start), Some(count), None) =
+                (f.next(), f.next(), f.next(), f.next())
             else {
                 return Err(bad());
             };
@@ -555,9 +562,9 @@ pub mod subid {
     /// Whether `[start, start+count)` lies inside one of the user's entries.
     pub fn covers(entries: &[Entry], name: &str, uid: u32, start: u32, count: u32) -> bool {
         let end = u64::from(start) + u64::from(count);
-        owned_by(entries, name, uid).iter().any(|e| {
-            start >= e.start && end <= u64::from(e.start) + u64::from(e.count)
-        })
+        owned_by(entries, name, uid)
+            .iter()
+            .any(|e| start >= e.start && end <= u64::from(e.start) + u64::from(e.count))
     }
 }
 
@@ -601,7 +608,11 @@ mod tests {
     #[test]
     fn bad_maps_name_the_range_and_reason() {
         let e = |s: &str| IdMapping::parse(s).unwrap_err().to_string();
-        assert!(e("b:0:100000").contains("expected 3 numbers"), "{}", e("b:0:100000"));
+        assert!(
+            e("b:0:100000").contains("expected 3 numbers"),
+            "{}",
+            e("b:0:100000")
+        );
         assert!(e("x:0:1:1").contains("unknown prefix 'x'"));
         assert!(e("b:0:-1:5").contains("OUTER '-1'"));
         assert!(e("b:0:1:0").contains("0:1:0") && e("b:0:1:0").contains("count"));
@@ -623,14 +634,20 @@ mod tests {
         assert_eq!(m.to_outer(InnerUid(0)), Some(OuterUid(100000)));
         assert_eq!(m.to_outer(InnerUid(65535)), Some(OuterUid(165535)));
         assert_eq!(m.to_outer(InnerUid(65536)), None);
-        assert_eq!(m.to_outer_or_overflow(InnerUid(65536)), OuterUid(OVERFLOW_ID));
+        assert_eq!(
+            m.to_outer_or_overflow(InnerUid(65536)),
+            OuterUid(OVERFLOW_ID)
+        );
         assert_eq!(m.to_outer(InnerUid(70001)), Some(OuterUid(6)));
         assert_eq!(m.to_inner(OuterUid(6)), Some(InnerUid(70001)));
         assert_eq!(m.to_inner(OuterUid(99999)), None);
         assert_eq!(m.to_inner(OuterUid(165536)), None);
         assert_eq!(m.to_inner(OuterUid(101000)), Some(InnerUid(1000)));
         let id = UidMap::identity();
-        assert_eq!(id.to_inner(OuterUid(u32::MAX - 1)), Some(InnerUid(u32::MAX - 1)));
+        assert_eq!(
+            id.to_inner(OuterUid(u32::MAX - 1)),
+            Some(InnerUid(u32::MAX - 1))
+        );
         assert_eq!(id.to_inner(OuterUid(u32::MAX)), None);
     }
 
@@ -658,7 +675,9 @@ mod tests {
         let m = IdMapping::from_proc(dir.path(), 42).unwrap();
         assert_eq!(m.uid.ranges(), &[r(0, 100000, 65536)]);
         assert_eq!(m.gid.ranges(), &[r(0, 200000, 10)]);
-        let err = IdMapping::from_proc(dir.path(), 43).unwrap_err().to_string();
+        let err = IdMapping::from_proc(dir.path(), 43)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("43/uid_map"), "{err}");
     }
 
@@ -667,11 +686,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let su = dir.path().join("subuid");
         let sg = dir.path().join("subgid");
-        std::fs::write(&su, "# c\nalice:100000:65536\n1001:300000:10\nbob:200000:65536\n").unwrap();
+        std::fs::write(
+            &su,
+            "# c\nalice:100000:65536\n1001:300000:10\nbob:200000:65536\n",
+        )
+        .unwrap();
         std::fs::write(&sg, "alice:100000:65536\n").unwrap();
         let m = IdMapping::from_subid(&su, &sg, "alice", 1000).unwrap();
         assert_eq!(m.uid.ranges(), &[r(0, 100000, 65536)]);
-        let e = IdMapping::from_subid(&su, &sg, "carol", 1001).unwrap_err().to_string();
+        let e = IdMapping::from_subid(&su, &sg, "carol", 1001)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("subgid") && e.contains("carol"), "{e}");
         let entries = subid::read(&su).unwrap();
         assert!(subid::covers(&entries, "alice", 1000, 100000, 65536));
@@ -684,37 +709,42 @@ mod tests {
 
     fn arb_ranges() -> impl Strategy<Value = Vec<Range>> {
         // Disjoint by construction: gaps then lengths, on both sides independently shuffled.
-        prop::collection::vec((0u32..1000, 1u32..1000, 0u32..1000), 1..20).prop_flat_map(|v| {
-            let mut inner = 0u32;
-            let mut ranges = Vec::new();
-            for (gap, count, _) in &v {
-                inner += gap;
-                ranges.push((inner, *count));
-                inner += count;
-            }
-            let n = ranges.len();
-            (Just(ranges), Just(v), Just(()).prop_perturb(move |_, mut rng| {
-                let mut idx: Vec<usize> = (0..n).collect();
-                for i in (1..n).rev() {
-                    idx.swap(i, rng.random_range(0..=i));
+        prop::collection::vec((0u32..1000, 1u32..1000, 0u32..1000), 1..20)
+            .prop_flat_map(|v| {
+                let mut inner = 0u32;
+                let mut ranges = Vec::new();
+                for (gap, count, _) in &v {
+                    inner += gap;
+                    ranges.push((inner, *count));
+                    inner += count;
                 }
-                idx
-            }))
-        })
-        .prop_map(|(inners, v, order)| {
-            let mut outer = 0u32;
-            let mut outs = vec![0u32; inners.len()];
-            for &i in &order {
-                outer += v[i].2;
-                outs[i] = outer;
-                outer += inners[i].1;
-            }
-            inners
-                .iter()
-                .zip(outs)
-                .map(|(&(inner, count), outer)| r(inner, outer, count))
-                .collect()
-        })
+                let n = ranges.len();
+                (
+                    Just(ranges),
+                    Just(v),
+                    Just(()).prop_perturb(move |_, mut rng| {
+                        let mut idx: Vec<usize> = (0..n).collect();
+                        for i in (1..n).rev() {
+                            idx.swap(i, rng.random_range(0..=i));
+                        }
+                        idx
+                    }),
+                )
+            })
+            .prop_map(|(inners, v, order)| {
+                let mut outer = 0u32;
+                let mut outs = vec![0u32; inners.len()];
+                for &i in &order {
+                    outer += v[i].2;
+                    outs[i] = outer;
+                    outer += inners[i].1;
+                }
+                inners
+                    .iter()
+                    .zip(outs)
+                    .map(|(&(inner, count), outer)| r(inner, outer, count))
+                    .collect()
+            })
     }
 
     proptest! {

@@ -5,10 +5,12 @@
 //! `shift` and `scan` work on trees offline; `sys` is the only home of `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod doctor;
 pub mod fuse;
 pub mod idmap;
 pub mod kernel;
 pub mod mount;
+pub mod mountinfo;
 pub mod scan;
 pub mod shift;
 pub mod sys;

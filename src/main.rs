@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shiftfs", version, about = "Shifting bind mounts for user-namespaced containers")]
+#[command(
+    name = "shiftfs",
+    version,
+    about = "Shifting bind mounts for user-namespaced containers"
+)]
 struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -42,7 +46,9 @@ fn main() -> ExitCode {
         .is_some_and(|n| n.to_string_lossy().starts_with("mount."));
     if as_helper {
         cli::init_logging(0);
-        return cli::finish(cli::mount_helper::run(std::env::args_os().skip(1).collect()));
+        return cli::finish(cli::mount_helper::run(
+            std::env::args_os().skip(1).collect(),
+        ));
     }
     let args = Cli::parse();
     cli::init_logging(args.verbose);

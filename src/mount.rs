@@ -1,7 +1,19 @@
-//! Backend choice, mount options, the daemon life cycle and unmounting.
+//! Backend choice, mount options, the daemon life cycle, the registry of shifted mounts,
+//! and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
 
+use std::ffi::OsStr;
 use std::fmt;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::UnmountFlags;
+
+use crate::idmap::{self, IdMapping};
+use crate::mountinfo::{self, MountInfo};
 
 /// Which implementation serves a shifted mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -54,5 +66,828 @@ impl Default for MountFlags {
             dev: false,
             exec: true,
         }
+    }
+}
+
+impl fmt::Display for MountFlags {
+    /// mount(8) style, always explicit: `rw,nosuid,nodev,exec`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
+        write!(
+            f,
+            "{},{},{},{}",
+            pick(self.read_only, "ro", "rw"),
+            pick(self.suid, "suid", "nosuid"),
+            pick(self.dev, "dev", "nodev"),
+            pick(self.exec, "exec", "noexec"),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=)"
+    )]
+    UnknownOption(String),
+    #[error("mount option '{option}': {reason}")]
+    BadOption { option: String, reason: String },
+    #[error("bad map")]
+    Map(#[from] idmap::Error),
+    #[error(
+        "no map given: pass --map (e.g. --map b:0:100000:65536), --uid-map and --gid-map, or --map-from-pid PID"
+    )]
+    NoMap,
+    #[error("source {0}: {1}")]
+    Source(PathBuf, String),
+    #[error("target {0}: {1}")]
+    Target(PathBuf, String),
+    #[error("mounting needs root (CAP_SYS_ADMIN); run shiftfs as root, e.g. with sudo")]
+    NotRoot,
+    #[error(
+        "/dev/fuse is not usable ({0}); load the fuse module (modprobe fuse) or use --backend kernel"
+    )]
+    NoFuse(io::Error),
+    #[error(
+        "the kernel backend cannot serve {path}: {reason}; use --backend fuse or --backend auto"
+    )]
+    KernelUnsupported { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::Error),
+    #[error(transparent)]
+    Fuse(#[from] crate::fuse::Error),
+    #[error("{path} is not mounted")]
+    NotMounted { path: PathBuf },
+    #[error("{path} is a plain {fstype} mount, not a shifted mount; use umount(8)")]
+    NotShifted { path: PathBuf, fstype: String },
+    #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
+    Busy { path: PathBuf },
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Tuning knobs of the FUSE backend (ignored by the kernel backend).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FuseTuning {
+    /// 0 = the backend's default.
+    pub threads: usize,
+    pub passthrough: bool,
+    pub attr_timeout: Duration,
+}
+
+impl Default for FuseTuning {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            passthrough: true,
+            attr_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What `-o` says; maps are kept as text until every source of a map is known.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OptionSet {
+    pub flags: MountFlags,
+    pub map: Option<String>,
+    pub uid_map: Option<String>,
+    pub gid_map: Option<String>,
+    pub backend: Option<Backend>,
+    pub recursive: bool,
+    pub fuse: FuseTuning,
+}
+
+/// Splits `-o` text on commas, except inside double quotes; an entry that looks like a map
+/// range (`u:..`, `g:..`, `b:..`, `N:N:N`) continues the `map=`/`uidmap=`/`gidmap=` before it,
+/// so `map=b:0:100000:65536,u:70000:5:1` works as well as the quoted form.
+fn split_options(text: &str) -> Vec<String> {
+    let mut raw = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => raw.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    raw.push(cur);
+    let mut out: Vec<String> = Vec::new();
+    for opt in raw.into_iter().filter(|o| !o.is_empty()) {
+        let continues_map = looks_like_range(&opt)
+            && out.last().is_some_and(|prev| {
+                ["map=", "uidmap=", "gidmap="]
+                    .iter()
+                    .any(|k| prev.starts_with(k))
+            });
+        match out.last_mut() {
+            Some(prev) if continues_map => {
+                prev.push(',');
+                prev.push_str(&opt);
+            }
+            _ => out.push(opt),
+        }
+    }
+    out
+}
+
+fn looks_like_range(s: &str) -> bool {
+    let body = s
+        .strip_prefix("u:")
+        .or_else(|| s.strip_prefix("g:"))
+        .or_else(|| s.strip_prefix("b:"))
+        .unwrap_or(s);
+    let parts: Vec<&str> = body.split(':').collect();
+    parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok())
+}
+
+impl OptionSet {
+    /// Applies mount(8)-style options on top of `self`. Options mount(8) and fstab use for
+    /// themselves (`defaults`, `noauto`, `nofail`, `_netdev`, `x-*`, ...) are accepted and ignored.
+    pub fn apply(&mut self, text: &str) -> Result<(), Error> {
+        for opt in split_options(text) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt.as_str(), None),
+            };
+            let need = |v: Option<&'_ str>| -> Result<String, Error> {
+                v.filter(|v| !v.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| Error::BadOption {
+                        option: opt.clone(),
+                        reason: "needs a value".into(),
+                    })
+            };
+            match key {
+                "ro" => self.flags.read_only = true,
+                "rw" => self.flags.read_only = false,
+                "suid" => self.flags.suid = true,
+                "nosuid" => self.flags.suid = false,
+                "dev" => self.flags.dev = true,
+                "nodev" => self.flags.dev = false,
+                "exec" => self.flags.exec = true,
+                "noexec" => self.flags.exec = false,
+                "map" | "idmap" => self.map = Some(need(value)?),
+                "uidmap" => self.uid_map = Some(need(value)?),
+                "gidmap" => self.gid_map = Some(need(value)?),
+                "backend" => {
+                    self.backend =
+                        Some(need(value)?.parse().map_err(|reason| Error::BadOption {
+                            option: opt.clone(),
+                            reason,
+                        })?)
+                }
+                "recursive" | "rbind" => self.recursive = true,
+                "threads" => {
+                    self.fuse.threads = need(value)?.parse().map_err(|_| Error::BadOption {
+                        option: opt.clone(),
+                        reason: "threads must be a whole number".into(),
+                    })?
+                }
+                "passthrough" => self.fuse.passthrough = true,
+                "nopassthrough" => self.fuse.passthrough = false,
+                "attr_timeout" => {
+                    let secs: f64 = need(value)?
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| s.is_finite() && *s >= 0.0 && *s < 1e6)
+                        .ok_or_else(|| Error::BadOption {
+                            option: opt.clone(),
+                            reason: "attr_timeout is seconds, e.g. 1 or 0.5 or 0".into(),
+                        })?;
+                    self.fuse.attr_timeout = Duration::from_secs_f64(secs);
+                }
+                "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser"
+                | "users" | "owner" | "group" | "comment" | "bind" => {}
+                k if k.starts_with("x-") || k.starts_with("X-") => {}
+                _ => return Err(Error::UnknownOption(opt.clone())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The map the options (and the command line's own map arguments, already folded in)
+    /// describe.
+    pub fn mapping(&self) -> Result<IdMapping, Error> {
+        match (&self.map, &self.uid_map, &self.gid_map) {
+            (Some(m), None, None) => Ok(IdMapping::parse(m)?),
+            (None, Some(u), Some(g)) => Ok(IdMapping::parse_separate(u, g)?),
+            (None, None, None) => Err(Error::NoMap),
+            (Some(_), _, _) => Err(Error::BadOption {
+                option: "map".into(),
+                reason: "give either map or uidmap+gidmap, not both".into(),
+            }),
+            _ => Err(Error::BadOption {
+                option: "uidmap/gidmap".into(),
+                reason: "give both uidmap and gidmap (or map for both)".into(),
+            }),
+        }
+    }
+}
+
+/// Everything needed to make one shifted mount.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub mapping: IdMapping,
+    pub flags: MountFlags,
+    pub backend: Backend,
+    pub recursive: bool,
+    pub fuse: FuseTuning,
+}
+
+impl Request {
+    /// `-o` text that, with `map=`, reproduces this request (used to hand it to the daemon).
+    pub fn options_text(&self) -> String {
+        let mut o = format!(
+            "{},threads={},{},attr_timeout={}",
+            self.flags,
+            self.fuse.threads,
+            if self.fuse.passthrough {
+                "passthrough"
+            } else {
+                "nopassthrough"
+            },
+            self.fuse.attr_timeout.as_secs_f64()
+        );
+        if self.recursive {
+            o.push_str(",recursive");
+        }
+        o
+    }
+}
+
+/// Makes a path absolute without touching the file system (a dead FUSE mount cannot be
+/// stat'ed, so canonicalize is not an option for unmounting).
+pub fn absolute(path: &Path) -> PathBuf {
+    let base = if path.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"))
+    };
+    let mut out = base;
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// Checks what can be checked before any backend runs, so each mistake gets one clear line.
+/// Returns the canonical source and target.
+pub fn validate(req: &mut Request) -> Result<(), Error> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
+    let src_meta = std::fs::metadata(&req.source).map_err(|e| {
+        Error::Source(
+            req.source.clone(),
+            match e.kind() {
+                io::ErrorKind::NotFound => "does not exist".into(),
+                _ => e.to_string(),
+            },
+        )
+    })?;
+    if !src_meta.is_dir() {
+        return Err(Error::Source(
+            req.source.clone(),
+            "is not a directory".into(),
+        ));
+    }
+    req.source = std::fs::canonicalize(&req.source)
+        .map_err(|e| Error::Source(req.source.clone(), e.to_string()))?;
+    let tgt = std::fs::canonicalize(&req.target).map_err(|e| {
+        Error::Target(
+            req.target.clone(),
+            match e.kind() {
+                io::ErrorKind::NotFound => "does not exist; create it first (mkdir -p)".into(),
+                _ => e.to_string(),
+            },
+        )
+    })?;
+    let empty = std::fs::read_dir(&tgt)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTDIR) => Error::Target(tgt.clone(), "is not a directory".into()),
+            _ => Error::Target(tgt.clone(), e.to_string()),
+        })?
+        .next()
+        .is_none();
+    if !empty {
+        return Err(Error::Target(
+            tgt,
+            "is not empty; mount on an empty directory".into(),
+        ));
+    }
+    if tgt == req.source || tgt.starts_with(&req.source) && req.recursive {
+        return Err(Error::Target(
+            tgt,
+            "lies inside the source; pick a target outside it".into(),
+        ));
+    }
+    req.target = tgt;
+    Ok(())
+}
+
+/// Fails early, with advice, when the FUSE device cannot be opened.
+pub fn check_fuse_device() -> Result<(), Error> {
+    rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map(drop)
+        .map_err(|e| Error::NoFuse(e.into()))
+}
+
+/// The backend to use and why.
+pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
+    let (backend, reason) = pick_backend(req)?;
+    // The daemon reaches the source through fds that cross mounts, so below the target it
+    // would find its own mount again, without end, and hold it busy for ever.
+    if backend == Backend::Fuse && req.target.starts_with(&req.source) {
+        return Err(Error::Target(
+            req.target.clone(),
+            "lies inside the source, which the FUSE backend cannot serve; pick a target outside it"
+                .into(),
+        ));
+    }
+    Ok((backend, reason))
+}
+
+fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
+    match req.backend {
+        Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
+        Backend::Kernel => {
+            let p = crate::kernel::probe_tree(&req.source, req.recursive);
+            if p.supported {
+                Ok((Backend::Kernel, p.reason))
+            } else {
+                Err(Error::KernelUnsupported {
+                    path: req.source.clone(),
+                    reason: p.reason,
+                })
+            }
+        }
+        Backend::Auto => {
+            let p = crate::kernel::probe_tree(&req.source, req.recursive);
+            if p.supported {
+                Ok((Backend::Kernel, p.reason))
+            } else {
+                Ok((
+                    Backend::Fuse,
+                    format!("kernel idmapped mount not possible: {}", p.reason),
+                ))
+            }
+        }
+    }
+}
+
+/// Makes a kernel idmapped mount and records it.
+pub fn mount_kernel(req: &Request) -> Result<(), Error> {
+    crate::kernel::mount(
+        &req.source,
+        &req.target,
+        &req.mapping,
+        req.flags,
+        req.recursive,
+    )?;
+    let rec = Record::new(req, Backend::Kernel, None);
+    if let Err(e) = rec.save() {
+        tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+    }
+    Ok(())
+}
+
+/// The FUSE daemon's body: mounts, calls `ready` once the mount is in place (or failed),
+/// serves until the mount goes away (unmounted by anyone, or SIGTERM/SIGINT/SIGHUP, which
+/// unmount it), then forgets the record.
+pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Result<(), Error> {
+    let started = (|| {
+        let src = rustix::fs::open(
+            &req.source,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::Source(req.source.clone(), io::Error::from(e).to_string()))?;
+        let mut opts = crate::fuse::Options::new(req.mapping.clone());
+        opts.flags = req.flags;
+        opts.threads = req.fuse.threads;
+        opts.passthrough = req.fuse.passthrough;
+        opts.attr_timeout = req.fuse.attr_timeout;
+        opts.fsname = req.source.to_string_lossy().into_owned();
+        let session = crate::fuse::mount(src, &req.target, opts)?;
+        Ok::<_, Error>(session)
+    })();
+    let session = match started {
+        Ok(s) => s,
+        Err(e) => {
+            ready(Err(&e));
+            return Err(e);
+        }
+    };
+    let rec = Record::new(req, Backend::Fuse, Some(std::process::id()));
+    if let Err(e) = rec.save() {
+        tracing::warn!("could not record the mount for `shiftfs list`: {e}");
+    }
+    let target = req.target.clone();
+    // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
+    // the same path by the time the signal comes.
+    let own_id = mounted_at(&target).map(|m| m.id);
+    // Unmounting makes the session end; the session's own threads never see the signal.
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]);
+    match signals {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    if own_id.is_some() && mounted_at(&target).map(|m| m.id) == own_id {
+                        tracing::info!("signal {sig}: unmounting {}", target.display());
+                        if let Err(e) = detach(&target) {
+                            tracing::warn!("unmount {}: {e}", target.display());
+                        }
+                    } else {
+                        // Already detached (lazily, with files still open): stop serving.
+                        tracing::info!("signal {sig}: no longer mounted; exiting");
+                        std::process::exit(0);
+                    }
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot watch for SIGTERM/SIGINT: {e}"),
+    }
+    ready(Ok(()));
+    let result = session.wait().map_err(Error::from);
+    rec.remove();
+    result
+}
+
+/// Unmounts now if possible, else lazily: for a daemon told to stop, a busy mount must
+/// still go away from the namespace.
+fn detach(target: &Path) -> io::Result<()> {
+    match rustix::mount::unmount(target, UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) => {
+            rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(Into::into)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Opens the daemon's log file afresh (one per target, so logs do not pile up), making
+/// the run directory if needed.
+pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+}
+
+/// The topmost mount at `target`, if any.
+pub fn mounted_at(target: &Path) -> Option<MountInfo> {
+    let text = std::fs::read_to_string(mountinfo::SELF_MOUNTINFO).ok()?;
+    mountinfo::parse(&text)
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == target)
+}
+
+/// What `shiftfs list` knows of one mount; kept as a small text file under `/run/shiftfs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub target: PathBuf,
+    pub source: PathBuf,
+    pub backend: Backend,
+    pub map: String,
+    pub options: String,
+    pub pid: Option<u32>,
+}
+
+/// Where records live; `SHIFTFS_RUN_DIR` moves it (tests).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("SHIFTFS_RUN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/shiftfs"))
+}
+
+/// Percent-escapes bytes that would break the one-field-per-line format.
+fn esc(b: &[u8]) -> String {
+    let mut s = String::new();
+    for &c in b {
+        if c.is_ascii_graphic() && c != b'%' || c == b' ' {
+            s.push(c as char);
+        } else {
+            s.push_str(&format!("%{c:02x}"));
+        }
+    }
+    s
+}
+
+fn unesc(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+impl Record {
+    fn new(req: &Request, backend: Backend, pid: Option<u32>) -> Self {
+        Self {
+            target: req.target.clone(),
+            source: req.source.clone(),
+            backend,
+            map: req.mapping.to_string(),
+            options: req.flags.to_string(),
+            pid,
+        }
+    }
+
+    /// Where the FUSE daemon of `target` writes its log.
+    pub fn log_path(target: &Path) -> PathBuf {
+        Self::file_for(target).with_extension("log")
+    }
+
+    fn file_for(target: &Path) -> PathBuf {
+        // systemd-escape style, so the file name tells which mount it is.
+        let mut name = String::new();
+        for &c in target.as_os_str().as_bytes().iter().skip(1) {
+            match c {
+                b'/' => name.push('-'),
+                c if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' => name.push(c as char),
+                c => name.push_str(&format!("\\x{c:02x}")),
+            }
+        }
+        if name.is_empty() {
+            name.push('-');
+        }
+        run_dir().join(format!("{name}.mount"))
+    }
+
+    fn to_text(&self) -> String {
+        format!(
+            "target={}\nsource={}\nbackend={}\nmap={}\noptions={}\npid={}\n",
+            esc(self.target.as_os_str().as_bytes()),
+            esc(self.source.as_os_str().as_bytes()),
+            self.backend,
+            self.map,
+            self.options,
+            self.pid.map(|p| p.to_string()).unwrap_or_default()
+        )
+    }
+
+    fn from_text(text: &str) -> Option<Self> {
+        let mut rec = Record {
+            target: PathBuf::new(),
+            source: PathBuf::new(),
+            backend: Backend::Auto,
+            map: String::new(),
+            options: String::new(),
+            pid: None,
+        };
+        for line in text.lines() {
+            let (k, v) = line.split_once('=')?;
+            match k {
+                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&unesc(v))),
+                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&unesc(v))),
+                "backend" => rec.backend = v.parse().ok()?,
+                "map" => rec.map = v.to_string(),
+                "options" => rec.options = v.to_string(),
+                "pid" => rec.pid = v.parse().ok(),
+                _ => {}
+            }
+        }
+        (!rec.target.as_os_str().is_empty()).then_some(rec)
+    }
+
+    pub fn save(&self) -> Result<(), Error> {
+        let io = |source| Error::Io {
+            what: "record",
+            path: run_dir(),
+            source,
+        };
+        std::fs::create_dir_all(run_dir()).map_err(io)?;
+        let path = Self::file_for(&self.target);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.to_text()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    pub fn load(target: &Path) -> Option<Self> {
+        Self::from_text(&std::fs::read_to_string(Self::file_for(target)).ok()?)
+    }
+
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(Self::file_for(&self.target));
+    }
+
+    /// Every record, pruned of mounts that are gone (unmounted by umount(8), say).
+    pub fn all() -> Vec<Self> {
+        let Ok(dir) = std::fs::read_dir(run_dir()) else {
+            return Vec::new();
+        };
+        let mounts = std::fs::read_to_string(mountinfo::SELF_MOUNTINFO)
+            .map(|t| mountinfo::parse(&t))
+            .unwrap_or_default();
+        let mut out: Vec<Self> = dir
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "mount"))
+            .filter_map(|e| Self::from_text(&std::fs::read_to_string(e.path()).ok()?))
+            .filter(|r| {
+                let live = mounts.iter().any(|m| m.mount_point == r.target);
+                if !live {
+                    r.remove();
+                }
+                live
+            })
+            .collect();
+        out.sort_by(|a, b| a.target.cmp(&b.target));
+        out
+    }
+
+    /// Whether the recorded daemon still runs (a FUSE mount whose daemon died is dead).
+    pub fn daemon_alive(&self) -> bool {
+        self.pid.is_some_and(pid_is_shiftfs)
+    }
+}
+
+/// Guards against pid reuse: the process must still be a live shiftfs (the daemon is
+/// started from the binary's real path, so its comm is `shiftfs`).
+fn pid_is_shiftfs(pid: u32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    });
+    comm.trim_end() == "shiftfs" && !zombie
+}
+
+/// What `unmount` did.
+#[derive(Debug)]
+pub struct Unmounted {
+    pub record: Option<Record>,
+    /// The FUSE daemon was already gone: the mount was dead.
+    pub was_dead: bool,
+}
+
+/// Unmounts a shifted mount of either backend and waits for its daemon to exit; cleans up
+/// a dead FUSE mount whose daemon was killed.
+pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
+    let target = std::fs::canonicalize(target).unwrap_or_else(|_| absolute(target));
+    let record = Record::load(&target);
+    let Some(info) = mounted_at(&target) else {
+        if let Some(r) = &record {
+            r.remove();
+        }
+        return Err(Error::NotMounted { path: target });
+    };
+    // Any FUSE mount is not ours (bindfs, sshfs, ...): only one with our record is. A record
+    // alone is not enough either: the shifted mount may be gone and something else mounted.
+    let ours_fuse = info.fstype.starts_with("fuse")
+        && record.as_ref().is_some_and(|r| r.backend == Backend::Fuse);
+    let shifted = ours_fuse || info.has_option("idmapped");
+    if !shifted {
+        return Err(Error::NotShifted {
+            path: target,
+            fstype: info.fstype,
+        });
+    }
+    let was_dead = record
+        .as_ref()
+        .is_some_and(|r| r.backend == Backend::Fuse && !r.daemon_alive());
+    let flags = if lazy || was_dead {
+        UnmountFlags::DETACH
+    } else {
+        UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(&target, flags) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::BUSY) => return Err(Error::Busy { path: target }),
+        Err(e) => {
+            return Err(Error::Io {
+                what: "unmount",
+                path: target,
+                source: e.into(),
+            });
+        }
+    }
+    // After a lazy unmount the daemon serves open files until the last one is closed, and
+    // then exits by itself: waiting (and then SIGTERM) would only block the caller.
+    if let Some(pid) = record
+        .as_ref()
+        .and_then(|r| r.pid)
+        .filter(|_| !was_dead && !lazy)
+    {
+        wait_for_exit(pid, Duration::from_secs(10));
+    }
+    if let Some(r) = &record {
+        r.remove();
+    }
+    Ok(Unmounted { record, was_dead })
+}
+
+/// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.
+fn wait_for_exit(pid: u32, limit: Duration) {
+    let start = Instant::now();
+    while pid_is_shiftfs(pid) {
+        if start.elapsed() > limit {
+            tracing::warn!("daemon {pid} did not exit after unmount; sending SIGTERM");
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_and_round_trip() {
+        let mut o = OptionSet::default();
+        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,threads=4,nopassthrough,attr_timeout=0.5,defaults,nofail,x-systemd.automount").unwrap();
+        assert!(o.flags.read_only && o.flags.suid && !o.flags.exec && !o.flags.dev);
+        assert_eq!(o.map.as_deref(), Some("b:0:100000:65536,u:70000:5:1"));
+        assert_eq!(o.backend, Some(Backend::Fuse));
+        assert_eq!(o.fuse.threads, 4);
+        assert!(!o.fuse.passthrough);
+        assert_eq!(o.fuse.attr_timeout, Duration::from_millis(500));
+        let m = o.mapping().unwrap();
+        assert_eq!(m.uid.ranges().len(), 2);
+        assert_eq!(m.gid.ranges().len(), 1);
+
+        let mut q = OptionSet::default();
+        q.apply("map=\"u:0:1:1,g:0:2:1\"").unwrap();
+        assert_eq!(q.map.as_deref(), Some("u:0:1:1,g:0:2:1"));
+
+        let req = Request {
+            source: "/s".into(),
+            target: "/t".into(),
+            mapping: m,
+            flags: o.flags,
+            backend: Backend::Fuse,
+            recursive: true,
+            fuse: o.fuse.clone(),
+        };
+        let mut back = OptionSet::default();
+        back.apply(&req.options_text()).unwrap();
+        assert_eq!(back.flags, req.flags);
+        assert_eq!(back.fuse, req.fuse);
+        assert!(back.recursive);
+    }
+
+    #[test]
+    fn bad_options_say_what_is_wrong() {
+        let err = |s: &str| OptionSet::default().apply(s).unwrap_err().to_string();
+        assert!(err("bogus").contains("unknown mount option 'bogus'"));
+        assert!(err("backend=zfs").contains("unknown backend 'zfs'"));
+        assert!(err("threads=x").contains("whole number"));
+        assert!(err("map=").contains("needs a value"));
+        assert!(matches!(OptionSet::default().mapping(), Err(Error::NoMap)));
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let rec = Record {
+            target: PathBuf::from("/a b/c%\nd"),
+            source: PathBuf::from("/src"),
+            backend: Backend::Fuse,
+            map: "b:0:100000:65536".into(),
+            options: "rw,nosuid,nodev,exec".into(),
+            pid: Some(42),
+        };
+        assert_eq!(Record::from_text(&rec.to_text()), Some(rec.clone()));
+        assert_eq!(absolute(Path::new("/x/../y/./z")), PathBuf::from("/y/z"));
     }
 }

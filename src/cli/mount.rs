@@ -1,8 +1,186 @@
-//! (being written)
+//! `shiftfs mount`: validate, pick a backend, and either make a kernel idmapped mount or
+//! start the FUSE daemon (backgrounded once the mount is ready, unless --foreground).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+use shiftfs::idmap::IdMapping;
+use shiftfs::mount::{self, Backend, OptionSet, Request};
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The directory to present shifted (e.g. a container image).
+    pub source: PathBuf,
+    /// An empty directory to mount it on.
+    pub target: PathBuf,
+    /// Id map, `[u:|g:|b:]INNER:OUTER:COUNT` entries separated by commas or spaces; INNER is
+    /// the id on disk, OUTER what the host sees (e.g. b:0:100000:65536).
+    #[arg(long, short = 'm', conflicts_with_all = ["uid_map", "gid_map", "map_from_pid"])]
+    pub map: Option<String>,
+    /// uid map alone (`INNER:OUTER:COUNT,...` or uid_map text); needs --gid-map.
+    #[arg(long, requires = "gid_map", conflicts_with = "map_from_pid")]
+    pub uid_map: Option<String>,
+    /// gid map alone; needs --uid-map.
+    #[arg(long, requires = "uid_map", conflicts_with = "map_from_pid")]
+    pub gid_map: Option<String>,
+    /// Take the maps of a running process's user namespace (/proc/PID/uid_map, gid_map).
+    #[arg(long, value_name = "PID")]
+    pub map_from_pid: Option<u32>,
+    /// Which backend serves the mount: kernel idmapped mount, FUSE, or auto (kernel where
+    /// the source's filesystem supports it).
+    #[arg(long, short = 'b', value_name = "auto|kernel|fuse")]
+    pub backend: Option<Backend>,
+    /// mount(8)-style options: ro, nosuid, nodev, noexec, suid, dev, recursive, threads=N,
+    /// nopassthrough, attr_timeout=SECS, map=... (repeatable).
+    #[arg(short = 'o', long = "options", value_name = "OPTS")]
+    pub options: Vec<String>,
+    /// Also shift the mounts below SOURCE (kernel backend).
+    #[arg(long, short = 'r')]
+    pub recursive: bool,
+    /// Serve in the foreground (FUSE); SIGTERM or Ctrl-C unmounts.
+    #[arg(long, short = 'f')]
+    pub foreground: bool,
+    /// Internal: this process is the backgrounded daemon; report readiness on stdout.
+    #[arg(long, hide = true)]
+    pub daemon_child: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut opts = OptionSet::default();
+    for o in &args.options {
+        opts.apply(o)?;
+    }
+    if let Some(m) = &args.map {
+        opts.map = Some(m.clone());
+    }
+    if let (Some(u), Some(g)) = (&args.uid_map, &args.gid_map) {
+        opts.map = None;
+        opts.uid_map = Some(u.clone());
+        opts.gid_map = Some(g.clone());
+    }
+    if let Some(b) = args.backend {
+        opts.backend = Some(b);
+    }
+    opts.recursive |= args.recursive;
+    let mapping = match args.map_from_pid {
+        Some(pid) => IdMapping::from_proc(std::path::Path::new("/proc"), pid)
+            .with_context(|| format!("cannot take the map of process {pid}"))?,
+        None => opts.mapping()?,
+    };
+    let req = Request {
+        source: args.source,
+        target: args.target,
+        mapping,
+        flags: opts.flags,
+        backend: opts.backend.unwrap_or_default(),
+        recursive: opts.recursive,
+        fuse: opts.fuse,
+    };
+    if args.daemon_child {
+        return daemon_child(req);
+    }
+    mount_request(req, args.foreground)
+}
+
+/// The one code path of `shiftfs mount` and `mount.shiftfs`.
+pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
+    mount::validate(&mut req)?;
+    let (backend, reason) = mount::choose_backend(&req)?;
+    tracing::info!(%backend, %reason, "backend chosen");
+    let what = format!(
+        "{} on {} ({backend}: {reason})",
+        req.source.display(),
+        req.target.display()
+    );
+    match backend {
+        Backend::Kernel => {
+            mount::mount_kernel(&req)?;
+            println!("mounted {what}");
+            Ok(())
+        }
+        _ => {
+            mount::check_fuse_device()?;
+            if foreground {
+                mount::serve_fuse(&req, |r| {
+                    if r.is_ok() {
+                        println!("mounted {what}; serving in the foreground, Ctrl-C unmounts");
+                    }
+                })?;
+                Ok(())
+            } else {
+                spawn_daemon(&req)?;
+                println!("mounted {what}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Starts the FUSE daemon as a detached copy of this binary and waits until it says the
+/// mount is in place (or why not).
+fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
+    let exe =
+        std::env::current_exe().context("cannot find the shiftfs binary to start the daemon")?;
+    let log_path = mount::Record::log_path(&req.target);
+    let log = mount::open_log(&log_path)
+        .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
+    let mut child = Command::new(&exe)
+        .arg("mount")
+        .arg("--daemon-child")
+        .args(["--backend", "fuse"])
+        .args(["--map", &req.mapping.to_string()])
+        .args(["-o", &req.options_text()])
+        .arg("--")
+        .arg(&req.source)
+        .arg(&req.target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start the daemon {}", exe.display()))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        BufReader::new(out).read_line(&mut line)?;
+    }
+    match line.trim_end().split_once(' ') {
+        _ if line.trim_end() == "ready" => Ok(()),
+        Some(("error", msg)) => {
+            let _ = child.wait();
+            bail!("{msg}")
+        }
+        _ => {
+            let status = child.wait()?;
+            bail!(
+                "the daemon exited ({status}) before the mount was ready; see {}",
+                log_path.display()
+            )
+        }
+    }
+}
+
+/// In the backgrounded daemon: leave the caller's session, mount, say `ready` (or
+/// `error MSG`) on stdout, then let go of stdout so the caller's read ends.
+fn daemon_child(req: Request) -> anyhow::Result<()> {
+    if let Err(e) = shiftfs::sys::process::close_fds_from(3) {
+        tracing::warn!("cannot close inherited file descriptors: {e}");
+    }
+    let _ = rustix::process::setsid();
+    // The caller's working directory would stay busy as long as the mount lives; the paths
+    // handed over are absolute.
+    std::env::set_current_dir("/").context("cannot change to /")?;
+    mount::serve_fuse(&req, |r| {
+        let mut out = std::io::stdout().lock();
+        let _ = match r {
+            Ok(()) => writeln!(out, "ready"),
+            Err(e) => writeln!(out, "error {}", e.to_string().replace('\n', " ")),
+        };
+        let _ = out.flush();
+        drop(out);
+        if let Ok(null) = std::fs::File::open("/dev/null") {
+            let _ = rustix::stdio::dup2_stdout(&null);
+        }
+    })?;
+    Ok(())
 }

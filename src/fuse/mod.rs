@@ -1,1 +1,267 @@
-//! (being written)
+//! The FUSE backend: a passthrough of a SOURCE directory with id translation, served by
+//! fuser on several threads.
+//!
+//! `mount` attaches the filesystem with `mount(2)` itself (type `fuse.shiftfs`, the source
+//! path as fsname) and hands the connection to `fuser::Session::from_fd`; the session runs
+//! on background threads until the filesystem is unmounted by anyone.
+
+mod caller;
+mod fs;
+mod handle;
+mod inode;
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::fs::OFlags;
+
+use crate::idmap::IdMapping;
+use crate::mount::MountFlags;
+use crate::sys::fusedev::{self, FuseMount};
+use crate::sys::procfd::ProcFd;
+
+/// How a FUSE shifted mount is set up.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub mapping: IdMapping,
+    /// ro, suid, dev, exec.
+    pub flags: MountFlags,
+    /// Worker threads; 0 picks twice the number of CPUs (at least 4).
+    pub threads: usize,
+    /// Try kernel passthrough of file data (Linux 6.9+); falls back when refused.
+    pub passthrough: bool,
+    /// Entry and attribute cache timeout; use zero when the source changes underneath.
+    pub attr_timeout: Duration,
+    /// Shown as the mount source (findmnt SOURCE).
+    pub fsname: String,
+}
+
+impl Options {
+    pub fn new(mapping: IdMapping) -> Self {
+        Self {
+            mapping,
+            flags: MountFlags::default(),
+            threads: 0,
+            passthrough: true,
+            attr_timeout: Duration::from_secs(1),
+            fsname: "shiftfs".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "cannot open /dev/fuse: {source}; load the fuse module (modprobe fuse), and in a \
+         container pass the device in (e.g. --device /dev/fuse)"
+    )]
+    DevFuse {
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot use the source directory: {source}")]
+    Source {
+        #[source]
+        source: io::Error,
+    },
+    #[error("the source is not a directory; pass a directory to shift")]
+    SourceNotDir,
+    #[error("cannot open /proc/self/fd: {source}; the FUSE backend needs /proc mounted")]
+    Proc {
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot mount FUSE on {target}: {source}{hint}")]
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+        hint: &'static str,
+    },
+    #[error("the kernel did not complete the FUSE handshake on {target}: {source}")]
+    Handshake {
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the FUSE session on {target} ended with an error: {source}")]
+    Session {
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot unmount {target}: {source}")]
+    Unmount {
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn mount_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "; mounting needs root (CAP_SYS_ADMIN)",
+        Some(libc::ENOENT) => "; create the target directory first",
+        Some(libc::ENOTDIR) => "; the target must be a directory",
+        Some(libc::ENODEV) => "; the kernel has no fuse filesystem: modprobe fuse",
+        _ => "",
+    }
+}
+
+/// A mounted filesystem being served on background threads.
+#[derive(Debug)]
+pub struct Session {
+    bg: fuser::BackgroundSession,
+    target: PathBuf,
+}
+
+impl Session {
+    /// Blocks until the filesystem is unmounted (by anyone, e.g. `umount2(target,
+    /// MNT_DETACH)`) and the last user of a lazily detached mount has left.
+    pub fn wait(self) -> Result<(), Error> {
+        let target = self.target;
+        self.bg
+            .join()
+            .map_err(|source| Error::Session { target, source })
+    }
+
+    /// Detaches the mount (lazily) and waits for the session to end.
+    pub fn unmount(self) -> Result<(), Error> {
+        fusedev::detach(&self.target).map_err(|source| Error::Unmount {
+            target: self.target.clone(),
+            source,
+        })?;
+        self.wait()
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+}
+
+/// Default worker count: FUSE requests block in syscalls (fsync, reads of cold data), so
+/// more threads than CPUs.
+fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cpus.max(2) * 2).max(4)
+}
+
+/// A tree of a million entries walked twice holds an fd per remembered inode.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let hard = cur.maximum.unwrap_or(u64::MAX);
+    // As root we may raise the hard limit up to fs.nr_open; else up to the hard limit.
+    for max in nr_open.into_iter().chain([hard]) {
+        if cur.current.is_some_and(|c| c >= max) {
+            return;
+        }
+        let want = rustix::process::Rlimit {
+            current: Some(max),
+            maximum: Some(max.max(hard.min(max))),
+        };
+        if setrlimit(Resource::Nofile, want).is_ok() {
+            tracing::debug!("RLIMIT_NOFILE raised to {max}");
+            return;
+        }
+    }
+    tracing::warn!("cannot raise RLIMIT_NOFILE above {:?}", cur.current);
+}
+
+/// overlayfs' magic: a source on overlayfs needs FUSE stacking depth 2 for passthrough.
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target` and starts serving it.
+pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, Error> {
+    let st = rustix::fs::fstat(&source).map_err(|e| Error::Source { source: e.into() })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(Error::SourceNotDir);
+    }
+    // Keep the caller's fd as given; our own O_PATH copy is what the inode table holds.
+    let root = rustix::fs::openat(
+        &source,
+        ".",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::Source { source: e.into() })?;
+    drop(source);
+    let stack_depth = match rustix::fs::fstatfs(&root) {
+        Ok(s) if s.f_type == OVERLAYFS_SUPER_MAGIC => 2,
+        _ => 1,
+    };
+    raise_nofile_limit();
+    let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
+    let fs = fs::ShiftFs::new(
+        root,
+        proc,
+        fs::Config {
+            mapping: opts.mapping,
+            flags: opts.flags,
+            ttl: opts.attr_timeout,
+            passthrough: opts.passthrough,
+            stack_depth,
+        },
+    )
+    .map_err(|source| Error::Source { source })?;
+
+    let dev = fusedev::open_dev_fuse().map_err(|source| Error::DevFuse { source })?;
+    let mut flags = rustix::mount::MountFlags::empty();
+    if !opts.flags.suid {
+        flags |= rustix::mount::MountFlags::NOSUID;
+    }
+    if !opts.flags.dev {
+        flags |= rustix::mount::MountFlags::NODEV;
+    }
+    if !opts.flags.exec {
+        flags |= rustix::mount::MountFlags::NOEXEC;
+    }
+    if opts.flags.read_only {
+        flags |= rustix::mount::MountFlags::RDONLY;
+    }
+    let target = target.to_path_buf();
+    fusedev::mount_fuse(
+        &target,
+        &FuseMount {
+            dev: dev.as_fd(),
+            fsname: &opts.fsname,
+            subtype: "shiftfs",
+            flags,
+            allow_other: true,
+            default_permissions: true,
+        },
+    )
+    .map_err(|source| Error::Mount {
+        hint: mount_hint(&source),
+        target: target.clone(),
+        source,
+    })?;
+
+    let mut config = fuser::Config::default();
+    config.n_threads = Some(if opts.threads == 0 {
+        default_threads()
+    } else {
+        opts.threads
+    });
+    config.clone_fd = true;
+    let started = fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
+        .and_then(fuser::Session::spawn);
+    match started {
+        Ok(bg) => Ok(Session { bg, target }),
+        Err(source) => {
+            // Never leave a mount nobody serves.
+            if let Err(e) = fusedev::detach(&target) {
+                tracing::error!(
+                    "cannot unmount {} after a failed start: {e}",
+                    target.display()
+                );
+            }
+            Err(Error::Handshake { target, source })
+        }
+    }
+}

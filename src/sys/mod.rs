@@ -3,5 +3,10 @@
 #![allow(unsafe_code)]
 
 pub mod creds;
+pub mod fusedev;
 pub mod mount;
+pub mod process;
+pub mod procfd;
+pub mod statmount;
+pub mod userns;
 pub mod xattrat;

@@ -1,0 +1,496 @@
+//! What this machine supports for each backend, and what to do about what is missing.
+//! `shiftfs doctor` prints these checks; each one is cheap and leaves nothing behind.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::kernel::{self, MIN_KERNEL, Probe};
+use crate::sys::userns::UsernsChild;
+
+/// The first kernel with FUSE passthrough (`FUSE_PASSTHROUGH`, `FUSE_DEV_IOC_BACKING_OPEN`).
+pub const MIN_KERNEL_PASSTHROUGH: (u32, u32) = (6, 9);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Missing,
+    /// Could not be determined; the detail says why.
+    Unknown,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(match self {
+            Self::Ok => "OK",
+            Self::Missing => "MISSING",
+            Self::Unknown => "UNKNOWN",
+        })
+    }
+}
+
+/// Which feature a check matters for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Needed {
+    /// Both backends.
+    Mounting,
+    KernelBackend,
+    FuseBackend,
+    /// Faster FUSE reads and writes; FUSE works without it.
+    FusePerformance,
+    /// The kernel unmounting a FUSE mount whose daemon died; root mounts work without it.
+    FuseAutoUnmount,
+    /// Maps taken from /etc/subuid and namespaces set up by unprivileged users.
+    Rootless,
+}
+
+impl fmt::Display for Needed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mounting => "any mount",
+            Self::KernelBackend => "--backend kernel",
+            Self::FuseBackend => "--backend fuse",
+            Self::FusePerformance => "fast FUSE I/O",
+            Self::FuseAutoUnmount => "auto-unmount when a FUSE daemon dies",
+            Self::Rootless => "subuid maps / rootless setups",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub needed_for: Needed,
+    pub status: Status,
+    /// What was seen.
+    pub detail: String,
+    /// What to do, when not OK.
+    pub advice: Option<String>,
+}
+
+impl Check {
+    fn new(name: &'static str, needed_for: Needed, status: Status, detail: String) -> Self {
+        Self {
+            name,
+            needed_for,
+            status,
+            detail,
+            advice: None,
+        }
+    }
+
+    fn advice(mut self, advice: impl Into<String>) -> Self {
+        if self.status != Status::Ok {
+            self.advice = Some(advice.into());
+        }
+        self
+    }
+}
+
+/// Every check, in the order a reader wants them; `source` is the tree to probe for
+/// idmapped mount support.
+pub fn checks(source: &Path) -> Vec<Check> {
+    let release = kernel::kernel_release();
+    let version = kernel::parse_kernel_version(&release);
+    let config = KernelConfig::read(&release);
+    vec![
+        kernel_check(&release, version),
+        privileges(),
+        user_namespaces(),
+        idmapped_mounts(source, &kernel::probe(source)),
+        dev_fuse(Path::new("/dev/fuse")),
+        fuse_passthrough(version, &config),
+        program(
+            "fusermount3",
+            Needed::FuseAutoUnmount,
+            "apt-get install fuse3",
+        ),
+        program("newuidmap", Needed::Rootless, "apt-get install uidmap"),
+        subid(Path::new("/etc/subuid")),
+        subid(Path::new("/etc/subgid")),
+    ]
+}
+
+/// One line per backend: usable or not, from the checks it depends on.
+pub fn backend_summary(checks: &[Check]) -> Vec<(&'static str, bool)> {
+    let ok = |needed: &[Needed]| {
+        checks
+            .iter()
+            .filter(|c| needed.contains(&c.needed_for))
+            .all(|c| c.status == Status::Ok)
+    };
+    vec![
+        ("kernel", ok(&[Needed::Mounting, Needed::KernelBackend])),
+        ("fuse", ok(&[Needed::Mounting, Needed::FuseBackend])),
+    ]
+}
+
+fn kernel_check(release: &str, version: Option<(u32, u32)>) -> Check {
+    let name = "kernel";
+    match version {
+        Some(v) if v >= MIN_KERNEL => Check::new(
+            name,
+            Needed::KernelBackend,
+            Status::Ok,
+            format!("Linux {release} (idmapped mounts need >= 5.12)"),
+        ),
+        Some(_) => Check::new(
+            name,
+            Needed::KernelBackend,
+            Status::Missing,
+            format!("Linux {release} is older than 5.12: no idmapped mounts"),
+        )
+        .advice("use --backend fuse, or upgrade the kernel"),
+        None => Check::new(
+            name,
+            Needed::KernelBackend,
+            Status::Unknown,
+            format!("cannot parse the kernel release {release:?}"),
+        )
+        .advice("the idmapped-mount probe below decides"),
+    }
+}
+
+fn privileges() -> Check {
+    let euid = rustix::process::geteuid().as_raw();
+    if kernel::has_cap_sys_admin() {
+        Check::new(
+            "privileges",
+            Needed::Mounting,
+            Status::Ok,
+            format!("euid {euid} with CAP_SYS_ADMIN"),
+        )
+    } else {
+        Check::new(
+            "privileges",
+            Needed::Mounting,
+            Status::Missing,
+            format!("euid {euid} without CAP_SYS_ADMIN: cannot mount"),
+        )
+        .advice("run shiftfs as root (sudo)")
+    }
+}
+
+fn user_namespaces() -> Check {
+    let path = "/proc/sys/user/max_user_namespaces";
+    let max = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let created = UsernsChild::spawn().map(drop);
+    let name = "user namespaces";
+    match (max, created) {
+        (_, Ok(())) => Check::new(
+            name,
+            Needed::KernelBackend,
+            Status::Ok,
+            format!(
+                "max_user_namespaces={}; created one",
+                max.map_or("?".to_string(), |m| m.to_string())
+            ),
+        ),
+        (Some(0), Err(e)) => Check::new(
+            name,
+            Needed::KernelBackend,
+            Status::Missing,
+            format!("max_user_namespaces=0: cannot create one ({e})"),
+        )
+        .advice(format!("sysctl -w user.max_user_namespaces=15000 (or write to {path})")),
+        (_, Err(e)) => Check::new(
+            name,
+            Needed::KernelBackend,
+            Status::Missing,
+            format!("cannot create a user namespace: {e}"),
+        )
+        .advice("enable CONFIG_USER_NS, raise user.max_user_namespaces, or lift the seccomp/LSM policy that blocks clone(CLONE_NEWUSER)"),
+    }
+}
+
+fn idmapped_mounts(source: &Path, probe: &Probe) -> Check {
+    let status = if probe.supported {
+        Status::Ok
+    } else {
+        Status::Missing
+    };
+    let check = Check::new(
+        "idmapped mounts",
+        Needed::KernelBackend,
+        status,
+        format!("{}: {}", source.display(), probe.reason),
+    );
+    match &probe.advice {
+        Some(a) => check.advice(a.clone()),
+        None => check,
+    }
+}
+
+fn dev_fuse(path: &Path) -> Check {
+    let name = "/dev/fuse";
+    // Opening and closing without mounting is harmless: the kernel frees the connection.
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => Check::new(
+            name,
+            Needed::FuseBackend,
+            Status::Ok,
+            "present, opens read-write".into(),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Check::new(
+            name,
+            Needed::FuseBackend,
+            Status::Missing,
+            format!("{} does not exist", path.display()),
+        )
+        .advice("modprobe fuse; in a container, pass the device in (--device /dev/fuse)"),
+        Err(e) => Check::new(
+            name,
+            Needed::FuseBackend,
+            Status::Missing,
+            format!("cannot open {}: {e}", path.display()),
+        )
+        .advice("run as root; in a container, allow the device (cgroup devices c 10:229)"),
+    }
+}
+
+/// The kernel's build configuration, when the machine exposes it.
+#[derive(Clone, Debug, Default)]
+pub struct KernelConfig {
+    /// Where it came from, or `None` if nowhere.
+    pub source: Option<PathBuf>,
+    text: String,
+}
+
+impl KernelConfig {
+    /// `/boot/config-RELEASE`, else `/proc/config.gz` (through `gzip -dc`).
+    pub fn read(release: &str) -> Self {
+        let boot = PathBuf::from(format!("/boot/config-{release}"));
+        if let Ok(text) = std::fs::read_to_string(&boot) {
+            return Self::from_text(Some(boot), text);
+        }
+        let proc = PathBuf::from("/proc/config.gz");
+        if proc.exists()
+            && let Some(text) = gunzip(&proc)
+        {
+            return Self::from_text(Some(proc), text);
+        }
+        Self::default()
+    }
+
+    pub fn from_text(source: Option<PathBuf>, text: String) -> Self {
+        Self { source, text }
+    }
+
+    /// `Some("y")`, `Some("m")`, ... for a set option, `Some("n")` for `# CONFIG_X is not set`,
+    /// `None` if the option is absent (or there is no config).
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.text.lines().find_map(|l| {
+            if let Some(v) = l.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+                Some(v.trim())
+            } else if l
+                .strip_prefix("# ")
+                .and_then(|r| r.strip_prefix(key))
+                .is_some_and(|r| r == " is not set")
+            {
+                Some("n")
+            } else {
+                None
+            }
+        })
+    }
+}
+
+fn gunzip(path: &Path) -> Option<String> {
+    let mut child = Command::new("gzip")
+        .arg("-dc")
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut text = String::new();
+    let read = child.stdout.take()?.read_to_string(&mut text);
+    let status = child.wait().ok()?;
+    (read.is_ok() && status.success()).then_some(text)
+}
+
+/// FUSE passthrough: kernel >= 6.9 built with CONFIG_FUSE_PASSTHROUGH.
+pub fn fuse_passthrough(version: Option<(u32, u32)>, config: &KernelConfig) -> Check {
+    let name = "FUSE passthrough";
+    let needed = Needed::FusePerformance;
+    if version.is_some_and(|v| v < MIN_KERNEL_PASSTHROUGH) {
+        return Check::new(name, needed, Status::Missing, "kernel older than 6.9".into())
+            .advice("FUSE still works, with every read and write going through the daemon; upgrade to >= 6.9 for native speed");
+    }
+    let from = config
+        .source
+        .as_deref()
+        .map_or(String::new(), |p| format!(" ({})", p.display()));
+    match config.get("CONFIG_FUSE_PASSTHROUGH") {
+        Some("y") => Check::new(
+            name,
+            needed,
+            Status::Ok,
+            format!("CONFIG_FUSE_PASSTHROUGH=y{from}"),
+        ),
+        Some(v) => Check::new(
+            name,
+            needed,
+            Status::Missing,
+            format!("CONFIG_FUSE_PASSTHROUGH={v}{from}"),
+        )
+        .advice("FUSE still works without it, slower; use a kernel built with CONFIG_FUSE_PASSTHROUGH=y"),
+        None if config.source.is_some() => Check::new(
+            name,
+            needed,
+            Status::Missing,
+            format!("CONFIG_FUSE_PASSTHROUGH absent{from}"),
+        )
+        .advice("FUSE still works without it, slower; use a kernel built with CONFIG_FUSE_PASSTHROUGH=y"),
+        None => Check::new(
+            name,
+            needed,
+            Status::Unknown,
+            "kernel >= 6.9, but neither /boot/config-$(uname -r) nor /proc/config.gz tells whether CONFIG_FUSE_PASSTHROUGH is set".into(),
+        )
+        .advice("the FUSE backend falls back to plain FUSE if the kernel refuses passthrough"),
+    }
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn program(name: &'static str, needed: Needed, install: &str) -> Check {
+    match find_in_path(name) {
+        Some(p) => Check::new(name, needed, Status::Ok, p.display().to_string()),
+        None => {
+            Check::new(name, needed, Status::Missing, "not found in PATH".into()).advice(install)
+        }
+    }
+}
+
+/// The user whose subordinate ids matter: the one behind sudo, else the effective user.
+fn invoking_user() -> (String, u32) {
+    if let (Ok(name), Some(uid)) = (
+        std::env::var("SUDO_USER"),
+        std::env::var("SUDO_UID").ok().and_then(|u| u.parse().ok()),
+    ) {
+        return (name, uid);
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let id = f.nth(1)?.parse::<u32>().ok()?;
+                (id == uid).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| uid.to_string());
+    (name, uid)
+}
+
+fn subid(path: &Path) -> Check {
+    let name = if path.ends_with("subgid") {
+        "/etc/subgid"
+    } else {
+        "/etc/subuid"
+    };
+    let (user, uid) = invoking_user();
+    let tool = if name == "/etc/subgid" {
+        "--add-subgids"
+    } else {
+        "--add-subuids"
+    };
+    let advice = format!("usermod {tool} 100000-165535 {user}");
+    match crate::idmap::subid::read(path) {
+        Ok(entries) => {
+            let mine = crate::idmap::subid::owned_by(&entries, &user, uid);
+            if mine.is_empty() {
+                Check::new(
+                    name,
+                    Needed::Rootless,
+                    Status::Missing,
+                    format!("no range for {user}"),
+                )
+                .advice(advice)
+            } else {
+                let ranges: Vec<String> = mine
+                    .iter()
+                    .map(|e| format!("{}+{}", e.start, e.count))
+                    .collect();
+                Check::new(
+                    name,
+                    Needed::Rootless,
+                    Status::Ok,
+                    format!("{user}: {}", ranges.join(", ")),
+                )
+            }
+        }
+        Err(e) => Check::new(name, Needed::Rootless, Status::Missing, e.to_string()).advice(advice),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "\
+CONFIG_FUSE_FS=m
+# CONFIG_FUSE_PASSTHROUGH is not set
+CONFIG_FUSE_PASSTHROUGHX=y
+CONFIG_USER_NS=y
+";
+
+    #[test]
+    fn config_lookup() {
+        let c = KernelConfig::from_text(Some("/x".into()), CONFIG.into());
+        assert_eq!(c.get("CONFIG_FUSE_FS"), Some("m"));
+        assert_eq!(c.get("CONFIG_FUSE_PASSTHROUGH"), Some("n"));
+        assert_eq!(c.get("CONFIG_USER_NS"), Some("y"));
+        assert_eq!(c.get("CONFIG_NOPE"), None);
+    }
+
+    #[test]
+    fn passthrough_status() {
+        let yes = KernelConfig::from_text(Some("/x".into()), "CONFIG_FUSE_PASSTHROUGH=y\n".into());
+        let no = KernelConfig::from_text(Some("/x".into()), CONFIG.into());
+        let none = KernelConfig::default();
+        assert_eq!(fuse_passthrough(Some((6, 9)), &yes).status, Status::Ok);
+        assert_eq!(fuse_passthrough(Some((6, 8)), &yes).status, Status::Missing);
+        assert_eq!(fuse_passthrough(Some((6, 18)), &no).status, Status::Missing);
+        let unknown = fuse_passthrough(Some((6, 18)), &none);
+        assert_eq!(unknown.status, Status::Unknown);
+        assert!(unknown.advice.is_some());
+    }
+
+    #[test]
+    fn summary_follows_needed_checks() {
+        let c = |needed_for, status| Check {
+            name: "x",
+            needed_for,
+            status,
+            detail: String::new(),
+            advice: None,
+        };
+        let checks = vec![
+            c(Needed::Mounting, Status::Ok),
+            c(Needed::KernelBackend, Status::Missing),
+            c(Needed::FuseBackend, Status::Ok),
+            c(Needed::Rootless, Status::Missing),
+        ];
+        assert_eq!(
+            backend_summary(&checks),
+            vec![("kernel", false), ("fuse", true)]
+        );
+    }
+}

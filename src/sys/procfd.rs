@@ -1,0 +1,107 @@
+//! Reaching the object behind one of our own `O_PATH` fds through `/proc/self/fd/N`.
+//!
+//! Opening, chmod, utimens and xattr calls do not work on `O_PATH` fds directly; going
+//! through the fd's magic link in our own `/proc/self/fd` lands exactly on the inode the fd
+//! holds (for a symlink: on the link itself, never its target, as measured on 6.18), with
+//! no path resolution inside the source tree.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
+
+pub struct ProcFd {
+    dir: OwnedFd,
+}
+
+impl ProcFd {
+    /// Opens `/proc/self/fd` once, so later calls do not depend on the path staying valid.
+    pub fn open() -> io::Result<Self> {
+        let dir = rustix::fs::open(
+            "/proc/self/fd",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self { dir })
+    }
+
+    fn name(fd: BorrowedFd<'_>) -> CString {
+        // A decimal number has no NUL byte.
+        CString::new(fd.as_raw_fd().to_string()).unwrap_or_default()
+    }
+
+    /// A new open file description of the object behind `fd`, with `flags`.
+    pub fn reopen(&self, fd: BorrowedFd<'_>, flags: OFlags) -> io::Result<OwnedFd> {
+        Ok(rustix::fs::openat(
+            &self.dir,
+            Self::name(fd).as_c_str(),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
+    }
+
+    pub fn chmod(&self, fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+        Ok(rustix::fs::chmodat(
+            &self.dir,
+            Self::name(fd).as_c_str(),
+            Mode::from_raw_mode(mode),
+            AtFlags::empty(),
+        )?)
+    }
+
+    pub fn utimens(&self, fd: BorrowedFd<'_>, times: &Timestamps) -> io::Result<()> {
+        Ok(rustix::fs::utimensat(
+            &self.dir,
+            Self::name(fd).as_c_str(),
+            times,
+            AtFlags::empty(),
+        )?)
+    }
+
+    /// The `/proc/self/fd/N` path, for the path-only xattr syscalls.
+    pub fn path(&self, fd: BorrowedFd<'_>) -> CString {
+        let mut p = b"/proc/self/fd/".to_vec();
+        p.extend_from_slice(Self::name(fd).as_bytes());
+        CString::new(p).unwrap_or_default()
+    }
+}
+
+impl AsFd for ProcFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+}
+
+/// Reads a whole xattr value of `path` (a `/proc/self/fd/N` path), retrying when it grows
+/// between the size query and the read.
+pub fn getxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        let size = rustix::fs::getxattr_query(path, name)?;
+        let mut buf = vec![0u8; size];
+        match rustix::fs::getxattr(path, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads the whole xattr name list of `path`.
+pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
+    loop {
+        let size = rustix::fs::listxattr_query(path)?;
+        let mut buf = vec![0u8; size];
+        match rustix::fs::listxattr(path, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! Issue 2 from the command line: `shiftfs mount` shows shifted owners, refuses bad input with
+//! one clear line, and `umount`, `list` and `--foreground` manage the mount's life cycle.
+//! Backend-independent cases run for both backends; daemon life-cycle cases are FUSE only.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Seek};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A source tree whose owners are 0, 1000 and 70000 (outside the 65536-id map).
+fn owned_tree(dir: &TestDir) -> PathBuf {
+    let src = dir.dir("src");
+    file(&src.join("root-file"), b"alpha\n", 0o644, 0, 0);
+    file(&src.join("user-file"), b"beta\n", 0o640, 1000, 1000);
+    file(&src.join("far-file"), b"gamma\n", 0o600, 70000, 70000);
+    mkdir(&src.join("user-dir"), 0o750, 1000, 1000);
+    file(&src.join("user-dir/mixed"), b"delta\n", 0o644, 0, 1000);
+    src
+}
+
+fn shows_shifted_owners(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("owners");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let before = snapshot(&src);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+
+    assert_eq!(stat_ids(&mnt), (100000, 100000), "mount root");
+    assert_eq!(stat_ids(mnt.join("root-file")), (100000, 100000));
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+    assert_eq!(stat_ids(mnt.join("far-file")), (OVERFLOW, OVERFLOW));
+    assert_eq!(stat_ids(mnt.join("user-dir")), (101000, 101000));
+    assert_eq!(stat_ids(mnt.join("user-dir/mixed")), (100000, 101000));
+    assert_eq!(
+        ls(&mnt),
+        ["far-file", "root-file", "user-dir", "user-file"],
+        "readdir through the mount"
+    );
+    assert_eq!(fs::read(mnt.join("root-file")).expect("read"), b"alpha\n");
+    assert_eq!(
+        fs::read(mnt.join("user-dir/mixed")).expect("read"),
+        b"delta\n"
+    );
+    // Modes pass through unchanged.
+    assert_eq!(lstat_mode(mnt.join("user-file")) & 0o7777, 0o640);
+    assert_eq!(lstat_mode(mnt.join("user-dir")) & 0o7777, 0o750);
+
+    m.unmount();
+    assert_eq!(snapshot(&src), before, "looking must not change the source");
+    assert!(ls(&mnt).is_empty(), "target is empty again after umount");
+    dir.finish();
+}
+
+fn list_shows_mount(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("list");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+
+    let out = run(&mut shiftfs(["list"]));
+    out.assert_ok();
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains(mnt.to_str().expect("utf-8 path")))
+        .unwrap_or_else(|| panic!("`shiftfs list` does not show {}:\n{out}", mnt.display()));
+    assert!(
+        line.contains(src.to_str().expect("utf-8")),
+        "source missing: {line}"
+    );
+    assert!(line.contains(b.name()), "backend missing: {line}");
+    assert!(line.contains("100000"), "map missing: {line}");
+    if b == Backend::Fuse {
+        let pids = shiftfs_pids_mentioning(&mnt);
+        assert!(
+            pids.iter().any(|p| line
+                .split(|c: char| !c.is_ascii_digit())
+                .any(|w| w == p.to_string())),
+            "daemon pid (one of {pids:?}) missing: {line}"
+        );
+    }
+
+    m.unmount();
+    let out = run(&mut shiftfs(["list"]));
+    out.assert_ok();
+    assert!(
+        !out.stdout.contains(mnt.to_str().expect("utf-8")),
+        "`shiftfs list` still shows the mount after umount:\n{out}"
+    );
+    dir.finish();
+}
+
+fn mount_options(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("opts");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let e = mount_at(&mnt).expect("mounted");
+    for opt in ["rw", "nosuid", "nodev"] {
+        assert!(
+            e.mount_options.iter().any(|o| o == opt),
+            "default mount lacks {opt}: {e:?}"
+        );
+    }
+    m.unmount();
+
+    let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "ro,noexec"], &src, &mnt);
+    let e = mount_at(&mnt).expect("mounted");
+    for opt in ["ro", "noexec", "nosuid", "nodev"] {
+        assert!(
+            e.mount_options.iter().any(|o| o == opt),
+            "-o ro,noexec mount lacks {opt}: {e:?}"
+        );
+    }
+    let err = fs::write(mnt.join("new"), b"x").expect_err("write on a ro mount");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert!(!src.join("new").exists());
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+    m.unmount();
+
+    let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid,dev"], &src, &mnt);
+    let e = mount_at(&mnt).expect("mounted");
+    for opt in ["nosuid", "nodev"] {
+        assert!(
+            !e.mount_options.iter().any(|o| o == opt),
+            "-o suid,dev mount still has {opt}: {e:?}"
+        );
+    }
+    m.unmount();
+    dir.finish();
+}
+
+/// Asserts the contract for a refused command: exit 1, exactly one line `shiftfs: ...` that
+/// names `mentions`, and nothing mounted on `tgt`.
+#[track_caller]
+fn assert_one_line_error(out: &Out, mentions: &str, tgt: &Path) {
+    assert_eq!(out.code(), Some(1), "exit code:\n{out}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "want exactly one line on stderr:\n{out}");
+    assert!(
+        lines[0].starts_with("shiftfs: "),
+        "error line must start with `shiftfs: `:\n{out}"
+    );
+    assert!(
+        lines[0].contains(mentions),
+        "error line should name `{mentions}`:\n{out}"
+    );
+    let clauses: Vec<&str> = lines[0].split(": ").filter(|c| c.len() > 12).collect();
+    for (i, c) in clauses.iter().enumerate() {
+        assert!(
+            !clauses[i + 1..].contains(c),
+            "error line repeats itself (`{c}`):\n{out}"
+        );
+    }
+    assert!(
+        !is_mountpoint(tgt),
+        "a refused mount left {} mounted",
+        tgt.display()
+    );
+}
+
+fn mount_cmd(b: Backend, map: &str, src: &Path, tgt: &Path) -> Command {
+    let mut c = shiftfs(["mount", "--backend", b.name(), "--map", map]);
+    c.arg(src).arg(tgt);
+    c
+}
+
+fn refuses_bad_input(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("errors");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+
+    let missing = dir.path().join("no-such-source");
+    let out = run(&mut mount_cmd(b, MAP, &missing, &mnt));
+    assert_one_line_error(&out, "no-such-source", &mnt);
+
+    let no_tgt = dir.path().join("no-such-target");
+    let out = run(&mut mount_cmd(b, MAP, &src, &no_tgt));
+    assert_one_line_error(&out, "no-such-target", &no_tgt);
+
+    let file_tgt = dir.path().join("file-target");
+    file(&file_tgt, b"", 0o644, 0, 0);
+    let out = run(&mut mount_cmd(b, MAP, &src, &file_tgt));
+    assert_one_line_error(&out, "file-target", &file_tgt);
+
+    let full = dir.dir("full-target");
+    file(&full.join("occupant"), b"", 0o644, 0, 0);
+    let out = run(&mut mount_cmd(b, MAP, &src, &full));
+    assert_one_line_error(&out, "full-target", &full);
+    assert_eq!(ls(&full), ["occupant"]);
+
+    for bad in [
+        "b:0:100000",                   // no count
+        "b:0:100000:0",                 // empty range
+        "x:0:100000:10",                // unknown kind
+        "b:0:100000:10,b:5:200000:10",  // inner ids overlap
+        "b:0:100000:10,b:20:100005:10", // outer ids overlap
+        "b:4294967295:0:2",             // wraps past the last id
+        "b:zero:100000:65536",          // not a number
+    ] {
+        let out = run(&mut mount_cmd(b, bad, &src, &mnt));
+        assert_one_line_error(&out, "", &mnt);
+        // The message must point at the map, not at a path.
+        assert!(
+            out.stderr.contains("map") || out.stderr.contains(bad),
+            "error for map {bad:?} does not mention the map:\n{out}"
+        );
+    }
+
+    let out = run(&mut shiftfs(["mount"]));
+    assert_eq!(
+        out.code(),
+        Some(2),
+        "missing operands is a usage error:\n{out}"
+    );
+
+    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+    assert_one_line_error(&out, "mnt", &mnt);
+
+    dir.finish();
+}
+
+/// A copy of the binary that any uid can execute, wherever cargo's target dir is.
+fn world_executable_bin(dir: &TestDir) -> PathBuf {
+    let p = dir.path().join("shiftfs");
+    fs::copy(BIN, &p).expect("copy binary");
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod");
+    p
+}
+
+fn refuses_non_root(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("nonroot");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let bin = world_executable_bin(&dir);
+    let out = run(
+        cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
+            .args(["--backend", b.name(), "--map", MAP])
+            .arg(&src)
+            .arg(&mnt),
+    );
+    assert_one_line_error(&out, "", &mnt);
+    assert!(
+        out.stderr.contains("root") || out.stderr.contains("permission"),
+        "the refusal should say root/permission is needed:\n{out}"
+    );
+    dir.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// FUSE daemon life cycle
+
+#[test]
+fn fuse_refuses_without_dev_fuse() {
+    if !require_root() {
+        return;
+    }
+    let dir = TestDir::new("nofuse");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    // A private mount namespace whose /dev has no fuse node.
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 \
+         && exec {} mount --backend fuse --map {MAP} {} {}",
+        q(BIN),
+        q(&src),
+        q(&mnt)
+    );
+    let out = run(Command::new("unshare")
+        .args(["--mount", "--", "sh", "-c"])
+        .arg(script)
+        .current_dir("/"));
+    assert_one_line_error(&out, "/dev/fuse", &mnt);
+    dir.finish();
+}
+
+/// The daemon serving `mnt`: the one live shiftfs process naming it.
+#[track_caller]
+fn daemon_pid(mnt: &Path) -> u32 {
+    let pids = shiftfs_pids_mentioning(mnt);
+    assert_eq!(
+        pids.len(),
+        1,
+        "want one daemon for {}: {pids:?}",
+        mnt.display()
+    );
+    pids[0]
+}
+
+#[test]
+fn fuse_umount_cleans_up_after_killed_daemon() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("kill9");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+
+    let pid = daemon_pid(&mnt);
+    run(&mut sh(&format!("kill -9 {pid}"))).assert_ok();
+    let gone = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+    });
+    assert!(gone, "daemon {pid} survived SIGKILL");
+    let err = fs::metadata(mnt.join("user-file")).expect_err("dead mount must not answer");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    assert!(
+        is_mountpoint(&mnt),
+        "the dead mount is still there before umount"
+    );
+
+    m.unmount();
+    assert!(ls(&mnt).is_empty());
+    // The target can be mounted again.
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+    m.unmount();
+    dir.finish();
+}
+
+fn foreground_signal_unmounts(signal: rustix::process::Signal, name: &str) {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new(name);
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let log = tempfile::tempfile().expect("log file");
+    let read_log = || {
+        let mut l = log.try_clone().expect("dup");
+        let mut s = String::new();
+        let _ = l.rewind();
+        let _ = l.read_to_string(&mut s);
+        s
+    };
+    let mut child = shiftfs(["mount", "--foreground", "--backend", "fuse", "--map", MAP])
+        .arg(&src)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup"))
+        .stderr(log.try_clone().expect("dup"))
+        .spawn()
+        .expect("spawn shiftfs --foreground");
+    // Kills the child and unmounts if an assertion below fails.
+    let guard = ShiftMount::adopt(&mnt);
+    let start = std::time::Instant::now();
+    while !is_mountpoint(&mnt) && start.elapsed() < Duration::from_secs(15) {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("--foreground exited ({st}) before mounting: {}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        is_mountpoint(&mnt),
+        "--foreground did not mount within 15 s"
+    );
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "--foreground must keep running while mounted"
+    );
+
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, signal).expect("signal");
+    let status = wait_timeout(&mut child, Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("--foreground ignored {signal:?} for 15 s"));
+    assert!(
+        status.success(),
+        "exit after {signal:?}: {status}: {}",
+        read_log()
+    );
+    assert!(!is_mountpoint(&mnt), "still mounted after {signal:?}");
+    guard.disarm();
+    dir.finish();
+}
+
+#[test]
+fn fuse_foreground_sigterm_unmounts() {
+    foreground_signal_unmounts(rustix::process::Signal::TERM, "sigterm");
+}
+
+#[test]
+fn fuse_foreground_sigint_unmounts() {
+    foreground_signal_unmounts(rustix::process::Signal::INT, "sigint");
+}
+
+/// `x=$(shiftfs mount ...)` must return: the backgrounded daemon may not hold the caller's
+/// stdout or stderr open.
+#[test]
+fn fuse_mount_detaches_from_callers_output() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("detach");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let guard = ShiftMount::adopt(&mnt);
+    let script = format!(
+        "out=$({} mount --backend fuse --map {MAP} {} {} 2>&1); echo \"rc=$? out=$out\"",
+        q(BIN),
+        q(&src),
+        q(&mnt)
+    );
+    let out = run_timeout(&mut sh(&script), Duration::from_secs(20));
+    out.assert_ok();
+    assert!(out.stdout.starts_with("rc=0"), "{out}");
+    assert!(is_mountpoint(&mnt));
+    guard.unmount();
+    dir.finish();
+}
+
+fn separate_maps_and_map_from_pid(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("maps");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+
+    let m = ShiftMount::with_args(
+        b,
+        &["--uid-map", "0:100000:65536", "--gid-map", "0:200000:65536"],
+        &src,
+        &mnt,
+    );
+    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 201000));
+    assert_eq!(stat_ids(mnt.join("user-dir/mixed")), (100000, 201000));
+    m.unmount();
+
+    let ns = UserNs::new("0 300000 65536");
+    let pid = ns.pid().to_string();
+    let m = ShiftMount::with_args(b, &["--map-from-pid", &pid], &src, &mnt);
+    assert_eq!(stat_ids(mnt.join("user-file")), (301000, 301000));
+    assert_eq!(stat_ids(mnt.join("far-file")), (OVERFLOW, OVERFLOW));
+    m.unmount();
+    drop(ns);
+    dir.finish();
+}
+
+/// Paths with spaces, given relative to the caller's cwd, survive into the daemon, mountinfo,
+/// `shiftfs list` and `shiftfs umount`.
+fn relative_paths_with_spaces(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("spaces");
+    let src = dir.path().join("my source");
+    mkdir(&src, 0o755, 0, 0);
+    file(&src.join("f"), b"x", 0o644, 1000, 1000);
+    let mnt = dir.path().join("my mount");
+    mkdir(&mnt, 0o755, 0, 0);
+    let guard = ShiftMount::adopt(&mnt);
+    let out = run(shiftfs([
+        "mount",
+        "--backend",
+        b.name(),
+        "--map",
+        MAP,
+        "my source",
+        "my mount",
+    ])
+    .current_dir(dir.path()));
+    out.assert_ok();
+    assert!(is_mountpoint(&mnt), "not mounted at {}", mnt.display());
+    assert_eq!(stat_ids(mnt.join("f")), (101000, 101000));
+    let list = run(&mut shiftfs(["list"]));
+    assert!(
+        list.stdout.contains(mnt.to_str().expect("utf-8")),
+        "list should show the absolute target:\n{list}"
+    );
+    let out = run(shiftfs(["umount", "my mount"]).current_dir(dir.path()));
+    out.assert_ok();
+    assert!(!is_mountpoint(&mnt));
+    guard.disarm();
+    dir.finish();
+}
+
+/// A busy mount is not torn away: one clear line, the mount stays; `-l` detaches it.
+fn umount_busy(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("busy");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("user-dir"))
+        .spawn()
+        .expect("spawn a process inside the mount");
+    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+    let still = is_mountpoint(&mnt);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_one_line_error_allow_mounted(&out, "busy");
+    assert!(still, "a busy mount must stay mounted");
+    assert_eq!(
+        stat_ids(mnt.join("user-file")),
+        (101000, 101000),
+        "still served"
+    );
+
+    // This user leaves by itself, so the daemon can finish once it is gone.
+    let mut holder = Command::new("sleep")
+        .arg("2")
+        .current_dir(mnt.join("user-dir"))
+        .spawn()
+        .expect("spawn a process inside the mount");
+    let out = run(&mut shiftfs([
+        OsStr::new("umount"),
+        OsStr::new("-l"),
+        mnt.as_os_str(),
+    ]));
+    out.assert_ok();
+    assert!(!is_mountpoint(&mnt), "-l detaches at once");
+    let _ = holder.wait();
+    let start = std::time::Instant::now();
+    while !shiftfs_pids_mentioning(&mnt).is_empty() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.disarm();
+    dir.finish();
+}
+
+#[track_caller]
+fn assert_one_line_error_allow_mounted(out: &Out, mentions: &str) {
+    assert_eq!(out.code(), Some(1), "exit code:\n{out}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 1, "want exactly one line on stderr:\n{out}");
+    assert!(lines[0].starts_with("shiftfs: "), "{out}");
+    assert!(
+        lines[0].contains(mentions),
+        "should say `{mentions}`:\n{out}"
+    );
+}
+
+backend_tests!(
+    shows_shifted_owners,
+    list_shows_mount,
+    mount_options,
+    refuses_bad_input,
+    refuses_non_root,
+    separate_maps_and_map_from_pid,
+    relative_paths_with_spaces,
+    umount_busy
+);
+
+/// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel
+/// backend; a source on a FUSE filesystem falls back to FUSE.
+#[test]
+fn auto_backend_choice() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("auto");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::with_args_auto(&["--map", MAP], &src, &mnt);
+    let e = mount_at(&mnt).expect("mounted");
+    assert!(
+        !e.fstype.starts_with("fuse"),
+        "ext4/tmpfs source should get the kernel: {e:?}"
+    );
+    assert!(e.mount_options.iter().any(|o| o == "idmapped"), "{e:?}");
+
+    // A FUSE mount as the source: the kernel cannot idmap it.
+    let mnt2 = dir.dir("mnt2");
+    let m2 = ShiftMount::with_args_auto(&["--map", "b:0:0:4294967295"], &mnt, &mnt2);
+    let e2 = mount_at(&mnt2).expect("mounted");
+    assert!(e2.fstype.starts_with("fuse"), "{e2:?}");
+    assert_eq!(
+        stat_ids(mnt2.join("user-file")),
+        (101000, 101000),
+        "maps compose"
+    );
+    m2.unmount();
+    m.unmount();
+    dir.finish();
+}

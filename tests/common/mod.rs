@@ -1,0 +1,857 @@
+//! Helpers shared by the integration tests that mount for real.
+//!
+//! Every mount is held by a [`ShiftMount`] guard and every test works in its own [`TestDir`], so
+//! tests run in parallel threads and a failing test still unmounts and stops its daemon.
+//! Prerequisites that are missing skip a test with a printed reason, except under `CI=true`,
+//! where they fail it.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs;
+use std::io::{Read, Seek};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_shiftfs");
+
+/// The map most tests use: image ids 0..65535 shown as host ids 100000..165535.
+pub const MAP: &str = "b:0:100000:65536";
+/// The same map as a user namespace `uid_map`/`gid_map` line.
+pub const NS_MAP: &str = "0 100000 65536";
+/// A map that covers every host id unchanged (host root writes as image root).
+pub const IDENTITY_MAP: &str = "b:0:0:4294967295";
+/// What an unmapped id is shown as.
+pub const OVERFLOW: u32 = 65534;
+
+/// How long a command may run before the test calls it hung.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// Prerequisites
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Returns false (after printing why) when the test must be skipped; panics under `CI=true`.
+pub fn skip(reason: &str) -> bool {
+    if ci() {
+        panic!("prerequisite missing (CI=true forbids skipping): {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Root is needed to mount, to chown fixtures and to switch users.
+pub fn require_root() -> bool {
+    if !is_root() {
+        return skip("needs root (mounts, chown, user namespaces)");
+    }
+    true
+}
+
+fn dev_fuse_usable() -> bool {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_ok()
+}
+
+/// Everything the given backend needs on this machine.
+pub fn require(backend: Backend) -> bool {
+    if !require_root() {
+        return false;
+    }
+    match backend {
+        Backend::Fuse if !dev_fuse_usable() => skip("FUSE backend needs a usable /dev/fuse"),
+        _ => true,
+    }
+}
+
+/// A program the test shells out to, e.g. `setfacl` (Debian package `acl`).
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            d.join(tool)
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+        })
+    });
+    if !found {
+        return skip(&format!("needs `{tool}` (apt-get install {package})"));
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+/// The two backends every user-level test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Fuse,
+    Kernel,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fuse => "fuse",
+            Self::Kernel => "kernel",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Generates `fuse::NAME` and `kernel::NAME` tests calling `NAME(Backend)` for each name.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod fuse {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Fuse) } )*
+        }
+        mod kernel {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Kernel) } )*
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running commands
+
+/// What a finished command printed and how it exited.
+pub struct Out {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl Out {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.ok(), "command failed:\n{self}");
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_fails(&self) -> &Self {
+        assert!(!self.ok(), "command unexpectedly succeeded:\n{self}");
+        self
+    }
+
+    /// The non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+impl fmt::Display for Out {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "$ {}\n  status: {}\n  stdout: {}\n  stderr: {}",
+            self.what,
+            self.status,
+            self.stdout.trim_end().replace('\n', "\n          "),
+            self.stderr.trim_end().replace('\n', "\n          ")
+        )
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        let a = a.to_string_lossy();
+        if a.contains(' ') || a.is_empty() {
+            s.push_str(&format!("'{a}'"));
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// Runs `cmd` to completion (killed after `timeout`). Output goes through unnamed temporary files,
+/// not pipes, so a daemon that keeps stdout open cannot hang the test.
+#[track_caller]
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Out {
+    let what = describe(cmd);
+    let mut out_f = tempfile::tempfile().expect("tempfile for stdout");
+    let mut err_f = tempfile::tempfile().expect("tempfile for stderr");
+    cmd.stdin(Stdio::null())
+        .stdout(out_f.try_clone().expect("dup stdout file"))
+        .stderr(err_f.try_clone().expect("dup stderr file"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let status = wait_timeout(&mut child, timeout)
+        .unwrap_or_else(|| panic!("{what}: still running after {timeout:?}, killed"));
+    let read = |f: &mut fs::File| {
+        let mut s = String::new();
+        f.rewind().expect("rewind output");
+        f.read_to_string(&mut s).expect("read output");
+        s
+    };
+    Out {
+        status,
+        stdout: read(&mut out_f),
+        stderr: read(&mut err_f),
+        what,
+    }
+}
+
+#[track_caller]
+pub fn run(cmd: &mut Command) -> Out {
+    run_timeout(cmd, CMD_TIMEOUT)
+}
+
+/// Waits for `child`; kills and reaps it and returns None after `timeout`.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `shiftfs ARGS...`, run from `/` so relative paths are never resolved against cargo's cwd.
+pub fn shiftfs<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut c = Command::new(BIN);
+    c.args(args).current_dir("/");
+    c
+}
+
+/// `sh -c SCRIPT` as the calling user (host root in these tests).
+pub fn sh(script: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).current_dir("/");
+    c
+}
+
+/// `sh -c SCRIPT` as host uid/gid with no supplementary groups.
+pub fn sh_as(uid: u32, gid: u32, script: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir("/");
+    c
+}
+
+/// Any command as host uid/gid with no supplementary groups.
+pub fn cmd_as<I, S>(uid: u32, gid: u32, program: &str, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .current_dir("/");
+    c
+}
+
+/// Single-quotes a path for a shell script.
+pub fn q(p: impl AsRef<Path>) -> String {
+    let s = p.as_ref().to_string_lossy();
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// User namespaces
+
+/// A user namespace with the given uid/gid map, held open by an idle process.
+///
+/// The map is written from here (we are root in the initial namespace), so neither `newuidmap`
+/// nor `/etc/subuid` entries are needed. Commands join it with `nsenter -U -S 0 -G 0` and keep
+/// the host's mount namespace, so they see the test's mounts.
+pub struct UserNs {
+    holder: Child,
+}
+
+impl UserNs {
+    /// A namespace whose uid and gid maps are both `map` (proc text, e.g. `0 100000 65536`).
+    #[track_caller]
+    pub fn new(map: &str) -> Self {
+        let mut holder = Command::new("unshare")
+            .args(["--user", "--", "sleep", "3600"])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn unshare --user");
+        let pid = holder.id();
+        let own = fs::read_link("/proc/self/ns/user").expect("own user ns");
+        let start = Instant::now();
+        // unshare(2) runs after fork: wait until the child is in its own namespace.
+        loop {
+            if let Ok(ns) = fs::read_link(format!("/proc/{pid}/ns/user"))
+                && ns != own
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) || matches!(holder.try_wait(), Ok(Some(_)))
+            {
+                let _ = holder.kill();
+                let _ = holder.wait();
+                panic!("unshare --user did not create a user namespace");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ns = Self { holder };
+        for file in ["uid_map", "gid_map"] {
+            fs::write(format!("/proc/{pid}/{file}"), format!("{map}\n"))
+                .unwrap_or_else(|e| panic!("write /proc/{pid}/{file} = {map}: {e}"));
+        }
+        ns
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// `sh -c SCRIPT` as uid/gid 0 of the namespace.
+    pub fn sh(&self, script: &str) -> Command {
+        self.sh_as(0, 0, script)
+    }
+
+    /// `sh -c SCRIPT` as uid/gid (namespace ids) in the namespace.
+    pub fn sh_as(&self, uid: u32, gid: u32, script: &str) -> Command {
+        let mut c = self.cmd_as(uid, gid, "sh");
+        c.arg("-c").arg(script);
+        c
+    }
+
+    /// PROGRAM as uid/gid (namespace ids) in the namespace; add arguments with `.arg`.
+    pub fn cmd_as(&self, uid: u32, gid: u32, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("--user")
+            .arg(format!("--target={}", self.pid()))
+            .arg(format!("--setuid={uid}"))
+            .arg(format!("--setgid={gid}"))
+            .arg("--")
+            .arg(program)
+            .current_dir("/");
+        c
+    }
+}
+
+impl Drop for UserNs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test directories and fixtures
+
+/// Every test directory lives under here, so CI can check for leftovers after the run.
+pub fn test_root() -> PathBuf {
+    let root = std::env::temp_dir().join("shiftfs-tests");
+    fs::create_dir_all(&root).expect("create test root");
+    // Namespace roots and unprivileged uids must be able to reach their fixtures.
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).expect("chmod test root");
+    root
+}
+
+/// A private directory for one test; Drop unmounts whatever is left under it, stops daemons
+/// serving it and removes it.
+pub struct TestDir {
+    tmp: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    #[track_caller]
+    pub fn new(name: &str) -> Self {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(test_root())
+            .expect("create test dir");
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let path = tmp.path().to_path_buf();
+        Self {
+            tmp: Some(tmp),
+            path,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates `name` (root-owned, 0755) inside the test dir.
+    #[track_caller]
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        mkdir(&p, 0o755, 0, 0);
+        p
+    }
+
+    /// Checks nothing is left mounted or running for this test, then removes the dir.
+    #[track_caller]
+    pub fn finish(self) {
+        assert_no_leaks(&self.path);
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        cleanup_under(&self.path);
+        if !mounts_under(&self.path).is_empty() {
+            // Removing recursively would walk into a mount: keep the directory instead.
+            if let Some(t) = self.tmp.take() {
+                let kept = t.keep();
+                eprintln!("left {} in place: still mounted under it", kept.display());
+            }
+        }
+    }
+}
+
+/// Lazily unmounts everything under `dir` (deepest first) and kills shiftfs processes naming it.
+pub fn cleanup_under(dir: &Path) {
+    for pid in shiftfs_pids_mentioning(dir) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).expect("pid > 0"),
+            rustix::process::Signal::KILL,
+        );
+    }
+    let mut mps: Vec<PathBuf> = mounts_under(dir)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .collect();
+    mps.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for mp in mps {
+        let _ = rustix::mount::unmount(&mp, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+/// Panics, listing them, if any mount or shiftfs process is left under `dir`.
+#[track_caller]
+pub fn assert_no_leaks(dir: &Path) {
+    let mounts = mounts_under(dir);
+    let pids = shiftfs_pids_mentioning(dir);
+    assert!(
+        mounts.is_empty() && pids.is_empty(),
+        "leaked under {}: mounts {:?}, shiftfs processes {:?}",
+        dir.display(),
+        mounts,
+        pids
+    );
+}
+
+#[track_caller]
+pub fn mkdir(path: &Path, mode: u32, uid: u32, gid: u32) {
+    fs::create_dir(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown dir");
+    // After chown, which clears setgid.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod dir");
+}
+
+#[track_caller]
+pub fn file(path: &Path, contents: &[u8], mode: u32, uid: u32, gid: u32) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown file");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod file");
+}
+
+#[track_caller]
+pub fn symlink(target: impl AsRef<Path>, path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::symlink(target, path)
+        .unwrap_or_else(|e| panic!("symlink {}: {e}", path.display()));
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).expect("lchown symlink");
+}
+
+/// (uid, gid) of `path`, following symlinks.
+#[track_caller]
+pub fn stat_ids(path: impl AsRef<Path>) -> (u32, u32) {
+    let p = path.as_ref();
+    let m = fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (m.uid(), m.gid())
+}
+
+/// (uid, gid) of `path` itself (a symlink is not followed).
+#[track_caller]
+pub fn lstat_ids(path: impl AsRef<Path>) -> (u32, u32) {
+    let p = path.as_ref();
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()));
+    (m.uid(), m.gid())
+}
+
+/// Full `st_mode` of `path` itself.
+#[track_caller]
+pub fn lstat_mode(path: impl AsRef<Path>) -> u32 {
+    let p = path.as_ref();
+    fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
+        .mode()
+}
+
+/// Names in a directory, sorted.
+#[track_caller]
+pub fn ls(dir: impl AsRef<Path>) -> Vec<String> {
+    let d = dir.as_ref();
+    let mut v: Vec<String> = fs::read_dir(d)
+        .unwrap_or_else(|e| panic!("readdir {}: {e}", d.display()))
+        .map(|e| {
+            e.expect("dirent")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A recursive snapshot (path, type+mode, uid, gid, size, content hash-ish) to prove a tree was
+/// not touched.
+pub fn snapshot(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = fs::read_dir(d) else {
+            out.push(format!("{}: unreadable", d.display()));
+            return;
+        };
+        let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let rel = p.strip_prefix(base).unwrap_or(&p).display().to_string();
+            let content = if m.is_file() {
+                fs::read(&p)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "{rel} mode={:o} uid={} gid={} size={} {content:?}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.len()
+            ));
+            if m.is_dir() {
+                walk(base, &p, out);
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts and processes
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    /// Per-mount options (ro, nosuid, nodev, noexec, idmapped, ...).
+    pub mount_options: Vec<String>,
+    pub super_options: Vec<String>,
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn mountinfo() -> Vec<MountEntry> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let l: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            Some(MountEntry {
+                mount_point: PathBuf::from(unescape_mountinfo(l.get(4)?)),
+                mount_options: l.get(5)?.split(',').map(str::to_owned).collect(),
+                fstype: unescape_mountinfo(r.first()?),
+                source: unescape_mountinfo(r.get(1)?),
+                super_options: r
+                    .get(2)
+                    .map(|o| o.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Mounts at or below `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<MountEntry> {
+    mountinfo()
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(dir))
+        .collect()
+}
+
+/// The topmost mount at exactly `path`, if any.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    mountinfo()
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+}
+
+pub fn is_mountpoint(path: &Path) -> bool {
+    mount_at(path).is_some()
+}
+
+/// Polls until `path` is (or is no longer) a mount point; false on timeout.
+pub fn wait_mounted(path: &Path, mounted: bool, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if is_mountpoint(path) == mounted {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    is_mountpoint(path) == mounted
+}
+
+fn is_shiftfs_process(pid: u32, argv0: &str) -> bool {
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    comm.trim() == "shiftfs" || Path::new(argv0).file_name().is_some_and(|n| n == "shiftfs")
+}
+
+/// Live (non-zombie) shiftfs processes whose command line names a path under `dir`.
+pub fn shiftfs_pids_mentioning(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(argv0) = args.first() else { continue };
+        if is_shiftfs_process(pid, argv0) && args.iter().any(|a| a.contains(&needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Every live shiftfs process on the machine (for an end-of-suite check).
+pub fn all_shiftfs_pids() -> Vec<u32> {
+    shiftfs_pids_mentioning(Path::new(""))
+}
+
+/// A mount made with `shiftfs mount`; Drop runs `shiftfs umount` and then a lazy unmount, and
+/// kills a daemon that outlived both, so a failing test never leaves anything behind.
+pub struct ShiftMount {
+    target: PathBuf,
+    armed: bool,
+}
+
+impl ShiftMount {
+    /// `shiftfs mount --backend B --map MAP SRC TGT`; panics with the command's output on failure.
+    #[track_caller]
+    pub fn new(backend: Backend, map: &str, src: &Path, tgt: &Path) -> Self {
+        Self::with_args(backend, &["--map", map], src, tgt)
+    }
+
+    /// `shiftfs mount --backend B EXTRA... SRC TGT`; panics on failure.
+    #[track_caller]
+    pub fn with_args(backend: Backend, extra: &[&str], src: &Path, tgt: &Path) -> Self {
+        match Self::try_mount(Some(backend), extra, src, tgt) {
+            Ok(m) => m,
+            Err(out) => panic!("mount failed:\n{out}"),
+        }
+    }
+
+    /// `shiftfs mount EXTRA... SRC TGT`, letting shiftfs pick the backend; panics on failure.
+    #[track_caller]
+    pub fn with_args_auto(extra: &[&str], src: &Path, tgt: &Path) -> Self {
+        match Self::try_mount(None, extra, src, tgt) {
+            Ok(m) => m,
+            Err(out) => panic!("mount failed:\n{out}"),
+        }
+    }
+
+    /// Mounts, handing back the failed command's output.
+    #[track_caller]
+    pub fn try_mount(
+        backend: Option<Backend>,
+        extra: &[&str],
+        src: &Path,
+        tgt: &Path,
+    ) -> Result<Self, Out> {
+        let mut c = shiftfs(["mount"]);
+        if let Some(b) = backend {
+            c.args(["--backend", b.name()]);
+        }
+        c.args(extra).arg(src).arg(tgt);
+        // The guard exists before the command runs: a mount that half-succeeded or hung is
+        // still cleaned up.
+        let guard = Self::adopt(tgt);
+        let out = run_timeout(&mut c, Duration::from_secs(30));
+        if !out.ok() {
+            return Err(out);
+        }
+        assert!(
+            is_mountpoint(tgt),
+            "`shiftfs mount` exited 0 but {} is not a mount point:\n{out}",
+            tgt.display()
+        );
+        Ok(guard)
+    }
+
+    /// Takes charge of whatever gets mounted on `tgt` by other means (e.g. `--foreground`).
+    pub fn adopt(tgt: &Path) -> Self {
+        Self {
+            target: tgt.to_path_buf(),
+            armed: true,
+        }
+    }
+
+    /// For a mount the test already saw go away by other means.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// `shiftfs umount`, asserting it succeeds, removes the mount and stops the daemon.
+    #[track_caller]
+    pub fn unmount(mut self) {
+        let out = run_timeout(
+            &mut shiftfs([OsStr::new("umount"), self.target.as_os_str()]),
+            Duration::from_secs(30),
+        );
+        out.assert_ok();
+        assert!(
+            !is_mountpoint(&self.target),
+            "{} still mounted after `shiftfs umount`:\n{out}",
+            self.target.display()
+        );
+        let pids = shiftfs_pids_mentioning(&self.target);
+        assert!(
+            pids.is_empty(),
+            "`shiftfs umount` returned but daemon(s) {pids:?} serving {} still run",
+            self.target.display()
+        );
+        self.armed = false;
+    }
+}
+
+impl Drop for ShiftMount {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut c = shiftfs([OsStr::new("umount"), self.target.as_os_str()]);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Ok(mut child) = c.spawn() {
+            let _ = wait_timeout(&mut child, Duration::from_secs(20));
+        }
+        cleanup_under(&self.target);
+        if is_mountpoint(&self.target) {
+            let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+}
+
+/// Compiles a one-file C program into `dir` (world-executable); None (after `skip`) without gcc.
+#[track_caller]
+pub fn compile_c(dir: &Path, name: &str, source: &str) -> Option<PathBuf> {
+    if !require_tool("gcc", "gcc") {
+        return None;
+    }
+    let c = dir.join(format!("{name}.c"));
+    let bin = dir.join(name);
+    fs::write(&c, source).expect("write C source");
+    run(Command::new("gcc")
+        .arg("-O")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&c)
+        .current_dir(dir))
+    .assert_ok();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod");
+    Some(bin)
+}

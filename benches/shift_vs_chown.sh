@@ -3,18 +3,17 @@
 # `chown -R` of the same tree to a single owner. Not a timed test: it prints the times and
 # the ratio. Needs root. Usage:
 #   cargo build --release && benches/shift_vs_chown.sh [MINBASE_DIR] [ROUNDS]
-# MINBASE_DIR defaults to /var/cache/shiftfs-test/minbase, built with
-#   debootstrap --variant=minbase bookworm /var/cache/shiftfs-test/minbase http://deb.debian.org/debian
+# MINBASE_DIR defaults to the tree scripts/minbase.sh builds (once) with debootstrap.
 #
 # The comparison flatters chown: it writes one owner and nothing else, while the shift
 # translates every owner, ACL entry and capability root id, restores the setuid/setgid
 # bits and capabilities that chown clears, and journals its plan (fsynced) first.
 set -eu
-MB=${1:-/var/cache/shiftfs-test/minbase}
+if [ $# -ge 1 ]; then MB=$1; else MB=$("$(dirname "$0")/../scripts/minbase.sh"); fi
 ROUNDS=${2:-5}
 BIN=${SHIFTFS:-$(dirname "$0")/../target/release/shiftfs}
 [ -x "$BIN" ] || { echo "build first: cargo build --release" >&2; exit 2; }
-[ -d "$MB/etc" ] || { echo "no tree at $MB (see the header for the debootstrap command)" >&2; exit 2; }
+[ -n "$MB" ] && [ -f "$MB/etc/debian_version" ] || { echo "no Debian tree at '$MB' (scripts/minbase.sh builds one)" >&2; exit 2; }
 WORK=$(mktemp -d /var/tmp/shiftfs-bench.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT INT TERM
 
@@ -32,11 +31,11 @@ while [ "$i" -lt "$ROUNDS" ]; do
     find "$WORK/a" "$WORK/b" -xdev > /dev/null
     t0=$(now); "$BIN" shift --map b:0:100000:65536 "$WORK/a" > /dev/null; t1=$(now)
     chown -R 100000:100000 "$WORK/b"; t2=$(now)
-    echo "$t1 - $t0" | bc -l >> "$WORK/shift.t"
-    echo "$t2 - $t1" | bc -l >> "$WORK/chown.t"
+    awk "BEGIN {print $t1 - $t0}" >> "$WORK/shift.t"
+    awk "BEGIN {print $t2 - $t1}" >> "$WORK/chown.t"
     i=$((i + 1))
 done
 s=$(median < "$WORK/shift.t"); c=$(median < "$WORK/chown.t")
 printf 'shiftfs shift --map b:0:100000:65536: %.3f s (median)\n' "$s"
 printf 'chown -R 100000:100000:              %.3f s (median)\n' "$c"
-printf 'ratio shift/chown: %.2f\n' "$(echo "$s / $c" | bc -l)"
+awk "BEGIN {printf \"ratio shift/chown: %.2f\\n\", $s / $c}"

@@ -1,6 +1,6 @@
 //! Offline shift and scan on real trees (issue 6). Needs root, and `setfacl`, `setcap`,
-//! `getfattr` (Debian: acl, libcap2-bin, attr); the minbase test needs a Debian minbase tree
-//! at `/var/cache/shiftfs-test/minbase` (built with debootstrap if missing). Without those a
+//! `getfattr` (Debian: acl, libcap2-bin, attr); the minbase tests use the Debian minbase tree
+//! of `scripts/minbase.sh` (built with debootstrap if missing). Without those a
 //! test skips, except under `CI=true`, where it fails.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,6 @@ use shiftfs::xattr;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shiftfs");
 const MAP: &str = "b:0:100000:65536";
-const MINBASE: &str = "/var/cache/shiftfs-test/minbase";
 
 fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -682,29 +681,20 @@ fn scan_reports_ids_and_hazards() {
     );
 }
 
-/// The Debian minbase tree, built once and cached.
+/// The Debian minbase tree, built once and cached by `scripts/minbase.sh` (debootstrap).
 fn minbase() -> Option<PathBuf> {
-    let p = PathBuf::from(MINBASE);
-    if p.join("etc/debian_version").exists() {
-        return Some(p);
-    }
     if !prerequisites(&["debootstrap"]) {
         return None;
     }
-    let tmp = PathBuf::from(format!("{MINBASE}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    let st = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            "bookworm",
-            tmp.to_str().unwrap(),
-            "http://deb.debian.org/debian",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "debootstrap failed");
-    std::fs::rename(&tmp, &p).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/minbase.sh");
+    let out = Command::new(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/minbase.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert!(p.join("etc/debian_version").exists(), "{}", p.display());
     Some(p)
 }
 

@@ -586,13 +586,9 @@ fn write_journal(
     )
     .map_err(|e| jerr(e.into()))?;
     let mut w = io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
-    let line = |w: &mut io::BufWriter<std::fs::File>, v: &dyn erased::Ser| -> io::Result<()> {
-        v.write_json(w)?;
-        w.write_all(b"\n")
-    };
-    line(&mut w, header).map_err(jerr)?;
+    json_line(&mut w, header).map_err(jerr)?;
     for r in records {
-        line(&mut w, r).map_err(jerr)?;
+        json_line(&mut w, r).map_err(jerr)?;
     }
     let file = w.into_inner().map_err(|e| jerr(e.into_error()))?;
     file.sync_all().map_err(jerr)?;
@@ -600,16 +596,9 @@ fn write_journal(
     Ok(())
 }
 
-/// Serialising the header and the records through one closure.
-mod erased {
-    pub trait Ser {
-        fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()>;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-            serde_json::to_writer(w, self).map_err(std::io::Error::other)
-        }
-    }
+fn json_line(w: &mut impl Write, v: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *w, v).map_err(io::Error::other)?;
+    w.write_all(b"\n")
 }
 
 fn read_journal(tree: &Path, fd: OwnedFd) -> Result<(Header, Vec<Record>), Error> {

@@ -904,6 +904,14 @@ fn apply(
 
 fn finalize(root: BorrowedFd<'_>, opts: &Options, header: Option<&Header>) -> Result<(), Error> {
     let e = |op| move |err: rustix::io::Errno| io_err(b"", op, err);
+    // Every inode change must be durable before the map says the shift is done; the file
+    // system's own ordering is not relied on.
+    let cross = header.map_or(opts.walk.cross_file_systems, |h| h.cross_file_systems);
+    if cross {
+        rustix::fs::sync();
+    } else {
+        rustix::fs::syncfs(root).map_err(e("syncfs"))?;
+    }
     if opts.to == IdMapping::identity() {
         match rustix::fs::fremovexattr(root, MAP_XATTR) {
             Ok(()) | Err(rustix::io::Errno::NODATA) => {}

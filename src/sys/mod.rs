@@ -10,3 +10,4 @@ pub mod process;
 pub mod procfd;
 pub mod statmount;
 pub mod userns;
+pub mod xattrat;

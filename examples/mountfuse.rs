@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
                     Duration::from_secs_f64(it.next().map_or(Ok(1.0), |s| s.parse())?)
             }
             "--threads" => opts.threads = it.next().map_or(Ok(0), |s| s.parse())?,
+            "--max-fds" => opts.max_inode_fds = it.next().map_or(Ok(0), |s| s.parse())?,
             "--dev" => opts.flags.dev = true,
             "--suid" => opts.flags.suid = true,
             "--ro" => opts.flags.read_only = true,

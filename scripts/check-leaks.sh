@@ -9,7 +9,8 @@ bad=0
 mounts="$(awk -v r="$root" 'index($5, r) == 1 || $5 ~ /^\/var\/tmp\/shiftfs-/ || / - fuse\.shiftfs / || $6 ~ /idmapped/ {print $5 " (" $0 ")"}' /proc/self/mountinfo)"
 if [ -n "$mounts" ]; then echo "leaked mounts:"; echo "$mounts" | sed 's/^/  /'; bad=1; fi
 
-procs="$(pgrep -a -x shiftfs || true)"
+# Zombies are gone in all but name: their parent (often pid 1) has not reaped them yet.
+procs="$(ps -eo pid=,stat=,comm=,args= | awk '$3 == "shiftfs" && $2 !~ /^Z/')"
 if [ -n "$procs" ]; then echo "shiftfs processes still running:"; echo "$procs" | sed 's/^/  /'; bad=1; fi
 
 if [ -d /run/shiftfs ]; then

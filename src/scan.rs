@@ -12,13 +12,13 @@
 //! skipped unless `cross_file_systems` is set.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, StatxFlags, openat2, statx};
 use serde::Serialize;
@@ -33,28 +33,32 @@ pub const SHIFT_XATTR: &str = "trusted.shiftfs.shift";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open tree {path}: {source}")]
+    #[error("cannot open tree {path} (it must be a directory; a symlink is not followed)")]
     OpenRoot {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         path: String,
         op: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: cannot translate an id-bearing xattr")]
     Xattr {
         path: String,
         #[source]
         source: xattr::Error,
     },
-    #[error("{count} errors while walking the tree; the first: {first}")]
-    Walk { count: usize, first: Box<Error> },
-    #[error("{path}: recorded map in {MAP_XATTR} is not a valid map ({source}); fix or remove it")]
+    #[error("{count} error(s) while walking the tree; the first")]
+    Walk {
+        count: usize,
+        #[source]
+        first: Box<Error>,
+    },
+    #[error("{path}: {MAP_XATTR} on the tree root does not hold a valid map; fix or remove it")]
     BadRecord {
         path: PathBuf,
         #[source]
@@ -190,39 +194,58 @@ fn get_with(path: &OsStr, name: &[u8], f: GetFn) -> io::Result<Option<Vec<u8>>> 
     }
 }
 
-/// Where to read an inode's xattrs: a path never followed in its last component, or an fd
+/// Where to read an inode's xattrs: a name in a held directory, never followed, or an fd
 /// opened for reading (the tree root; `/proc/self/fd/N` with the `l*` calls would name the
 /// proc symlink itself rather than the directory).
 #[derive(Clone, Copy)]
 enum Source<'a> {
-    Path(&'a OsStr),
+    At(BorrowedFd<'a>, &'a CStr),
     Fd(BorrowedFd<'a>),
+}
+
+/// Set once `listxattrat` turned out to be missing (kernels before 6.13).
+static NO_LISTXATTRAT: AtomicBool = AtomicBool::new(false);
+
+fn list_names(src: Source<'_>, buf: &mut [u8]) -> rustix::io::Result<usize> {
+    let errno =
+        |e: io::Error| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO);
+    match src {
+        Source::Fd(fd) => rustix::fs::flistxattr(fd, &mut *buf),
+        Source::At(dir, name) => {
+            if !NO_LISTXATTRAT.load(Ordering::Relaxed) {
+                match crate::sys::xattrat::listxattrat_nofollow(dir, name, buf) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                        NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+                    }
+                    r => return r.map_err(errno),
+                }
+            }
+            let path = proc_path(dir, name.to_bytes());
+            rustix::fs::llistxattr(OsStr::from_bytes(&path), &mut *buf)
+        }
+    }
 }
 
 /// The id-bearing xattrs of an inode.
 fn id_xattrs(src: Source<'_>, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>, Error> {
-    let mut size = 256;
-    let names = loop {
-        let mut buf = Vec::with_capacity(size);
-        let spare = rustix::buffer::spare_capacity(&mut buf);
-        let r = match src {
-            Source::Path(p) => rustix::fs::llistxattr(p, spare),
-            Source::Fd(fd) => rustix::fs::flistxattr(fd, spare),
-        };
-        match r {
-            Ok(_) => break buf,
+    let mut buf = vec![0u8; 256];
+    let len = loop {
+        match list_names(src, &mut buf) {
+            Ok(n) => break n,
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(rustix::io::Errno::RANGE) if size < 1 << 20 => size *= 4,
+            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
             Err(e) => return Err(io_err(rel, "list xattrs", e)),
         }
     };
     let mut out = Vec::new();
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in buf[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let Some(kind) = xattr::Kind::of(name) else {
             continue;
         };
         let value = match src {
-            Source::Path(p) => lget(p, name),
+            Source::At(dir, file) => {
+                lget(OsStr::from_bytes(&proc_path(dir, file.to_bytes())), name)
+            }
             Source::Fd(fd) => fget(fd, kind.name()),
         };
         match value {
@@ -436,10 +459,7 @@ fn walk_dir_inner<'s>(
                 continue;
             }
         }
-        let xattrs = id_xattrs(
-            Source::Path(OsStr::from_bytes(&proc_path(dir.as_fd(), name))),
-            &child,
-        )?;
+        let xattrs = id_xattrs(Source::At(dir, item.file_name()), &child)?;
         if ft == FileType::Directory {
             let child_path = child.clone();
             let child_mnt = stx.stx_mnt_id;
@@ -742,6 +762,68 @@ mod tests {
         setrlimit(Resource::Nofile, saved).unwrap();
         let tree = tree.unwrap();
         assert_eq!(tree.entries.len() as u64, n + 1);
+    }
+
+    #[test]
+    fn proc_fallback_reads_the_same_xattrs() {
+        // The path used before Linux 6.13 (no listxattrat) must see what listxattrat sees,
+        // for files, directories, fifos and symlinks, without following the symlinks.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir(p.join("d")).unwrap();
+        std::fs::write(p.join("d/f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", p.join("d/l")).unwrap();
+        rustix::fs::mknodat(
+            CWD,
+            p.join("d/p"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let acl = xattr::encode_acl(&[
+            xattr::AclEntry {
+                tag: xattr::ACL_USER_OBJ,
+                perm: 6,
+                id: xattr::ACL_UNDEFINED_ID,
+            },
+            xattr::AclEntry {
+                tag: xattr::ACL_USER,
+                perm: 4,
+                id: 4242,
+            },
+            xattr::AclEntry {
+                tag: xattr::ACL_GROUP_OBJ,
+                perm: 4,
+                id: xattr::ACL_UNDEFINED_ID,
+            },
+            xattr::AclEntry {
+                tag: xattr::ACL_MASK,
+                perm: 4,
+                id: xattr::ACL_UNDEFINED_ID,
+            },
+            xattr::AclEntry {
+                tag: xattr::ACL_OTHER,
+                perm: 0,
+                id: xattr::ACL_UNDEFINED_ID,
+            },
+        ]);
+        for f in ["d/f", "d/p", "d"] {
+            rustix::fs::setxattr(
+                p.join(f),
+                "system.posix_acl_access",
+                &acl,
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+        }
+        let root = open_root(p).unwrap();
+        let fast = walk(root.as_fd(), WalkOptions::default(), &|_| {}).unwrap();
+        NO_LISTXATTRAT.store(true, Ordering::Relaxed);
+        let slow = walk(root.as_fd(), WalkOptions::default(), &|_| {}).unwrap();
+        assert_eq!(fast.entries, slow.entries);
+        let with_acl = slow.entries.iter().filter(|e| !e.xattrs.is_empty()).count();
+        assert_eq!(with_acl, 3);
     }
 
     #[test]

@@ -94,10 +94,7 @@ impl Progress for NoProgress {
 pub enum Error {
     #[error(transparent)]
     Scan(#[from] scan::Error),
-    #[error(
-        "{tree} holds ids for map {recorded} (recorded in {MAP_XATTR} on its root), not for --from {from}; \
-         {hint}"
-    )]
+    #[error("{tree} holds ids for map {recorded}, not for --from {from}: {hint}")]
     MapMismatch {
         tree: PathBuf,
         recorded: String,
@@ -127,7 +124,7 @@ pub enum Error {
         to: String,
         list: String,
     },
-    #[error("{path}: {source}")]
+    #[error("{path}: cannot translate an id-bearing xattr")]
     Xattr {
         path: String,
         #[source]
@@ -135,7 +132,7 @@ pub enum Error {
     },
     #[error("{path}: a symlink carrying {name} is not supported; remove the attribute")]
     SymlinkXattr { path: String, name: &'static str },
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Io {
         path: String,
         op: &'static str,
@@ -153,9 +150,13 @@ pub enum Error {
     )]
     Journal { path: PathBuf, reason: String },
     #[error(
-        "{count} inode(s) could not be shifted (the first: {first}); fix that and re-run the same command to finish"
+        "{count} inode(s) could not be shifted; fix that and re-run the same command to finish. The first"
     )]
-    Apply { count: usize, first: Box<Error> },
+    Apply {
+        count: usize,
+        #[source]
+        first: Box<Error>,
+    },
 }
 
 fn io_err(path: &[u8], op: &'static str, e: impl Into<io::Error>) -> Error {
@@ -386,15 +387,19 @@ fn mismatch(tree: &Path, current: &IdMapping, opts: &Options) -> Error {
     let cur = map_name(current);
     let hint = if *current == IdMapping::identity() {
         format!(
-            "the tree has no {MAP_XATTR}, so it is taken to be unshifted; shift it with --map MAP. \
+            "it has no {MAP_XATTR}, so it is taken to be unshifted; shift it with --map MAP. \
              If another tool shifted it, record that map first: setfattr -n {MAP_XATTR} -v MAP {}",
             tree.display()
         )
     } else if *current == opts.to {
-        format!("it is already shifted to {cur}; to undo that use --map {cur} --reverse")
+        format!(
+            "{MAP_XATTR} on its root says it is already shifted to {cur}; to undo that use \
+             --map {cur} --reverse"
+        )
     } else {
         format!(
-            "use --from {cur} (to undo the shift: --map {cur} --reverse; to move it: --from {cur} --to NEWMAP)"
+            "{MAP_XATTR} on its root records {cur}; use --from {cur} (to undo the shift: \
+             --map {cur} --reverse; to move it: --from {cur} --to NEWMAP)"
         )
     };
     Error::MapMismatch {
@@ -581,13 +586,9 @@ fn write_journal(
     )
     .map_err(|e| jerr(e.into()))?;
     let mut w = io::BufWriter::with_capacity(1 << 20, std::fs::File::from(fd));
-    let line = |w: &mut io::BufWriter<std::fs::File>, v: &dyn erased::Ser| -> io::Result<()> {
-        v.write_json(w)?;
-        w.write_all(b"\n")
-    };
-    line(&mut w, header).map_err(jerr)?;
+    json_line(&mut w, header).map_err(jerr)?;
     for r in records {
-        line(&mut w, r).map_err(jerr)?;
+        json_line(&mut w, r).map_err(jerr)?;
     }
     let file = w.into_inner().map_err(|e| jerr(e.into_error()))?;
     file.sync_all().map_err(jerr)?;
@@ -595,16 +596,9 @@ fn write_journal(
     Ok(())
 }
 
-/// Serialising the header and the records through one closure.
-mod erased {
-    pub trait Ser {
-        fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()>;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn write_json(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-            serde_json::to_writer(w, self).map_err(std::io::Error::other)
-        }
-    }
+fn json_line(w: &mut impl Write, v: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(&mut *w, v).map_err(io::Error::other)?;
+    w.write_all(b"\n")
 }
 
 fn read_journal(tree: &Path, fd: OwnedFd) -> Result<(Header, Vec<Record>), Error> {
@@ -910,6 +904,14 @@ fn apply(
 
 fn finalize(root: BorrowedFd<'_>, opts: &Options, header: Option<&Header>) -> Result<(), Error> {
     let e = |op| move |err: rustix::io::Errno| io_err(b"", op, err);
+    // Every inode change must be durable before the map says the shift is done; the file
+    // system's own ordering is not relied on.
+    let cross = header.map_or(opts.walk.cross_file_systems, |h| h.cross_file_systems);
+    if cross {
+        rustix::fs::sync();
+    } else {
+        rustix::fs::syncfs(root).map_err(e("syncfs"))?;
+    }
     if opts.to == IdMapping::identity() {
         match rustix::fs::fremovexattr(root, MAP_XATTR) {
             Ok(()) | Err(rustix::io::Errno::NODATA) => {}

@@ -562,6 +562,33 @@ fn assert_one_line_error_allow_mounted(out: &Out, mentions: &str) {
     );
 }
 
+/// A target inside its own source: shiftfs may refuse it, or serve it, but must not end up
+/// serving itself (a FUSE daemon that follows its own mount point deadlocks on itself).
+fn target_inside_source(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("inside");
+    let src = owned_tree(&dir);
+    let tgt = src.join("inner-mnt");
+    mkdir(&tgt, 0o755, 0, 0);
+    match ShiftMount::try_mount(Some(b), &["--map", MAP], &src, &tgt) {
+        Err(out) => assert_one_line_error(&out, "inner-mnt", &tgt),
+        Ok(m) => {
+            let script = format!(
+                "ls -la {t}/inner-mnt/ >/dev/null 2>&1; ls -la {t}/inner-mnt/inner-mnt/ >/dev/null 2>&1; \
+                 stat -c %u {t}/user-file",
+                t = q(&tgt)
+            );
+            let out = run_timeout(&mut sh(&script), Duration::from_secs(10));
+            out.assert_ok();
+            assert_eq!(out.stdout.trim(), "101000", "{out}");
+            m.unmount();
+        }
+    }
+    dir.finish();
+}
+
 backend_tests!(
     shows_shifted_owners,
     list_shows_mount,
@@ -570,7 +597,8 @@ backend_tests!(
     refuses_non_root,
     separate_maps_and_map_from_pid,
     relative_paths_with_spaces,
-    umount_busy
+    umount_busy,
+    target_inside_source,
 );
 
 /// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel

@@ -1128,3 +1128,19 @@ fn fuse_daemon_keeps_no_inherited_descriptor() {
         "the daemon holds the caller's fd 7: {fds:?}"
     );
 }
+
+#[test]
+fn clean_daemon_exit_removes_its_log() {
+    let _p = shared();
+    if !fuse_ready() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    let log = shiftfs::mount::Record::log_path(&d.tgt);
+    let (out, m) = shiftfs_mount(&d.src, &d.tgt, &["--backend", "fuse"]);
+    out.assert_ok("shiftfs mount");
+    assert!(log.exists(), "the running daemon logs to {}", log.display());
+    shiftfs(&[OsStr::new("umount"), os(&d.tgt)]).assert_ok("shiftfs umount");
+    m.assert_daemon_exits();
+    assert!(!log.exists(), "{} left behind", log.display());
+}

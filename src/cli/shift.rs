@@ -9,12 +9,17 @@ use shiftfs::idmap::IdMapping;
 use shiftfs::scan::WalkOptions;
 use shiftfs::shift::{self, OnUnmapped, Options, Progress};
 
-/// Maps use the `[u:|g:|b:]INNER:OUTER:COUNT` syntax; `identity` is the unshifted layout.
-/// `--map M` shifts a canonical tree to M's outer ids (on-disk 0 becomes M's outer 0);
-/// `--map M --reverse` undoes it; `--from A --to B` moves a tree laid out for A to B.
-/// The tree's current map is recorded on its root, so a shift cannot be applied twice,
-/// and a shift that was killed half way is finished by running the same command again.
 #[derive(clap::Args)]
+#[command(after_help = "\
+Maps use the [u:|g:|b:]INNER:OUTER:COUNT syntax (kernel uid_map order: INNER is the id as \
+stored in a canonical image); `identity` is the unshifted layout. The tree holds ids as FROM's \
+outer side and will hold them as TO's: each id x becomes TO.outer(FROM.inner(x)). So \
+`--map M` shifts a canonical tree to M's outer ids, `--map M --reverse` undoes it, and \
+`--from A --to B` moves a tree shifted for A to B.
+
+The tree's map is recorded in trusted.shiftfs.map on its root: a --from that does not match \
+is refused, so a tree is never shifted twice by mistake. A shift that was killed half way is \
+finished by running the same command again.")]
 pub struct Args {
     /// The tree to shift.
     tree: PathBuf,

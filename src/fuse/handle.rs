@@ -16,23 +16,30 @@ use super::inode::Inode;
 
 pub struct FileHandle {
     /// Pins the inode (and its fd) for as long as the file is open.
-    _inode: Arc<Inode>,
+    inode: Arc<Inode>,
     fd: OwnedFd,
     /// Held only to keep the kernel's backing file alive while this handle is open.
-    _backing: Option<Arc<BackingId>>,
+    backing: Option<Arc<BackingId>>,
 }
 
 impl FileHandle {
     pub fn new(inode: Arc<Inode>, fd: OwnedFd, backing: Option<Arc<BackingId>>) -> Self {
-        Self {
-            _inode: inode,
-            fd,
-            _backing: backing,
+        if backing.is_none() {
+            inode.cached_opens.fetch_add(1, Ordering::Relaxed);
         }
+        Self { inode, fd, backing }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+impl Drop for FileHandle {
+    fn drop(&mut self) {
+        if self.backing.is_none() {
+            self.inode.cached_opens.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,5 +1,10 @@
-//! The inode table: one `O_PATH` fd per backing inode, keyed by (dev, ino), with the
-//! kernel's lookup count.
+//! The inode table: one anchor per backing inode, keyed by (dev, ino), with the kernel's
+//! lookup count.
+//!
+//! An inode is anchored by an `O_PATH` fd, or, once more fds are held than the budget
+//! allows (a walk over millions of files), by a file handle that is reopened per request.
+//! Holding the fd pins the backing inode; a handle does not, so a handle-anchored inode
+//! deleted on disk answers ESTALE.
 //!
 //! fuser sends the attribute `ino` as the FUSE node id, so the node id is what users see
 //! as `st_ino`. We use the backing `st_ino` itself for objects on the source's filesystem:
@@ -13,10 +18,15 @@
 //! `Inode::backing` is taken without the table lock.
 
 use std::collections::HashMap;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use fuser::BackingId;
+use rustix::fs::OFlags;
+
+use crate::sys::fhandle::{self, Handle};
 
 /// Identity of a backing inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -30,16 +40,46 @@ pub struct Inode {
     pub key: Key,
     /// `S_IFMT` bits of the backing inode (type never changes for an inode).
     pub kind: u32,
-    /// `O_PATH | O_NOFOLLOW` fd of the backing object.
-    fd: OwnedFd,
+    anchor: Anchor,
     /// The kernel allows one backing file per inode at a time: shared by all open handles
     /// of this inode (each handle holds a strong reference).
     pub backing: Mutex<Weak<BackingId>>,
+    /// Open handles served without passthrough (the kernel's "cached" io mode).
+    pub cached_opens: AtomicUsize,
+}
+
+pub enum Anchor {
+    /// `O_PATH | O_NOFOLLOW` fd of the backing object.
+    Fd(OwnedFd),
+    /// File handle, reopened relative to `mount` (an fd on the source's mount).
+    Handle { handle: Handle, mount: Arc<OwnedFd> },
+}
+
+/// An `O_PATH` fd of an inode for the duration of one request.
+pub enum InodeFd<'a> {
+    Held(BorrowedFd<'a>),
+    Opened(OwnedFd),
+}
+
+impl AsFd for InodeFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Self::Held(fd) => fd.as_fd(),
+            Self::Opened(fd) => fd.as_fd(),
+        }
+    }
 }
 
 impl Inode {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    pub fn fd(&self) -> io::Result<InodeFd<'_>> {
+        match &self.anchor {
+            Anchor::Fd(fd) => Ok(InodeFd::Held(fd.as_fd())),
+            Anchor::Handle { handle, mount } => Ok(InodeFd::Opened(fhandle::open_by_handle(
+                mount.as_fd(),
+                handle,
+                OFlags::PATH | OFlags::NOFOLLOW,
+            )?)),
+        }
     }
 
     pub fn is_dir(&self) -> bool {
@@ -65,6 +105,7 @@ struct Inner {
     by_key: HashMap<Key, u64>,
     root_dev: u64,
     next_synthetic: u64,
+    fd_anchors: usize,
 }
 
 const FIRST_SYNTHETIC: u64 = 1 << 63;
@@ -86,19 +127,39 @@ impl Inner {
 
 pub struct InodeTable {
     inner: RwLock<Inner>,
+    /// Mirror of `Inner::fd_anchors`, read without the lock to choose an anchor.
+    fd_anchors: AtomicUsize,
+    fd_budget: usize,
+    /// Where handles are reopened, and the mount id handles must come from.
+    mount: Option<(Arc<OwnedFd>, i32)>,
 }
 
 pub const ROOT_ID: u64 = 1;
 
 impl InodeTable {
-    /// A table holding the root, which the kernel never forgets.
-    pub fn new(root: OwnedFd, key: Key) -> Self {
+    /// A table holding the root, which the kernel never forgets. Past `fd_budget` fd
+    /// anchors, new inodes on the root's mount are anchored by file handles.
+    pub fn new(root: OwnedFd, key: Key, fd_budget: usize) -> Self {
+        let mount = match (
+            // open_by_handle_at refuses an O_PATH mount fd (EBADF).
+            rustix::fs::openat(
+                &root,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ),
+            fhandle::name_to_handle(root.as_fd()),
+        ) {
+            (Ok(fd), Ok((_, mount_id))) => Some((Arc::new(fd), mount_id)),
+            _ => None,
+        };
         let root = Arc::new(Inode {
             nodeid: ROOT_ID,
             key,
             kind: libc::S_IFDIR,
-            fd: root,
+            anchor: Anchor::Fd(root),
             backing: Mutex::new(Weak::new()),
+            cached_opens: AtomicUsize::new(0),
         });
         let mut by_id = HashMap::new();
         by_id.insert(
@@ -117,7 +178,29 @@ impl InodeTable {
                 by_key,
                 root_dev: key.dev,
                 next_synthetic: FIRST_SYNTHETIC,
+                fd_anchors: 1,
             }),
+            fd_anchors: AtomicUsize::new(1),
+            fd_budget,
+            mount,
+        }
+    }
+
+    /// How to remember the object `fd` refers to: the fd itself while under budget, else
+    /// a file handle when the filesystem gives one.
+    fn anchor(&self, fd: OwnedFd) -> Anchor {
+        if self.fd_anchors.load(Ordering::Relaxed) < self.fd_budget {
+            return Anchor::Fd(fd);
+        }
+        let Some((mount, mount_id)) = &self.mount else {
+            return Anchor::Fd(fd);
+        };
+        match fhandle::name_to_handle(fd.as_fd()) {
+            Ok((handle, id)) if id == *mount_id => Anchor::Handle {
+                handle,
+                mount: Arc::clone(mount),
+            },
+            _ => Anchor::Fd(fd),
         }
     }
 
@@ -126,13 +209,31 @@ impl InodeTable {
         inner.by_id.get(&nodeid).map(|e| Arc::clone(&e.inode))
     }
 
-    /// Records one kernel lookup of the object behind `fd`. When the object is already in
-    /// the table, `fd` is dropped (after the lock is released) and the existing inode is
+    /// Records one kernel lookup of the object `fd` refers to. When the object is already
+    /// in the table, `fd` is dropped (after the lock is released) and the existing inode is
     /// returned, so hard links and repeated lookups share one node id.
     pub fn insert_lookup(&self, fd: OwnedFd, key: Key, kind: u32) -> Arc<Inode> {
+        // A handle does not pin its inode: an entry anchored by one may be a deleted inode
+        // whose number the filesystem gave to a new object (the handles then differ).
+        let old_handle = {
+            let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+            let entry = inner.by_key.get(&key).and_then(|id| inner.by_id.get(id));
+            match entry.map(|e| &e.inode.anchor) {
+                Some(Anchor::Handle { handle, .. }) => Some(handle.clone()),
+                _ => None,
+            }
+        };
+        let reused = old_handle.is_some_and(|old| {
+            fhandle::name_to_handle(fd.as_fd()).is_ok_and(|(new, _)| new != old)
+        });
+        let anchor = self.anchor(fd);
         let (inode, spare) = {
             let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
             let inner = &mut *inner;
+            if reused {
+                // The old node stays until the kernel forgets it; the key names the new one.
+                inner.by_key.remove(&key);
+            }
             match inner
                 .by_key
                 .get(&key)
@@ -140,16 +241,21 @@ impl InodeTable {
             {
                 Some(e) => {
                     e.lookups += 1;
-                    (Arc::clone(&e.inode), Some(fd))
+                    (Arc::clone(&e.inode), Some(anchor))
                 }
                 None => {
                     let nodeid = inner.pick_id(key);
+                    if matches!(anchor, Anchor::Fd(_)) {
+                        inner.fd_anchors += 1;
+                        self.fd_anchors.store(inner.fd_anchors, Ordering::Relaxed);
+                    }
                     let inode = Arc::new(Inode {
                         nodeid,
                         key,
                         kind,
-                        fd,
+                        anchor,
                         backing: Mutex::new(Weak::new()),
+                        cached_opens: AtomicUsize::new(0),
                     });
                     inner.by_id.insert(
                         nodeid,
@@ -165,6 +271,12 @@ impl InodeTable {
         };
         drop(spare);
         inode
+    }
+
+    /// Whether the kernel knows the object `key` (it looked it up and has not forgotten it).
+    pub fn knows(&self, key: Key) -> bool {
+        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        inner.by_key.contains_key(&key)
     }
 
     /// Counts one more lookup of a node already in the table (e.g. `link` returning the
@@ -197,6 +309,10 @@ impl InodeTable {
                 if inner.by_key.get(&e.inode.key) == Some(&nodeid) {
                     inner.by_key.remove(&e.inode.key);
                 }
+                if matches!(e.inode.anchor, Anchor::Fd(_)) {
+                    inner.fd_anchors -= 1;
+                    self.fd_anchors.store(inner.fd_anchors, Ordering::Relaxed);
+                }
             }
             removed
         };
@@ -214,7 +330,7 @@ impl InodeTable {
 mod tests {
     use super::*;
 
-    fn fd() -> OwnedFd {
+    fn raw() -> OwnedFd {
         rustix::fs::open(
             "/",
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
@@ -223,11 +339,15 @@ mod tests {
         .unwrap()
     }
 
+    fn fd() -> OwnedFd {
+        raw()
+    }
+
     const ROOT_KEY: Key = Key { dev: 1, ino: 2 };
 
     #[test]
     fn lookups_share_one_node_and_forget_counts() {
-        let t = InodeTable::new(fd(), ROOT_KEY);
+        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
         let k = Key { dev: 1, ino: 77 };
         let a = t.insert_lookup(fd(), k, libc::S_IFREG);
         let b = t.insert_lookup(fd(), k, libc::S_IFREG);
@@ -246,7 +366,7 @@ mod tests {
 
     #[test]
     fn colliding_numbers_get_synthetic_ids() {
-        let t = InodeTable::new(fd(), ROOT_KEY);
+        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
         let a = t.insert_lookup(fd(), Key { dev: 1, ino: 50 }, libc::S_IFREG);
         let other_fs = t.insert_lookup(fd(), Key { dev: 2, ino: 50 }, libc::S_IFREG);
         let one = t.insert_lookup(fd(), Key { dev: 1, ino: 1 }, libc::S_IFREG);
@@ -263,7 +383,7 @@ mod tests {
 
     #[test]
     fn batch_forget_and_root_is_pinned() {
-        let t = InodeTable::new(fd(), ROOT_KEY);
+        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
         let k = Key { dev: 1, ino: 9 };
         for _ in 0..5 {
             t.insert_lookup(fd(), k, libc::S_IFDIR);
@@ -276,5 +396,68 @@ mod tests {
         // Forgetting an unknown node is harmless.
         t.forget(12345, 1);
         assert!(!t.add_lookup(12345));
+    }
+}
+
+#[cfg(test)]
+mod handle_tests {
+    use super::*;
+    use rustix::fs::Mode;
+
+    #[test]
+    fn past_the_budget_inodes_are_anchored_by_handles() {
+        if !rustix::process::geteuid().is_root() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for n in ["a", "b"] {
+            std::fs::write(dir.path().join(n), n).unwrap();
+        }
+        let open = |p: &std::path::Path| {
+            rustix::fs::open(p, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap()
+        };
+        let root = open(dir.path());
+        let st = rustix::fs::fstat(&root).unwrap();
+        let t = InodeTable::new(
+            root,
+            Key {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            },
+            2,
+        );
+        let mut ids = vec![];
+        for n in ["a", "b"] {
+            let fd = open(&dir.path().join(n));
+            let st = rustix::fs::fstat(&fd).unwrap();
+            let key = Key {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            };
+            ids.push((t.insert_lookup(fd, key, libc::S_IFREG), st.st_ino));
+        }
+        assert!(matches!(ids[0].0.anchor, Anchor::Fd(_)));
+        assert!(matches!(ids[1].0.anchor, Anchor::Handle { .. }));
+        for (inode, ino) in &ids {
+            let fd = inode.fd().unwrap();
+            assert_eq!(rustix::fs::fstat(&fd).unwrap().st_ino, *ino);
+        }
+        // The same key from a different object (an inode number the filesystem reused
+        // after a delete): a new node, and the key now names it.
+        let b = &ids[1].0;
+        let other = open(&dir.path().join("a"));
+        let newer = t.insert_lookup(other, b.key, libc::S_IFREG);
+        assert_ne!(newer.nodeid, b.nodeid);
+        assert!(
+            t.get(b.nodeid).is_some(),
+            "the old node lives until forgotten"
+        );
+        t.forget(b.nodeid, 1);
+        assert!(t.knows(b.key), "forgetting the old node keeps the new key");
+        // Forgetting the fd-anchored one frees budget for the next.
+        t.forget(ids[0].0.nodeid, 1);
+        let fd = open(&dir.path().join("a"));
+        assert!(matches!(t.anchor(fd), Anchor::Fd(_)));
     }
 }

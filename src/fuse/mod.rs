@@ -36,6 +36,9 @@ pub struct Options {
     pub attr_timeout: Duration,
     /// Shown as the mount source (findmnt SOURCE).
     pub fsname: String,
+    /// Inodes remembered by an open fd before file handles are used; 0 = three quarters
+    /// of RLIMIT_NOFILE (raised to its maximum at mount).
+    pub max_inode_fds: usize,
 }
 
 impl Options {
@@ -47,6 +50,7 @@ impl Options {
             passthrough: true,
             attr_timeout: Duration::from_secs(1),
             fsname: "shiftfs".to_owned(),
+            max_inode_fds: 0,
         }
     }
 }
@@ -148,29 +152,43 @@ fn default_threads() -> usize {
     (cpus.max(2) * 2).max(4)
 }
 
-/// A tree of a million entries walked twice holds an fd per remembered inode.
-fn raise_nofile_limit() {
+/// A tree of a million entries walked twice holds an fd per remembered inode: raise
+/// RLIMIT_NOFILE as far as allowed and return the soft limit in force.
+fn raise_nofile_limit() -> u64 {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let cur = getrlimit(Resource::Nofile);
+    let soft = cur.current.unwrap_or(u64::MAX);
+    let hard = cur.maximum.unwrap_or(u64::MAX);
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
-    let hard = cur.maximum.unwrap_or(u64::MAX);
     // As root we may raise the hard limit up to fs.nr_open; else up to the hard limit.
     for max in nr_open.into_iter().chain([hard]) {
-        if cur.current.is_some_and(|c| c >= max) {
-            return;
+        if soft >= max {
+            return soft;
         }
         let want = rustix::process::Rlimit {
             current: Some(max),
-            maximum: Some(max.max(hard.min(max))),
+            maximum: Some(max.max(hard)),
         };
         if setrlimit(Resource::Nofile, want).is_ok() {
             tracing::debug!("RLIMIT_NOFILE raised to {max}");
-            return;
+            return max;
         }
     }
-    tracing::warn!("cannot raise RLIMIT_NOFILE above {:?}", cur.current);
+    tracing::warn!("cannot raise RLIMIT_NOFILE above {soft}");
+    soft
+}
+
+fn fd_budget(limit: u64, wanted: usize) -> usize {
+    if wanted != 0 {
+        return wanted;
+    }
+    // Leave room for open files, directories and the daemon's own fds.
+    usize::try_from(limit / 4 * 3)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(1024)
+        .max(64)
 }
 
 /// overlayfs' magic: a source on overlayfs needs FUSE stacking depth 2 for passthrough.
@@ -182,7 +200,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::SourceNotDir);
     }
-    // Keep the caller's fd as given; our own O_PATH copy is what the inode table holds.
+    // Our own O_PATH fd of the directory, whatever flags the caller's fd was opened with.
     let root = rustix::fs::openat(
         &source,
         ".",
@@ -195,7 +213,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
         Ok(s) if s.f_type == OVERLAYFS_SUPER_MAGIC => 2,
         _ => 1,
     };
-    raise_nofile_limit();
+    let fd_limit = raise_nofile_limit();
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     let fs = fs::ShiftFs::new(
         root,
@@ -206,6 +224,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
             ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
             stack_depth,
+            fd_budget: fd_budget(fd_limit, opts.max_inode_fds),
         },
     )
     .map_err(|source| Error::Source { source })?;

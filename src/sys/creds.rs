@@ -47,6 +47,8 @@ pub struct FsCreds {
     old_uid: u32,
     old_gid: u32,
     caps: CapabilitySets,
+    /// Supplementary groups to restore, when they were cleared.
+    groups: Option<Vec<u32>>,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
@@ -55,30 +57,72 @@ impl FsCreds {
     /// refuses either (the daemon lacks CAP_SETUID/CAP_SETGID).
     pub fn switch(uid: u32, gid: u32) -> io::Result<Self> {
         let caps = capabilities(None)?;
+        let guard = Self::set(uid, gid, caps, None)?;
+        set_capabilities(None, caps)?;
+        Ok(guard)
+    }
+
+    /// Like `switch`, but the backing filesystem checks permissions for real: the thread
+    /// keeps only the capabilities the kernel leaves after the fsuid change (none of the
+    /// filesystem ones unless `uid` is 0) and has `groups` as supplementary groups.
+    pub fn switch_checked(uid: u32, gid: u32, groups: &[u32]) -> io::Result<Self> {
+        let caps = capabilities(None)?;
+        let saved = rustix::process::getgroups()?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        raw_setgroups(groups)?;
+        Self::set(uid, gid, caps, Some(saved))
+    }
+
+    /// Changes fsgid and fsuid; the returned guard (also when this fails half-way)
+    /// restores them, `caps` and `groups`.
+    fn set(uid: u32, gid: u32, caps: CapabilitySets, groups: Option<Vec<u32>>) -> io::Result<Self> {
+        let old_uid = fsuid();
         let old_gid = raw_setfsgid(gid);
-        if fsgid() != gid {
-            raw_setfsgid(old_gid);
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
-        }
-        let old_uid = raw_setfsuid(uid);
         let guard = Self {
             old_uid,
             old_gid,
             caps,
+            groups,
             _not_send: std::marker::PhantomData,
         };
+        if fsgid() != gid {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        raw_setfsuid(uid);
         if fsuid() != uid {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        set_capabilities(None, caps)?;
         Ok(guard)
     }
+}
+
+fn raw_setgroups(groups: &[u32]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe a live slice of gid_t-sized ids; the raw
+    // syscall (unlike glibc's setgroups) changes only the calling thread.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_setgroups,
+            groups.len() as libc::c_long,
+            groups.as_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for FsCreds {
     fn drop(&mut self) {
         raw_setfsuid(self.old_uid);
         raw_setfsgid(self.old_gid);
+        if let Some(groups) = &self.groups {
+            if let Err(e) = raw_setgroups(groups) {
+                tracing::error!("cannot restore supplementary groups: {e}");
+            }
+        }
         // Going back to fsuid 0 already re-raises the filesystem capabilities from the
         // permitted set; this makes the restore exact whatever the starting point was.
         if let Err(e) = set_capabilities(None, self.caps) {
@@ -153,6 +197,40 @@ mod tests {
         assert_eq!((md.uid(), md.gid()), (4321, 8765));
         // The test thread itself was never switched.
         assert_eq!(fsuid(), 0);
+    }
+
+    #[test]
+    fn checked_switch_lets_the_filesystem_refuse() {
+        if !is_root() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"x").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        std::thread::spawn(move || {
+            let groups = rustix::process::getgroups().unwrap();
+            {
+                let _g = FsCreds::switch_checked(4321, 8765, &[]).unwrap();
+                let e = std::fs::File::open(&secret).unwrap_err();
+                assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+            }
+            // A supplementary group grants what it would grant the caller.
+            std::os::unix::fs::chown(&secret, Some(0), Some(5555)).unwrap();
+            std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+                .unwrap();
+            {
+                let _g = FsCreds::switch_checked(4321, 8765, &[5555]).unwrap();
+                std::fs::File::open(&secret).unwrap();
+            }
+            // Everything is back: root reads it again.
+            std::fs::File::open(&secret).unwrap();
+            assert_eq!(rustix::process::getgroups().unwrap(), groups);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -3,9 +3,11 @@
 #![allow(unsafe_code)]
 
 pub mod creds;
+pub mod fhandle;
 pub mod fusedev;
 pub mod mount;
 pub mod process;
 pub mod procfd;
 pub mod statmount;
 pub mod userns;
+pub mod xattrat;

@@ -381,6 +381,49 @@ impl UserNs {
     }
 }
 
+/// Children killed and reaped on Drop, so a failing test leaves no process working in its
+/// directories.
+#[derive(Default)]
+pub struct Children(pub Vec<Child>);
+
+impl Children {
+    pub fn push(&mut self, c: Child) {
+        self.0.push(c);
+    }
+
+    /// Waits for every child (each up to `timeout`); returns their statuses and output.
+    #[track_caller]
+    pub fn wait_all(mut self, timeout: Duration) -> Vec<std::process::Output> {
+        let mut outs = Vec::new();
+        for mut c in std::mem::take(&mut self.0) {
+            let status = wait_timeout(&mut c, timeout).expect("child hung, killed");
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            if let Some(mut o) = c.stdout.take() {
+                let _ = o.read_to_end(&mut stdout);
+            }
+            if let Some(mut e) = c.stderr.take() {
+                let _ = e.read_to_end(&mut stderr);
+            }
+            outs.push(std::process::Output {
+                status,
+                stdout,
+                stderr,
+            });
+        }
+        outs
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 impl Drop for UserNs {
     fn drop(&mut self) {
         let _ = self.holder.kill();
@@ -454,14 +497,23 @@ impl Drop for TestDir {
     }
 }
 
+/// SIGKILLs `pids` and waits (up to 5 s) until they are gone or zombies.
+pub fn kill_and_wait(pids: &[u32]) {
+    for &pid in pids {
+        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+    }
+    let start = Instant::now();
+    let alive = |pid: &u32| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
+    while pids.iter().any(alive) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Lazily unmounts everything under `dir` (deepest first) and kills shiftfs processes naming it.
 pub fn cleanup_under(dir: &Path) {
-    for pid in shiftfs_pids_mentioning(dir) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid as i32).expect("pid > 0"),
-            rustix::process::Signal::KILL,
-        );
-    }
+    kill_and_wait(&shiftfs_pids_mentioning(dir));
     let mut mps: Vec<PathBuf> = mounts_under(dir)
         .into_iter()
         .map(|m| m.mount_point)
@@ -822,16 +874,23 @@ impl Drop for ShiftMount {
         if !self.armed {
             return;
         }
-        let mut c = shiftfs([OsStr::new("umount"), self.target.as_os_str()]);
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Ok(mut child) = c.spawn() {
-            let _ = wait_timeout(&mut child, Duration::from_secs(20));
-        }
-        cleanup_under(&self.target);
-        if is_mountpoint(&self.target) {
-            let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+        let umount = |target: &Path| {
+            let mut c = shiftfs([OsStr::new("umount"), target.as_os_str()]);
+            c.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Ok(mut child) = c.spawn() {
+                let _ = wait_timeout(&mut child, Duration::from_secs(20));
+            }
+        };
+        umount(&self.target);
+        let pids = shiftfs_pids_mentioning(&self.target);
+        if !pids.is_empty() || is_mountpoint(&self.target) {
+            // A daemon that cannot be stopped the polite way: kill it, then let shiftfs
+            // clean up the dead mount and its record, then detach whatever is left.
+            kill_and_wait(&pids);
+            umount(&self.target);
+            cleanup_under(&self.target);
         }
     }
 }

@@ -860,3 +860,31 @@ fn seek_data_hole_copy_range_fallocate_and_locks() {
     )
     .unwrap();
 }
+
+#[test]
+fn cached_listings_follow_source_changes_within_the_timeout() {
+    if !prerequisites() {
+        return;
+    }
+    let names = |p: &Path| {
+        let mut v: Vec<_> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |o| o.attr_timeout = Duration::from_millis(300),
+        |src| fs::write(src.join("a"), b"").unwrap(),
+    );
+    assert_eq!(names(&m.mnt), ["a"]);
+    // Through the mount: seen at once.
+    fs::write(m.m("b"), b"").unwrap();
+    assert_eq!(names(&m.mnt), ["a", "b"]);
+    // Behind its back: seen once the timeout has passed.
+    fs::write(m.s("c"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(names(&m.mnt), ["a", "b", "c"]);
+}

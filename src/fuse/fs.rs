@@ -292,9 +292,9 @@ impl ShiftFs {
     /// checked permissions on (it looked it up, so it is in the table; one swapped in on
     /// the source side since is not) and its owner must be mapped.
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
-        let st = rustix::fs::statat(parent.fd().map_err(io)?, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(sys)?;
-        if !self.inodes.knows(key(&st)) {
+        let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        if !self.inodes.knows(key(&st), fd.as_fd()) {
             return Err(stale);
         }
         self.check_owner_mapped(&st, Errno::EOVERFLOW)

@@ -888,3 +888,37 @@ fn cached_listings_follow_source_changes_within_the_timeout() {
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(names(&m.mnt), ["a", "b", "c"]);
 }
+
+#[test]
+fn writes_by_others_clear_setuid_and_setgid() {
+    if !prerequisites() {
+        return;
+    }
+    for passthrough in [true, false] {
+        let m = Mounted::new(
+            MAP,
+            |o| o.passthrough = passthrough,
+            |src| {
+                for n in ["suid", "sgid"] {
+                    fs::write(src.join(n), b"#!/bin/sh\n").unwrap();
+                    std::os::unix::fs::chown(src.join(n), Some(0), Some(2000)).unwrap();
+                }
+                fs::set_permissions(src.join("suid"), fs::Permissions::from_mode(0o4777)).unwrap();
+                fs::set_permissions(src.join("sgid"), fs::Permissions::from_mode(0o2777)).unwrap();
+            },
+        );
+        let out = sh_as(
+            101000,
+            &format!("cd {} && echo x >> suid && echo x >> sgid", m.mnt.display()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in ["suid", "sgid"] {
+            let mode = fs::metadata(m.s(n)).unwrap().mode() & 0o7777;
+            assert_eq!(mode, 0o777, "{n} passthrough={passthrough}: {mode:o}");
+        }
+    }
+}

@@ -52,7 +52,9 @@ pub struct Options {
     pub threads: usize,
     /// Try kernel passthrough of file data (Linux 6.9+); falls back when refused.
     pub passthrough: bool,
-    /// Entry and attribute cache timeout; use zero when the source changes underneath.
+    /// How long the kernel may trust what it learned: entries (also misses), attributes,
+    /// directory listings and (without passthrough) file pages. Changes made on the source
+    /// side directly show after at most this long; zero for sources changed underneath.
     pub attr_timeout: Duration,
     /// Shown as the mount source (findmnt SOURCE).
     pub fsname: String,

@@ -803,7 +803,13 @@ impl ShiftFs {
         while let Some(ent) = iter.next() {
             let ent = ent.map_err(sys)?;
             let name = OsStr::from_bytes(ent.file_name().to_bytes());
-            let dtype = ent.file_type().as_raw_mode() & libc::S_IFMT;
+            let dtype = if ent.file_type() == rustix::fs::FileType::Unknown {
+                // DT_UNKNOWN (filesystems without a type in the dirent): FUSE needs a type.
+                rustix::fs::statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_or(libc::S_IFREG, |st| st.st_mode & libc::S_IFMT)
+            } else {
+                ent.file_type().as_raw_mode() & libc::S_IFMT
+            };
             if add(name, ent.ino(), dtype, ent.next_entry_cookie()) {
                 break;
             }

@@ -405,13 +405,14 @@ impl ShiftFs {
         }
     }
 
-    /// The kernel rejects any open flag outside FOPEN_PASSTHROUGH_MASK (no KEEP_CACHE) on a
-    /// passthrough open, and fails the open with EIO.
+    /// NOFLUSH: close() need not wait for a FLUSH round trip, we buffer nothing and hold
+    /// no locks. The kernel rejects any flag outside FOPEN_PASSTHROUGH_MASK (so no
+    /// KEEP_CACHE) on a passthrough open and fails the open with EIO.
     fn open_flags_reply(&self, passthrough: bool) -> FopenFlags {
         if passthrough || self.ttl.is_zero() {
-            FopenFlags::empty()
+            FopenFlags::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
         }
     }
 

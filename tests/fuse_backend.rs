@@ -922,3 +922,42 @@ fn writes_by_others_clear_setuid_and_setgid() {
         }
     }
 }
+
+#[test]
+fn unlinked_open_files_stay_usable_past_the_fd_budget() {
+    if !prerequisites() {
+        return;
+    }
+    use std::io::{Read, Seek};
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |o| o.max_inode_fds = 4,
+        |src| {
+            for i in 0..20 {
+                fs::write(src.join(format!("f{i}")), b"data").unwrap();
+            }
+        },
+    );
+    let mut files = vec![];
+    for i in 0..20 {
+        files.push(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(m.m(&format!("f{i}")))
+                .unwrap(),
+        );
+        fs::remove_file(m.m(&format!("f{i}"))).unwrap();
+    }
+    for f in &mut files {
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .unwrap();
+        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        f.seek(io::SeekFrom::End(0)).unwrap();
+        f.write_all(b"more").unwrap();
+        f.rewind().unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "datamore");
+    }
+}

@@ -292,9 +292,9 @@ impl ShiftFs {
     /// checked permissions on (it looked it up, so it is in the table; one swapped in on
     /// the source side since is not) and its owner must be mapped.
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
-        let st = rustix::fs::statat(parent.fd().map_err(io)?, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(sys)?;
-        if !self.inodes.knows(key(&st)) {
+        let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        if !self.inodes.knows(key(&st), fd.as_fd()) {
             return Err(stale);
         }
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
@@ -405,13 +405,14 @@ impl ShiftFs {
         }
     }
 
-    /// The kernel rejects any open flag outside FOPEN_PASSTHROUGH_MASK (no KEEP_CACHE) on a
-    /// passthrough open, and fails the open with EIO.
+    /// NOFLUSH: close() need not wait for a FLUSH round trip, we buffer nothing and hold
+    /// no locks. The kernel rejects any flag outside FOPEN_PASSTHROUGH_MASK (so no
+    /// KEEP_CACHE) on a passthrough open and fails the open with EIO.
     fn open_flags_reply(&self, passthrough: bool) -> FopenFlags {
         if passthrough || self.ttl.is_zero() {
-            FopenFlags::empty()
+            FopenFlags::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
         }
     }
 
@@ -803,7 +804,13 @@ impl ShiftFs {
         while let Some(ent) = iter.next() {
             let ent = ent.map_err(sys)?;
             let name = OsStr::from_bytes(ent.file_name().to_bytes());
-            let dtype = ent.file_type().as_raw_mode() & libc::S_IFMT;
+            let dtype = if ent.file_type() == rustix::fs::FileType::Unknown {
+                // DT_UNKNOWN (filesystems without a type in the dirent): FUSE needs a type.
+                rustix::fs::statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_or(libc::S_IFREG, |st| st.st_mode & libc::S_IFMT)
+            } else {
+                ent.file_type().as_raw_mode() & libc::S_IFMT
+            };
             if add(name, ent.ino(), dtype, ent.next_entry_cookie()) {
                 break;
             }
@@ -1212,8 +1219,15 @@ impl Filesystem for ShiftFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // With caching on, the kernel may keep listings; it drops them when the directory
+        // changes through the mount or its mtime moves (checked when attributes expire).
+        let flags = if self.ttl.is_zero() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
     }

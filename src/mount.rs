@@ -583,39 +583,6 @@ pub fn run_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/shiftfs"))
 }
 
-/// Percent-escapes bytes that would break the one-field-per-line format.
-fn esc(b: &[u8]) -> String {
-    let mut s = String::new();
-    for &c in b {
-        if c.is_ascii_graphic() && c != b'%' || c == b' ' {
-            s.push(c as char);
-        } else {
-            s.push_str(&format!("%{c:02x}"));
-        }
-    }
-    s
-}
-
-fn unesc(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
 impl Record {
     fn new(req: &Request, backend: Backend, pid: Option<u32>) -> Self {
         Self {
@@ -652,8 +619,8 @@ impl Record {
     fn to_text(&self) -> String {
         format!(
             "target={}\nsource={}\nbackend={}\nmap={}\noptions={}\npid={}\n",
-            esc(self.target.as_os_str().as_bytes()),
-            esc(self.source.as_os_str().as_bytes()),
+            mountinfo::escape(self.target.as_os_str().as_bytes()),
+            mountinfo::escape(self.source.as_os_str().as_bytes()),
             self.backend,
             self.map,
             self.options,
@@ -673,8 +640,8 @@ impl Record {
         for line in text.lines() {
             let (k, v) = line.split_once('=')?;
             match k {
-                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&unesc(v))),
-                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&unesc(v))),
+                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
+                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
                 "backend" => rec.backend = v.parse().ok()?,
                 "map" => rec.map = v.to_string(),
                 "options" => rec.options = v.to_string(),

@@ -98,8 +98,22 @@ fn lossy(field: &str) -> String {
     String::from_utf8_lossy(&unescape(field)).into_owned()
 }
 
+/// The kernel's mountinfo escaping: `\ooo` for bytes that would break a line of fields
+/// (we also escape other control bytes, so any path fits one line).
+pub fn escape(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len());
+    for &c in b {
+        if c == b'\\' || c.is_ascii_whitespace() || c.is_ascii_control() || !c.is_ascii() {
+            s.push_str(&format!("\\{c:03o}"));
+        } else {
+            s.push(c as char);
+        }
+    }
+    s
+}
+
 /// Undoes the kernel's `\ooo` octal escapes of space, tab, newline and backslash.
-fn unescape(s: &str) -> Vec<u8> {
+pub fn unescape(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -246,8 +246,19 @@ impl ShiftFs {
             kind: file_type(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: st.st_nlink as u32,
-            uid: self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0,
-            gid: self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0,
+            // (uid_t)-1 is INVALID_UID to the kernel: it matches no caller in permission checks
+            // (65534 would make host `nobody` the owner), and stat shows it as the overflow
+            // id, exactly as on an idmapped mount.
+            uid: self
+                .map
+                .uid
+                .to_outer(InnerUid(st.st_uid))
+                .map_or(u32::MAX, |o| o.0),
+            gid: self
+                .map
+                .gid
+                .to_outer(InnerGid(st.st_gid))
+                .map_or(u32::MAX, |o| o.0),
             rdev: encode_dev(st.st_rdev),
             blksize: st.st_blksize as u32,
             flags: 0,
@@ -337,9 +348,12 @@ impl ShiftFs {
     /// without a host id shows as the overflow id.
     fn xattr_out(&self, name: &OsStr, value: Vec<u8>) -> Result<Vec<u8>> {
         let t = xattr::ToOuter(&self.map);
-        match xattr::translate(name.as_bytes(), &value, &t, xattr::Unmapped::Overflow) {
+        match xattr::translate(name.as_bytes(), &value, &t, xattr::Unmapped::Omit) {
             Ok(Some(v)) => Ok(v),
             Ok(None) => Ok(value),
+            // A capability for a root the mount cannot show is no capability here: the kernel's
+            // exec path treats only ENODATA as "none" (any other error fails the exec).
+            Err(xattr::Error::Unmapped { .. }) => Err(Errno::NO_XATTR),
             Err(e) => Err(Errno::from_i32(e.errno())),
         }
     }
@@ -873,14 +887,37 @@ impl ShiftFs {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
         let path = self.proc.path(ifd.as_fd());
-        let value = procfd::getxattr(&path, &cstr(name)?).map_err(io)?;
+        let value = match procfd::getxattr(&path, &cstr(name)?) {
+            // A source without xattrs (ramfs, vfat) has no ACL and no capability: the FUSE
+            // kernel treats ENODATA as "none" but fails permission checks and exec on EOPNOTSUPP.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                    && xattr::is_id_bearing(name.as_bytes()) =>
+            {
+                return Err(Errno::NO_XATTR);
+            }
+            r => r.map_err(io)?,
+        };
         self.xattr_out(name, value)
     }
 
-    fn do_listxattr(&self, ino: INodeNo) -> Result<Vec<u8>> {
+    fn do_listxattr(&self, req: &Request, ino: INodeNo) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
-        procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)
+        let names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
+        // The kernel lists `trusted.*` only to CAP_SYS_ADMIN in the initial namespace; the
+        // daemon has it, so filter for the caller.
+        if !names.windows(8).any(|w| w == b"trusted.")
+            || Caller::read(Path::new("/proc"), req.pid()).is_host_admin()
+        {
+            return Ok(names);
+        }
+        Ok(names
+            .split_inclusive(|&b| b == 0)
+            .filter(|n| !n.starts_with(b"trusted."))
+            .flatten()
+            .copied()
+            .collect())
     }
 
     fn do_setxattr(
@@ -1324,8 +1361,8 @@ impl Filesystem for ShiftFs {
         reply_xattr(reply, size, self.do_getxattr(ino, name));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.do_listxattr(ino));
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.do_listxattr(req, ino));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -164,6 +164,35 @@ fn name_behind_a_cached_miss_opens_with_callers_rights(b: Backend) {
     dir.finish();
 }
 
+fn rename_whiteout_belongs_to_the_caller(b: Backend) {
+    if !require(b) || !require_tool("/usr/bin/python3", "python3") {
+        return;
+    }
+    let dir = TestDir::new("perm-whiteout");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    mkdir(&src.join("tmp"), 0o1777, 0, 0);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let script = "import ctypes,os,sys\n\
+                  libc=ctypes.CDLL(None,use_errno=True)\n\
+                  d=sys.argv[1]; open(d+'/a','w').close()\n\
+                  r=libc.syscall(316,-100,(d+'/a').encode(),-100,(d+'/b').encode(),4)\n\
+                  sys.exit(0 if r==0 else ctypes.get_errno())\n";
+    run(ns
+        .cmd_as(1000, 1000, "/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(mnt.join("tmp")))
+    .assert_ok();
+    // The whiteout at the old name is the container user's, so it can remove it again.
+    assert_eq!(lstat_ids(src.join("tmp/a")), (1000, 1000));
+    run(ns.cmd_as(1000, 1000, "rm").arg("-f").arg(mnt.join("tmp/a"))).assert_ok();
+    assert!(fs::symlink_metadata(src.join("tmp/a")).is_err());
+    m.unmount();
+    dir.finish();
+}
+
 /// FUSE only: the kernel cannot idmap a file system without xattrs or ACLs (ramfs).
 #[test]
 fn fuse_source_without_xattrs() {
@@ -208,4 +237,5 @@ backend_tests!(
     trusted_names_hidden_from_users,
     unmapped_capability_root_is_no_capability,
     name_behind_a_cached_miss_opens_with_callers_rights,
+    rename_whiteout_belongs_to_the_caller,
 );

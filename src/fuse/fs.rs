@@ -669,6 +669,13 @@ impl ShiftFs {
             r => r?,
         }
         let (pfd, npfd) = (p.fd().map_err(io)?, np.fd().map_err(io)?);
+        if flags.contains(rustix::fs::RenameFlags::WHITEOUT) {
+            // The whiteout left at the old name is a new object: it must belong to the
+            // caller, as on the plain file system, not to the daemon.
+            return self.as_caller(req, None, || {
+                rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
+            });
+        }
         rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
     }
 

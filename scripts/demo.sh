@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds shiftfs and shows a shifted mount on a small image: the same tree seen with its
 # on-disk owners and shifted by b:0:100000:65536, written to by the root of a user namespace
-# mapped 0 100000 65536, then unmounted. Run as root.
+# mapped 0 100000 65536, and shared with a second mount of another map; then unmounted.
+# Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it mounts)" >&2; exit 1; }
@@ -10,6 +11,7 @@ cargo build --release --quiet
 bin=$PWD/target/release/shiftfs
 
 work=$(mktemp -d /var/tmp/shiftfs-demo.XXXXXX)
+chmod 755 "$work"   # the container root must be able to reach the mount points
 img=$work/image mnt=$work/mnt
 cleanup() {
   for m in "$mnt"-fuse "$mnt"-auto; do "$bin" umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
@@ -39,8 +41,9 @@ unshare --user --map-users=100000,0,65536 --map-groups=100000,0,65536 --setuid 0
   mkdir $mnt-fuse/var && ls -ln $mnt-fuse/home/user $mnt-fuse | sed 's/^/   (inside) /'"
 echo "   on disk:"; ls -ln "$img" "$img/home/user" | sed 's/^/   /'
 
-echo; echo "== shiftfs mount (backend auto: kernel idmapped mount where the filesystem can)"
-"$bin" mount --map b:0:100000:65536 "$img" "$mnt-auto"
+echo; echo "== a second container with another map shares the same image:"
+echo "   shiftfs mount --map b:0:200000:65536 (backend auto: the kernel's idmapped mount where it can)"
+"$bin" mount --map b:0:200000:65536 "$img" "$mnt-auto"
 "$bin" list | sed 's/^/   /'
 ls -ln "$mnt-auto" | sed 's/^/   /'
 

@@ -3,7 +3,7 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-pkgs=(acl attr libcap2-bin uidmap fuse3 bindfs fuse-overlayfs fio debootstrap util-linux gcc)
+pkgs=(acl attr libcap2-bin uidmap fuse3 bindfs fuse-overlayfs fio debootstrap util-linux gcc python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

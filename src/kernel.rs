@@ -240,6 +240,23 @@ pub fn clone_tree(api: &impl MountApi, source: &Path, recursive: bool) -> Result
         })
 }
 
+/// Why the kernel cannot take `mapping` as a user namespace map, if it cannot (its text
+/// is longer than one write to `uid_map` may be).
+pub fn map_unfit(mapping: &IdMapping) -> Option<String> {
+    [
+        ("uid_map", mapping.uid.to_proc_text()),
+        ("gid_map", mapping.gid.to_proc_text()),
+    ]
+    .into_iter()
+    .find(|(_, text)| text.len() > MAP_WRITE_MAX)
+    .map(|(name, text)| {
+        format!(
+            "the {name} text is {} bytes; the kernel takes at most {MAP_WRITE_MAX}",
+            text.len()
+        )
+    })
+}
+
 /// An fd of a fresh user namespace whose `uid_map`/`gid_map` are `mapping`. The helper
 /// process that created it is killed and reaped before this returns; the fd alone keeps
 /// the namespace alive, and an idmapped mount keeps its own reference.

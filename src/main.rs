@@ -41,9 +41,13 @@ enum Command {
 fn main() -> ExitCode {
     // Invoked as mount(8)'s helper: `mount.shiftfs SOURCE TARGET [-o OPTS] ...`.
     let argv0 = std::env::args_os().next().unwrap_or_default();
+    // The FUSE daemon is this binary started again with --daemon-child, whatever its name.
     let as_helper = std::path::Path::new(&argv0)
         .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with("mount."));
+        .is_some_and(|n| n.to_string_lossy().starts_with("mount."))
+        && !std::env::args_os().any(|a| a == "--daemon-child");
+    // Die quietly on a closed pipe (`shiftfs list | head`), as Unix tools do.
+    shiftfs::sys::process::default_sigpipe();
     if as_helper {
         cli::init_logging(0);
         return cli::finish(cli::mount_helper::run(

@@ -102,8 +102,10 @@ pub enum Error {
     Source(PathBuf, String),
     #[error("target {0}: {1}")]
     Target(PathBuf, String),
-    #[error("mounting needs root (CAP_SYS_ADMIN); run shiftfs as root, e.g. with sudo")]
+    #[error("this needs root (CAP_SYS_ADMIN); run shiftfs as root, e.g. with sudo")]
     NotRoot,
+    #[error("{path} is already a shifted mount (of {of}); run shiftfs umount {path} first")]
+    AlreadyMounted { path: PathBuf, of: String },
     #[error(
         "/dev/fuse is not usable ({0}); load the fuse module (modprobe fuse) or use --backend kernel"
     )]
@@ -130,6 +132,12 @@ pub enum Error {
         source: io::Error,
     },
 }
+
+/// More FUSE workers than this only cost file descriptors and memory.
+const MAX_THREADS: usize = 256;
+
+/// The file system type of shiftfs' FUSE mounts in the mount table.
+pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
 /// Tuning knobs of the FUSE backend (ignored by the kernel backend).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,10 +252,14 @@ impl OptionSet {
                 }
                 "recursive" | "rbind" => self.recursive = true,
                 "threads" => {
-                    self.fuse.threads = need(value)?.parse().map_err(|_| Error::BadOption {
-                        option: opt.clone(),
-                        reason: "threads must be a whole number".into(),
-                    })?
+                    self.fuse.threads = need(value)?
+                        .parse()
+                        .ok()
+                        .filter(|&n| n <= MAX_THREADS)
+                        .ok_or_else(|| Error::BadOption {
+                            option: opt.clone(),
+                            reason: format!("threads must be a whole number up to {MAX_THREADS}"),
+                        })?
                 }
                 "passthrough" => self.fuse.passthrough = true,
                 "nopassthrough" => self.fuse.passthrough = false,
@@ -370,12 +382,21 @@ pub fn validate(req: &mut Request) -> Result<(), Error> {
     let tgt = std::fs::canonicalize(&req.target).map_err(|e| {
         Error::Target(
             req.target.clone(),
-            match e.kind() {
-                io::ErrorKind::NotFound => "does not exist; create it first (mkdir -p)".into(),
+            match (e.kind(), e.raw_os_error()) {
+                (io::ErrorKind::NotFound, _) => "does not exist; create it first (mkdir -p)".into(),
+                (_, Some(libc::ENOTCONN)) => {
+                    "is a dead shifted mount (its daemon exited); run shiftfs umount on it".into()
+                }
                 _ => e.to_string(),
             },
         )
     })?;
+    if let Some(m) = mounted_at(&tgt).filter(is_shifted) {
+        let of = Record::load(&tgt)
+            .map(|r| r.source.display().to_string())
+            .unwrap_or(m.source);
+        return Err(Error::AlreadyMounted { path: tgt, of });
+    }
     let empty = std::fs::read_dir(&tgt)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENOTDIR) => Error::Target(tgt.clone(), "is not a directory".into()),
@@ -436,6 +457,12 @@ fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
             }
         }
         Backend::Auto => {
+            if let Some(reason) = crate::kernel::map_unfit(&req.mapping) {
+                return Ok((
+                    Backend::Fuse,
+                    format!("kernel idmapped mount not possible: {reason}"),
+                ));
+            }
             let p = crate::kernel::probe_tree(&req.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
@@ -510,7 +537,8 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    if own_id.is_some() && mounted_at(&target).map(|m| m.id) == own_id {
+                    let now = mounted_at(&target).map(|m| m.id);
+                    if own_id.is_none() || now == own_id {
                         tracing::info!("signal {sig}: unmounting {}", target.display());
                         if let Err(e) = detach(&target) {
                             tracing::warn!("unmount {}: {e}", target.display());
@@ -558,11 +586,23 @@ pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
 
 /// The topmost mount at `target`, if any.
 pub fn mounted_at(target: &Path) -> Option<MountInfo> {
-    let text = std::fs::read_to_string(mountinfo::SELF_MOUNTINFO).ok()?;
-    mountinfo::parse(&text)
+    mount_table()?
         .into_iter()
         .rev()
         .find(|m| m.mount_point == target)
+}
+
+/// This process's mount table; `None` when it cannot be read (so callers never mistake an
+/// unreadable table for an empty one).
+fn mount_table() -> Option<Vec<MountInfo>> {
+    std::fs::read(mountinfo::SELF_MOUNTINFO)
+        .ok()
+        .map(mountinfo::parse)
+}
+
+/// A mount shiftfs made: a FUSE mount of ours, or a kernel idmapped mount.
+fn is_shifted(m: &MountInfo) -> bool {
+    m.fstype == FUSE_TYPE || m.has_option("idmapped")
 }
 
 /// What `shiftfs list` knows of one mount; kept as a small text file under `/run/shiftfs`.
@@ -581,39 +621,6 @@ pub fn run_dir() -> PathBuf {
     std::env::var_os("SHIFTFS_RUN_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/shiftfs"))
-}
-
-/// Percent-escapes bytes that would break the one-field-per-line format.
-fn esc(b: &[u8]) -> String {
-    let mut s = String::new();
-    for &c in b {
-        if c.is_ascii_graphic() && c != b'%' || c == b' ' {
-            s.push(c as char);
-        } else {
-            s.push_str(&format!("%{c:02x}"));
-        }
-    }
-    s
-}
-
-fn unesc(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
 }
 
 impl Record {
@@ -646,14 +653,30 @@ impl Record {
         if name.is_empty() {
             name.push('-');
         }
+        // NAME_MAX is 255: a long target keeps a readable prefix and a hash of the whole path
+        // (the record itself holds the full target).
+        if name.len() > 180 {
+            let hash = target
+                .as_os_str()
+                .as_bytes()
+                .iter()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+            let mut cut = 160;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            name = format!("{}-{hash:016x}", &name[..cut]);
+        }
         run_dir().join(format!("{name}.mount"))
     }
 
     fn to_text(&self) -> String {
         format!(
             "target={}\nsource={}\nbackend={}\nmap={}\noptions={}\npid={}\n",
-            esc(self.target.as_os_str().as_bytes()),
-            esc(self.source.as_os_str().as_bytes()),
+            mountinfo::escape(self.target.as_os_str().as_bytes()),
+            mountinfo::escape(self.source.as_os_str().as_bytes()),
             self.backend,
             self.map,
             self.options,
@@ -673,8 +696,8 @@ impl Record {
         for line in text.lines() {
             let (k, v) = line.split_once('=')?;
             match k {
-                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&unesc(v))),
-                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&unesc(v))),
+                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
+                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
                 "backend" => rec.backend = v.parse().ok()?,
                 "map" => rec.map = v.to_string(),
                 "options" => rec.options = v.to_string(),
@@ -711,15 +734,17 @@ impl Record {
         let Ok(dir) = std::fs::read_dir(run_dir()) else {
             return Vec::new();
         };
-        let mounts = std::fs::read_to_string(mountinfo::SELF_MOUNTINFO)
-            .map(|t| mountinfo::parse(&t))
-            .unwrap_or_default();
+        let mounts = mount_table();
         let mut out: Vec<Self> = dir
             .flatten()
             .filter(|e| e.path().extension().is_some_and(|x| x == "mount"))
             .filter_map(|e| Self::from_text(&std::fs::read_to_string(e.path()).ok()?))
             .filter(|r| {
-                let live = mounts.iter().any(|m| m.mount_point == r.target);
+                // Unknown table: keep everything. A FUSE mount whose daemon lives may be in
+                // another mount namespace: keep it too.
+                let Some(mounts) = &mounts else { return true };
+                let live = mounts.iter().any(|m| m.mount_point == r.target)
+                    || (r.backend == Backend::Fuse && r.daemon_alive());
                 if !live {
                     r.remove();
                 }
@@ -736,15 +761,17 @@ impl Record {
     }
 }
 
-/// Guards against pid reuse: the process must still be a live shiftfs (the daemon is
-/// started from the binary's real path, so its comm is `shiftfs`).
+/// Guards against pid reuse: the process must still be a live shiftfs, a backgrounded
+/// daemon (whatever its binary is called) or a `shiftfs mount --foreground`.
 fn pid_is_shiftfs(pid: u32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let daemon = cmdline.split(|&b| b == 0).any(|a| a == b"--daemon-child");
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     });
-    comm.trim_end() == "shiftfs" && !zombie
+    (daemon || comm.trim_end() == "shiftfs") && !zombie
 }
 
 /// What `unmount` did.
@@ -769,20 +796,24 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         }
         return Err(Error::NotMounted { path: target });
     };
-    // Any FUSE mount is not ours (bindfs, sshfs, ...): only one with our record is. A record
-    // alone is not enough either: the shifted mount may be gone and something else mounted.
-    let ours_fuse = info.fstype.starts_with("fuse")
-        && record.as_ref().is_some_and(|r| r.backend == Backend::Fuse);
-    let shifted = ours_fuse || info.has_option("idmapped");
-    if !shifted {
+    // Not any FUSE mount (bindfs, sshfs, ...): ours has its own type. A record alone is not
+    // enough either: the shifted mount may be gone and something else mounted there.
+    if !is_shifted(&info) {
         return Err(Error::NotShifted {
             path: target,
             fstype: info.fstype,
         });
     }
-    let was_dead = record
-        .as_ref()
-        .is_some_and(|r| r.backend == Backend::Fuse && !r.daemon_alive());
+    let was_dead = info.fstype == FUSE_TYPE
+        && match &record {
+            Some(r) => !r.daemon_alive(),
+            None => {
+                matches!(std::fs::metadata(&target), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+            }
+        };
+    if !lazy && !was_dead {
+        unmount_submounts(&target)?;
+    }
     let flags = if lazy || was_dead {
         UnmountFlags::DETACH
     } else {
@@ -812,6 +843,33 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         r.remove();
     }
     Ok(Unmounted { record, was_dead })
+}
+
+/// Mounts below `target` (a `--recursive` kernel mount's sub-mounts, or anything mounted
+/// inside a shifted mount) keep it busy: unmount them first, deepest first.
+fn unmount_submounts(target: &Path) -> Result<(), Error> {
+    let mut below: Vec<PathBuf> = mount_table()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p != target && p.starts_with(target))
+        .collect();
+    below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    below.dedup();
+    for p in below {
+        match rustix::mount::unmount(&p, UnmountFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(rustix::io::Errno::BUSY) => return Err(Error::Busy { path: p }),
+            Err(e) => {
+                return Err(Error::Io {
+                    what: "unmount",
+                    path: p,
+                    source: e.into(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.

@@ -53,30 +53,30 @@ pub enum Error {
 /// This process's mount table.
 pub const SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
 
-/// Parses a whole `mountinfo` text; malformed lines are skipped.
-pub fn parse(text: &str) -> Vec<MountInfo> {
-    text.lines().filter_map(parse_line).collect()
+/// Parses a whole `mountinfo` text; malformed lines are skipped. Bytes, not `str`: a
+/// mount point anywhere on the machine may be any bytes, and one such line must not hide the
+/// others.
+pub fn parse(text: impl AsRef<[u8]>) -> Vec<MountInfo> {
+    text.as_ref()
+        .split(|&b| b == b'\n')
+        .filter_map(parse_line)
+        .collect()
 }
 
-fn parse_line(line: &str) -> Option<MountInfo> {
-    let (head, tail) = line.split_once(" - ")?;
-    let mut h = head.split(' ');
-    let id = h.next()?.parse().ok()?;
-    let parent_id = h.next()?.parse().ok()?;
+fn parse_line(line: &[u8]) -> Option<MountInfo> {
+    let sep = line.windows(3).position(|w| w == b" - ")?;
+    let (head, tail) = (&line[..sep], &line[sep + 3..]);
+    let mut h = head.split(|&b| b == b' ');
+    let id = text(h.next()?).parse().ok()?;
+    let parent_id = text(h.next()?).parse().ok()?;
     let _dev = h.next()?;
     let root = path(h.next()?);
     let mount_point = path(h.next()?);
-    let mount_options = h.next()?.split(',').map(str::to_string).collect();
-    let mut t = tail.split(' ');
+    let mount_options = options(h.next()?);
+    let mut t = tail.split(|&b| b == b' ');
     let fstype = lossy(t.next()?);
     let source = lossy(t.next()?);
-    let super_options = t
-        .next()
-        .unwrap_or("")
-        .split(',')
-        .filter(|o| !o.is_empty())
-        .map(str::to_string)
-        .collect();
+    let super_options = options(t.next().unwrap_or(b""));
     Some(MountInfo {
         id,
         parent_id,
@@ -89,18 +89,44 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     })
 }
 
+fn text(field: &[u8]) -> String {
+    String::from_utf8_lossy(field).into_owned()
+}
+
+fn options(field: &[u8]) -> Vec<String> {
+    field
+        .split(|&b| b == b',')
+        .filter(|o| !o.is_empty())
+        .map(text)
+        .collect()
+}
+
 /// Paths may be any bytes, not only UTF-8.
-fn path(field: &str) -> PathBuf {
+fn path(field: &[u8]) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(unescape(field)))
 }
 
-fn lossy(field: &str) -> String {
+fn lossy(field: &[u8]) -> String {
     String::from_utf8_lossy(&unescape(field)).into_owned()
 }
 
+/// The kernel's mountinfo escaping: `\ooo` for bytes that would break a line of fields
+/// (we also escape other control bytes, so any path fits one line).
+pub fn escape(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len());
+    for &c in b {
+        if c == b'\\' || c.is_ascii_whitespace() || c.is_ascii_control() || !c.is_ascii() {
+            s.push_str(&format!("\\{c:03o}"));
+        } else {
+            s.push(c as char);
+        }
+    }
+    s
+}
+
 /// Undoes the kernel's `\ooo` octal escapes of space, tab, newline and backslash.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
+pub fn unescape(s: impl AsRef<[u8]>) -> Vec<u8> {
+    let b = s.as_ref();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -125,11 +151,11 @@ fn unescape(s: &str) -> Vec<u8> {
 
 /// Reads and parses a `mountinfo` file.
 pub fn read(mountinfo: &Path) -> Result<Vec<MountInfo>, Error> {
-    let text = std::fs::read_to_string(mountinfo).map_err(|source| Error::Read {
+    let text = std::fs::read(mountinfo).map_err(|source| Error::Read {
         path: mountinfo.to_path_buf(),
         source,
     })?;
-    Ok(parse(&text))
+    Ok(parse(text))
 }
 
 /// The mount id of the mount `path` is on (symlinks followed).
@@ -206,6 +232,21 @@ pub fn magic_name(magic: i64) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_non_utf8_mount_point_hides_nothing() {
+        let text = b"40 27 0:5 / /mnt/bad\xffname rw - tmpfs none rw\n\
+                     41 27 0:6 / /t rw,idmapped - ext4 /dev/vda rw\n";
+        let m = parse(&text[..]);
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m[0].mount_point.as_os_str().as_encoded_bytes(),
+            b"/mnt/bad\xffname"
+        );
+        assert_eq!(m[1].mount_point, PathBuf::from("/t"));
+        assert!(m[1].has_option("idmapped"));
+    }
+
     use super::*;
 
     const SAMPLE: &str = "\
@@ -239,7 +280,7 @@ bad line
         assert_eq!(unescape("end\\04"), b"end\\04");
         // A non-UTF-8 byte in a mount point survives.
         assert_eq!(
-            path("/mnt/\\377x").as_os_str().as_encoded_bytes(),
+            path(b"/mnt/\\377x").as_os_str().as_encoded_bytes(),
             b"/mnt/\xffx"
         );
     }

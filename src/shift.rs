@@ -73,6 +73,8 @@ pub struct Options {
     pub unmapped: OnUnmapped,
     pub walk: WalkOptions,
     pub dry_run: bool,
+    /// Shift inodes that also have names outside the tree (they change there too).
+    pub allow_external_links: bool,
 }
 
 /// Progress reporting; the CLI shows a bar, tests use [`NoProgress`].
@@ -124,6 +126,12 @@ pub enum Error {
         to: String,
         list: String,
     },
+    #[error(
+        "{count} inode(s) to change also have names outside the tree, where they would change \
+         too (e.g. {examples}); nothing was written. Break those links, or pass \
+         --allow-external-links"
+    )]
+    ExternalLinks { count: u64, examples: String },
     #[error("{path}: cannot translate an id-bearing xattr")]
     Xattr {
         path: String,
@@ -355,6 +363,12 @@ pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Out
     if opts.dry_run {
         outcome.changes = plan.changes;
         return Ok(outcome);
+    }
+    if plan.external_links.1 > 0 && !opts.allow_external_links {
+        return Err(Error::ExternalLinks {
+            count: plan.external_links.1,
+            examples: plan.external_links.0.join(", "),
+        });
     }
 
     let root_stat = rustix::fs::fstat(&root).map_err(|e| io_err(b"", "stat", e))?;
@@ -973,6 +987,7 @@ mod tests {
             unmapped: OnUnmapped::Fail,
             walk: WalkOptions::default(),
             dry_run: false,
+            allow_external_links: false,
         };
         let (f, t) = parse_marker(Path::new("/t"), &marker(&opts)).unwrap();
         assert_eq!((f, t), (opts.from.clone(), opts.to.clone()));

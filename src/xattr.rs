@@ -4,7 +4,7 @@
 //!
 //! Pure: values in, values out. Used in three directions:
 //! - the FUSE backend's getxattr, on-disk (inner) ids to host (outer) ids: [`ToOuter`] with
-//!   [`Unmapped::Overflow`];
+//!   [`Unmapped::Omit`];
 //! - the FUSE backend's setxattr, host ids to on-disk ids: [`ToInner`] with [`Unmapped::Fail`];
 //! - the offline shift, ids laid out for one map to ids laid out for another: [`Reshift`].
 //!
@@ -119,11 +119,14 @@ impl IdTranslate for Reshift<'_> {
 /// What to do with an id that has no image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unmapped {
-    /// Show it as the overflow id 65534, as the kernel does for ACL entries on read.
-    /// A capability's root id is the exception: the kernel refuses such a read with
-    /// EOVERFLOW (a capability for an unknown namespace must not look like one for 65534),
-    /// and so do we.
+    /// Write the overflow id 65534 (offline shift's `--skip-unmapped=overflow`). A
+    /// capability's root id is the exception: such a value is refused with EOVERFLOW (a
+    /// capability for an unknown namespace must not look like one for 65534).
     Overflow,
+    /// Leave such ACL entries out: a named entry whose id the viewer cannot see names nobody
+    /// it could grant to (shown as 65534, the kernel would give it to host `nobody`). A
+    /// capability's unmapped root id is refused as with `Overflow`.
+    Omit,
     /// Refuse the whole value with EOVERFLOW.
     Fail,
 }
@@ -312,17 +315,19 @@ fn translate_acl(
     t: &impl IdTranslate,
     unmapped: Unmapped,
 ) -> Result<Vec<u8>, Error> {
-    let mut entries = parse_acl(name, value)?;
-    for e in &mut entries {
+    let mut out = Vec::new();
+    for mut e in parse_acl(name, value)? {
         if let Some((kind, id)) = e.id() {
             e.id = match (t.id(kind, id), unmapped) {
                 (Some(new), _) => new,
                 (None, Unmapped::Overflow) => OVERFLOW_ID,
+                (None, Unmapped::Omit) => continue,
                 (None, Unmapped::Fail) => return Err(Error::Unmapped { name, kind, id }),
             };
         }
+        out.push(e);
     }
-    Ok(encode_acl(&entries))
+    Ok(encode_acl(&out))
 }
 
 /// A parsed `security.capability` value.
@@ -548,6 +553,19 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(shown, sample_acl(OVERFLOW_ID, 100005));
+        let omitted = translate(ACL_ACCESS, &v, &ToOuter(&m), Unmapped::Omit)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            omitted,
+            acl(&[
+                (ACL_USER_OBJ, 7, U),
+                (ACL_GROUP_OBJ, 5, U),
+                (ACL_GROUP, 4, 100005),
+                (ACL_MASK, 7, U),
+                (ACL_OTHER, 0, U),
+            ])
+        );
         let e = translate(ACL_ACCESS, &v, &ToOuter(&m), Unmapped::Fail).unwrap_err();
         assert_eq!(
             e,
@@ -708,7 +726,7 @@ mod tests {
     fn unmapped_capability_root_is_eoverflow_under_both_policies() {
         let m = map("b:0:100000:1000");
         let v = v3(0, [1, 0], [0, 0], 5000);
-        for policy in [Unmapped::Overflow, Unmapped::Fail] {
+        for policy in [Unmapped::Overflow, Unmapped::Omit, Unmapped::Fail] {
             let e = translate(CAPABILITY, &v, &ToOuter(&m), policy).unwrap_err();
             assert_eq!(e.errno(), libc::EOVERFLOW);
             assert!(e.to_string().contains("uid 5000"), "{e}");

@@ -620,6 +620,8 @@ fn objects_with_unmapped_owner_cannot_be_changed_until_mapped() {
     assert_eq!(errno(fs::remove_file(m.m("f"))), Some(libc::EOVERFLOW));
     assert_eq!(errno(fs::rename(m.m("f"), m.m("h"))), Some(libc::EOVERFLOW));
     assert_eq!(errno(fs::rename(m.m("g"), m.m("f"))), Some(libc::EOVERFLOW));
+    // The kernel sees no owner at all (INVALID_UID), so even host root's DAC override does
+    // not apply: EACCES, exactly as on a kernel idmapped mount.
     assert_eq!(
         errno(
             fs::OpenOptions::new()
@@ -627,7 +629,7 @@ fn objects_with_unmapped_owner_cannot_be_changed_until_mapped() {
                 .truncate(true)
                 .open(m.m("f"))
         ),
-        Some(libc::EOVERFLOW)
+        Some(libc::EACCES)
     );
     assert_eq!(
         rustix::fs::setxattr(m.m("f"), "user.k", b"v", rustix::fs::XattrFlags::empty()),
@@ -859,4 +861,105 @@ fn seek_data_hole_copy_range_fallocate_and_locks() {
         rustix::fs::FlockOperation::NonBlockingLockShared,
     )
     .unwrap();
+}
+
+#[test]
+fn cached_listings_follow_source_changes_within_the_timeout() {
+    if !prerequisites() {
+        return;
+    }
+    let names = |p: &Path| {
+        let mut v: Vec<_> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |o| o.attr_timeout = Duration::from_millis(300),
+        |src| fs::write(src.join("a"), b"").unwrap(),
+    );
+    assert_eq!(names(&m.mnt), ["a"]);
+    // Through the mount: seen at once.
+    fs::write(m.m("b"), b"").unwrap();
+    assert_eq!(names(&m.mnt), ["a", "b"]);
+    // Behind its back: seen once the timeout has passed.
+    fs::write(m.s("c"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(names(&m.mnt), ["a", "b", "c"]);
+}
+
+#[test]
+fn writes_by_others_clear_setuid_and_setgid() {
+    if !prerequisites() {
+        return;
+    }
+    for passthrough in [true, false] {
+        let m = Mounted::new(
+            MAP,
+            |o| o.passthrough = passthrough,
+            |src| {
+                for n in ["suid", "sgid"] {
+                    fs::write(src.join(n), b"#!/bin/sh\n").unwrap();
+                    std::os::unix::fs::chown(src.join(n), Some(0), Some(2000)).unwrap();
+                }
+                fs::set_permissions(src.join("suid"), fs::Permissions::from_mode(0o4777)).unwrap();
+                fs::set_permissions(src.join("sgid"), fs::Permissions::from_mode(0o2777)).unwrap();
+            },
+        );
+        let out = sh_as(
+            101000,
+            &format!("cd {} && echo x >> suid && echo x >> sgid", m.mnt.display()),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for n in ["suid", "sgid"] {
+            let mode = fs::metadata(m.s(n)).unwrap().mode() & 0o7777;
+            assert_eq!(mode, 0o777, "{n} passthrough={passthrough}: {mode:o}");
+        }
+    }
+}
+
+#[test]
+fn unlinked_open_files_stay_usable_past_the_fd_budget() {
+    if !prerequisites() {
+        return;
+    }
+    use std::io::{Read, Seek};
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |o| o.max_inode_fds = 4,
+        |src| {
+            for i in 0..20 {
+                fs::write(src.join(format!("f{i}")), b"data").unwrap();
+            }
+        },
+    );
+    let mut files = vec![];
+    for i in 0..20 {
+        files.push(
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(m.m(&format!("f{i}")))
+                .unwrap(),
+        );
+        fs::remove_file(m.m(&format!("f{i}"))).unwrap();
+    }
+    for f in &mut files {
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .unwrap();
+        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        f.seek(io::SeekFrom::End(0)).unwrap();
+        f.write_all(b"more").unwrap();
+        f.rewind().unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "datamore");
+    }
 }

@@ -1144,3 +1144,74 @@ fn clean_daemon_exit_removes_its_log() {
     m.assert_daemon_exits();
     assert!(!log.exists(), "{} left behind", log.display());
 }
+
+#[test]
+fn umount_removes_a_recursive_kernel_mount_with_its_submounts() {
+    let _p = shared();
+    if !is_root() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    let sub = d.src.join("sub");
+    fs::create_dir(&sub).expect("mkdir sub");
+    rustix::mount::mount(
+        "shiftfs-integ",
+        &sub,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755,size=1m",
+    )
+    .expect("mount tmpfs");
+    let _sub = Plain(sub.clone());
+    fs::write(sub.join("f"), "x").expect("write in sub");
+    let (out, _m) = shiftfs_mount(&d.src, &d.tgt, &["--backend", "kernel", "--recursive"]);
+    out.assert_ok("shiftfs mount --recursive");
+    assert_eq!(owner(&d.tgt.join("sub/f")), (100000, 100000));
+    shiftfs(&[OsStr::new("umount"), os(&d.tgt)]).assert_ok("shiftfs umount of a recursive mount");
+    assert!(mount_at(&d.tgt).is_none() && mount_at(&d.tgt.join("sub")).is_none());
+}
+
+#[test]
+fn second_mount_on_a_shifted_target_is_refused() {
+    let _p = shared();
+    if !fuse_ready() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    // An empty source leaves the target empty, which once let a second mount stack on it.
+    for backend in ["fuse", "kernel"] {
+        let (out, m) = shiftfs_mount(&d.src, &d.tgt, &["--backend", backend]);
+        out.assert_ok("first mount");
+        let again = shiftfs(&[
+            OsStr::new("mount"),
+            OsStr::new("--map"),
+            OsStr::new(MAP),
+            os(&d.src),
+            os(&d.tgt),
+        ]);
+        again.assert_one_line_error("second mount", "already a shifted mount");
+        shiftfs(&[OsStr::new("umount"), os(&d.tgt)]).assert_ok("umount");
+        m.assert_daemon_exits();
+        assert!(
+            mount_at(&d.tgt).is_none(),
+            "{backend}: one umount removes it"
+        );
+    }
+}
+
+#[test]
+fn fuse_mount_on_a_long_target_path() {
+    let _p = shared();
+    if !fuse_ready() {
+        return;
+    }
+    let Some(d) = ext4_dirs() else { return };
+    let long = d.path().join("pod-".repeat(60));
+    fs::create_dir(&long).expect("mkdir long target");
+    populate(&d.src);
+    let (out, _m) = shiftfs_mount(&d.src, &long, &["--backend", "fuse"]);
+    out.assert_ok("mount on a 240-byte target");
+    assert_shifted(&long);
+    assert!(list_row(&long).is_some(), "shiftfs list shows it");
+    shiftfs(&[OsStr::new("umount"), os(&long)]).assert_ok("umount");
+}

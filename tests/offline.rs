@@ -688,6 +688,22 @@ fn scan_reports_ids_and_hazards() {
         "{err}"
     );
     assert!(err.contains("leaks"), "{err}");
+    // For real it stops before writing anything, unless told to go ahead.
+    let outside = dir.path().join("outside");
+    let refused = shiftfs(&[
+        "shift",
+        "--map",
+        MAP,
+        "--skip-unmapped",
+        t.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("--allow-external-links"),
+        "{err}"
+    );
+    assert_eq!(std::fs::metadata(&outside).unwrap().uid(), 70000);
+    assert_eq!(std::fs::metadata(t.join("bin/suidroot")).unwrap().uid(), 0);
     let table = ok(&["scan", t.to_str().unwrap()]);
     assert!(
         table.contains("setuid files (1):\n  bin/suidroot"),

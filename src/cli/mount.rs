@@ -2,6 +2,7 @@
 //! start the FUSE daemon (backgrounded once the mount is ready, unless --foreground).
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -127,6 +128,7 @@ fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
     let log = mount::open_log(&log_path)
         .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
     let mut child = Command::new(&exe)
+        .arg0("shiftfs")
         .arg("mount")
         .arg("--daemon-child")
         .args(["--backend", "fuse"])

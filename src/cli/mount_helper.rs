@@ -6,7 +6,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use shiftfs::mount::{OptionSet, Request};
+use std::path::Path;
+
+use shiftfs::mount::{self, OptionSet, Request};
 
 pub fn run(args: Vec<OsString>) -> anyhow::Result<()> {
     let mut positional = Vec::new();
@@ -56,5 +58,17 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<()> {
     if fake {
         return Ok(());
     }
-    super::mount::mount_request(req, false)
+    let source = std::fs::canonicalize(&req.source).unwrap_or_else(|_| req.source.clone());
+    match super::mount::mount_request(req, false) {
+        // `mount -a` asks again for fstab lines that are mounted: libmount cannot tell an
+        // idmapped bind of SOURCE from another mount. Mounted with the same source is done.
+        Err(e)
+            if e.downcast_ref::<mount::Error>().is_some_and(
+                |e| matches!(e, mount::Error::AlreadyMounted { of, .. } if Path::new(of) == source),
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }

@@ -38,7 +38,7 @@ pub struct Args {
     /// What to do with ids the maps do not cover; without it such ids stop the shift
     /// before anything is written.
     #[arg(long, value_name = "keep|overflow", num_args = 0..=1, default_missing_value = "keep",
-          value_parser = parse_policy)]
+          require_equals = true, value_parser = parse_policy)]
     skip_unmapped: Option<OnUnmapped>,
     /// Descend into other file systems mounted below the tree (default: stay on the
     /// tree's own mount, like `du -x`; mount points are listed and skipped).
@@ -47,6 +47,10 @@ pub struct Args {
     /// Print what would change and write nothing.
     #[arg(long, short = 'n')]
     dry_run: bool,
+    /// Also shift inodes that have hard links outside the tree (they change there too);
+    /// without it such links stop the shift before anything is written.
+    #[arg(long)]
+    allow_external_links: bool,
 }
 
 fn parse_policy(s: &str) -> Result<OnUnmapped, String> {
@@ -162,6 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cross_file_systems: args.cross_file_systems,
         },
         dry_run: args.dry_run,
+        allow_external_links: args.allow_external_links,
     };
     let out = shift::shift(&args.tree, &opts, &Bar::new())
         .with_context(|| format!("shift {}", args.tree.display()))?;

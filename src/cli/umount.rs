@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::bail;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -14,16 +14,31 @@ pub struct Args {
     pub lazy: bool,
 }
 
+/// Tries every target, as umount(8) does, and fails at the end if any failed.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut failed = 0;
     for target in &args.targets {
-        let done = shiftfs::mount::unmount(target, args.lazy)
-            .with_context(|| format!("umount {}", target.display()))?;
-        if done.was_dead {
-            eprintln!(
+        match shiftfs::mount::unmount(target, args.lazy) {
+            Ok(done) if done.was_dead => eprintln!(
                 "shiftfs: {}: the daemon had exited; removed the dead mount",
                 target.display()
-            );
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                failed += 1;
+                let e = anyhow::Error::from(e).context(format!("umount {}", target.display()));
+                if args.targets.len() == 1 {
+                    return Err(e);
+                }
+                eprintln!("shiftfs: {e:#}");
+            }
         }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} targets could not be unmounted",
+            args.targets.len()
+        );
     }
     Ok(())
 }

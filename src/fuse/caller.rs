@@ -7,6 +7,7 @@ use std::path::Path;
 use crate::idmap::{IdMapping, OuterGid, OuterUid};
 
 const CAP_FSETID: u32 = 4;
+const CAP_SYS_ADMIN: u32 = 21;
 
 /// The parts of a caller's credentials a decision needs.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -41,6 +42,15 @@ impl Caller {
             }
         }
         c
+    }
+
+    /// CAP_SYS_ADMIN in the initial user namespace (whose map is the identity over all ids).
+    pub fn is_host_admin(&self) -> bool {
+        self.cap_eff & (1 << CAP_SYS_ADMIN) != 0
+            && self
+                .userns
+                .as_ref()
+                .is_some_and(|ns| ns.uid.ranges() == IdMapping::identity().uid.ranges())
     }
 
     /// The kernel's `in_group_or_capable(inode, gid)` for CAP_FSETID: whether a change by this

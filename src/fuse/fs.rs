@@ -246,8 +246,19 @@ impl ShiftFs {
             kind: file_type(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: st.st_nlink as u32,
-            uid: self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0,
-            gid: self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0,
+            // (uid_t)-1 is INVALID_UID to the kernel: it matches no caller in permission checks
+            // (65534 would make host `nobody` the owner), and stat shows it as the overflow
+            // id, exactly as on an idmapped mount.
+            uid: self
+                .map
+                .uid
+                .to_outer(InnerUid(st.st_uid))
+                .map_or(u32::MAX, |o| o.0),
+            gid: self
+                .map
+                .gid
+                .to_outer(InnerGid(st.st_gid))
+                .map_or(u32::MAX, |o| o.0),
             rdev: encode_dev(st.st_rdev),
             blksize: st.st_blksize as u32,
             flags: 0,
@@ -292,9 +303,9 @@ impl ShiftFs {
     /// checked permissions on (it looked it up, so it is in the table; one swapped in on
     /// the source side since is not) and its owner must be mapped.
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
-        let st = rustix::fs::statat(parent.fd().map_err(io)?, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(sys)?;
-        if !self.inodes.knows(key(&st)) {
+        let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        if !self.inodes.knows(key(&st), fd.as_fd()) {
             return Err(stale);
         }
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
@@ -337,9 +348,12 @@ impl ShiftFs {
     /// without a host id shows as the overflow id.
     fn xattr_out(&self, name: &OsStr, value: Vec<u8>) -> Result<Vec<u8>> {
         let t = xattr::ToOuter(&self.map);
-        match xattr::translate(name.as_bytes(), &value, &t, xattr::Unmapped::Overflow) {
+        match xattr::translate(name.as_bytes(), &value, &t, xattr::Unmapped::Omit) {
             Ok(Some(v)) => Ok(v),
             Ok(None) => Ok(value),
+            // A capability for a root the mount cannot show is no capability here: the kernel's
+            // exec path treats only ENODATA as "none" (any other error fails the exec).
+            Err(xattr::Error::Unmapped { .. }) => Err(Errno::NO_XATTR),
             Err(e) => Err(Errno::from_i32(e.errno())),
         }
     }
@@ -405,13 +419,14 @@ impl ShiftFs {
         }
     }
 
-    /// The kernel rejects any open flag outside FOPEN_PASSTHROUGH_MASK (no KEEP_CACHE) on a
-    /// passthrough open, and fails the open with EIO.
+    /// NOFLUSH: close() need not wait for a FLUSH round trip, we buffer nothing and hold
+    /// no locks. The kernel rejects any flag outside FOPEN_PASSTHROUGH_MASK (so no
+    /// KEEP_CACHE) on a passthrough open and fails the open with EIO.
     fn open_flags_reply(&self, passthrough: bool) -> FopenFlags {
         if passthrough || self.ttl.is_zero() {
-            FopenFlags::empty()
+            FopenFlags::FOPEN_NOFLUSH
         } else {
-            FopenFlags::FOPEN_KEEP_CACHE
+            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
         }
     }
 
@@ -654,6 +669,13 @@ impl ShiftFs {
             r => r?,
         }
         let (pfd, npfd) = (p.fd().map_err(io)?, np.fd().map_err(io)?);
+        if flags.contains(rustix::fs::RenameFlags::WHITEOUT) {
+            // The whiteout left at the old name is a new object: it must belong to the
+            // caller, as on the plain file system, not to the daemon.
+            return self.as_caller(req, None, || {
+                rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
+            });
+        }
         rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
     }
 
@@ -803,7 +825,13 @@ impl ShiftFs {
         while let Some(ent) = iter.next() {
             let ent = ent.map_err(sys)?;
             let name = OsStr::from_bytes(ent.file_name().to_bytes());
-            let dtype = ent.file_type().as_raw_mode() & libc::S_IFMT;
+            let dtype = if ent.file_type() == rustix::fs::FileType::Unknown {
+                // DT_UNKNOWN (filesystems without a type in the dirent): FUSE needs a type.
+                rustix::fs::statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_or(libc::S_IFREG, |st| st.st_mode & libc::S_IFMT)
+            } else {
+                ent.file_type().as_raw_mode() & libc::S_IFMT
+            };
             if add(name, ent.ino(), dtype, ent.next_entry_cookie()) {
                 break;
             }
@@ -866,14 +894,37 @@ impl ShiftFs {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
         let path = self.proc.path(ifd.as_fd());
-        let value = procfd::getxattr(&path, &cstr(name)?).map_err(io)?;
+        let value = match procfd::getxattr(&path, &cstr(name)?) {
+            // A source without xattrs (ramfs, vfat) has no ACL and no capability: the FUSE
+            // kernel treats ENODATA as "none" but fails permission checks and exec on EOPNOTSUPP.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                    && xattr::is_id_bearing(name.as_bytes()) =>
+            {
+                return Err(Errno::NO_XATTR);
+            }
+            r => r.map_err(io)?,
+        };
         self.xattr_out(name, value)
     }
 
-    fn do_listxattr(&self, ino: INodeNo) -> Result<Vec<u8>> {
+    fn do_listxattr(&self, req: &Request, ino: INodeNo) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
-        procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)
+        let names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
+        // The kernel lists `trusted.*` only to CAP_SYS_ADMIN in the initial namespace; the
+        // daemon has it, so filter for the caller.
+        if !names.windows(8).any(|w| w == b"trusted.")
+            || Caller::read(Path::new("/proc"), req.pid()).is_host_admin()
+        {
+            return Ok(names);
+        }
+        Ok(names
+            .split_inclusive(|&b| b == 0)
+            .filter(|n| !n.starts_with(b"trusted."))
+            .flatten()
+            .copied()
+            .collect())
     }
 
     fn do_setxattr(
@@ -1212,8 +1263,15 @@ impl Filesystem for ShiftFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // With caching on, the kernel may keep listings; it drops them when the directory
+        // changes through the mount or its mtime moves (checked when attributes expire).
+        let flags = if self.ttl.is_zero() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
     }
@@ -1310,8 +1368,8 @@ impl Filesystem for ShiftFs {
         reply_xattr(reply, size, self.do_getxattr(ino, name));
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.do_listxattr(ino));
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.do_listxattr(req, ino));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -273,10 +273,20 @@ impl InodeTable {
         inode
     }
 
-    /// Whether the kernel knows the object `key` (it looked it up and has not forgotten it).
-    pub fn knows(&self, key: Key) -> bool {
-        let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
-        inner.by_key.contains_key(&key)
+    /// Whether the kernel knows the object `fd` (with identity `key`) refers to: it looked
+    /// it up and has not forgotten it. A handle-anchored entry must also have the same
+    /// handle, else its inode number was reused by this new object.
+    pub fn knows(&self, key: Key, fd: BorrowedFd<'_>) -> bool {
+        let handle = {
+            let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+            let entry = inner.by_key.get(&key).and_then(|id| inner.by_id.get(id));
+            match entry.map(|e| &e.inode.anchor) {
+                None => return false,
+                Some(Anchor::Fd(_)) => return true,
+                Some(Anchor::Handle { handle, .. }) => handle.clone(),
+            }
+        };
+        fhandle::name_to_handle(fd).is_ok_and(|(h, _)| h == handle)
     }
 
     /// Counts one more lookup of a node already in the table (e.g. `link` returning the
@@ -454,7 +464,11 @@ mod handle_tests {
             "the old node lives until forgotten"
         );
         t.forget(b.nodeid, 1);
-        assert!(t.knows(b.key), "forgetting the old node keeps the new key");
+        let a_fd = open(&dir.path().join("a"));
+        assert!(
+            t.knows(b.key, a_fd.as_fd()),
+            "forgetting the old node keeps the new key"
+        );
         // Forgetting the fd-anchored one frees budget for the next.
         t.forget(ids[0].0.nodeid, 1);
         let fd = open(&dir.path().join("a"));

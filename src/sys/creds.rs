@@ -72,7 +72,21 @@ impl FsCreds {
             .map(|g| g.as_raw())
             .collect();
         raw_setgroups(groups)?;
-        Self::set(uid, gid, caps, Some(saved))
+        let guard = Self::set(uid, gid, caps, Some(saved))?;
+        // Review fix sketch: fsuid 0 keeps the filesystem capabilities; the caller has not been
+        // shown to hold them (and a namespace root's only cover inodes mapped in its namespace).
+        use rustix::thread::CapabilitySet as C;
+        let mut now = capabilities(None)?;
+        now.effective -= C::CHOWN
+            | C::DAC_OVERRIDE
+            | C::DAC_READ_SEARCH
+            | C::FOWNER
+            | C::FSETID
+            | C::LINUX_IMMUTABLE
+            | C::MAC_OVERRIDE
+            | C::MKNOD;
+        set_capabilities(None, now)?;
+        Ok(guard)
     }
 
     /// Changes fsgid and fsuid; the returned guard (also when this fails half-way)

@@ -1,0 +1,241 @@
+//! A shifted mount gives nobody more than the kernel would: unmapped owners match no caller,
+//! `trusted.*` names stay hidden from the unprivileged, an unrepresentable capability is no
+//! capability, and a name that appears behind a cached miss is opened with the caller's own
+//! rights. Found by review of the FUSE backend; each case runs on both backends.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[track_caller]
+fn denied(out: &Out, what: &str) {
+    assert!(
+        !out.ok() && out.stderr.contains("Permission denied"),
+        "{what} must be refused with EACCES:\n{out}"
+    );
+}
+
+fn unmapped_owners_match_no_caller(b: Backend) {
+    if !require(b) || !require_tool("setfacl", "acl") {
+        return;
+    }
+    let dir = TestDir::new("perm-unmapped");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    file(&src.join("owned"), b"secret-owner\n", 0o600, 70000, 70000);
+    file(&src.join("grouped"), b"secret-group\n", 0o640, 0, 70000);
+    file(&src.join("acl"), b"secret-acl\n", 0o600, 0, 0);
+    run(Command::new("setfacl")
+        .args(["-m", "u:70000:rw"])
+        .arg(src.join("acl")))
+    .assert_ok();
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    assert_eq!(stat_ids(mnt.join("owned")), (OVERFLOW, OVERFLOW));
+    let owned = q(mnt.join("owned"));
+    // Host nobody/nogroup is not the owner or group of what shows as 65534.
+    denied(
+        &run(&mut sh_as(65534, 65533, &format!("cat {owned}"))),
+        "read as nobody",
+    );
+    denied(
+        &run(&mut sh_as(65534, 65533, &format!("echo x >> {owned}"))),
+        "append as nobody",
+    );
+    denied(
+        &run(&mut sh_as(
+            65534,
+            65533,
+            &format!("cat {}", q(mnt.join("acl"))),
+        )),
+        "read through an unmapped ACL entry",
+    );
+    denied(
+        &run(&mut sh_as(
+            12345,
+            65534,
+            &format!("cat {}", q(mnt.join("grouped"))),
+        )),
+        "read as nogroup",
+    );
+    assert_eq!(fs::read(src.join("owned")).unwrap(), b"secret-owner\n");
+    m.unmount();
+    dir.finish();
+}
+
+fn trusted_names_hidden_from_users(b: Backend) {
+    if !require(b)
+        || !require_tool("getfattr", "attr")
+        || !require_tool("/usr/bin/python3", "python3")
+    {
+        return;
+    }
+    let dir = TestDir::new("perm-trusted");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    file(&src.join("f"), b"x\n", 0o644, 1000, 1000);
+    run(Command::new("setfattr")
+        .args(["-n", "trusted.overlay.opaque", "-v", "y"])
+        .arg(src.join("f")))
+    .assert_ok();
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let f = q(mnt.join("f"));
+    // listxattr itself, not getfattr (which hides names it may not read).
+    let list = "import os,sys; print(os.listxattr(sys.argv[1]))";
+    let user = run(&mut sh_as(
+        101000,
+        101000,
+        &format!("/usr/bin/python3 -c '{list}' {f}"),
+    ));
+    assert!(user.ok(), "{user}");
+    assert!(
+        !user.stdout.contains("trusted."),
+        "a user lists trusted.*:\n{user}"
+    );
+    let root = run(Command::new("getfattr")
+        .args(["-d", "-m", "-"])
+        .arg(mnt.join("f")));
+    assert!(root.stdout.contains("trusted.overlay.opaque"), "{root}");
+    m.unmount();
+    dir.finish();
+}
+
+fn unmapped_capability_root_is_no_capability(b: Backend) {
+    if !require(b) || !require_tool("setfattr", "attr") {
+        return;
+    }
+    let dir = TestDir::new("perm-cap");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    fs::copy("/bin/true", src.join("t")).unwrap();
+    // v3, effective, CAP_NET_BIND_SERVICE permitted, root id 1000000 (outside the map).
+    run(Command::new("setfattr")
+        .args(["-n", "security.capability", "-v"])
+        .arg("0x010000030004000000000000000000000000000040420f00")
+        .arg(src.join("t")))
+    .assert_ok();
+    let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid"], &src, &mnt);
+    run(&mut Command::new(mnt.join("t"))).assert_ok();
+    m.unmount();
+    dir.finish();
+}
+
+fn name_behind_a_cached_miss_opens_with_callers_rights(b: Backend) {
+    if !require(b) || !require_tool("/usr/bin/python3", "python3") {
+        return;
+    }
+    let dir = TestDir::new("perm-race");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    mkdir(&src.join("d"), 0o777, 0, 0);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let x = mnt.join("d/x");
+    // Host uid 100000 (image root, but without any capability) looks the name up, the file
+    // appears on the source side (another image user's 0600 file), then it opens with O_CREAT.
+    let child = Command::new("setpriv")
+        .args(["--reuid=100000", "--regid=100000", "--clear-groups", "--", "/usr/bin/python3", "-c"])
+        .arg(
+            "import os,sys,time\n\
+             p=sys.argv[1]\n\
+             try: os.stat(p)\n\
+             except FileNotFoundError: pass\n\
+             time.sleep(0.6)\n\
+             try:\n  fd=os.open(p, os.O_RDWR|os.O_CREAT|os.O_TRUNC, 0o644); print('OPENED', os.read(fd,100))\n\
+             except PermissionError: print('EACCES')\n",
+        )
+        .arg(&x)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    file(&src.join("d/x"), b"SECRET\n", 0o600, 1000, 1000);
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("EACCES"),
+        "opened another user's 0600 file: {said}"
+    );
+    assert_eq!(fs::read(src.join("d/x")).unwrap(), b"SECRET\n");
+    m.unmount();
+    dir.finish();
+}
+
+fn rename_whiteout_belongs_to_the_caller(b: Backend) {
+    if !require(b) || !require_tool("/usr/bin/python3", "python3") {
+        return;
+    }
+    let dir = TestDir::new("perm-whiteout");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    mkdir(&src.join("tmp"), 0o1777, 0, 0);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let script = "import ctypes,os,sys\n\
+                  libc=ctypes.CDLL(None,use_errno=True)\n\
+                  d=sys.argv[1]; open(d+'/a','w').close()\n\
+                  r=libc.syscall(316,-100,(d+'/a').encode(),-100,(d+'/b').encode(),4)\n\
+                  sys.exit(0 if r==0 else ctypes.get_errno())\n";
+    run(ns
+        .cmd_as(1000, 1000, "/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(mnt.join("tmp")))
+    .assert_ok();
+    // The whiteout at the old name is the container user's, so it can remove it again.
+    assert_eq!(lstat_ids(src.join("tmp/a")), (1000, 1000));
+    run(ns.cmd_as(1000, 1000, "rm").arg("-f").arg(mnt.join("tmp/a"))).assert_ok();
+    assert!(fs::symlink_metadata(src.join("tmp/a")).is_err());
+    m.unmount();
+    dir.finish();
+}
+
+/// FUSE only: the kernel cannot idmap a file system without xattrs or ACLs (ramfs).
+#[test]
+fn fuse_source_without_xattrs() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("perm-ramfs");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    rustix::mount::mount(
+        "shiftfs-test",
+        &src,
+        "ramfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755",
+    )
+    .expect("mount ramfs");
+    struct Ramfs<'a>(&'a Path);
+    impl Drop for Ramfs<'_> {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+    let _ramfs = Ramfs(&src);
+    file(&src.join("pub"), b"hello\n", 0o644, 0, 0);
+    fs::copy("/bin/true", src.join("t")).unwrap();
+    let m = ShiftMount::with_args(Backend::Fuse, &["--map", MAP, "-o", "suid"], &src, &mnt);
+    let read = run(&mut sh_as(
+        101000,
+        101000,
+        &format!("cat {}", q(mnt.join("pub"))),
+    ));
+    assert!(read.ok() && read.stdout == "hello\n", "{read}");
+    run(&mut Command::new(mnt.join("t"))).assert_ok();
+    m.unmount();
+    drop(_ramfs);
+    dir.finish();
+}
+
+backend_tests!(
+    unmapped_owners_match_no_caller,
+    trusted_names_hidden_from_users,
+    unmapped_capability_root_is_no_capability,
+    name_behind_a_cached_miss_opens_with_callers_rights,
+    rename_whiteout_belongs_to_the_caller,
+);

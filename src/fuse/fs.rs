@@ -634,10 +634,12 @@ impl ShiftFs {
         // The new name keeps the inode's owner: plain linkat, no credential switch.
         rustix::fs::linkat(ifd.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
             .map_err(sys)?;
+        let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         if !self.inodes.add_lookup(inode.nodeid) {
             return Ok(self.lookup_child(&p, newname)?.1);
         }
-        self.stat_attr(&inode)
+        // The reply must carry the lookup just counted: nothing may fail after it.
+        Ok(self.attr(inode.nodeid, &st))
     }
 
     fn do_unlink(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Result<()> {

@@ -3,6 +3,9 @@
 //! of `scripts/minbase.sh` (built with debootstrap if missing). Without those a
 //! test skips, except under `CI=true`, where it fails.
 
+mod prereq;
+use prereq::prerequisite;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -15,10 +18,6 @@ use shiftfs::xattr;
 
 const BIN: &str = env!("CARGO_BIN_EXE_shiftfs");
 const MAP: &str = "b:0:100000:65536";
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
 
 /// Whether the test can run; under CI a missing prerequisite is a failure.
 fn prerequisites(tools: &[&str]) -> bool {
@@ -35,12 +34,7 @@ fn prerequisites(tools: &[&str]) -> bool {
             missing.push(t.to_string());
         }
     }
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(!ci(), "CI=true but missing: {missing:?}");
-    eprintln!("skipping: missing {missing:?}");
-    false
+    prerequisite(missing.is_empty(), &format!("missing {missing:?}"))
 }
 
 fn sh(cwd: &Path, script: &str) -> String {

@@ -3,6 +3,9 @@
 //!
 //! Needs root and /dev/fuse; skips without them unless CI=true.
 
+mod prereq;
+use prereq::prerequisite;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Write};
@@ -20,16 +23,10 @@ const MAP: &str = "b:0:100000:65536";
 fn prerequisites() -> bool {
     let root = rustix::process::geteuid().is_root();
     let fuse = Path::new("/dev/fuse").exists();
-    if root && fuse {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "CI=true: these tests need root and /dev/fuse (root={root}, /dev/fuse={fuse})"
-    );
-    eprintln!("skipping: needs root and /dev/fuse");
-    false
+    prerequisite(
+        root && fuse,
+        &format!("needs root and /dev/fuse (root={root}, /dev/fuse={fuse})"),
+    )
 }
 
 /// A mounted source; unmounts lazily and waits for the daemon threads on drop, also when

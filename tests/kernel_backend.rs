@@ -1,6 +1,9 @@
 //! The kernel idmapped-mount backend, mounted for real (needs root; skipped otherwise,
 //! unless CI=true, where a missing prerequisite fails the test).
 
+mod prereq;
+use prereq::prerequisite;
+
 use std::fs;
 use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
@@ -19,19 +22,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// False (test skipped) when a prerequisite is missing; panics instead under CI=true.
-fn prerequisite(ok: bool, what: &str) -> bool {
-    if !ok {
-        assert!(!ci(), "prerequisite missing under CI=true: {what}");
-        eprintln!("skipped: {what}");
-    }
-    ok
 }
 
 fn is_root() -> bool {

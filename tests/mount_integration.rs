@@ -8,6 +8,9 @@
 //! mounted. The test process is a child subreaper, so a process that a shiftfs command
 //! leaves behind becomes our child and the leak check sees it.
 
+mod prereq;
+use prereq::prerequisite;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::ErrorKind;
@@ -31,19 +34,6 @@ const DAEMON_EXIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------
 // Prerequisites and process bookkeeping
-
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// False (test skipped) when a prerequisite is missing; panics instead under CI=true.
-fn prerequisite(ok: bool, what: &str) -> bool {
-    if !ok {
-        assert!(!ci(), "prerequisite missing under CI=true: {what}");
-        eprintln!("skipped: {what}");
-    }
-    ok
-}
 
 fn is_root() -> bool {
     prerequisite(rustix::process::geteuid().is_root(), "needs root")

@@ -193,6 +193,54 @@ fn rename_whiteout_belongs_to_the_caller(b: Backend) {
     dir.finish();
 }
 
+/// Unmounts a loop-mounted scratch file system on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+fn container_writes_leave_roots_reserve(b: Backend) {
+    if !require(b) || !require_tool("mkfs.ext4", "e2fsprogs") {
+        return;
+    }
+    let dir = TestDir::new("perm-reserve");
+    let img = dir.path().join("img");
+    let fsdir = dir.dir("fs");
+    let mnt = dir.dir("mnt");
+    // 64 MiB ext4 with half of it reserved for root (s_resuid 0).
+    fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-m", "50"]).arg(&img)).assert_ok();
+    let mounted = run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&fsdir));
+    if !mounted.ok() && skip(&format!("no loop device: {mounted}")) {
+        return;
+    }
+    let _scratch = Scratch(fsdir.clone());
+    let src = fsdir.join("src");
+    mkdir(&src, 0o777, 0, 0);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    // A container user fills the file system; only the unreserved half is its to fill.
+    let _ = run(ns
+        .cmd_as(1000, 1000, "dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", mnt.join("fill").display()))
+        .args(["bs=1M", "count=60", "status=none"]));
+    let written = fs::metadata(src.join("fill")).map(|m| m.len()).unwrap_or(0) >> 20;
+    assert!(
+        written <= 34,
+        "a container user wrote {written} MiB into a 64 MiB file system with 32 MiB reserved for root"
+    );
+    m.unmount();
+    drop(_scratch);
+    dir.finish();
+}
+
 /// FUSE only: the kernel cannot idmap a file system without xattrs or ACLs (ramfs).
 #[test]
 fn fuse_source_without_xattrs() {
@@ -238,4 +286,5 @@ backend_tests!(
     unmapped_capability_root_is_no_capability,
     name_behind_a_cached_miss_opens_with_callers_rights,
     rename_whiteout_belongs_to_the_caller,
+    container_writes_leave_roots_reserve,
 );

@@ -12,6 +12,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if !args.source.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory; name the tree you want to shift (default /)",
+            args.source.display()
+        );
+    }
     let checks = doctor::checks(&args.source);
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for c in &checks {

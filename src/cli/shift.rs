@@ -136,6 +136,12 @@ impl Progress for Bar {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // Changing owners and trusted.* xattrs needs root; find out before a journal is written.
+    if !args.dry_run && !rustix::process::geteuid().is_root() {
+        anyhow::bail!(
+            "shifting a tree needs root (CAP_CHOWN, CAP_SYS_ADMIN); run it as root, or use --dry-run"
+        );
+    }
     let (from, to) = match &args.map {
         Some(m) => {
             let m = parse_map(m)?;

@@ -328,6 +328,13 @@ impl ShiftFs {
         f()
     }
 
+    /// Runs a data write (write, fallocate, copy_file_range) with the caller's host ids and
+    /// without CAP_SYS_RESOURCE: see `FsCreds::for_data`.
+    fn as_writer<T>(&self, req: &Request, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _writer = FsCreds::for_data(req.uid(), req.gid()).map_err(io)?;
+        f()
+    }
+
     /// Records a kernel lookup of the object `fd` refers to.
     fn remember(&self, fd: OwnedFd) -> Result<(Arc<Inode>, FileAttr)> {
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
@@ -627,10 +634,12 @@ impl ShiftFs {
         // The new name keeps the inode's owner: plain linkat, no credential switch.
         rustix::fs::linkat(ifd.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
             .map_err(sys)?;
+        let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         if !self.inodes.add_lookup(inode.nodeid) {
             return Ok(self.lookup_child(&p, newname)?.1);
         }
-        self.stat_attr(&inode)
+        // The reply must carry the lookup just counted: nothing may fail after it.
+        Ok(self.attr(inode.nodeid, &st))
     }
 
     fn do_unlink(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Result<()> {
@@ -1175,8 +1184,12 @@ impl Filesystem for ShiftFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino, flags, |fd| reply.open_backing(fd)) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel keeps the credentials of the registration for every passthrough write.
+        match self.do_open(ino, flags, |fd| {
+            let _writer = FsCreds::for_data(req.uid(), req.gid())?;
+            reply.open_backing(fd)
+        }) {
             Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
             Ok((fh, fl, None)) => reply.opened(FileHandle(fh), fl),
             Err(e) => reply.error(e),
@@ -1202,7 +1215,7 @@ impl Filesystem for ShiftFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1212,7 +1225,7 @@ impl Filesystem for ShiftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data) {
+        match self.as_writer(req, || self.do_write(fh, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -1393,6 +1406,7 @@ impl Filesystem for ShiftFs {
         reply: ReplyCreate,
     ) {
         match self.do_create(req, parent, name, mode, umask, flags, |fd| {
+            let _writer = FsCreds::for_data(req.uid(), req.gid())?;
             reply.open_backing(fd)
         }) {
             Ok((attr, fh, fl, Some(b))) => {
@@ -1405,7 +1419,7 @@ impl Filesystem for ShiftFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1416,7 +1430,9 @@ impl Filesystem for ShiftFs {
         let r = self.file(fh).and_then(|h| {
             let mode =
                 rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
-            rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
+            self.as_writer(req, || {
+                rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
+            })
         });
         reply_empty(reply, r);
     }
@@ -1449,7 +1465,7 @@ impl Filesystem for ShiftFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -1468,8 +1484,10 @@ impl Filesystem for ShiftFs {
             let o = self.file(fh_out)?;
             let (mut oi, mut oo) = (offset_in, offset_out);
             let len = len.min(1 << 30) as usize;
-            let n = rustix::fs::copy_file_range(i.fd(), Some(&mut oi), o.fd(), Some(&mut oo), len)
-                .map_err(sys)?;
+            let n = self.as_writer(req, || {
+                rustix::fs::copy_file_range(i.fd(), Some(&mut oi), o.fd(), Some(&mut oo), len)
+                    .map_err(sys)
+            })?;
             u32::try_from(n).map_err(|_| Errno::EOVERFLOW)
         })();
         match r {

@@ -73,8 +73,8 @@ impl FsCreds {
             .collect();
         raw_setgroups(groups)?;
         let guard = Self::set(uid, gid, caps, Some(saved))?;
-        // Review fix sketch: fsuid 0 keeps the filesystem capabilities; the caller has not been
-        // shown to hold them (and a namespace root's only cover inodes mapped in its namespace).
+        // fsuid 0 keeps the filesystem capabilities, but the caller has not been shown to hold
+        // them (and a namespace root's cover only inodes mapped in its namespace).
         use rustix::thread::CapabilitySet as C;
         let mut now = capabilities(None)?;
         now.effective -= C::CHOWN
@@ -86,6 +86,19 @@ impl FsCreds {
             | C::MAC_OVERRIDE
             | C::MKNOD;
         set_capabilities(None, now)?;
+        Ok(guard)
+    }
+
+    /// For writing file data on the caller's behalf: the caller's host ids and every
+    /// capability but CAP_SYS_RESOURCE, as a write through the kernel's idmapped mount would
+    /// have. ext4 lets fsuid 0 and CAP_SYS_RESOURCE use the blocks reserved for root, and
+    /// CAP_SYS_RESOURCE passes quota hard limits; a container's writes must get neither.
+    pub fn for_data(uid: u32, gid: u32) -> io::Result<Self> {
+        let caps = capabilities(None)?;
+        let guard = Self::set(uid, gid, caps, None)?;
+        let mut data = caps;
+        data.effective -= rustix::thread::CapabilitySet::SYS_RESOURCE;
+        set_capabilities(None, data)?;
         Ok(guard)
     }
 

@@ -6,6 +6,10 @@
 //! where they fail it.
 #![allow(dead_code)]
 
+#[path = "../prereq/mod.rs"]
+mod prereq;
+use prereq::prerequisite;
+
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
@@ -33,17 +37,10 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------------------------------------
 // Prerequisites
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
 /// Returns false (after printing why) when the test must be skipped; panics under `CI=true`.
+#[track_caller]
 pub fn skip(reason: &str) -> bool {
-    if ci() {
-        panic!("prerequisite missing (CI=true forbids skipping): {reason}");
-    }
-    eprintln!("SKIPPED: {reason}");
-    false
+    prerequisite(false, reason)
 }
 
 pub fn is_root() -> bool {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of shifting mounts (issue 5). One command, as root:
 #
-#   benches/run.sh            full run (~15-20 min on 2 cores), results in bench-results/
+#   benches/run.sh            full run (~20 min on 2 cores), results in bench-results/
 #   benches/run.sh --quick    smoke test (~2 min: small sizes, 1 timed run), bench-results/tmp/quick/
 #   benches/run.sh --scale    1,000,000-entry tree walked twice through shiftfs FUSE, daemon peak RSS
 #   benches/run.sh --profile W  perf profile of the shiftfs FUSE daemon during workload W, and a count
@@ -18,8 +18,9 @@
 # on two backings: a tmpfs (the filesystem layer alone) and ext4 (/var/tmp here).
 #
 # "Warm": every workload runs once untimed on every contender (filling the page cache, the
-# dentry/inode caches and the FUSE daemons' caches), then RUNS (5; extract 3) timed runs, interleaved
-# round-robin across contenders so background load hits them alike; the median is reported.
+# dentry/inode caches and the FUSE daemons' caches), then RUNS timed runs (5; extract, seq
+# write and small files at most 3), interleaved round-robin across contenders so background
+# load hits them alike; the median is reported.
 # Caches are never dropped. Reads run as host root; writes (seq write, extract, small files)
 # run as root of a user namespace mapped 0 100000 65536, as a container would (host root
 # has no id inside the map, so shifted mounts refuse its creates with EOVERFLOW).
@@ -415,9 +416,10 @@ for b in "${B[@]}"; do
       perf_req_pid=$!
       sleep 1
     fi
-    # Extraction is the slowest workload by far (bindfs, fuse-overlayfs): fewer runs.
+    # The slowest workloads (bindfs writes at ~40 MiB/s here; extraction and small files
+    # through bindfs and fuse-overlayfs) get fewer runs, keeping a full run near 20 minutes.
     nruns=$runs
-    [ "$w" = extract ] && [ "$nruns" -gt 3 ] && nruns=3
+    case $w in extract|seqwrite|smallfiles) [ "$nruns" -gt 3 ] && nruns=3 ;; esac
     for ((r = 1; r <= nruns; r++)); do
       # Each round starts at another contender, so none always runs right after the
       # heaviest writer (ext4 writeback of the previous run's data lands on the next one).

@@ -27,7 +27,8 @@
 #
 # Options: --quick, --scale, --runs N, --backings tmpfs,ext4, --contenders plain,kernel,...,
 #          --workloads walk,readall,..., --out DIR, --no-build, --keep (leave the work dir).
-# Env: SHIFTFS_BIN (use this binary, skip the build), BENCH_WORKDIR (default /var/tmp).
+# Env: SHIFTFS_BIN (use this binary, skip the build), BENCH_WORKDIR (default /var/tmp),
+#      SHIFTFS_FUSE_OPTS (extra -o for the shiftfs FUSE mount, e.g. attr_timeout=60).
 set -euo pipefail
 export LC_ALL=C
 
@@ -179,8 +180,10 @@ mount_contender() {
         mounts+=("umount $mnt"); notes[kernel]="benches/idmap_mount.py (shiftfs kernel backend unavailable)"
       fi ;;
     fuse)
-      "$shiftfs" mount --backend fuse --map b:0:100000:65536 "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
-      mounts+=("shiftfs $mnt") ;;
+      "$shiftfs" mount --backend fuse --map b:0:100000:65536 ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} \
+        "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
+      mounts+=("shiftfs $mnt")
+      [ -z "${SHIFTFS_FUSE_OPTS:-}" ] || notes[fuse_options]="-o $SHIFTFS_FUSE_OPTS" ;;
     bindfs)
       bindfs -o allow_other --uid-offset=100000 --gid-offset=100000 "$base/src" "$mnt" 2>"$err" || return 1
       mounts+=("umount $mnt") ;;

@@ -44,21 +44,7 @@ getent passwd tests >/dev/null || useradd -M -g tests -s /usr/sbin/nologin tests
 work="$(mktemp -d /tmp/pjdfstest.XXXXXX)"
 chmod 755 "$work"
 cp "$pjd" "$work/pjdfstest"
-cat > "$work/cfg.toml" <<'EOF'
-[settings]
-# Smaller naptimes give false timestamp failures on ext4.
-naptime = 0.05
-expected_failures = []
-
-[dummy_auth]
-entries = [["nobody", "nogroup"], ["tests", "tests"]]
-
-[features]
-posix_fallocate = {}
-rename_ctime = {}
-utime_now = {}
-utimensat = {}
-EOF
+cp "$(dirname "$0")/../tests/pjdfstest.toml" "$work/cfg.toml"
 
 holder=""
 cleanup() { [ -n "$holder" ] && kill "$holder" 2>/dev/null; wait 2>/dev/null || true; }

@@ -20,21 +20,7 @@ use std::time::Duration;
 
 use common::*;
 
-const CONFIG: &str = r#"# Written by tests/pjdfstest.rs
-[settings]
-# Smaller naptimes give false timestamp failures on ext4.
-naptime = 0.05
-expected_failures = []
-
-[dummy_auth]
-entries = [["nobody", "nogroup"], ["tests", "tests"]]
-
-[features]
-posix_fallocate = {}
-rename_ctime = {}
-utime_now = {}
-utimensat = {}
-"#;
+const CONFIG: &str = include_str!("pjdfstest.toml");
 
 const EXCEPTIONS: &str = include_str!("pjdfstest-exceptions.txt");
 

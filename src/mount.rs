@@ -153,7 +153,7 @@ impl Default for FuseTuning {
         Self {
             threads: 0,
             passthrough: true,
-            attr_timeout: Duration::from_secs(1),
+            attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
         }
     }
 }

@@ -280,7 +280,83 @@ fn fuse_source_without_xattrs() {
     dir.finish();
 }
 
+fn mode_of(p: impl AsRef<Path>) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Writing or truncating a setuid/setgid file clears the bits for a caller without
+/// CAP_FSETID and keeps them for host root, as on the backing filesystem; the mount shows
+/// the result at once (the FUSE backend clears them itself, `FUSE_HANDLE_KILLPRIV_V2`).
+fn writes_clear_setuid_like_the_kernel(b: Backend) {
+    if !require(b) || !require_tool("setcap", "libcap2-bin") {
+        return;
+    }
+    let dir = TestDir::new("perm-killpriv");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    for f in ["append", "trunc", "overwrite", "root-trunc", "chown"] {
+        file(&src.join(f), b"#!/bin/sh\n", 0o6775, 1000, 1000);
+    }
+    // setgid without group execute marks mandatory locking: a write keeps it.
+    file(&src.join("sgid-nox"), b"x\n", 0o2765, 1000, 1000);
+    file(&src.join("cap"), b"x\n", 0o775, 1000, 1000);
+    run(Command::new("setcap")
+        .args(["cap_net_raw+ep"])
+        .arg(src.join("cap")))
+    .assert_ok();
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    for f in [
+        "append",
+        "trunc",
+        "overwrite",
+        "root-trunc",
+        "chown",
+        "sgid-nox",
+    ] {
+        mode_of(mnt.join(f)); // cached by the kernel before the change
+    }
+    let p = |f: &str| q(mnt.join(f));
+    run(&mut sh_as(
+        101000,
+        101000,
+        &format!(
+            "echo a >> {} && truncate -s 1 {} && echo o > {} && echo s >> {} && echo c >> {}",
+            p("append"),
+            p("trunc"),
+            p("overwrite"),
+            p("sgid-nox"),
+            p("cap")
+        ),
+    ))
+    .assert_ok();
+    run(Command::new("truncate")
+        .args(["-s", "1"])
+        .arg(mnt.join("root-trunc")))
+    .assert_ok();
+    run(Command::new("chown").arg("100000").arg(mnt.join("chown"))).assert_ok();
+    for (f, want) in [
+        ("append", 0o775),
+        ("trunc", 0o775),
+        ("overwrite", 0o775),
+        ("sgid-nox", 0o2765),
+        ("root-trunc", 0o6775),
+        ("chown", 0o775),
+    ] {
+        assert_eq!(mode_of(mnt.join(f)), want, "{f} through the mount");
+        assert_eq!(mode_of(src.join(f)), want, "{f} on disk");
+    }
+    let caps = run(Command::new("getcap").arg(src.join("cap")));
+    assert!(
+        caps.ok() && caps.stdout.trim().is_empty(),
+        "capability kept after a write: {caps}"
+    );
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
+    writes_clear_setuid_like_the_kernel,
     unmapped_owners_match_no_caller,
     trusted_names_hidden_from_users,
     unmapped_capability_root_is_no_capability,

@@ -53,6 +53,15 @@ impl Caller {
                 .is_some_and(|ns| ns.uid.ranges() == IdMapping::identity().uid.ranges())
     }
 
+    /// The kernel's `capable(CAP_FSETID)`: the capability in the initial user namespace.
+    pub fn is_host_fsetid(&self) -> bool {
+        self.cap_eff & (1 << CAP_FSETID) != 0
+            && self
+                .userns
+                .as_ref()
+                .is_some_and(|ns| ns.uid.ranges() == IdMapping::identity().uid.ranges())
+    }
+
     /// The kernel's `in_group_or_capable(inode, gid)` for CAP_FSETID: whether a change by this
     /// caller keeps a setgid bit. `fsgid`, `file_uid` and `file_gid` are host (outer) ids.
     pub fn may_keep_setgid(&self, fsgid: u32, file_uid: u32, file_gid: u32) -> bool {

@@ -127,6 +127,38 @@ fn decode_dev(dev: u32) -> u64 {
     rustix::fs::makedev(major, minor)
 }
 
+/// A regular file whose write by an unprivileged caller must clear bits: setuid, or setgid
+/// with group execute (without it setgid marks mandatory locking and stays).
+fn is_sxid(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFREG
+        && (mode & libc::S_ISUID != 0
+            || mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP)
+}
+
+/// `mode` with the bits `is_sxid` looks at cleared.
+fn killed_sxid(mode: u32) -> u32 {
+    let mut m = mode & !libc::S_ISUID;
+    if m & libc::S_IXGRP != 0 {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+fn is_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+/// How the kernel serves an open file's data.
+enum OpenMode {
+    /// Straight to the backing file (FUSE passthrough).
+    Passthrough(Arc<BackingId>),
+    /// Through the page cache and the daemon; `keep_cache` keeps pages from earlier opens.
+    Cached { keep_cache: bool },
+}
+
+/// The handle of a directory the kernel did not open (handles start at 1).
+const NO_HANDLE: u64 = 0;
+
 fn blank_attr(mode: u32) -> FileAttr {
     FileAttr {
         ino: INodeNo(0),
@@ -380,61 +412,99 @@ impl ShiftFs {
         self.passthrough.load(Ordering::Relaxed)
     }
 
-    /// The inode's shared `BackingId`, registering `fd` with the kernel when no open handle
-    /// holds one. `None` means: serve this file with ordinary read/write.
-    fn backing_for(
+    /// How an open of `inode` is served, decided under the inode's lock so that concurrent
+    /// opens never mix modes (the kernel fails an open with EIO when its mode, passthrough or
+    /// cached, differs from that of the inode's other open files).
+    ///
+    /// Opens for writing go through passthrough, registering `fd` with the kernel when no
+    /// open handle holds the inode's shared `BackingId`. Read-only opens use the page cache
+    /// (unless passthrough is active on the inode): a warm read is then served without the
+    /// daemon, while every passthrough read makes the kernel drop the cached atime, so the
+    /// next stat costs a GETATTR and the ACL check that follows it a GETXATTR.
+    /// A cached open reserves its place in `cached_opens`, which the handle releases.
+    fn open_mode(
         &self,
         inode: &Inode,
         fd: BorrowedFd<'_>,
+        write: bool,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
-    ) -> Option<Arc<BackingId>> {
+    ) -> OpenMode {
         if !inode.is_reg() {
-            return None;
+            return OpenMode::Cached { keep_cache: false };
         }
         let mut slot = inode
             .backing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The kernel fails an open with EIO when its mode (passthrough or cached) differs
-        // from that of the inode's other open files, so follow whatever is open already.
-        if let Some(b) = slot.upgrade() {
-            return Some(b);
-        }
-        if !self.passthrough_on() || inode.cached_opens.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        match register(fd) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                *slot = Arc::downgrade(&id);
-                Some(id)
-            }
-            Err(e) => {
-                let code = e.raw_os_error().unwrap_or(0);
-                if [libc::EPERM, libc::EOPNOTSUPP, libc::ENOTTY, libc::ENOSYS].contains(&code) {
-                    if self.passthrough.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "kernel refused FUSE passthrough ({e}); serving file data \
-                             through the daemon for the rest of this mount"
-                        );
-                    }
-                } else {
-                    tracing::debug!("no passthrough for inode {}: {e}", inode.nodeid);
+        let passthrough = if let Some(b) = slot.upgrade() {
+            Some(b)
+        } else if !write || !self.passthrough_on() || inode.cached_opens.load(Ordering::Relaxed) > 0
+        {
+            None
+        } else {
+            match register(fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    *slot = Arc::downgrade(&id);
+                    Some(id)
                 }
-                None
+                Err(e) => {
+                    self.passthrough_refused(inode, &e);
+                    None
+                }
+            }
+        };
+        match passthrough {
+            Some(id) => {
+                if write {
+                    inode.written_behind_cache.store(true, Ordering::Relaxed);
+                }
+                OpenMode::Passthrough(id)
+            }
+            None => {
+                inode.cached_opens.fetch_add(1, Ordering::Relaxed);
+                let stale = inode.written_behind_cache.swap(false, Ordering::Relaxed);
+                OpenMode::Cached {
+                    keep_cache: !stale && !self.ttl.is_zero(),
+                }
             }
         }
     }
 
+    fn passthrough_refused(&self, inode: &Inode, e: &std::io::Error) {
+        let code = e.raw_os_error().unwrap_or(0);
+        if [libc::EPERM, libc::EOPNOTSUPP, libc::ENOTTY, libc::ENOSYS].contains(&code) {
+            if self.passthrough.swap(false, Ordering::Relaxed) {
+                tracing::warn!(
+                    "kernel refused FUSE passthrough ({e}); serving file data through the \
+                     daemon for the rest of this mount"
+                );
+            }
+        } else {
+            tracing::debug!("no passthrough for inode {}: {e}", inode.nodeid);
+        }
+    }
+
+    /// Makes the handle of an open and the flags of its reply.
     /// NOFLUSH: close() need not wait for a FLUSH round trip, we buffer nothing and hold
     /// no locks. The kernel rejects any flag outside FOPEN_PASSTHROUGH_MASK (so no
     /// KEEP_CACHE) on a passthrough open and fails the open with EIO.
-    fn open_flags_reply(&self, passthrough: bool) -> FopenFlags {
-        if passthrough || self.ttl.is_zero() {
-            FopenFlags::FOPEN_NOFLUSH
-        } else {
-            FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE
-        }
+    fn open_handle(
+        &self,
+        inode: Arc<Inode>,
+        fd: OwnedFd,
+        mode: OpenMode,
+    ) -> (u64, FopenFlags, Option<Arc<BackingId>>) {
+        let (backing, flags) = match mode {
+            OpenMode::Passthrough(id) => (Some(id), FopenFlags::FOPEN_NOFLUSH),
+            OpenMode::Cached { keep_cache: true } => (
+                None,
+                FopenFlags::FOPEN_NOFLUSH | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            OpenMode::Cached { keep_cache: false } => (None, FopenFlags::FOPEN_NOFLUSH),
+        };
+        let fh = self.files.insert(OpenFile::new(inode, fd, backing.clone()));
+        (fh, flags, backing)
     }
 
     // ---- operations -------------------------------------------------------------------
@@ -458,6 +528,7 @@ impl ShiftFs {
     #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -520,6 +591,24 @@ impl ShiftFs {
         // the backing chown may have cleared bits we must set again.
         if let Some(mode) = mode {
             self.proc.chmod(ifd, mode & 0o7777).map_err(io)?;
+        }
+        // FUSE_HANDLE_KILLPRIV_V2 leaves clearing setuid/setgid to us, flagged with
+        // FATTR_KILL_SUIDGID, which fuser 0.18 does not pass on. The kernel sends it on a
+        // truncate by a caller without CAP_FSETID, and as a SETATTR with nothing else before
+        // the first write, fallocate or copy into a setuid/setgid file by such a caller
+        // (chown: the backing chown clears them itself).
+        let kill = mode.is_none()
+            && is_sxid(st.st_mode)
+            && if size.is_some() {
+                !Caller::read(Path::new("/proc"), req.pid()).is_host_fsetid()
+            } else {
+                uid.is_none() && gid.is_none() && atime.is_none() && mtime.is_none()
+            };
+        if kill {
+            let now = rustix::fs::fstat(ifd).map_err(sys)?.st_mode;
+            self.proc
+                .chmod(ifd, killed_sxid(now) & 0o7777)
+                .map_err(io)?;
         }
         if atime.is_some() || mtime.is_some() {
             let times = Timestamps {
@@ -700,9 +789,8 @@ impl ShiftFs {
             .proc
             .reopen(ifd.as_fd(), backing_open_flags(flags.0))
             .map_err(io)?;
-        let backing = self.backing_for(&inode, fd.as_fd(), register);
-        let fh = self.files.insert(OpenFile::new(inode, fd, backing.clone()));
-        Ok((fh, self.open_flags_reply(backing.is_some()), backing))
+        let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags.0), register);
+        Ok(self.open_handle(inode, fd, mode))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -735,9 +823,9 @@ impl ShiftFs {
         };
         let path_fd = self.proc.reopen(fd.as_fd(), OFlags::PATH).map_err(io)?;
         let (inode, attr) = self.remember(path_fd)?;
-        let backing = self.backing_for(&inode, fd.as_fd(), register);
-        let fh = self.files.insert(OpenFile::new(inode, fd, backing.clone()));
-        Ok((attr, fh, self.open_flags_reply(backing.is_some()), backing))
+        let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags), register);
+        let (fh, fl, backing) = self.open_handle(inode, fd, mode);
+        Ok((attr, fh, fl, backing))
     }
 
     /// Opens an existing `name` the way the caller's open(O_CREAT) would have: with the
@@ -806,37 +894,53 @@ impl ShiftFs {
         u32::try_from(done).map_err(|_| Errno::EOVERFLOW)
     }
 
-    fn do_opendir(&self, ino: INodeNo) -> Result<u64> {
-        let inode = self.inode(ino)?;
-        let fd = self
-            .proc
+    fn open_dir_fd(&self, inode: &Inode) -> Result<OwnedFd> {
+        self.proc
             .reopen(
                 inode.fd().map_err(io)?.as_fd(),
                 OFlags::RDONLY | OFlags::DIRECTORY,
             )
-            .map_err(io)?;
+            .map_err(io)
+    }
+
+    fn do_opendir(&self, ino: INodeNo) -> Result<u64> {
+        let inode = self.inode(ino)?;
+        let fd = self.open_dir_fd(&inode)?;
         Ok(self.dirs.insert(DirHandle::new(inode, fd)))
     }
 
     /// Walks the directory from `offset`, handing each entry to `add` until it reports the
     /// reply buffer full.
+    ///
+    /// Handle 0 is a directory the kernel did not open (`NO_OPENDIR`): read it from a fresh
+    /// fd. Offsets are the backing filesystem's own cookies, so any fd can resume a listing.
     fn walk_dir(
         &self,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut add: impl FnMut(&OsStr, u64, u32, u64) -> bool,
     ) -> Result<()> {
-        let dh = self.dir(fh)?;
-        let fd = dh.lock();
-        rustix::fs::seek(&*fd, SeekFrom::Start(offset)).map_err(sys)?;
+        let handle;
+        let guard;
+        let fresh;
+        let fd: &OwnedFd = if fh.0 == NO_HANDLE {
+            fresh = self.open_dir_fd(&*self.inode(ino)?)?;
+            &fresh
+        } else {
+            handle = self.dir(fh)?;
+            guard = handle.lock();
+            &guard
+        };
+        rustix::fs::seek(fd, SeekFrom::Start(offset)).map_err(sys)?;
         let mut buf = vec![MaybeUninit::<u8>::uninit(); 16 * 1024];
-        let mut iter = RawDir::new(&*fd, &mut buf);
+        let mut iter = RawDir::new(fd, &mut buf);
         while let Some(ent) = iter.next() {
             let ent = ent.map_err(sys)?;
             let name = OsStr::from_bytes(ent.file_name().to_bytes());
             let dtype = if ent.file_type() == rustix::fs::FileType::Unknown {
                 // DT_UNKNOWN (filesystems without a type in the dirent): FUSE needs a type.
-                rustix::fs::statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                rustix::fs::statat(fd, name, AtFlags::SYMLINK_NOFOLLOW)
                     .map_or(libc::S_IFREG, |st| st.st_mode & libc::S_IFMT)
             } else {
                 ent.file_type().as_raw_mode() & libc::S_IFMT
@@ -848,22 +952,31 @@ impl ShiftFs {
         Ok(())
     }
 
-    fn do_readdir(&self, fh: FileHandle, offset: u64, reply: &mut ReplyDirectory) -> Result<()> {
-        self.walk_dir(fh, offset, |name, ino, mode, next| {
+    fn do_readdir(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: &mut ReplyDirectory,
+    ) -> Result<()> {
+        self.walk_dir(ino, fh, offset, |name, ino, mode, next| {
             reply.add(INodeNo(ino), next, file_type(mode), name)
         })
     }
 
     fn do_readdirplus(
         &self,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: &mut ReplyDirectoryPlus,
     ) -> Result<()> {
-        let dh = self.dir(fh)?;
-        let parent = Arc::clone(&dh.inode);
-        drop(dh);
-        self.walk_dir(fh, offset, |name, ino, mode, next| {
+        let parent = if fh.0 == NO_HANDLE {
+            self.inode(ino)?
+        } else {
+            Arc::clone(&self.dir(fh)?.inode)
+        };
+        self.walk_dir(ino, fh, offset, |name, ino, mode, next| {
             let b = name.as_bytes();
             if b == b"." || b == b".." {
                 // fuser sends attr.ino as both node id and d_ino. The kernel never links
@@ -1019,7 +1132,8 @@ impl Filesystem for ShiftFs {
             | InitFlags::FUSE_DONT_MASK
             | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_ASYNC_DIO;
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let missing = wanted & !caps;
         if !missing.is_empty() {
             tracing::info!("kernel lacks FUSE features {missing:?}; continuing without them");
@@ -1072,7 +1186,7 @@ impl Filesystem for ShiftFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1088,7 +1202,7 @@ impl Filesystem for ShiftFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -1276,15 +1390,16 @@ impl Filesystem for ShiftFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // With caching on, the kernel may keep listings; it drops them when the directory
-        // changes through the mount or its mtime moves (checked when attributes expire).
-        let flags = if self.ttl.is_zero() {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        };
+        // With caching on, ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round
+        // trips per directory walked) and keeps listings across opens (FOPEN_CACHE_DIR and
+        // KEEP_CACHE are its default then), dropping one when the directory changes through
+        // the mount or its mtime moves. Listings then come with handle 0.
+        // With caching off, every open lists afresh.
+        if !self.ttl.is_zero() {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(FileHandle(fh), flags),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
     }
@@ -1292,12 +1407,12 @@ impl Filesystem for ShiftFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.do_readdir(fh, offset, &mut reply) {
+        match self.do_readdir(ino, fh, offset, &mut reply) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1306,12 +1421,12 @@ impl Filesystem for ShiftFs {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.do_readdirplus(fh, offset, &mut reply) {
+        match self.do_readdirplus(ino, fh, offset, &mut reply) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -1332,19 +1447,25 @@ impl Filesystem for ShiftFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.dir(fh).and_then(|d| {
-            let fd = d.lock();
+        let sync = |fd: &OwnedFd| {
             if datasync {
-                rustix::fs::fdatasync(&*fd).map_err(sys)
+                rustix::fs::fdatasync(fd).map_err(sys)
             } else {
-                rustix::fs::fsync(&*fd).map_err(sys)
+                rustix::fs::fsync(fd).map_err(sys)
             }
-        });
+        };
+        let r = if fh.0 == NO_HANDLE {
+            self.inode(ino)
+                .and_then(|i| self.open_dir_fd(&i))
+                .and_then(|fd| sync(&fd))
+        } else {
+            self.dir(fh).and_then(|d| sync(&d.lock()))
+        };
         reply_empty(reply, r);
     }
 

@@ -23,10 +23,9 @@ pub struct FileHandle {
 }
 
 impl FileHandle {
+    /// A handle without `backing` of a regular file takes over the place the open reserved
+    /// in `cached_opens`.
     pub fn new(inode: Arc<Inode>, fd: OwnedFd, backing: Option<Arc<BackingId>>) -> Self {
-        if backing.is_none() {
-            inode.cached_opens.fetch_add(1, Ordering::Relaxed);
-        }
         Self { inode, fd, backing }
     }
 
@@ -37,7 +36,7 @@ impl FileHandle {
 
 impl Drop for FileHandle {
     fn drop(&mut self) {
-        if self.backing.is_none() {
+        if self.backing.is_none() && self.inode.is_reg() {
             self.inode.cached_opens.fetch_sub(1, Ordering::Relaxed);
         }
     }

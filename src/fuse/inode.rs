@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use fuser::BackingId;
@@ -46,6 +46,9 @@ pub struct Inode {
     pub backing: Mutex<Weak<BackingId>>,
     /// Open handles served without passthrough (the kernel's "cached" io mode).
     pub cached_opens: AtomicUsize,
+    /// Written through passthrough since the last cached open: the kernel's page cache of
+    /// this inode may be stale, so the next cached open must not keep it.
+    pub written_behind_cache: AtomicBool,
 }
 
 pub enum Anchor {
@@ -160,6 +163,7 @@ impl InodeTable {
             anchor: Anchor::Fd(root),
             backing: Mutex::new(Weak::new()),
             cached_opens: AtomicUsize::new(0),
+            written_behind_cache: AtomicBool::new(false),
         });
         let mut by_id = HashMap::new();
         by_id.insert(
@@ -256,6 +260,7 @@ impl InodeTable {
                         anchor,
                         backing: Mutex::new(Weak::new()),
                         cached_opens: AtomicUsize::new(0),
+                        written_behind_cache: AtomicBool::new(false),
                     });
                     inner.by_id.insert(
                         nodeid,

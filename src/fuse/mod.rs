@@ -42,6 +42,12 @@ use crate::mount::MountFlags;
 use crate::sys::fusedev::{self, FuseMount};
 use crate::sys::procfd::ProcFd;
 
+/// How long the kernel trusts entries, attributes and listings by default: a day, as
+/// virtiofsd's `cache=always`. Right for the normal case, a source changed only through the
+/// mount (the kernel then drops what each change makes stale); `attr_timeout=0` serves a
+/// source changed underneath.
+pub const DEFAULT_ATTR_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 /// How a FUSE shifted mount is set up.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -70,7 +76,7 @@ impl Options {
             flags: MountFlags::default(),
             threads: 0,
             passthrough: true,
-            attr_timeout: Duration::from_secs(1),
+            attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
             fsname: "shiftfs".to_owned(),
             max_inode_fds: 0,
         }

@@ -888,6 +888,44 @@ fn cached_listings_follow_source_changes_within_the_timeout() {
     assert_eq!(names(&m.mnt), ["a", "b", "c"]);
 }
 
+/// Listings are read without OPENDIR (handle 0), many replies per directory, and cached by
+/// the kernel across opens: complete, and changed at once by changes through the mount.
+#[test]
+fn long_listings_without_opendir_are_complete_and_follow_changes() {
+    if !prerequisites() {
+        return;
+    }
+    let names = |p: &Path| {
+        let mut v: Vec<_> = fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let long = |i: usize| format!("{i:05}-{}", "n".repeat(120));
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |_| {},
+        |src| {
+            for i in 0..2000 {
+                fs::write(src.join(long(i)), b"").unwrap();
+            }
+        },
+    );
+    let mut want: Vec<_> = (0..2000).map(long).collect();
+    want.sort();
+    assert_eq!(names(&m.mnt), want);
+    assert_eq!(names(&m.mnt), want, "second listing (kernel cache)");
+    fs::remove_file(m.m(&long(7))).unwrap();
+    fs::write(m.m("new"), b"").unwrap();
+    want.retain(|n| *n != long(7));
+    want.push("new".into());
+    want.sort();
+    assert_eq!(names(&m.mnt), want);
+    assert_eq!(names(&m.src), want);
+}
+
 #[test]
 fn writes_by_others_clear_setuid_and_setgid() {
     if !prerequisites() {

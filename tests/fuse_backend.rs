@@ -926,6 +926,47 @@ fn long_listings_without_opendir_are_complete_and_follow_changes() {
     assert_eq!(names(&m.src), want);
 }
 
+/// Writes through passthrough bypass the kernel's page cache of the FUSE inode, also through
+/// a shared mapping that outlives its fd: later readers must still see every write.
+#[test]
+fn reads_see_writes_through_a_mapping_that_outlived_its_fd() {
+    if !prerequisites() || !prerequisite(Path::new("/usr/bin/python3").exists(), "python3") {
+        return;
+    }
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |_| {},
+        |src| fs::write(src.join("f"), vec![b'0'; 4096]).unwrap(),
+    );
+    let script = r#"
+import mmap, os, sys
+path = sys.argv[1]
+def read():
+    with open(path, "rb") as f:
+        return f.read(1)
+fd = os.open(path, os.O_RDWR)
+mm = mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+os.close(fd)
+for c in b"abc":
+    mm[0] = c
+    mm.flush()
+    got = read()
+    if got != bytes([c]):
+        sys.exit(f"wrote {chr(c)!r} through the mapping, a new open reads {got!r}")
+"#;
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(m.m("f"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn writes_by_others_clear_setuid_and_setgid() {
     if !prerequisites() {

@@ -144,6 +144,10 @@ fn killed_sxid(mode: u32) -> u32 {
     m
 }
 
+/// Files read through the FUSE page cache are smaller than this (most of a root file system);
+/// larger ones are read through passthrough.
+const PAGE_CACHE_MAX: i64 = 1 << 20;
+
 fn is_write(flags: i32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY
 }
@@ -219,6 +223,9 @@ pub(super) struct Config {
     pub ttl: Duration,
     pub passthrough: bool,
     pub stack_depth: u32,
+    /// Directory offsets are cookies any fd can resume from (not overlayfs, whose offsets
+    /// index a listing cached per open file).
+    pub stable_dir_offsets: bool,
     /// Inodes anchored by fds before file handles are used instead.
     pub fd_budget: usize,
 }
@@ -233,8 +240,11 @@ pub(super) struct ShiftFs {
     proc: ProcFd,
     want_passthrough: bool,
     stack_depth: u32,
+    stable_dir_offsets: bool,
     /// Decided in `init`, cleared for the rest of the mount when the kernel refuses.
     passthrough: AtomicBool,
+    /// Decided in `init`: directories are listed without OPENDIR (handle 0).
+    no_opendir: AtomicBool,
 }
 
 impl ShiftFs {
@@ -250,7 +260,9 @@ impl ShiftFs {
             proc,
             want_passthrough: cfg.passthrough,
             stack_depth: cfg.stack_depth,
+            stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
+            no_opendir: AtomicBool::new(false),
         })
     }
 
@@ -417,10 +429,13 @@ impl ShiftFs {
     /// cached, differs from that of the inode's other open files).
     ///
     /// Opens for writing go through passthrough, registering `fd` with the kernel when no
-    /// open handle holds the inode's shared `BackingId`. Read-only opens use the page cache
-    /// (unless passthrough is active on the inode): a warm read is then served without the
-    /// daemon, while every passthrough read makes the kernel drop the cached atime, so the
-    /// next stat costs a GETATTR and the ACL check that follows it a GETXATTR.
+    /// open handle holds the inode's shared `BackingId`; so do reads of files of
+    /// `PAGE_CACHE_MAX` or more (the backing file's own page cache, no second copy).
+    /// With caching on, read-only opens of smaller files use the FUSE page cache (unless
+    /// passthrough is active on the inode or ever wrote it): a warm read is then served
+    /// without the daemon, while every passthrough read makes the kernel drop the cached
+    /// atime, so the next stat costs a GETATTR and the ACL check after it a GETXATTR. With
+    /// caching off, reads go through passthrough too: always fresh, no GETATTR per read.
     /// A cached open reserves its place in `cached_opens`, which the handle releases.
     fn open_mode(
         &self,
@@ -436,9 +451,13 @@ impl ShiftFs {
             .backing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let written = inode.passthrough_written.load(Ordering::Relaxed);
+        let small = || rustix::fs::fstat(fd).is_ok_and(|st| st.st_size < PAGE_CACHE_MAX);
         let passthrough = if let Some(b) = slot.upgrade() {
             Some(b)
-        } else if !write || !self.passthrough_on() || inode.cached_opens.load(Ordering::Relaxed) > 0
+        } else if (!write && !written && !self.ttl.is_zero() && small())
+            || !self.passthrough_on()
+            || inode.cached_opens.load(Ordering::Relaxed) > 0
         {
             None
         } else {
@@ -457,15 +476,14 @@ impl ShiftFs {
         match passthrough {
             Some(id) => {
                 if write {
-                    inode.written_behind_cache.store(true, Ordering::Relaxed);
+                    inode.passthrough_written.store(true, Ordering::Relaxed);
                 }
                 OpenMode::Passthrough(id)
             }
             None => {
                 inode.cached_opens.fetch_add(1, Ordering::Relaxed);
-                let stale = inode.written_behind_cache.swap(false, Ordering::Relaxed);
                 OpenMode::Cached {
-                    keep_cache: !stale && !self.ttl.is_zero(),
+                    keep_cache: !written && !self.ttl.is_zero(),
                 }
             }
         }
@@ -596,7 +614,10 @@ impl ShiftFs {
         // FATTR_KILL_SUIDGID, which fuser 0.18 does not pass on. The kernel sends it on a
         // truncate by a caller without CAP_FSETID, and as a SETATTR with nothing else before
         // the first write, fallocate or copy into a setuid/setgid file by such a caller
-        // (chown: the backing chown clears them itself).
+        // (chown: the backing chown clears them itself). The empty SETATTR also comes when
+        // a write only drops a file capability, whoever writes: a setuid bit on a file that
+        // also has a capability is then cleared where the kernel would keep it (the safe
+        // side; chown(-1, -1) looks the same and does clear it).
         let kill = mode.is_none()
             && is_sxid(st.st_mode)
             && if size.is_some() {
@@ -1141,6 +1162,14 @@ impl Filesystem for ShiftFs {
         if config.add_capabilities(wanted & caps).is_err() {
             tracing::warn!("kernel rejected FUSE capabilities {:?}", wanted & caps);
         }
+        // Listings without OPENDIR need a kernel that knows ENOSYS there (5.1+), caching
+        // (a listing cached across opens), and offsets that need no per-open state.
+        if !self.ttl.is_zero()
+            && self.stable_dir_offsets
+            && caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+        {
+            self.no_opendir.store(true, Ordering::Relaxed);
+        }
         if self.want_passthrough {
             if !caps.contains(InitFlags::FUSE_PASSTHROUGH) {
                 tracing::warn!(
@@ -1390,16 +1419,21 @@ impl Filesystem for ShiftFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // With caching on, ENOSYS: the kernel stops sending OPENDIR and RELEASEDIR (two round
+        // ENOSYS (see `init`): the kernel stops sending OPENDIR and RELEASEDIR (two round
         // trips per directory walked) and keeps listings across opens (FOPEN_CACHE_DIR and
         // KEEP_CACHE are its default then), dropping one when the directory changes through
         // the mount or its mtime moves. Listings then come with handle 0.
-        // With caching off, every open lists afresh.
-        if !self.ttl.is_zero() {
+        if self.no_opendir.load(Ordering::Relaxed) {
             return reply.error(Errno::ENOSYS);
         }
+        // With caching off, every open lists afresh.
+        let flags = if self.ttl.is_zero() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        };
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
     }

@@ -46,9 +46,10 @@ pub struct Inode {
     pub backing: Mutex<Weak<BackingId>>,
     /// Open handles served without passthrough (the kernel's "cached" io mode).
     pub cached_opens: AtomicUsize,
-    /// Written through passthrough since the last cached open: the kernel's page cache of
-    /// this inode may be stale, so the next cached open must not keep it.
-    pub written_behind_cache: AtomicBool,
+    /// Opened for writing through passthrough at some time: such writes (also through a
+    /// mapping that outlives its fd) bypass the kernel's page cache of this inode, so from
+    /// then on reads go through passthrough too, or at least never keep cached pages.
+    pub passthrough_written: AtomicBool,
 }
 
 pub enum Anchor {
@@ -163,7 +164,7 @@ impl InodeTable {
             anchor: Anchor::Fd(root),
             backing: Mutex::new(Weak::new()),
             cached_opens: AtomicUsize::new(0),
-            written_behind_cache: AtomicBool::new(false),
+            passthrough_written: AtomicBool::new(false),
         });
         let mut by_id = HashMap::new();
         by_id.insert(
@@ -260,7 +261,7 @@ impl InodeTable {
                         anchor,
                         backing: Mutex::new(Weak::new()),
                         cached_opens: AtomicUsize::new(0),
-                        written_behind_cache: AtomicBool::new(false),
+                        passthrough_written: AtomicBool::new(false),
                     });
                     inner.by_id.insert(
                         nodeid,

@@ -237,10 +237,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     )
     .map_err(|e| Error::Source { source: e.into() })?;
     drop(source);
-    let stack_depth = match rustix::fs::fstatfs(&root) {
-        Ok(s) if s.f_type == OVERLAYFS_SUPER_MAGIC => 2,
-        _ => 1,
-    };
+    let overlay = rustix::fs::fstatfs(&root).is_ok_and(|s| s.f_type == OVERLAYFS_SUPER_MAGIC);
     let fd_limit = raise_nofile_limit();
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     let fs = fs::ShiftFs::new(
@@ -251,7 +248,8 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
             flags: opts.flags,
             ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
-            stack_depth,
+            stack_depth: if overlay { 2 } else { 1 },
+            stable_dir_offsets: !overlay,
             fd_budget: fd_budget(fd_limit, opts.max_inode_fds),
         },
     )

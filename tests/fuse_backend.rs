@@ -926,8 +926,9 @@ fn long_listings_without_opendir_are_complete_and_follow_changes() {
     assert_eq!(names(&m.src), want);
 }
 
-/// Writes through passthrough bypass the kernel's page cache of the FUSE inode, also through
-/// a shared mapping that outlives its fd: later readers must still see every write.
+/// Files are read through the page cache or passthrough and written through passthrough,
+/// which bypasses the FUSE page cache, also through a shared mapping that outlives its fd:
+/// every new open must still read every write.
 #[test]
 fn reads_see_writes_through_a_mapping_that_outlived_its_fd() {
     if !prerequisites() || !prerequisite(Path::new("/usr/bin/python3").exists(), "python3") {

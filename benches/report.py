@@ -100,7 +100,8 @@ def tables(backings, med, runs, env):
         cs = [c for c in CONTENDERS if any(k[0] == b and k[2] == c for k in med)]
         out.append(f"### Source on {b}\n")
         out.append(
-            "Ratio to the plain directory in the same run (median of the timed runs). "
+            "Ratio to the plain directory in the same run (median of the timed runs; where runs "
+            "shows a range, the slowest contenders had the fewer). "
             "**time** rows: lower is better; **throughput** rows: higher is better.\n"
         )
         head = ["workload", "kind", "runs", "plain dir (median)"] + [CONTENDERS[c] for c in cs if c != "plain"]
@@ -109,8 +110,10 @@ def tables(backings, med, runs, env):
         for m, (label, unit, higher) in METRICS.items():
             if not any(k[0] == b and k[1] == m for k in med):
                 continue
-            n = max((len(runs.get((b, m, c), [])) for c in cs), default=0)
-            row = [label, "throughput" if higher else "time", str(n), fmt_abs(med.get((b, m, "plain")), unit)]
+            counts = [len(runs[(b, m, c)]) for c in cs if runs.get((b, m, c))]
+            lo, hi = min(counts, default=0), max(counts, default=0)
+            n = str(hi) if lo == hi else f"{lo}-{hi}"
+            row = [label, "throughput" if higher else "time", n, fmt_abs(med.get((b, m, "plain")), unit)]
             row += [fx(ratio(med, b, m, c)) for c in cs if c != "plain"]
             out.append("| " + " | ".join(row) + " |")
         out.append("")

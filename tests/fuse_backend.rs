@@ -860,19 +860,20 @@ fn seek_data_hole_copy_range_fallocate_and_locks() {
     .unwrap();
 }
 
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn cached_listings_follow_source_changes_within_the_timeout() {
     if !prerequisites() {
         return;
     }
-    let names = |p: &Path| {
-        let mut v: Vec<_> = fs::read_dir(p)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
-    };
     let m = Mounted::new(
         "b:0:0:65536",
         |o| o.attr_timeout = Duration::from_millis(300),
@@ -895,14 +896,6 @@ fn long_listings_without_opendir_are_complete_and_follow_changes() {
     if !prerequisites() {
         return;
     }
-    let names = |p: &Path| {
-        let mut v: Vec<_> = fs::read_dir(p)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
-    };
     let long = |i: usize| format!("{i:05}-{}", "n".repeat(120));
     let m = Mounted::new(
         "b:0:0:65536",

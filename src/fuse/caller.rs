@@ -44,22 +44,22 @@ impl Caller {
         c
     }
 
-    /// CAP_SYS_ADMIN in the initial user namespace (whose map is the identity over all ids).
-    pub fn is_host_admin(&self) -> bool {
-        self.cap_eff & (1 << CAP_SYS_ADMIN) != 0
+    /// The kernel's `capable(cap)`: `cap` in the initial user namespace (whose map is the
+    /// identity over all ids).
+    fn host_capable(&self, cap: u32) -> bool {
+        self.cap_eff & (1 << cap) != 0
             && self
                 .userns
                 .as_ref()
                 .is_some_and(|ns| ns.uid.ranges() == IdMapping::identity().uid.ranges())
     }
 
-    /// The kernel's `capable(CAP_FSETID)`: the capability in the initial user namespace.
+    pub fn is_host_admin(&self) -> bool {
+        self.host_capable(CAP_SYS_ADMIN)
+    }
+
     pub fn is_host_fsetid(&self) -> bool {
-        self.cap_eff & (1 << CAP_FSETID) != 0
-            && self
-                .userns
-                .as_ref()
-                .is_some_and(|ns| ns.uid.ranges() == IdMapping::identity().uid.ranges())
+        self.host_capable(CAP_FSETID)
     }
 
     /// The kernel's `in_group_or_capable(inode, gid)` for CAP_FSETID: whether a change by this

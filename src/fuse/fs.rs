@@ -244,7 +244,7 @@ pub(super) struct ShiftFs {
     /// Decided in `init`, cleared for the rest of the mount when the kernel refuses.
     passthrough: AtomicBool,
     /// Decided in `init`: directories are listed without OPENDIR (handle 0).
-    no_opendir: AtomicBool,
+    no_opendir: bool,
 }
 
 impl ShiftFs {
@@ -262,7 +262,7 @@ impl ShiftFs {
             stack_depth: cfg.stack_depth,
             stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
-            no_opendir: AtomicBool::new(false),
+            no_opendir: false,
         })
     }
 
@@ -930,29 +930,39 @@ impl ShiftFs {
         Ok(self.dirs.insert(DirHandle::new(inode, fd)))
     }
 
+    /// Runs `f` on the directory's fd: its handle's, or for handle 0 (a directory the kernel
+    /// did not open, `NO_OPENDIR`) a fresh one.
+    fn with_dir_fd<T>(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        f: impl FnOnce(&OwnedFd) -> Result<T>,
+    ) -> Result<T> {
+        if fh.0 == NO_HANDLE {
+            f(&self.open_dir_fd(&*self.inode(ino)?)?)
+        } else {
+            f(&self.dir(fh)?.lock())
+        }
+    }
+
     /// Walks the directory from `offset`, handing each entry to `add` until it reports the
-    /// reply buffer full.
-    ///
-    /// Handle 0 is a directory the kernel did not open (`NO_OPENDIR`): read it from a fresh
-    /// fd. Offsets are the backing filesystem's own cookies, so any fd can resume a listing.
+    /// reply buffer full. Offsets are the backing filesystem's own cookies, so any fd of the
+    /// directory can resume a listing.
     fn walk_dir(
         &self,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
+        add: impl FnMut(&OsStr, u64, u32, u64) -> bool,
+    ) -> Result<()> {
+        self.with_dir_fd(ino, fh, |fd| Self::list_from(fd, offset, add))
+    }
+
+    fn list_from(
+        fd: &OwnedFd,
+        offset: u64,
         mut add: impl FnMut(&OsStr, u64, u32, u64) -> bool,
     ) -> Result<()> {
-        let handle;
-        let guard;
-        let fresh;
-        let fd: &OwnedFd = if fh.0 == NO_HANDLE {
-            fresh = self.open_dir_fd(&*self.inode(ino)?)?;
-            &fresh
-        } else {
-            handle = self.dir(fh)?;
-            guard = handle.lock();
-            &guard
-        };
         rustix::fs::seek(fd, SeekFrom::Start(offset)).map_err(sys)?;
         let mut buf = vec![MaybeUninit::<u8>::uninit(); 16 * 1024];
         let mut iter = RawDir::new(fd, &mut buf);
@@ -1168,7 +1178,7 @@ impl Filesystem for ShiftFs {
             && self.stable_dir_offsets
             && caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
         {
-            self.no_opendir.store(true, Ordering::Relaxed);
+            self.no_opendir = true;
         }
         if self.want_passthrough {
             if !caps.contains(InitFlags::FUSE_PASSTHROUGH) {
@@ -1423,7 +1433,7 @@ impl Filesystem for ShiftFs {
         // trips per directory walked) and keeps listings across opens (FOPEN_CACHE_DIR and
         // KEEP_CACHE are its default then), dropping one when the directory changes through
         // the mount or its mtime moves. Listings then come with handle 0.
-        if self.no_opendir.load(Ordering::Relaxed) {
+        if self.no_opendir {
             return reply.error(Errno::ENOSYS);
         }
         // With caching off, every open lists afresh.
@@ -1486,20 +1496,13 @@ impl Filesystem for ShiftFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let sync = |fd: &OwnedFd| {
+        let r = self.with_dir_fd(ino, fh, |fd| {
             if datasync {
                 rustix::fs::fdatasync(fd).map_err(sys)
             } else {
                 rustix::fs::fsync(fd).map_err(sys)
             }
-        };
-        let r = if fh.0 == NO_HANDLE {
-            self.inode(ino)
-                .and_then(|i| self.open_dir_fd(&i))
-                .and_then(|fd| sync(&fd))
-        } else {
-            self.dir(fh).and_then(|d| sync(&d.lock()))
-        };
+        });
         reply_empty(reply, r);
     }
 

@@ -927,7 +927,7 @@ impl ShiftFs {
     fn do_opendir(&self, ino: INodeNo) -> Result<u64> {
         let inode = self.inode(ino)?;
         let fd = self.open_dir_fd(&inode)?;
-        Ok(self.dirs.insert(DirHandle::new(inode, fd)))
+        Ok(self.dirs.insert(DirHandle::new(fd)))
     }
 
     /// Runs `f` on the directory's fd: its handle's, or for handle 0 (a directory the kernel
@@ -1002,11 +1002,7 @@ impl ShiftFs {
         offset: u64,
         reply: &mut ReplyDirectoryPlus,
     ) -> Result<()> {
-        let parent = if fh.0 == NO_HANDLE {
-            self.inode(ino)?
-        } else {
-            Arc::clone(&self.dir(fh)?.inode)
-        };
+        let parent = self.inode(ino)?;
         self.walk_dir(ino, fh, offset, |name, ino, mode, next| {
             let b = name.as_bytes();
             if b == b"." || b == b".." {

@@ -43,17 +43,13 @@ impl Drop for FileHandle {
 }
 
 pub struct DirHandle {
-    pub inode: Arc<Inode>,
     /// getdents reads from the fd's file position: one reader at a time.
     fd: Mutex<OwnedFd>,
 }
 
 impl DirHandle {
-    pub fn new(inode: Arc<Inode>, fd: OwnedFd) -> Self {
-        Self {
-            inode,
-            fd: Mutex::new(fd),
-        }
+    pub fn new(fd: OwnedFd) -> Self {
+        Self { fd: Mutex::new(fd) }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, OwnedFd> {

@@ -819,16 +819,8 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     } else {
         UnmountFlags::empty()
     };
-    match rustix::mount::unmount(&target, flags) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::BUSY) => return Err(Error::Busy { path: target }),
-        Err(e) => {
-            return Err(Error::Io {
-                what: "unmount",
-                path: target,
-                source: e.into(),
-            });
-        }
+    if let Err(e) = rustix::mount::unmount(&target, flags) {
+        return Err(unmount_error(target, e));
     }
     // After a lazy unmount the daemon serves open files until the last one is closed, and
     // then exits by itself: waiting (and then SIGTERM) would only block the caller.
@@ -845,6 +837,18 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     Ok(Unmounted { record, was_dead })
 }
 
+fn unmount_error(path: PathBuf, e: rustix::io::Errno) -> Error {
+    if e == rustix::io::Errno::BUSY {
+        Error::Busy { path }
+    } else {
+        Error::Io {
+            what: "unmount",
+            path,
+            source: e.into(),
+        }
+    }
+}
+
 /// Mounts below `target` (a `--recursive` kernel mount's sub-mounts, or anything mounted
 /// inside a shifted mount) keep it busy: unmount them first, deepest first.
 fn unmount_submounts(target: &Path) -> Result<(), Error> {
@@ -858,15 +862,9 @@ fn unmount_submounts(target: &Path) -> Result<(), Error> {
     below.dedup();
     for p in below {
         match rustix::mount::unmount(&p, UnmountFlags::empty()) {
+            // Gone already (with its parent).
             Ok(()) | Err(rustix::io::Errno::INVAL) => {}
-            Err(rustix::io::Errno::BUSY) => return Err(Error::Busy { path: p }),
-            Err(e) => {
-                return Err(Error::Io {
-                    what: "unmount",
-                    path: p,
-                    source: e.into(),
-                });
-            }
+            Err(e) => return Err(unmount_error(p, e)),
         }
     }
     Ok(())

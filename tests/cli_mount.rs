@@ -633,3 +633,93 @@ fn auto_backend_choice() {
     m.unmount();
     dir.finish();
 }
+
+/// The daemon's threads by role once `settled` holds (fuser starts its readers after the
+/// mount is served; gives up after 10 s): (reading requests, for blocking requests).
+fn daemon_threads(pid: u32, settled: impl Fn((usize, usize)) -> bool) -> (usize, usize) {
+    let mut now = count_threads(pid);
+    for _ in 0..1000 {
+        if settled(now) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        now = count_threads(pid);
+    }
+    now
+}
+
+fn count_threads(pid: u32) -> (usize, usize) {
+    let mut readers = 0;
+    let mut io = 0;
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let comm = fs::read_to_string(t.unwrap().path().join("comm")).unwrap_or_default();
+        if comm.starts_with("fuser-") && comm.trim_end() != "fuser-bg" {
+            readers += 1;
+        } else if comm.starts_with("shiftfs-io-") {
+            io += 1;
+        }
+    }
+    (readers, io)
+}
+
+/// Writes, fsyncs (file and directory) and reads back a file through `mnt`; the bytes must
+/// reach the source.
+fn data_round_trip(mnt: &Path, src: &Path) {
+    use std::io::Write;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let mut f = fs::File::create(mnt.join("data")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    fs::File::open(mnt).unwrap().sync_all().unwrap();
+    drop(f);
+    assert_eq!(fs::read(mnt.join("data")).unwrap(), data);
+    assert_eq!(fs::read(src.join("data")).unwrap(), data);
+    fs::remove_file(mnt.join("data")).unwrap();
+}
+
+/// On a local source one thread reads requests and fsync and data I/O outside passthrough
+/// run on separate threads; `threads=N` asks for N readers; a source on FUSE (a stand-in
+/// for NFS, where any request may block) gets several readers.
+#[test]
+fn fuse_threads_follow_the_source() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("threads");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    let upper = dir.dir("upper");
+    // Map host root in so that host root can write through the mount.
+    let map = "b:0:0:65536";
+
+    let m = ShiftMount::with_args(
+        Backend::Fuse,
+        &["--map", map, "-o", "nopassthrough"],
+        &src,
+        &mnt,
+    );
+    let (readers, io) = daemon_threads(daemon_pid(&mnt), |(r, io)| r >= 1 && io >= 4);
+    assert_eq!(readers, 1, "one request thread on a local source");
+    assert!(io >= 4, "threads for blocking requests: {io}");
+    data_round_trip(&mnt, &src);
+
+    // Stacked on the first mount: the source is now on FUSE.
+    let up = ShiftMount::with_args(Backend::Fuse, &["--map", map], &mnt, &upper);
+    let (readers, io) = daemon_threads(daemon_pid(&upper), |(r, _)| r >= 4);
+    assert!(readers >= 4, "readers on a FUSE source: {readers}");
+    assert_eq!(io, 0);
+    data_round_trip(&upper, &src);
+    up.unmount();
+    m.unmount();
+
+    let m = ShiftMount::with_args(
+        Backend::Fuse,
+        &["--map", map, "-o", "threads=3"],
+        &src,
+        &mnt,
+    );
+    assert_eq!(daemon_threads(daemon_pid(&mnt), |(r, _)| r >= 3), (3, 0));
+    data_round_trip(&mnt, &src);
+    m.unmount();
+    dir.finish();
+}

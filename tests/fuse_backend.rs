@@ -54,6 +54,7 @@ impl Mounted {
         setup(&src);
         let mut opts = Options::new(IdMapping::parse(map).unwrap());
         opts.fsname = src.display().to_string();
+        opts.threads = 4;
         tweak(&mut opts);
         let fd = rustix::fs::open(
             &src,

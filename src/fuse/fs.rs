@@ -26,7 +26,6 @@ use rustix::io::Errno as SysErrno;
 use super::caller::Caller;
 use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable};
 use super::inode::{Inode, InodeTable, Key};
-use super::offload::Offload;
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::mount::MountFlags;
 use crate::sys::creds::{FsCreds, set_thread_umask};
@@ -204,21 +203,6 @@ fn cstr(s: &OsStr) -> Result<CString> {
     CString::new(s.as_bytes()).map_err(|_| Errno::EINVAL)
 }
 
-/// Runs a data write (write, fallocate, copy_file_range) with the caller's host ids and
-/// without CAP_SYS_RESOURCE: see `FsCreds::for_data`.
-fn as_writer<T>(uid: u32, gid: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let _writer = FsCreds::for_data(uid, gid).map_err(io)?;
-    f()
-}
-
-fn sync(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
-    if datasync {
-        rustix::fs::fdatasync(fd).map_err(sys)
-    } else {
-        rustix::fs::fsync(fd).map_err(sys)
-    }
-}
-
 /// `openat2` confined beneath `dir`, never following a symlink or magic link.
 fn open_beneath(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) -> Result<OwnedFd> {
     let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS;
@@ -244,8 +228,6 @@ pub(super) struct Config {
     pub stable_dir_offsets: bool,
     /// Inodes anchored by fds before file handles are used instead.
     pub fd_budget: usize,
-    /// Threads for requests that can block long (see `offload`); 0 runs them inline.
-    pub io_threads: usize,
 }
 
 pub(super) struct ShiftFs {
@@ -263,7 +245,6 @@ pub(super) struct ShiftFs {
     passthrough: AtomicBool,
     /// Decided in `init`: directories are listed without OPENDIR (handle 0).
     no_opendir: bool,
-    io: Option<Offload>,
 }
 
 impl ShiftFs {
@@ -282,23 +263,11 @@ impl ShiftFs {
             stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
             no_opendir: false,
-            io: match cfg.io_threads {
-                0 => None,
-                n => Some(Offload::start(n)?),
-            },
         })
     }
 
     fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>> {
         self.inodes.get(ino.0).ok_or(Errno::ESTALE)
-    }
-
-    /// Runs `job`, which may block for long, on the I/O threads when the mount has them.
-    fn blocking(&self, job: impl FnOnce() + Send + 'static) {
-        match &self.io {
-            Some(io) => io.run(job),
-            None => job(),
-        }
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>> {
@@ -400,6 +369,13 @@ impl ShiftFs {
             set_thread_umask(mask).map_err(io)?;
         }
         let _creds = FsCreds::switch(uid, gid).map_err(io)?;
+        f()
+    }
+
+    /// Runs a data write (write, fallocate, copy_file_range) with the caller's host ids and
+    /// without CAP_SYS_RESOURCE: see `FsCreds::for_data`.
+    fn as_writer<T>(&self, req: &Request, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _writer = FsCreds::for_data(req.uid(), req.gid()).map_err(io)?;
         f()
     }
 
@@ -907,7 +883,8 @@ impl ShiftFs {
         Ok(fd)
     }
 
-    fn do_read(h: &OpenFile, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file(fh)?;
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         // Short reads only at EOF: FUSE zero-fills whatever we do not return.
@@ -923,7 +900,8 @@ impl ShiftFs {
         Ok(buf)
     }
 
-    fn do_write(h: &OpenFile, offset: u64, data: &[u8]) -> Result<u32> {
+    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32> {
+        let h = self.file(fh)?;
         let mut done = 0;
         while done < data.len() {
             match rustix::io::pwrite(h.fd(), &data[done..], offset + done as u64) {
@@ -1378,14 +1356,10 @@ impl Filesystem for ShiftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let h = match self.file(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        self.blocking(move || match Self::do_read(&h, offset, size) {
+        match self.do_read(fh, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
-        });
+        }
     }
 
     fn write(
@@ -1400,17 +1374,10 @@ impl Filesystem for ShiftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let h = match self.file(fh) {
-            Ok(h) => h,
-            Err(e) => return reply.error(e),
-        };
-        let (uid, gid, data) = (req.uid(), req.gid(), data.to_vec());
-        self.blocking(
-            move || match as_writer(uid, gid, || Self::do_write(&h, offset, &data)) {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(e),
-            },
-        );
+        match self.as_writer(req, || self.do_write(fh, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn flush(
@@ -1447,10 +1414,14 @@ impl Filesystem for ShiftFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.file(fh) {
-            Ok(h) => self.blocking(move || reply_empty(reply, sync(h.fd(), datasync))),
-            Err(e) => reply.error(e),
-        }
+        let r = self.file(fh).and_then(|h| {
+            if datasync {
+                rustix::fs::fdatasync(h.fd()).map_err(sys)
+            } else {
+                rustix::fs::fsync(h.fd()).map_err(sys)
+            }
+        });
+        reply_empty(reply, r);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1521,11 +1492,14 @@ impl Filesystem for ShiftFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // A duplicate (same open file) so that a listing of this handle need not wait.
-        match self.with_dir_fd(ino, fh, |fd| rustix::io::dup(fd).map_err(sys)) {
-            Ok(fd) => self.blocking(move || reply_empty(reply, sync(fd.as_fd(), datasync))),
-            Err(e) => reply.error(e),
-        }
+        let r = self.with_dir_fd(ino, fh, |fd| {
+            if datasync {
+                rustix::fs::fdatasync(fd).map_err(sys)
+            } else {
+                rustix::fs::fsync(fd).map_err(sys)
+            }
+        });
+        reply_empty(reply, r);
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -1610,20 +1584,11 @@ impl Filesystem for ShiftFs {
         let r = self.file(fh).and_then(|h| {
             let mode =
                 rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
-            Ok((h, mode))
+            self.as_writer(req, || {
+                rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
+            })
         });
-        let (uid, gid) = (req.uid(), req.gid());
-        match r {
-            Ok((h, mode)) => self.blocking(move || {
-                reply_empty(
-                    reply,
-                    as_writer(uid, gid, || {
-                        rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
-                    }),
-                )
-            }),
-            Err(e) => reply.error(e),
-        }
+        reply_empty(reply, r);
     }
 
     fn lseek(
@@ -1665,29 +1630,24 @@ impl Filesystem for ShiftFs {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let files = if flags.is_empty() {
-            self.file(fh_in).and_then(|i| Ok((i, self.file(fh_out)?)))
-        } else {
-            Err(Errno::EINVAL)
-        };
-        let (i, o) = match files {
-            Ok(f) => f,
-            Err(e) => return reply.error(e),
-        };
-        let (uid, gid) = (req.uid(), req.gid());
-        self.blocking(move || {
+        let r = (|| {
+            if !flags.is_empty() {
+                return Err(Errno::EINVAL);
+            }
+            let i = self.file(fh_in)?;
+            let o = self.file(fh_out)?;
             let (mut oi, mut oo) = (offset_in, offset_out);
             let len = len.min(1 << 30) as usize;
-            let n = as_writer(uid, gid, || {
+            let n = self.as_writer(req, || {
                 rustix::fs::copy_file_range(i.fd(), Some(&mut oi), o.fd(), Some(&mut oo), len)
                     .map_err(sys)
-            })
-            .and_then(|n| u32::try_from(n).map_err(|_| Errno::EOVERFLOW));
-            match n {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(e),
-            }
-        });
+            })?;
+            u32::try_from(n).map_err(|_| Errno::EOVERFLOW)
+        })();
+        match r {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
     }
 }
 

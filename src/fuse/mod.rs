@@ -29,7 +29,6 @@ mod caller;
 mod fs;
 mod handle;
 mod inode;
-mod offload;
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -55,8 +54,7 @@ pub struct Options {
     pub mapping: IdMapping,
     /// ro, suid, dev, exec.
     pub flags: MountFlags,
-    /// Threads reading requests; 0 picks: one, with separate threads for requests that can
-    /// block long, on a local source, else twice the number of CPUs (at least 4).
+    /// Worker threads; 0 picks twice the number of CPUs (at least 4).
     pub threads: usize,
     /// Try kernel passthrough of file data (Linux 6.9+); falls back when refused.
     pub passthrough: bool,
@@ -175,39 +173,11 @@ impl Session {
     }
 }
 
-/// Threads for requests that may block (fsync, reads of cold data), so more than CPUs.
+/// Default worker count: FUSE requests block in syscalls (fsync, reads of cold data), so
+/// more threads than CPUs.
 fn default_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cpus.max(2) * 2).max(4)
-}
-
-/// Filesystems whose metadata operations complete without waiting on a network or another
-/// daemon (ext2/3/4, xfs, btrfs, tmpfs, ramfs, f2fs, bcachefs, zfs, overlayfs, squashfs,
-/// erofs). On these one thread serves every request but those that can block long.
-fn is_local_fs(magic: i64) -> bool {
-    const LOCAL: [i64; 11] = [
-        0xEF53,
-        0x5846_5342,
-        0x9123_683E,
-        0x0102_1994,
-        0x8584_58F6,
-        0xF2F5_2010,
-        0xCA45_1A4E,
-        0x2FC1_2FC1,
-        OVERLAYFS_SUPER_MAGIC,
-        0x7371_7368,
-        0xE0F5_E1E2,
-    ];
-    LOCAL.contains(&magic)
-}
-
-/// (threads reading /dev/fuse, threads for blocking requests) for `threads=` (0: pick).
-fn thread_plan(threads: usize, local_source: bool) -> (usize, usize) {
-    match threads {
-        0 if local_source => (1, default_threads()),
-        0 => (default_threads(), 0),
-        n => (n, 0),
-    }
 }
 
 /// A tree of a million entries walked twice holds an fd per remembered inode: raise
@@ -267,10 +237,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     )
     .map_err(|e| Error::Source { source: e.into() })?;
     drop(source);
-    let magic = rustix::fs::fstatfs(&root).map_or(0, |s| s.f_type);
-    let overlay = magic == OVERLAYFS_SUPER_MAGIC;
-    let (readers, io_threads) = thread_plan(opts.threads, is_local_fs(magic));
-    tracing::debug!("{readers} request threads, {io_threads} for blocking requests");
+    let overlay = rustix::fs::fstatfs(&root).is_ok_and(|s| s.f_type == OVERLAYFS_SUPER_MAGIC);
     let fd_limit = raise_nofile_limit();
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     let fs = fs::ShiftFs::new(
@@ -284,7 +251,6 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
             stack_depth: if overlay { 2 } else { 1 },
             stable_dir_offsets: !overlay,
             fd_budget: fd_budget(fd_limit, opts.max_inode_fds),
-            io_threads,
         },
     )
     .map_err(|source| Error::Source { source })?;
@@ -322,7 +288,11 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     })?;
 
     let mut config = fuser::Config::default();
-    config.n_threads = Some(readers);
+    config.n_threads = Some(if opts.threads == 0 {
+        default_threads()
+    } else {
+        opts.threads
+    });
     config.clone_fd = true;
     let started = fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
         .and_then(fuser::Session::spawn);
@@ -338,23 +308,5 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
             }
             Err(Error::Handshake { target, source })
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_reader_only_for_an_automatic_choice_on_a_local_source() {
-        let n = default_threads();
-        assert!(n >= 4);
-        assert_eq!(thread_plan(0, true), (1, n));
-        assert_eq!(thread_plan(0, false), (n, 0));
-        assert_eq!(thread_plan(3, true), (3, 0));
-        assert_eq!(thread_plan(1, false), (1, 0));
-        assert!(is_local_fs(0xEF53) && is_local_fs(0x0102_1994));
-        // FUSE and NFS
-        assert!(!is_local_fs(0x6573_5546) && !is_local_fs(0x6969));
     }
 }

@@ -502,6 +502,34 @@ fn relative_paths_with_spaces(b: Backend) {
     dir.finish();
 }
 
+/// A target whose name holds a newline and an escape sequence is listed on one line, with
+/// those bytes shown as `\xNN` (as findmnt does), and can be unmounted by its real name.
+fn list_escapes_control_characters(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("ctrl");
+    let src = owned_tree(&dir);
+    let mnt = dir.path().join("two\nlines\x1b[7m");
+    mkdir(&mnt, 0o755, 0, 0);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let list = run(&mut shiftfs(["list"]));
+    list.assert_ok();
+    let shown = format!("{}/two\\x0alines\\x1b[7m", dir.path().display());
+    let line = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&shown))
+        .unwrap_or_else(|| panic!("no line starting with {shown}:\n{list}"));
+    assert!(line.contains(b.name()), "{line}");
+    assert!(
+        !list.stdout.contains('\u{1b}'),
+        "raw escape byte in the listing:\n{list}"
+    );
+    m.unmount();
+    dir.finish();
+}
+
 /// A busy mount is not torn away: one clear line, the mount stays; `-l` detaches it.
 fn umount_busy(b: Backend) {
     if !require(b) {
@@ -597,6 +625,7 @@ backend_tests!(
     refuses_non_root,
     separate_maps_and_map_from_pid,
     relative_paths_with_spaces,
+    list_escapes_control_characters,
     umount_busy,
     target_inside_source,
 );

@@ -477,7 +477,11 @@ done
 {
   echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "mode=$([ $quick = 1 ] && echo quick || echo full) runs=$runs big_file_mib=$big_mib walk_loops=$walk_loops randread_secs=$rr_secs small_files=$small_n"
-  echo "machine=$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)"
+  # Idle vCPUs that halt at once make every FUSE round trip dearer (see benches/haltpoll.sh).
+  idle=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none)
+  [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ] &&
+    idle="$idle, guest_halt_poll_ns=$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
+  echo "machine=$(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r), cpuidle $idle"
   echo "versions=shiftfs $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo ?), $(bindfs --version 2>&1 | head -1), fuse-overlayfs $(fuse-overlayfs --version 2>&1 | awk '/^fuse-overlayfs: version/ { print $NF; exit }'), $(fio --version)"
   echo "rootfs=Debian bookworm minbase, $(find "$minbase" | wc -l) entries, $(du -sm "$minbase" | cut -f1) MiB"
   for k in "${!notes[@]}"; do echo "note_$k=${notes[$k]}"; done

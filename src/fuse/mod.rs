@@ -224,6 +224,32 @@ const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
 /// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target` and starts serving it.
 pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, Error> {
+    let mounted = attach(source, target, opts)?;
+    let target = mounted.target.clone();
+    mounted.serve().inspect_err(|_| {
+        // Never leave a mount nobody serves.
+        if let Err(e) = fusedev::detach(&target) {
+            tracing::error!(
+                "cannot unmount {} after a failed start: {e}",
+                target.display()
+            );
+        }
+    })
+}
+
+/// A FUSE mount in place whose connection nobody serves yet: requests wait until
+/// [`Mounted::serve`] starts the workers. The split lets the daemon confine itself
+/// (`crate::sandbox`) after mounting, which needs the host's namespace, and before the
+/// first thread starts, which the confinement must precede.
+pub struct Mounted {
+    fs: fs::ShiftFs,
+    dev: OwnedFd,
+    target: PathBuf,
+    threads: usize,
+}
+
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target`; nothing serves it yet.
+pub fn attach(source: OwnedFd, target: &Path, opts: Options) -> Result<Mounted, Error> {
     let st = rustix::fs::fstat(&source).map_err(|e| Error::Source { source: e.into() })?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::SourceNotDir);
@@ -287,26 +313,41 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
         source,
     })?;
 
-    let mut config = fuser::Config::default();
-    config.n_threads = Some(if opts.threads == 0 {
+    let threads = if opts.threads == 0 {
         default_threads()
     } else {
         opts.threads
-    });
-    config.clone_fd = true;
-    let started = fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
-        .and_then(fuser::Session::spawn);
-    match started {
-        Ok(bg) => Ok(Session { bg, target }),
-        Err(source) => {
-            // Never leave a mount nobody serves.
-            if let Err(e) = fusedev::detach(&target) {
-                tracing::error!(
-                    "cannot unmount {} after a failed start: {e}",
-                    target.display()
-                );
-            }
-            Err(Error::Handshake { target, source })
+    };
+    Ok(Mounted {
+        fs,
+        dev,
+        target,
+        threads,
+    })
+}
+
+impl Mounted {
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Completes the handshake with the kernel and starts the worker threads. On failure
+    /// the mount stays: it is the caller's to remove.
+    pub fn serve(self) -> Result<Session, Error> {
+        let Self {
+            fs,
+            dev,
+            target,
+            threads,
+        } = self;
+        let mut config = fuser::Config::default();
+        config.n_threads = Some(threads);
+        config.clone_fd = true;
+        match fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
+            .and_then(fuser::Session::spawn)
+        {
+            Ok(bg) => Ok(Session { bg, target }),
+            Err(source) => Err(Error::Handshake { target, source }),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod idmap;
 pub mod kernel;
 pub mod mount;
 pub mod mountinfo;
+pub mod sandbox;
 pub mod scan;
 pub mod shift;
 pub mod sys;

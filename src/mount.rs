@@ -3,7 +3,8 @@
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::io;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
@@ -14,6 +15,7 @@ use rustix::mount::UnmountFlags;
 
 use crate::idmap::{self, IdMapping};
 use crate::mountinfo::{self, MountInfo};
+use crate::sys::daemon;
 
 /// Which implementation serves a shifted mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -87,7 +89,7 @@ impl fmt::Display for MountFlags {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, sandbox=)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -118,6 +120,11 @@ pub enum Error {
     Kernel(#[from] crate::kernel::Error),
     #[error(transparent)]
     Fuse(#[from] crate::fuse::Error),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::Error),
+    /// What the serving process reported to its supervisor.
+    #[error("{0}")]
+    Daemon(String),
     #[error("{path} is not mounted")]
     NotMounted { path: PathBuf },
     #[error("{path} is a plain {fstype} mount, not a shifted mount; use umount(8)")]
@@ -146,6 +153,7 @@ pub struct FuseTuning {
     pub threads: usize,
     pub passthrough: bool,
     pub attr_timeout: Duration,
+    pub sandbox: crate::sandbox::Mode,
 }
 
 impl Default for FuseTuning {
@@ -154,6 +162,7 @@ impl Default for FuseTuning {
             threads: 0,
             passthrough: true,
             attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
+            sandbox: crate::sandbox::Mode::default(),
         }
     }
 }
@@ -274,6 +283,12 @@ impl OptionSet {
                         })?;
                     self.fuse.attr_timeout = Duration::from_secs_f64(secs);
                 }
+                "sandbox" => {
+                    self.fuse.sandbox = need(value)?.parse().map_err(|reason| Error::BadOption {
+                        option: opt.clone(),
+                        reason,
+                    })?
+                }
                 "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser"
                 | "users" | "owner" | "group" | "comment" | "bind" => {}
                 k if k.starts_with("x-") || k.starts_with("X-") => {}
@@ -318,7 +333,7 @@ impl Request {
     /// `-o` text that, with `map=`, reproduces this request (used to hand it to the daemon).
     pub fn options_text(&self) -> String {
         let mut o = format!(
-            "{},threads={},{},attr_timeout={}",
+            "{},threads={},{},attr_timeout={},sandbox={}",
             self.flags,
             self.fuse.threads,
             if self.fuse.passthrough {
@@ -326,7 +341,8 @@ impl Request {
             } else {
                 "nopassthrough"
             },
-            self.fuse.attr_timeout.as_secs_f64()
+            self.fuse.attr_timeout.as_secs_f64(),
+            self.fuse.sandbox
         );
         if self.recursive {
             o.push_str(",recursive");
@@ -492,9 +508,37 @@ pub fn mount_kernel(req: &Request) -> Result<(), Error> {
     Ok(())
 }
 
-/// The FUSE daemon's body: mounts, calls `ready` once the mount is in place (or failed),
+/// The signals that stop the daemon: each unmounts the target.
+const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// What the serving process tells its supervisor, one byte each ('X' is followed by the
+/// error text up to EOF).
+mod msg {
+    /// The workers run: the mount is ready.
+    pub const READY: u8 = b'R';
+    /// Setup failed; the error text follows.
+    pub const FAILED: u8 = b'X';
+    /// A stop signal came: unmount the target.
+    pub const UNMOUNT: u8 = b'U';
+    /// The session ended: clean up and exit.
+    pub const END: u8 = b'E';
+    /// Replies to UNMOUNT: detached (the session will end), or no longer ours.
+    pub const DETACHED: u8 = b'D';
+    pub const GONE: u8 = b'G';
+}
+
+/// The FUSE daemon's body: mounts, calls `ready` once the mount is served (or failed),
 /// serves until the mount goes away (unmounted by anyone, or SIGTERM/SIGINT/SIGHUP, which
 /// unmount it), then forgets the record.
+///
+/// After mounting, the process forks. The parent serves: it enters the sandbox
+/// (`crate::sandbox`: its own mount namespace, where the host's mount table cannot be
+/// reached) and starts the workers; its pid is the one recorded, shown by `list` and to be
+/// signalled. The child is a small unsandboxed supervisor that keeps the host's mount
+/// namespace and does for the server what needs it: reporting readiness, writing and
+/// removing the record, unmounting the target when the server is told to stop, removing
+/// the log after a clean end. It lives as long as the server and exits when the server's
+/// end of their socket closes: a killed server leaves a dead mount, as it always did.
 pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Result<(), Error> {
     let started = (|| {
         let src = rustix::fs::open(
@@ -509,54 +553,249 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         opts.passthrough = req.fuse.passthrough;
         opts.attr_timeout = req.fuse.attr_timeout;
         opts.fsname = req.source.to_string_lossy().into_owned();
-        let session = crate::fuse::mount(src, &req.target, opts)?;
-        Ok::<_, Error>(session)
+        let mounted = crate::fuse::attach(src, &req.target, opts)?;
+        Ok::<_, Error>(mounted)
     })();
-    let session = match started {
-        Ok(s) => s,
+    let mounted = match started {
+        Ok(m) => m,
         Err(e) => {
             ready(Err(&e));
             return Err(e);
         }
     };
-    let rec = Record::new(req, Backend::Fuse, Some(std::process::id()));
-    if let Err(e) = rec.save() {
-        tracing::warn!("could not record the mount for `shiftfs list`: {e}");
-    }
-    let target = req.target.clone();
     // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
     // the same path by the time the signal comes.
-    let own_id = mounted_at(&target).map(|m| m.id);
-    // Unmounting makes the session end; the session's own threads never see the signal.
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ]);
-    match signals {
-        Ok(mut signals) => {
-            std::thread::spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    let now = mounted_at(&target).map(|m| m.id);
-                    if own_id.is_none() || now == own_id {
-                        tracing::info!("signal {sig}: unmounting {}", target.display());
-                        if let Err(e) = detach(&target) {
-                            tracing::warn!("unmount {}: {e}", target.display());
-                        }
-                    } else {
-                        // Already detached (lazily, with files still open): stop serving.
-                        tracing::info!("signal {sig}: no longer mounted; exiting");
-                        std::process::exit(0);
-                    }
-                }
-            });
+    let own_id = mounted_at(&req.target).map(|m| m.id);
+    let split = (|| {
+        let null = std::fs::File::open("/dev/null")?;
+        let (server, supervisor) = std::os::unix::net::UnixStream::pair()?;
+        // Blocked before the fork: a stop signal that comes early waits for the watcher.
+        daemon::block_signals(&STOP_SIGNALS)?;
+        Ok::<_, io::Error>((null, server, supervisor, daemon::fork()?))
+    })();
+    let (null, sock, supervisor, pid) = match split {
+        Ok((null, server, _supervisor, daemon::Forked::Child)) => {
+            // The supervisor must not hold the server's end, nor anything else it inherited
+            // (the /dev/fuse fd above all: a killed server must leave a dead mount).
+            std::mem::forget(server);
+            std::mem::forget(null);
+            supervise(req, own_id, _supervisor, ready)
+        }
+        Ok((null, server, supervisor, daemon::Forked::Parent(pid))) => {
+            (null, server, supervisor, pid)
+        }
+        Err(e) => {
+            let e = Error::Io {
+                what: "cannot start the daemon's supervisor for",
+                path: req.target.clone(),
+                source: e,
+            };
+            if let Err(d) = detach(&req.target) {
+                tracing::error!("cannot unmount {}: {d}", req.target.display());
+            }
+            ready(Err(&e));
+            return Err(e);
+        }
+    };
+    drop(supervisor);
+    // Plain read(2)/write(2) on the socket: std's UnixStream sends with send(2), which the
+    // sandbox does not allow.
+    let mut sock = std::fs::File::from(std::os::fd::OwnedFd::from(sock));
+    // The supervisor reports readiness; stdout (the starter's pipe) is its business.
+    let _ = rustix::stdio::dup2_stdout(&null);
+    drop(null);
+    // A write to a supervisor that died must fail, not kill the server.
+    let _ = daemon::ignore_signals(&[libc::SIGPIPE]);
+    let served = crate::sandbox::enter(req.fuse.sandbox)
+        .map_err(Error::from)
+        .and_then(|()| mounted.serve().map_err(Error::from));
+    let session = match served {
+        Ok(s) => s,
+        Err(e) => {
+            let mut text = vec![msg::FAILED];
+            text.extend_from_slice(e.to_string().as_bytes());
+            let _ = sock.write_all(&text);
+            drop(sock);
+            reap(pid);
+            return Err(e);
+        }
+    };
+    match sock.try_clone() {
+        Ok(s) => {
+            std::thread::spawn(move || watch_signals(s, pid));
         }
         Err(e) => tracing::warn!("cannot watch for SIGTERM/SIGINT: {e}"),
     }
-    ready(Ok(()));
+    let _ = sock.write_all(&[msg::READY]);
     let result = session.wait().map_err(Error::from);
-    rec.remove();
+    let _ = sock.write_all(&[msg::END]);
+    reap(pid);
     result
+}
+
+fn reap(pid: rustix::process::Pid) {
+    if let Err(e) = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+        tracing::warn!("cannot wait for the supervisor {pid:?}: {e}");
+    }
+}
+
+/// In the server: turns each stop signal into an unmount by the supervisor. When the mount
+/// is already gone (detached lazily, files still open), a signal stops serving at once.
+fn watch_signals(mut sock: std::fs::File, supervisor: rustix::process::Pid) {
+    loop {
+        let sig = match daemon::wait_signal(&STOP_SIGNALS) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot wait for SIGTERM/SIGINT: {e}");
+                return;
+            }
+        };
+        let mut reply = [0u8];
+        let asked = sock
+            .write_all(&[msg::UNMOUNT])
+            .and_then(|()| sock.read_exact(&mut reply));
+        match asked {
+            Ok(()) if reply[0] == msg::DETACHED => {
+                tracing::info!("signal {sig}: unmounted");
+            }
+            Ok(()) => {
+                tracing::info!("signal {sig}: no longer mounted; exiting");
+                let _ = sock.write_all(&[msg::END]);
+                reap(supervisor);
+                std::process::exit(0);
+            }
+            Err(e) => {
+                tracing::error!(
+                    "signal {sig}: the supervisor is gone ({e}), nothing can unmount; exiting, \
+                     which leaves a dead mount for shiftfs umount"
+                );
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// The supervisor (the forked child, unsandboxed, in the host's mount namespace); never
+/// returns.
+fn supervise(
+    req: &Request,
+    own_id: Option<u64>,
+    mut sock: std::os::unix::net::UnixStream,
+    ready: impl FnOnce(Result<(), &Error>),
+) -> ! {
+    let server = rustix::process::getppid();
+    let _ = daemon::ignore_signals(&STOP_SIGNALS);
+    let _ = daemon::unblock_signals(&STOP_SIGNALS);
+    if let Err(e) = daemon::close_fds_except(sock.as_fd()) {
+        tracing::warn!("supervisor: cannot close inherited file descriptors: {e}");
+    }
+    // Only the server names the target on its command line, so tools looking for the
+    // daemon of a mount (and `shiftfs list`) find one process.
+    if let Err(e) = daemon::set_cmdline(&["shiftfs", "supervisor"]) {
+        tracing::debug!("supervisor: cannot rename itself: {e}");
+    }
+    let target = &req.target;
+    let ours = || own_id.is_none() || mounted_at(target).map(|m| m.id) == own_id;
+    let server_pid = server.map(|p| p.as_raw_nonzero().get() as u32);
+    let rec = Record::new(req, Backend::Fuse, server_pid);
+    let mut ready = Some(ready);
+    let mut byte = [0u8];
+    loop {
+        match sock.read(&mut byte) {
+            Ok(1) if byte[0] == msg::READY => {
+                if let Err(e) = rec.save() {
+                    tracing::warn!("could not record the mount for `shiftfs list`: {e}");
+                }
+                if let Some(ready) = ready.take() {
+                    ready(Ok(()));
+                }
+            }
+            Ok(1) if byte[0] == msg::UNMOUNT => {
+                let reply = if ours() {
+                    tracing::info!("unmounting {}", target.display());
+                    if let Err(e) = detach(target) {
+                        tracing::warn!("unmount {}: {e}", target.display());
+                    }
+                    msg::DETACHED
+                } else {
+                    msg::GONE
+                };
+                if sock.write_all(&[reply]).is_err() {
+                    break;
+                }
+            }
+            Ok(1) if byte[0] == msg::FAILED => {
+                let mut text = String::new();
+                let _ = sock.read_to_string(&mut text);
+                let e = Error::Daemon(text);
+                unmount_unserved(target, ours());
+                if let Some(ready) = ready.take() {
+                    ready(Err(&e));
+                }
+                std::process::exit(1);
+            }
+            Ok(1) => {
+                if byte[0] != msg::END {
+                    tracing::warn!("supervisor: unexpected message {:?}", byte[0]);
+                }
+                break;
+            }
+            // The server exited (or was killed).
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!("supervisor: {e}");
+                break;
+            }
+        }
+    }
+    if let Some(ready) = ready.take() {
+        let e = Error::Daemon(format!(
+            "the daemon exited before the mount was ready; see {}",
+            Record::log_path(target).display()
+        ));
+        unmount_unserved(target, ours());
+        ready(Err(&e));
+        std::process::exit(1);
+    }
+    if own_id.is_some() && mounted_at(target).map(|m| m.id) == own_id {
+        tracing::error!(
+            "the daemon ended, leaving {} a dead mount; remove it with shiftfs umount",
+            target.display()
+        );
+        std::process::exit(1);
+    }
+    // A newer mount at the same target has its own record.
+    if Record::load(target).is_some_and(|r| r.pid == rec.pid) {
+        rec.remove();
+    }
+    remove_own_log(target);
+    std::process::exit(0)
+}
+
+/// Never leave a mount nobody serves.
+fn unmount_unserved(target: &Path, ours: bool) {
+    if ours && let Err(e) = detach(target) {
+        tracing::error!(
+            "cannot unmount {} after a failed start: {e}",
+            target.display()
+        );
+    }
+}
+
+/// A cleanly ended daemon leaves no log behind; the name may already belong to the daemon
+/// of a newer mount at the same target, so only the file on our own stderr is removed.
+fn remove_own_log(target: &Path) {
+    let path = Record::log_path(target);
+    let same =
+        |a: &rustix::fs::Stat, b: &rustix::fs::Stat| a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+    if let (Ok(ours), Ok(named)) = (
+        rustix::fs::fstat(std::io::stderr()),
+        rustix::fs::stat(&path),
+    ) && same(&ours, &named)
+    {
+        let _ = std::fs::remove_file(&path);
+    }
 }
 
 /// Unmounts now if possible, else lazily: for a daemon told to stop, a busy mount must

@@ -184,21 +184,5 @@ fn daemon_child(req: Request) -> anyhow::Result<()> {
             let _ = rustix::stdio::dup2_stdout(&null);
         }
     })?;
-    remove_own_log(&req);
     Ok(())
-}
-
-/// A cleanly ended daemon leaves no log behind; the name may already belong to the daemon
-/// of a newer mount at the same target, so only the file on our own stderr is removed.
-fn remove_own_log(req: &Request) {
-    let path = mount::Record::log_path(&req.target);
-    let same =
-        |a: &rustix::fs::Stat, b: &rustix::fs::Stat| a.st_dev == b.st_dev && a.st_ino == b.st_ino;
-    if let (Ok(ours), Ok(named)) = (
-        rustix::fs::fstat(std::io::stderr()),
-        rustix::fs::stat(&path),
-    ) && same(&ours, &named)
-    {
-        let _ = std::fs::remove_file(&path);
-    }
 }

@@ -3,6 +3,7 @@
 #![allow(unsafe_code)]
 
 pub mod creds;
+pub mod daemon;
 pub mod fhandle;
 pub mod fusedev;
 pub mod mount;

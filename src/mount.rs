@@ -5,7 +5,7 @@ use std::ffi::OsStr;
 use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use rustix::mount::UnmountFlags;
 
 use crate::idmap::{self, IdMapping};
 use crate::mountinfo::{self, MountInfo};
+use crate::resolve::Dir;
 
 /// Which implementation serves a shifted mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -307,6 +308,9 @@ impl OptionSet {
 pub struct Request {
     pub source: PathBuf,
     pub target: PathBuf,
+    /// Resolve `target` inside this directory as if it were `/` (a runtime mounting into a
+    /// container's rootfs): symlinks in the rootfs can never lead out of it.
+    pub target_root: Option<PathBuf>,
     pub mapping: IdMapping,
     pub flags: MountFlags,
     pub backend: Backend,
@@ -338,86 +342,84 @@ impl Request {
 /// Makes a path absolute without touching the file system (a dead FUSE mount cannot be
 /// stat'ed, so canonicalize is not an option for unmounting).
 pub fn absolute(path: &Path) -> PathBuf {
-    let base = if path.is_absolute() {
-        PathBuf::from("/")
-    } else {
-        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"))
-    };
-    let mut out = base;
-    for c in path.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(n) => out.push(n),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    out
+    crate::resolve::absolute(path)
+}
+
+/// SOURCE and TARGET of a checked request, held as fds: the mount is made onto these, and
+/// no name is looked up again.
+#[derive(Debug)]
+pub struct Resolved {
+    pub source: Dir,
+    pub target: Dir,
 }
 
 /// Checks what can be checked before any backend runs, so each mistake gets one clear line.
-/// Returns the canonical source and target.
-pub fn validate(req: &mut Request) -> Result<(), Error> {
+/// SOURCE and TARGET are opened once, without following any symlink (TARGET inside
+/// `target_root` if given), and every check is made on those fds; `req` is updated to the
+/// names the kernel gives them.
+pub fn validate(req: &mut Request) -> Result<Resolved, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    let src_meta = std::fs::metadata(&req.source).map_err(|e| {
-        Error::Source(
-            req.source.clone(),
-            match e.kind() {
-                io::ErrorKind::NotFound => "does not exist".into(),
-                _ => e.to_string(),
-            },
-        )
-    })?;
-    if !src_meta.is_dir() {
-        return Err(Error::Source(
-            req.source.clone(),
-            "is not a directory".into(),
-        ));
-    }
-    req.source = std::fs::canonicalize(&req.source)
-        .map_err(|e| Error::Source(req.source.clone(), e.to_string()))?;
-    let tgt = std::fs::canonicalize(&req.target).map_err(|e| {
-        Error::Target(
-            req.target.clone(),
-            match (e.kind(), e.raw_os_error()) {
-                (io::ErrorKind::NotFound, _) => "does not exist; create it first (mkdir -p)".into(),
-                (_, Some(libc::ENOTCONN)) => {
-                    "is a dead shifted mount (its daemon exited); run shiftfs umount on it".into()
-                }
-                _ => e.to_string(),
-            },
-        )
-    })?;
-    if let Some(m) = mounted_at(&tgt).filter(is_shifted) {
+    let source =
+        Dir::open(&req.source).map_err(|e| Error::Source(req.source.clone(), e.reason()))?;
+    let target_err = |path: &Path, e: crate::resolve::Error| {
+        let reason = match e.raw_os_error() {
+            Some(libc::ENOENT) => "does not exist; create it first (mkdir -p)".into(),
+            Some(libc::ENOTCONN) => {
+                "is a dead shifted mount (its daemon exited); run shiftfs umount on it".into()
+            }
+            _ => e.reason(),
+        };
+        Error::Target(path.to_path_buf(), reason)
+    };
+    let target = match &req.target_root {
+        Some(root) => {
+            let root = Dir::open(root).map_err(|e| target_err(root, e))?;
+            Dir::open_in(&root, &req.target).map_err(|e| target_err(&req.target, e))?
+        }
+        None => Dir::open(&req.target).map_err(|e| target_err(&req.target, e))?,
+    };
+    req.source = source.path().to_path_buf();
+    req.target = target.path().to_path_buf();
+    let tgt = req.target.clone();
+    if let Some(m) = shifted_mount_at(&target) {
         let of = Record::load(&tgt)
             .map(|r| r.source.display().to_string())
             .unwrap_or(m.source);
         return Err(Error::AlreadyMounted { path: tgt, of });
     }
-    let empty = std::fs::read_dir(&tgt)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOTDIR) => Error::Target(tgt.clone(), "is not a directory".into()),
-            _ => Error::Target(tgt.clone(), e.to_string()),
-        })?
-        .next()
-        .is_none();
-    if !empty {
+    if !target
+        .is_empty()
+        .map_err(|e| Error::Target(tgt.clone(), e.reason()))?
+    {
         return Err(Error::Target(
             tgt,
             "is not empty; mount on an empty directory".into(),
         ));
     }
-    if tgt == req.source || tgt.starts_with(&req.source) && req.recursive {
+    let inside = target
+        .is_within(&source)
+        .map_err(|e| Error::Target(tgt.clone(), e.to_string()))?;
+    if source.id().ok() == target.id().ok() || inside && req.recursive {
         return Err(Error::Target(
             tgt,
             "lies inside the source; pick a target outside it".into(),
         ));
     }
-    req.target = tgt;
-    Ok(())
+    Ok(Resolved { source, target })
+}
+
+/// The shifted mount whose root `dir` is, if any.
+fn shifted_mount_at(dir: &Dir) -> Option<MountInfo> {
+    let (id, root) = dir.mount().ok()?;
+    if !root {
+        return None;
+    }
+    mount_table()?
+        .into_iter()
+        .find(|m| m.id == id)
+        .filter(is_shifted)
 }
 
 /// Fails early, with advice, when the FUSE device cannot be opened.
@@ -428,11 +430,11 @@ pub fn check_fuse_device() -> Result<(), Error> {
 }
 
 /// The backend to use and why.
-pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
-    let (backend, reason) = pick_backend(req)?;
+pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
+    let (backend, reason) = pick_backend(req, dirs)?;
     // The daemon reaches the source through fds that cross mounts, so below the target it
     // would find its own mount again, without end, and hold it busy for ever.
-    if backend == Backend::Fuse && req.target.starts_with(&req.source) {
+    if backend == Backend::Fuse && dirs.target.is_within(&dirs.source).unwrap_or(true) {
         return Err(Error::Target(
             req.target.clone(),
             "lies inside the source, which the FUSE backend cannot serve; pick a target outside it"
@@ -442,11 +444,11 @@ pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
     Ok((backend, reason))
 }
 
-fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
+fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     match req.backend {
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
-            let p = crate::kernel::probe_tree(&req.source, req.recursive);
+            let p = crate::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -463,7 +465,7 @@ fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
                     format!("kernel idmapped mount not possible: {reason}"),
                 ));
             }
-            let p = crate::kernel::probe_tree(&req.source, req.recursive);
+            let p = crate::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -477,10 +479,11 @@ fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
 }
 
 /// Makes a kernel idmapped mount and records it.
-pub fn mount_kernel(req: &Request) -> Result<(), Error> {
-    crate::kernel::mount(
-        &req.source,
-        &req.target,
+pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    crate::kernel::mount_at(
+        &crate::kernel::Syscalls,
+        &dirs.source,
+        &dirs.target,
         &req.mapping,
         req.flags,
         req.recursive,
@@ -495,21 +498,20 @@ pub fn mount_kernel(req: &Request) -> Result<(), Error> {
 /// The FUSE daemon's body: mounts, calls `ready` once the mount is in place (or failed),
 /// serves until the mount goes away (unmounted by anyone, or SIGTERM/SIGINT/SIGHUP, which
 /// unmount it), then forgets the record.
-pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Result<(), Error> {
+pub fn serve_fuse(
+    req: &Request,
+    dirs: Resolved,
+    ready: impl FnOnce(Result<(), &Error>),
+) -> Result<(), Error> {
     let started = (|| {
-        let src = rustix::fs::open(
-            &req.source,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::Source(req.source.clone(), io::Error::from(e).to_string()))?;
+        let Resolved { source, target } = dirs;
         let mut opts = crate::fuse::Options::new(req.mapping.clone());
         opts.flags = req.flags;
         opts.threads = req.fuse.threads;
         opts.passthrough = req.fuse.passthrough;
         opts.attr_timeout = req.fuse.attr_timeout;
         opts.fsname = req.source.to_string_lossy().into_owned();
-        let session = crate::fuse::mount(src, &req.target, opts)?;
+        let session = crate::fuse::mount_at(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(session)
     })();
     let session = match started {
@@ -526,7 +528,7 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
     let target = req.target.clone();
     // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
     // the same path by the time the signal comes.
-    let own_id = mounted_at(&target).map(|m| m.id);
+    let own_id = session.mount_id();
     // Unmounting makes the session end; the session's own threads never see the signal.
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
@@ -788,7 +790,16 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    let target = std::fs::canonicalize(target).unwrap_or_else(|_| absolute(target));
+    // Never through a symlink: one planted by a container in its rootfs must not make us
+    // unmount something of the host's.
+    let target = match Dir::open(target) {
+        Ok(dir) => dir.path().to_path_buf(),
+        Err(e @ crate::resolve::Error::Symlink { .. }) => {
+            return Err(Error::Target(absolute(target), e.reason()));
+        }
+        // A dead FUSE mount cannot be opened; its name is still what the table shows.
+        Err(_) => absolute(target),
+    };
     let record = Record::load(&target);
     let Some(info) = mounted_at(&target) else {
         if let Some(r) = &record {
@@ -819,7 +830,7 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     } else {
         UnmountFlags::empty()
     };
-    if let Err(e) = rustix::mount::unmount(&target, flags) {
+    if let Err(e) = rustix::mount::unmount(&target, flags | UnmountFlags::NOFOLLOW) {
         return Err(unmount_error(target, e));
     }
     // After a lazy unmount the daemon serves open files until the last one is closed, and
@@ -910,6 +921,7 @@ mod tests {
         let req = Request {
             source: "/s".into(),
             target: "/t".into(),
+            target_root: None,
             mapping: m,
             flags: o.flags,
             backend: Backend::Fuse,

@@ -617,6 +617,157 @@ fn target_inside_source(b: Backend) {
     dir.finish();
 }
 
+/// Issue 11, finding 1: a symlink a container planted at (or above) the target must not
+/// redirect a later mount onto a host directory; the refusal names the link.
+fn symlink_target_is_refused(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("symlink-target");
+    let src = owned_tree(&dir);
+    let rootfs = dir.dir("rootfs");
+    let host = dir.dir("host");
+    mkdir(&host.join("sub"), 0o755, 0, 0);
+    // The container's root writes these inside its rootfs.
+    symlink(&host, &rootfs.join("data"), 100000, 100000);
+    symlink(&host, &rootfs.join("up"), 100000, 100000);
+    for target in [rootfs.join("data"), rootfs.join("up/sub")] {
+        // Guards for where a redirected mount would land, so a regression leaks nothing.
+        let _guards = [
+            ShiftMount::adopt(&host),
+            ShiftMount::adopt(&host.join("sub")),
+        ];
+        let out = ShiftMount::try_mount(Some(b), &["--map", MAP], &src, &target)
+            .err()
+            .unwrap_or_else(|| {
+                panic!(
+                    "{b}: mount through a symlink at {} succeeded",
+                    target.display()
+                )
+            });
+        assert!(
+            out.stderr.contains("symbolic link") && out.stderr.contains("pass the real path"),
+            "{b}: the refusal must name the symlink:\n{out}"
+        );
+        assert!(
+            out.stderr.contains(
+                &*rootfs
+                    .join(if target.ends_with("data") {
+                        "data"
+                    } else {
+                        "up"
+                    })
+                    .to_string_lossy()
+            ),
+            "{b}: the refusal must name the link itself:\n{out}"
+        );
+        assert!(
+            !is_mountpoint(&host) && !is_mountpoint(&host.join("sub")),
+            "{b}: host dir mounted over"
+        );
+        let left = mounts_under(dir.path());
+        assert!(
+            left.is_empty(),
+            "{b}: nothing may be mounted anywhere: {left:?}"
+        );
+    }
+    assert!(ls(&host).contains(&"sub".to_string()), "host dir untouched");
+    dir.finish();
+}
+
+/// `--target-root`: a runtime mounting into a rootfs resolves TARGET as if the rootfs were
+/// `/`, so an absolute symlink planted there means the rootfs' own directory.
+fn target_root_keeps_links_inside(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("target-root");
+    let src = owned_tree(&dir);
+    let rootfs = dir.dir("rootfs");
+    let host = dir.dir("host");
+    mkdir(&rootfs.join("vol"), 0o755, 100000, 100000);
+    // An absolute link to the host directory's full path, as a container would plant it.
+    symlink(&host, &rootfs.join("data"), 100000, 100000);
+    let inside = rootfs.join(host.strip_prefix("/").expect("absolute"));
+    fs::create_dir_all(&inside).expect("mkdir inside rootfs");
+    let root = rootfs.to_str().expect("utf-8 path");
+    let mount_in_root = |target: &str| {
+        run_timeout(
+            shiftfs([
+                "mount",
+                "--backend",
+                b.name(),
+                "--map",
+                MAP,
+                "--target-root",
+                root,
+            ])
+            .arg(&src)
+            .arg(target),
+            Duration::from_secs(30),
+        )
+    };
+    let guards = [
+        ShiftMount::adopt(&host),
+        ShiftMount::adopt(&inside),
+        ShiftMount::adopt(&rootfs.join("vol")),
+    ];
+    let out = mount_in_root("/data");
+    out.assert_ok();
+    assert!(
+        is_mountpoint(&inside),
+        "{b}: the mount must land inside the rootfs:\n{out}"
+    );
+    assert!(
+        !is_mountpoint(&host),
+        "{b}: the host directory must not be mounted over"
+    );
+    assert_eq!(
+        stat_ids(&inside),
+        (100000, 100000),
+        "{b}: shifted root inside the rootfs"
+    );
+    let list = run(&mut shiftfs(["list"]));
+    assert!(
+        list.stdout.contains(&*inside.to_string_lossy()),
+        "{b}: list names the real target:\n{list}"
+    );
+    // `..` stops at the rootfs root.
+    let out = mount_in_root("../../../../../../../../../vol");
+    out.assert_ok();
+    assert!(
+        is_mountpoint(&rootfs.join("vol")),
+        "{b}: `..` must stop at the rootfs:\n{out}"
+    );
+    drop(guards);
+    dir.finish();
+}
+
+/// `shiftfs umount` through a planted symlink must not unmount what it points at.
+fn umount_refuses_symlink(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("umount-symlink");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let rootfs = dir.dir("rootfs");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    symlink(&mnt, &rootfs.join("data"), 100000, 100000);
+    let out = run(&mut shiftfs([
+        OsStr::new("umount"),
+        rootfs.join("data").as_os_str(),
+    ]));
+    out.assert_fails();
+    assert!(out.stderr.contains("symbolic link"), "{b}:\n{out}");
+    assert!(
+        is_mountpoint(&mnt),
+        "{b}: the mount the link points at must stay"
+    );
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     shows_shifted_owners,
     list_shows_mount,
@@ -628,6 +779,9 @@ backend_tests!(
     list_escapes_control_characters,
     umount_busy,
     target_inside_source,
+    symlink_target_is_refused,
+    target_root_keeps_links_inside,
+    umount_refuses_symlink,
 );
 
 /// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel

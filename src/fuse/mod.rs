@@ -1,9 +1,9 @@
 //! The FUSE backend: a passthrough of a SOURCE directory with id translation, served by
 //! fuser on several threads.
 //!
-//! `mount` attaches the filesystem with `mount(2)` itself (type `fuse.shiftfs`, the source
-//! path as fsname) and hands the connection to `fuser::Session::from_fd`; the session runs
-//! on background threads until the filesystem is unmounted by anyone.
+//! `mount_at` attaches the filesystem itself onto a held target fd (type `fuse.shiftfs`,
+//! the source path as fsname) and hands the connection to `fuser::Session::from_fd`; the
+//! session runs on background threads until the filesystem is unmounted by anyone.
 //!
 //! Design choices worth knowing (each measured on Linux 6.18):
 //! - Inodes are `O_PATH` fds (`inode.rs`), past a budget file handles; node id = backing
@@ -39,6 +39,7 @@ use rustix::fs::OFlags;
 
 use crate::idmap::IdMapping;
 use crate::mount::MountFlags;
+use crate::resolve::Dir;
 use crate::sys::fusedev::{self, FuseMount};
 use crate::sys::procfd::ProcFd;
 
@@ -130,6 +131,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("target {0}")]
+    Target(#[from] crate::resolve::Error),
 }
 
 fn mount_hint(e: &io::Error) -> &'static str {
@@ -147,6 +150,8 @@ fn mount_hint(e: &io::Error) -> &'static str {
 pub struct Session {
     bg: fuser::BackgroundSession,
     target: PathBuf,
+    /// The id of our mount (mountinfo's), to tell it from one stacked at the path later.
+    mount_id: Option<u64>,
 }
 
 impl Session {
@@ -170,6 +175,11 @@ impl Session {
 
     pub fn target(&self) -> &Path {
         &self.target
+    }
+
+    /// The mount id (as in mountinfo) of the mount this session serves.
+    pub fn mount_id(&self) -> Option<u64> {
+        self.mount_id
     }
 }
 
@@ -222,8 +232,15 @@ fn fd_budget(limit: u64, wanted: usize) -> usize {
 /// overlayfs' magic: a source on overlayfs needs FUSE stacking depth 2 for passthrough.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
-/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target` and starts serving it.
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target`, opened without following
+/// any symlink, and starts serving it.
 pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, Error> {
+    mount_at(source, &Dir::open(target)?, opts)
+}
+
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) onto the held directory `target` and
+/// starts serving it.
+pub fn mount_at(source: OwnedFd, target: &Dir, opts: Options) -> Result<Session, Error> {
     let st = rustix::fs::fstat(&source).map_err(|e| Error::Source { source: e.into() })?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::SourceNotDir);
@@ -269,9 +286,9 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     if opts.flags.read_only {
         flags |= rustix::mount::MountFlags::RDONLY;
     }
-    let target = target.to_path_buf();
-    fusedev::mount_fuse(
-        &target,
+    let path = target.path().to_path_buf();
+    let root = fusedev::mount_fuse(
+        target.as_fd(),
         &FuseMount {
             dev: dev.as_fd(),
             fsname: &opts.fsname,
@@ -283,7 +300,7 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     )
     .map_err(|source| Error::Mount {
         hint: mount_hint(&source),
-        target: target.clone(),
+        target: path.clone(),
         source,
     })?;
 
@@ -297,16 +314,30 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
     let started = fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
         .and_then(fuser::Session::spawn);
     match started {
-        Ok(bg) => Ok(Session { bg, target }),
+        Ok(bg) => Ok(Session {
+            bg,
+            target: path,
+            mount_id: rustix::fs::statx(
+                &root,
+                "",
+                rustix::fs::AtFlags::EMPTY_PATH,
+                rustix::fs::StatxFlags::MNT_ID,
+            )
+            .ok()
+            .map(|st| st.stx_mnt_id),
+        }),
         Err(source) => {
             // Never leave a mount nobody serves.
-            if let Err(e) = fusedev::detach(&target) {
+            if let Err(e) = fusedev::detach_fd(root.as_fd()) {
                 tracing::error!(
                     "cannot unmount {} after a failed start: {e}",
-                    target.display()
+                    path.display()
                 );
             }
-            Err(Error::Handshake { target, source })
+            Err(Error::Handshake {
+                target: path,
+                source,
+            })
         }
     }
 }

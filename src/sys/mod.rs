@@ -5,6 +5,7 @@
 pub mod creds;
 pub mod fhandle;
 pub mod fusedev;
+pub mod inherit;
 pub mod mount;
 pub mod process;
 pub mod procfd;

@@ -159,12 +159,12 @@ pub fn mount(
 ) -> Result<(), Error> {
     let source = Dir::open(source)?;
     let target = Dir::open(target)?;
-    mount_at(&Syscalls, &source, &target, mapping, flags, recursive)
+    mount_at(&Syscalls, &source, &target, mapping, flags, recursive).map(drop)
 }
 
 /// [`mount`] of held directories through `api`: the call sequence, testable with a fake.
 /// The tree is cloned from the SOURCE fd and moved onto the TARGET fd; no name is looked
-/// up again.
+/// up again. Returns the new mount's id (as in mountinfo), `None` if it cannot be read.
 pub fn mount_at(
     api: &impl MountApi,
     source: &Dir,
@@ -172,19 +172,26 @@ pub fn mount_at(
     mapping: &IdMapping,
     flags: MountFlags,
     recursive: bool,
-) -> Result<(), Error> {
+) -> Result<Option<u64>, Error> {
     let tree = clone_tree(api, source, recursive)?;
     let userns = api.userns_fd(mapping)?;
     set_idmap(api, tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
     drop(userns);
-    attach(api, tree, source.path(), target)?;
+    attach(api, &tree, source.path(), target)?;
     tracing::info!(
         source = %source.path().display(),
         target = %target.path().display(),
         %mapping,
         "idmapped mount attached"
     );
-    Ok(())
+    Ok(rustix::fs::statx(
+        &tree,
+        "",
+        AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .ok()
+    .map(|st| st.stx_mnt_id))
 }
 
 /// The system calls of the kernel backend.
@@ -423,7 +430,7 @@ fn failing_submount(api: &impl MountApi, source: &Dir, userns: BorrowedFd<'_>) -
 /// Moves the detached `tree` onto `target`, where it becomes visible.
 pub fn attach(
     api: &impl MountApi,
-    tree: OwnedFd,
+    tree: &OwnedFd,
     source: &Path,
     target: &Dir,
 ) -> Result<(), Error> {

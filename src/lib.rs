@@ -11,6 +11,7 @@ pub mod idmap;
 pub mod kernel;
 pub mod mount;
 pub mod mountinfo;
+pub mod registry;
 pub mod resolve;
 pub mod scan;
 pub mod shift;

@@ -1,10 +1,8 @@
 //! Backend choice, mount options, the daemon life cycle, the registry of shifted mounts,
 //! and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
 
-use std::ffi::OsStr;
 use std::fmt;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -14,6 +12,7 @@ use rustix::mount::UnmountFlags;
 
 use crate::idmap::{self, IdMapping};
 use crate::mountinfo::{self, MountInfo};
+pub use crate::registry::{Record, TargetLock, run_dir};
 use crate::resolve::Dir;
 
 /// Which implementation serves a shifted mount.
@@ -119,9 +118,11 @@ pub enum Error {
     Kernel(#[from] crate::kernel::Error),
     #[error(transparent)]
     Fuse(#[from] crate::fuse::Error),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
     #[error("{path} is not mounted")]
     NotMounted { path: PathBuf },
-    #[error("{path} is a plain {fstype} mount, not a shifted mount; use umount(8)")]
+    #[error("{path} is a {fstype} mount shiftfs did not make, not a shifted mount; use umount(8)")]
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
@@ -353,11 +354,10 @@ pub struct Resolved {
     pub target: Dir,
 }
 
-/// Checks what can be checked before any backend runs, so each mistake gets one clear line.
-/// SOURCE and TARGET are opened once, without following any symlink (TARGET inside
-/// `target_root` if given), and every check is made on those fds; `req` is updated to the
-/// names the kernel gives them.
-pub fn validate(req: &mut Request) -> Result<Resolved, Error> {
+/// Opens SOURCE and TARGET once, without following any symlink (TARGET inside
+/// `target_root` if given); `req` is updated to the names the kernel gives them. Every later
+/// check and the mount itself work on these fds.
+pub fn resolve(req: &mut Request) -> Result<Resolved, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
@@ -382,9 +382,17 @@ pub fn validate(req: &mut Request) -> Result<Resolved, Error> {
     };
     req.source = source.path().to_path_buf();
     req.target = target.path().to_path_buf();
+    Ok(Resolved { source, target })
+}
+
+/// Checks what can be checked before any backend runs, so each mistake gets one clear line.
+/// Call it holding the target's [`TargetLock`], so that no other mount lands between the
+/// check and the mount.
+pub fn check(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let Resolved { source, target } = dirs;
     let tgt = req.target.clone();
-    if let Some(m) = shifted_mount_at(&target) {
-        let of = Record::load(&tgt)
+    if let Some(m) = shifted_mount_at(target) {
+        let of = Record::of(&m)
             .map(|r| r.source.display().to_string())
             .unwrap_or(m.source);
         return Err(Error::AlreadyMounted { path: tgt, of });
@@ -399,7 +407,7 @@ pub fn validate(req: &mut Request) -> Result<Resolved, Error> {
         ));
     }
     let inside = target
-        .is_within(&source)
+        .is_within(source)
         .map_err(|e| Error::Target(tgt.clone(), e.to_string()))?;
     if source.id().ok() == target.id().ok() || inside && req.recursive {
         return Err(Error::Target(
@@ -407,7 +415,7 @@ pub fn validate(req: &mut Request) -> Result<Resolved, Error> {
             "lies inside the source; pick a target outside it".into(),
         ));
     }
-    Ok(Resolved { source, target })
+    Ok(())
 }
 
 /// The shifted mount whose root `dir` is, if any.
@@ -478,9 +486,21 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
     }
 }
 
+fn record(req: &Request, backend: Backend, mount_id: u64, daemon: Option<u32>) -> Record {
+    Record::new(
+        &req.target,
+        &req.source,
+        backend,
+        req.mapping.to_string(),
+        req.flags.to_string(),
+        mount_id,
+        daemon,
+    )
+}
+
 /// Makes a kernel idmapped mount and records it.
 pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
-    crate::kernel::mount_at(
+    let id = crate::kernel::mount_at(
         &crate::kernel::Syscalls,
         &dirs.source,
         &dirs.target,
@@ -488,9 +508,13 @@ pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         req.flags,
         req.recursive,
     )?;
-    let rec = Record::new(req, Backend::Kernel, None);
-    if let Err(e) = rec.save() {
-        tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+    match id {
+        Some(id) => {
+            if let Err(e) = record(req, Backend::Kernel, id, None).save() {
+                tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+            }
+        }
+        None => tracing::warn!("mounted, but cannot learn the mount id to record it"),
     }
     Ok(())
 }
@@ -521,9 +545,13 @@ pub fn serve_fuse(
             return Err(e);
         }
     };
-    let rec = Record::new(req, Backend::Fuse, Some(std::process::id()));
-    if let Err(e) = rec.save() {
-        tracing::warn!("could not record the mount for `shiftfs list`: {e}");
+    let rec = session
+        .mount_id()
+        .map(|id| record(req, Backend::Fuse, id, Some(std::process::id())));
+    match rec.as_ref().map(Record::save) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => tracing::warn!("could not record the mount for `shiftfs list`: {e}"),
+        None => tracing::warn!("cannot learn the mount id to record the mount"),
     }
     let target = req.target.clone();
     // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
@@ -557,7 +585,9 @@ pub fn serve_fuse(
     }
     ready(Ok(()));
     let result = session.wait().map_err(Error::from);
-    rec.remove();
+    if let Some(rec) = rec {
+        rec.remove();
+    }
     result
 }
 
@@ -602,178 +632,10 @@ fn mount_table() -> Option<Vec<MountInfo>> {
         .map(mountinfo::parse)
 }
 
-/// A mount shiftfs made: a FUSE mount of ours, or a kernel idmapped mount.
+/// A mount shiftfs made: a FUSE mount of ours, or an idmapped mount we recorded (another
+/// tool's idmapped mount is not ours to unmount).
 fn is_shifted(m: &MountInfo) -> bool {
-    m.fstype == FUSE_TYPE || m.has_option("idmapped")
-}
-
-/// What `shiftfs list` knows of one mount; kept as a small text file under `/run/shiftfs`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub target: PathBuf,
-    pub source: PathBuf,
-    pub backend: Backend,
-    pub map: String,
-    pub options: String,
-    pub pid: Option<u32>,
-}
-
-/// Where records live; `SHIFTFS_RUN_DIR` moves it (tests).
-pub fn run_dir() -> PathBuf {
-    std::env::var_os("SHIFTFS_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/shiftfs"))
-}
-
-impl Record {
-    fn new(req: &Request, backend: Backend, pid: Option<u32>) -> Self {
-        Self {
-            target: req.target.clone(),
-            source: req.source.clone(),
-            backend,
-            map: req.mapping.to_string(),
-            options: req.flags.to_string(),
-            pid,
-        }
-    }
-
-    /// Where the FUSE daemon of `target` writes its log.
-    pub fn log_path(target: &Path) -> PathBuf {
-        Self::file_for(target).with_extension("log")
-    }
-
-    fn file_for(target: &Path) -> PathBuf {
-        // systemd-escape style, so the file name tells which mount it is.
-        let mut name = String::new();
-        for &c in target.as_os_str().as_bytes().iter().skip(1) {
-            match c {
-                b'/' => name.push('-'),
-                c if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' => name.push(c as char),
-                c => name.push_str(&format!("\\x{c:02x}")),
-            }
-        }
-        if name.is_empty() {
-            name.push('-');
-        }
-        // NAME_MAX is 255: a long target keeps a readable prefix and a hash of the whole path
-        // (the record itself holds the full target).
-        if name.len() > 180 {
-            let hash = target
-                .as_os_str()
-                .as_bytes()
-                .iter()
-                .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-                });
-            let mut cut = 160;
-            while !name.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            name = format!("{}-{hash:016x}", &name[..cut]);
-        }
-        run_dir().join(format!("{name}.mount"))
-    }
-
-    fn to_text(&self) -> String {
-        format!(
-            "target={}\nsource={}\nbackend={}\nmap={}\noptions={}\npid={}\n",
-            mountinfo::escape(self.target.as_os_str().as_bytes()),
-            mountinfo::escape(self.source.as_os_str().as_bytes()),
-            self.backend,
-            self.map,
-            self.options,
-            self.pid.map(|p| p.to_string()).unwrap_or_default()
-        )
-    }
-
-    fn from_text(text: &str) -> Option<Self> {
-        let mut rec = Record {
-            target: PathBuf::new(),
-            source: PathBuf::new(),
-            backend: Backend::Auto,
-            map: String::new(),
-            options: String::new(),
-            pid: None,
-        };
-        for line in text.lines() {
-            let (k, v) = line.split_once('=')?;
-            match k {
-                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
-                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
-                "backend" => rec.backend = v.parse().ok()?,
-                "map" => rec.map = v.to_string(),
-                "options" => rec.options = v.to_string(),
-                "pid" => rec.pid = v.parse().ok(),
-                _ => {}
-            }
-        }
-        (!rec.target.as_os_str().is_empty()).then_some(rec)
-    }
-
-    pub fn save(&self) -> Result<(), Error> {
-        let io = |source| Error::Io {
-            what: "record",
-            path: run_dir(),
-            source,
-        };
-        std::fs::create_dir_all(run_dir()).map_err(io)?;
-        let path = Self::file_for(&self.target);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.to_text()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
-    }
-
-    pub fn load(target: &Path) -> Option<Self> {
-        Self::from_text(&std::fs::read_to_string(Self::file_for(target)).ok()?)
-    }
-
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(Self::file_for(&self.target));
-    }
-
-    /// Every record, pruned of mounts that are gone (unmounted by umount(8), say).
-    pub fn all() -> Vec<Self> {
-        let Ok(dir) = std::fs::read_dir(run_dir()) else {
-            return Vec::new();
-        };
-        let mounts = mount_table();
-        let mut out: Vec<Self> = dir
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "mount"))
-            .filter_map(|e| Self::from_text(&std::fs::read_to_string(e.path()).ok()?))
-            .filter(|r| {
-                // Unknown table: keep everything. A FUSE mount whose daemon lives may be in
-                // another mount namespace: keep it too.
-                let Some(mounts) = &mounts else { return true };
-                let live = mounts.iter().any(|m| m.mount_point == r.target)
-                    || (r.backend == Backend::Fuse && r.daemon_alive());
-                if !live {
-                    r.remove();
-                }
-                live
-            })
-            .collect();
-        out.sort_by(|a, b| a.target.cmp(&b.target));
-        out
-    }
-
-    /// Whether the recorded daemon still runs (a FUSE mount whose daemon died is dead).
-    pub fn daemon_alive(&self) -> bool {
-        self.pid.is_some_and(pid_is_shiftfs)
-    }
-}
-
-/// Guards against pid reuse: the process must still be a live shiftfs, a backgrounded
-/// daemon (whatever its binary is called) or a `shiftfs mount --foreground`.
-fn pid_is_shiftfs(pid: u32) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let daemon = cmdline.split(|&b| b == 0).any(|a| a == b"--daemon-child");
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    });
-    (daemon || comm.trim_end() == "shiftfs") && !zombie
+    m.fstype == FUSE_TYPE || m.has_option("idmapped") && Record::of(m).is_some()
 }
 
 /// What `unmount` did.
@@ -800,13 +662,13 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         // A dead FUSE mount cannot be opened; its name is still what the table shows.
         Err(_) => absolute(target),
     };
-    let record = Record::load(&target);
+    let _lock = TargetLock::take(&target)?;
     let Some(info) = mounted_at(&target) else {
-        if let Some(r) = &record {
-            r.remove();
-        }
+        // Prunes records of mounts gone by other means.
+        let _ = Record::all();
         return Err(Error::NotMounted { path: target });
     };
+    let record = Record::of(&info);
     // Not any FUSE mount (bindfs, sshfs, ...): ours has its own type. A record alone is not
     // enough either: the shifted mount may be gone and something else mounted there.
     if !is_shifted(&info) {
@@ -835,14 +697,11 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     }
     // After a lazy unmount the daemon serves open files until the last one is closed, and
     // then exits by itself: waiting (and then SIGTERM) would only block the caller.
-    if let Some(pid) = record
-        .as_ref()
-        .and_then(|r| r.pid)
-        .filter(|_| !was_dead && !lazy)
-    {
-        wait_for_exit(pid, Duration::from_secs(10));
+    if let Some(r) = record.as_ref().filter(|_| !was_dead && !lazy) {
+        wait_for_exit(r, Duration::from_secs(10));
     }
-    if let Some(r) = &record {
+    // A draining daemon keeps its record (`list` shows it draining) and removes it itself.
+    if let Some(r) = record.as_ref().filter(|r| !r.daemon_alive()) {
         r.remove();
     }
     Ok(Unmounted { record, was_dead })
@@ -882,12 +741,18 @@ fn unmount_submounts(target: &Path) -> Result<(), Error> {
 }
 
 /// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.
-fn wait_for_exit(pid: u32, limit: Duration) {
+fn wait_for_exit(rec: &Record, limit: Duration) {
     let start = Instant::now();
-    while pid_is_shiftfs(pid) {
+    while rec.daemon_alive() {
         if start.elapsed() > limit {
-            tracing::warn!("daemon {pid} did not exit after unmount; sending SIGTERM");
-            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            tracing::warn!(
+                "daemon {:?} did not exit after unmount; sending SIGTERM",
+                rec.pid
+            );
+            if let Some(p) = rec
+                .pid
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
             }
             return;
@@ -946,16 +811,7 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip() {
-        let rec = Record {
-            target: PathBuf::from("/a b/c%\nd"),
-            source: PathBuf::from("/src"),
-            backend: Backend::Fuse,
-            map: "b:0:100000:65536".into(),
-            options: "rw,nosuid,nodev,exec".into(),
-            pid: Some(42),
-        };
-        assert_eq!(Record::from_text(&rec.to_text()), Some(rec.clone()));
+    fn absolute_folds_dots_by_name() {
         assert_eq!(absolute(Path::new("/x/../y/./z")), PathBuf::from("/y/z"));
     }
 }

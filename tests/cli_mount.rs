@@ -768,6 +768,140 @@ fn umount_refuses_symlink(b: Backend) {
     dir.finish();
 }
 
+/// Issue 12, defect 1: mounts and unmounts of one target raced from 20 processes leave the
+/// mount table, `shiftfs list` and the running daemons in agreement, with at most one mount.
+fn racing_mounts_agree(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("race");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let _guard = ShiftMount::adopt(&mnt);
+    let mut kids = Children::default();
+    for i in 0..20 {
+        let mut c = if i % 3 == 2 {
+            shiftfs([OsStr::new("umount"), mnt.as_os_str()])
+        } else {
+            let mut c = shiftfs(["mount", "--backend", b.name(), "--map", MAP]);
+            c.arg(&src).arg(&mnt);
+            c
+        };
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        kids.push(c.spawn().expect("spawn shiftfs"));
+    }
+    let outs = kids.wait_all(Duration::from_secs(60));
+    assert_eq!(outs.len(), 20, "{b}: every racer finished");
+    let stacked = mountinfo().iter().filter(|m| m.mount_point == mnt).count();
+    assert!(stacked <= 1, "{b}: {stacked} mounts stacked on one target");
+    let list = run(&mut shiftfs(["list"]));
+    let rows = list
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&*mnt.to_string_lossy()))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        rows.len(),
+        stacked,
+        "{b}: list agrees with the mount table:\n{list}"
+    );
+    assert!(rows.iter().all(|r| r.contains("active")), "{b}:\n{list}");
+    if b == Backend::Fuse {
+        let daemons = shiftfs_pids_mentioning(&mnt);
+        assert_eq!(
+            daemons.is_empty(),
+            stacked == 0,
+            "{b}: daemons {daemons:?} for {stacked} mounts"
+        );
+    }
+    if stacked == 1 {
+        let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+        out.assert_ok();
+    }
+    assert!(
+        !is_mountpoint(&mnt),
+        "{b}: one umount removes the only mount"
+    );
+    assert!(
+        shiftfs_pids_mentioning(&mnt).is_empty(),
+        "{b}: no daemon left"
+    );
+    dir.finish();
+}
+
+/// Issue 12, defect 2: a daemon draining a lazily unmounted mount must not delete the record
+/// of a newer mount on the same target; `list` shows both for what they are.
+fn draining_daemon_keeps_new_record(b: Backend) {
+    if b != Backend::Fuse || !require(b) {
+        return;
+    }
+    let dir = TestDir::new("drain");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let first = ShiftMount::new(b, MAP, &src, &mnt);
+    let held = fs::File::open(mnt.join("root-file")).expect("open through the mount");
+    let out = run(&mut shiftfs([
+        OsStr::new("umount"),
+        OsStr::new("--lazy"),
+        mnt.as_os_str(),
+    ]));
+    out.assert_ok();
+    first.disarm();
+    let second = ShiftMount::new(b, "b:0:200000:65536", &src, &mnt);
+    let list = run(&mut shiftfs(["list"]));
+    assert!(
+        list.stdout.contains("draining"),
+        "{b}: the detached mount shows as draining:\n{list}"
+    );
+    assert!(
+        list.stdout.contains("200000"),
+        "{b}: the new mount is listed:\n{list}"
+    );
+    drop(held);
+    // The old daemon ends once its last file is closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while run(&mut shiftfs(["list"])).stdout.contains("draining") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{b}: the draining daemon did not end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list = run(&mut shiftfs(["list"]));
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.contains(&*mnt.to_string_lossy()))
+        .unwrap_or_else(|| panic!("{b}: the new mount's record is gone:\n{list}"));
+    assert!(
+        row.contains("200000") && row.contains("active"),
+        "{b}: {row}"
+    );
+    second.unmount();
+    dir.finish();
+}
+
+/// Issue 12: an idmapped mount another tool made is not shiftfs' to unmount.
+#[test]
+fn umount_leaves_foreign_idmapped_mounts() {
+    if !require(Backend::Kernel) {
+        return;
+    }
+    let dir = TestDir::new("foreign-idmap");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let map = shiftfs::idmap::IdMapping::parse(MAP).expect("map");
+    shiftfs::kernel::mount(&src, &mnt, &map, Default::default(), false).expect("idmapped mount");
+    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+    out.assert_fails();
+    assert!(out.stderr.contains("not a shifted mount"), "{out}");
+    assert!(is_mountpoint(&mnt), "another tool's mount must stay");
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH).expect("umount2");
+    dir.finish();
+}
+
 backend_tests!(
     shows_shifted_owners,
     list_shows_mount,
@@ -782,6 +916,8 @@ backend_tests!(
     symlink_target_is_refused,
     target_root_keeps_links_inside,
     umount_refuses_symlink,
+    racing_mounts_agree,
+    draining_daemon_keeps_new_record,
 );
 
 /// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel

@@ -3,7 +3,7 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use shiftfs::mount::{Backend, Record};
+use shiftfs::registry::{Record, State};
 
 #[derive(clap::Args)]
 pub struct Args {}
@@ -16,14 +16,12 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
     }
     let rows: Vec<[String; 7]> = recs
         .iter()
-        .map(|r| {
-            let (pid, state) = match (r.backend, r.pid) {
-                (Backend::Fuse, Some(p)) if r.daemon_alive() => (p.to_string(), "active"),
-                (Backend::Fuse, p) => (
-                    p.map(|p| p.to_string()).unwrap_or_default(),
-                    "dead (run shiftfs umount)",
-                ),
-                _ => ("-".to_string(), "active"),
+        .map(|(r, state)| {
+            let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let state = match state {
+                State::Active => "active",
+                State::Draining => "draining (unmounted; serving files still open)",
+                State::Dead => "dead (run shiftfs umount)",
             };
             [
                 shown(&r.target),

@@ -99,7 +99,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The one code path of `shiftfs mount` and `mount.shiftfs`.
 pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
-    let dirs = mount::validate(&mut req)?;
+    // The lock is held until the mount is in place (or failed): a second mount of the same
+    // target waits for it, then opens the target afresh and finds this mount there.
+    let locked = mount::resolve(&mut req.clone())?
+        .target
+        .path()
+        .to_path_buf();
+    let lock = mount::TargetLock::take(&locked)?;
+    let dirs = mount::resolve(&mut req)?;
+    if req.target != locked {
+        bail!(
+            "target {} was moved while it was being mounted; try again",
+            locked.display()
+        );
+    }
+    mount::check(&req, &dirs)?;
     let (backend, reason) = mount::choose_backend(&req, &dirs)?;
     tracing::info!(%backend, %reason, "backend chosen");
     let what = format!(
@@ -117,6 +131,7 @@ pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
             mount::check_fuse_device()?;
             if foreground {
                 mount::serve_fuse(&req, dirs, |r| {
+                    drop(lock);
                     if r.is_ok() {
                         println!("mounted {what}; serving in the foreground, Ctrl-C unmounts");
                     }

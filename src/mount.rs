@@ -141,13 +141,15 @@ const MAX_THREADS: usize = 256;
 /// The file system type of shiftfs' FUSE mounts in the mount table.
 pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
-/// Tuning knobs of the FUSE backend (ignored by the kernel backend).
+/// Tuning knobs of the FUSE backend; asking for one on a kernel mount is an error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FuseTuning {
     /// 0 = the backend's default.
     pub threads: usize,
     pub passthrough: bool,
     pub attr_timeout: Duration,
+    /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
+    pub given: Vec<String>,
 }
 
 impl Default for FuseTuning {
@@ -156,6 +158,7 @@ impl Default for FuseTuning {
             threads: 0,
             passthrough: true,
             attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
+            given: Vec::new(),
         }
     }
 }
@@ -257,10 +260,12 @@ impl OptionSet {
                     self.fuse.threads = need(value)?
                         .parse()
                         .ok()
-                        .filter(|&n| n <= MAX_THREADS)
+                        .filter(|&n| (1..=MAX_THREADS).contains(&n))
                         .ok_or_else(|| Error::BadOption {
                             option: opt.clone(),
-                            reason: format!("threads must be a whole number up to {MAX_THREADS}"),
+                            reason: format!(
+                                "threads must be a whole number from 1 to {MAX_THREADS}"
+                            ),
                         })?
                 }
                 "passthrough" => self.fuse.passthrough = true,
@@ -280,6 +285,13 @@ impl OptionSet {
                 | "users" | "owner" | "group" | "comment" | "bind" => {}
                 k if k.starts_with("x-") || k.starts_with("X-") => {}
                 _ => return Err(Error::UnknownOption(opt.clone())),
+            }
+            if matches!(
+                key,
+                "threads" | "passthrough" | "nopassthrough" | "attr_timeout"
+            ) && !self.fuse.given.contains(&opt)
+            {
+                self.fuse.given.push(opt.clone());
             }
         }
         Ok(())
@@ -323,9 +335,8 @@ impl Request {
     /// `-o` text that, with `map=`, reproduces this request (used to hand it to the daemon).
     pub fn options_text(&self) -> String {
         let mut o = format!(
-            "{},threads={},{},attr_timeout={}",
+            "{},{},attr_timeout={}",
             self.flags,
-            self.fuse.threads,
             if self.fuse.passthrough {
                 "passthrough"
             } else {
@@ -333,6 +344,9 @@ impl Request {
             },
             self.fuse.attr_timeout.as_secs_f64()
         );
+        if self.fuse.threads != 0 {
+            o.push_str(&format!(",threads={}", self.fuse.threads));
+        }
         if self.recursive {
             o.push_str(",recursive");
         }
@@ -440,6 +454,25 @@ pub fn check_fuse_device() -> Result<(), Error> {
 /// The backend to use and why.
 pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     let (backend, reason) = pick_backend(req, dirs)?;
+    // An option the chosen backend would ignore is a mistake worth one clear line.
+    if let (Backend::Kernel, Some(opt)) = (backend, req.fuse.given.first()) {
+        return Err(Error::BadOption {
+            option: opt.clone(),
+            reason: format!(
+                "only the FUSE backend has it, and the kernel backend was chosen ({reason}); \
+                 drop it or add --backend fuse"
+            ),
+        });
+    }
+    if backend == Backend::Fuse && req.recursive {
+        return Err(Error::BadOption {
+            option: "recursive".into(),
+            reason: format!(
+                "only the kernel backend shifts sub-mounts, and FUSE was chosen ({reason}); \
+                 drop it, or shift each sub-mount with a mount of its own"
+            ),
+        });
+    }
     // The daemon reaches the source through fds that cross mounts, so below the target it
     // would find its own mount again, without end, and hold it busy for ever.
     if backend == Backend::Fuse && dirs.target.is_within(&dirs.source).unwrap_or(true) {
@@ -700,6 +733,9 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if let Some(r) = record.as_ref().filter(|_| !was_dead && !lazy) {
         wait_for_exit(r, Duration::from_secs(10));
     }
+    if was_dead {
+        let _ = std::fs::remove_file(Record::log_path(&target));
+    }
     // A draining daemon keeps its record (`list` shows it draining) and removes it itself.
     if let Some(r) = record.as_ref().filter(|r| !r.daemon_alive()) {
         r.remove();
@@ -796,7 +832,8 @@ mod tests {
         let mut back = OptionSet::default();
         back.apply(&req.options_text()).unwrap();
         assert_eq!(back.flags, req.flags);
-        assert_eq!(back.fuse, req.fuse);
+        let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout);
+        assert_eq!(tuning(&back.fuse), tuning(&req.fuse));
         assert!(back.recursive);
     }
 

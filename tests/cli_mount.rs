@@ -227,6 +227,22 @@ fn refuses_bad_input(b: Backend) {
         );
     }
 
+    // Issue 12, defect 6: options that would be ignored are refused, each with its reason.
+    let other = if b == Backend::Fuse {
+        ["-o", "recursive", "only the kernel backend"]
+    } else {
+        ["-o", "nopassthrough", "only the FUSE backend"]
+    };
+    for (args, says) in [
+        (&["-o", "map=b:0:200000:65536"][..], "given twice"),
+        (&["-o", "threads=0"][..], "threads must be"),
+        (&other[..2], other[2]),
+    ] {
+        let out = run(mount_cmd(b, MAP, &src, &mnt).args(args));
+        assert_one_line_error(&out, "", &mnt);
+        assert!(out.stderr.contains(says), "{b} {args:?}:\n{out}");
+    }
+
     let out = run(&mut shiftfs(["mount"]));
     assert_eq!(
         out.code(),
@@ -336,8 +352,12 @@ fn fuse_umount_cleans_up_after_killed_daemon() {
         "the dead mount is still there before umount"
     );
 
+    let log = shiftfs::mount::Record::log_path(&mnt);
+    assert!(log.exists(), "the daemon's log {} exists", log.display());
     m.unmount();
     assert!(ls(&mnt).is_empty());
+    // Issue 12, defect 6: the dead daemon's log goes with its mount.
+    assert!(!log.exists(), "{} left behind", log.display());
     // The target can be mounted again.
     let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
     assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));

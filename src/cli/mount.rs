@@ -63,11 +63,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for o in &args.options {
         opts.apply(o)?;
     }
+    let in_options = opts.map.is_some() || opts.uid_map.is_some() || opts.gid_map.is_some();
+    let on_command_line =
+        args.map.is_some() || args.uid_map.is_some() || args.map_from_pid.is_some();
+    if in_options && on_command_line {
+        bail!("the map is given twice (-o map=/uidmap=/gidmap= and a --map option): give it once");
+    }
     if let Some(m) = &args.map {
         opts.map = Some(m.clone());
     }
     if let (Some(u), Some(g)) = (&args.uid_map, &args.gid_map) {
-        opts.map = None;
         opts.uid_map = Some(u.clone());
         opts.gid_map = Some(g.clone());
     }

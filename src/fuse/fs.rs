@@ -621,7 +621,7 @@ impl ShiftFs {
         let kill = mode.is_none()
             && is_sxid(st.st_mode)
             && if size.is_some() {
-                !Caller::read(Path::new("/proc"), req.pid()).is_host_fsetid()
+                !Caller::of(req).is_host_fsetid()
             } else {
                 uid.is_none() && gid.is_none() && atime.is_none() && mtime.is_none()
             };
@@ -862,7 +862,7 @@ impl ShiftFs {
         let (uid, gid) = self.inner_caller(req)?;
         // The caller's supplementary groups as the filesystem knows them (unmapped ones
         // cannot match any on-disk group).
-        let groups: Vec<u32> = Caller::read(Path::new("/proc"), req.pid())
+        let groups: Vec<u32> = Caller::of(req)
             .groups
             .into_iter()
             .filter_map(|g| self.map.gid.to_inner(OuterGid(g)).map(|g| g.0))
@@ -1063,9 +1063,7 @@ impl ShiftFs {
         let names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
         // The kernel lists `trusted.*` only to CAP_SYS_ADMIN in the initial namespace; the
         // daemon has it, so filter for the caller.
-        if !names.windows(8).any(|w| w == b"trusted.")
-            || Caller::read(Path::new("/proc"), req.pid()).is_host_admin()
-        {
+        if !names.windows(8).any(|w| w == b"trusted.") || Caller::of(req).is_host_admin() {
             return Ok(names);
         }
         Ok(names
@@ -1109,7 +1107,7 @@ impl ShiftFs {
         }
         let file_uid = self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0;
         let file_gid = self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0;
-        let who = Caller::read(Path::new("/proc"), req.pid());
+        let who = Caller::of(req);
         if !who.may_keep_setgid(req.gid(), file_uid, file_gid) {
             self.proc
                 .chmod(fd, (st.st_mode & 0o7777) & !libc::S_ISGID)

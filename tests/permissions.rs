@@ -6,6 +6,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -277,6 +278,79 @@ fn fuse_source_without_xattrs() {
     run(&mut Command::new(mnt.join("t"))).assert_ok();
     m.unmount();
     drop(_ramfs);
+    dir.finish();
+}
+
+/// FUSE only (the kernel backend has no create path of its own): a FIFO that appears behind
+/// a cached miss is never opened by the daemon when a caller's open(O_CREAT) finds it. An
+/// open would have released a writer waiting for a reader; the caller gets EEXIST at once.
+#[test]
+fn fifo_behind_a_cached_miss_is_not_opened() {
+    if !require(Backend::Fuse) || !require_tool("/usr/bin/python3", "python3") {
+        return;
+    }
+    let dir = TestDir::new("perm-fifo");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    mkdir(&src.join("d"), 0o777, 0, 0);
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
+    // Image root (host 100000) owns the FIFO, so its own open would be allowed.
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=100000",
+            "--regid=100000",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(
+            "import errno,os,sys,time\n\
+             p=sys.argv[1]\n\
+             try: os.stat(p)\n\
+             except FileNotFoundError: pass\n\
+             time.sleep(0.6)\n\
+             t=time.monotonic()\n\
+             try: os.open(p, os.O_RDONLY|os.O_CREAT|os.O_NONBLOCK, 0o644); print('OPENED')\n\
+             except OSError as e: print(errno.errorcode[e.errno])\n\
+             print('%.1f' % (time.monotonic()-t))\n",
+        )
+        .arg(mnt.join("d/p"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    let fifo = src.join("d/p");
+    run(Command::new("mkfifo").arg(&fifo)).assert_ok();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || {
+            // Blocks until someone opens the FIFO for reading.
+            let opened = fs::OpenOptions::new().write(true).open(&fifo).is_ok();
+            let _ = tx.send(opened);
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let still_waiting = rx.recv_timeout(Duration::from_millis(300)).is_err();
+    // Let the writer go: a reader of our own.
+    let reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    writer.join().unwrap();
+    drop(reader);
+    assert_eq!(
+        said, "EEXIST\n0.0\n",
+        "the caller's open(O_CREAT) of the FIFO"
+    );
+    assert!(
+        still_waiting,
+        "the daemon opened the FIFO, releasing its writer"
+    );
+    m.unmount();
     dir.finish();
 }
 

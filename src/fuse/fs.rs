@@ -805,6 +805,11 @@ impl ShiftFs {
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
         let inode = self.inode(ino)?;
+        // The kernel sends OPEN for regular files only (it opens FIFOs and devices itself);
+        // opening anything else for real would have effects of its own.
+        if !inode.is_reg() {
+            return Err(Errno::EIO);
+        }
         let ifd = inode.fd().map_err(io)?;
         let fd = self
             .proc
@@ -867,20 +872,17 @@ impl ShiftFs {
             .into_iter()
             .filter_map(|g| self.map.gid.to_inner(OuterGid(g)).map(|g| g.0))
             .collect();
-        let fd = {
-            let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
-            // Non-blocking so a FIFO put there cannot hang this thread.
-            open_beneath(dir, name, backing_open_flags(flags) | OFlags::NONBLOCK, 0)?
-        };
-        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
+        // Look before opening: opening a FIFO or a device has effects of its own (a blocked
+        // writer goes on, a tape rewinds), so only a regular file is opened for real.
+        let path_fd = open_beneath(dir, name, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&path_fd).map_err(sys)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(Errno::EEXIST);
         }
-        if flags & libc::O_NONBLOCK == 0 {
-            let fl = rustix::fs::fcntl_getfl(&fd).map_err(sys)?;
-            rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(sys)?;
-        }
-        Ok(fd)
+        self.proc
+            .reopen(path_fd.as_fd(), backing_open_flags(flags))
+            .map_err(io)
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>> {

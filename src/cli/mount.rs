@@ -165,7 +165,9 @@ fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
 /// In the backgrounded daemon: leave the caller's session, mount, say `ready` (or
 /// `error MSG`) on stdout, then let go of stdout so the caller's read ends.
 fn daemon_child(req: Request) -> anyhow::Result<()> {
-    if let Err(e) = shiftfs::sys::process::close_fds_from(3) {
+    // SAFETY: the daemon's first step, still single-threaded, and nothing opened so far is
+    // kept (a map read from /proc is closed again): no owner refers to an fd above 2.
+    if let Err(e) = unsafe { shiftfs::sys::process::close_fds_from(3) } {
         tracing::warn!("cannot close inherited file descriptors: {e}");
     }
     let _ = rustix::process::setsid();

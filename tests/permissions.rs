@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -351,6 +352,62 @@ fn fifo_behind_a_cached_miss_is_not_opened() {
         "the daemon opened the FIFO, releasing its writer"
     );
     m.unmount();
+    dir.finish();
+}
+
+/// `shiftfs doctor SOURCE` warns when setuid files a container plants in SOURCE would work
+/// for host users: SOURCE on a suid mount and every directory on the way searchable. A
+/// nosuid mount or a root-only directory above SOURCE ends the warning.
+#[test]
+fn doctor_warns_of_a_suid_source_users_can_reach() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root() {
+        return;
+    }
+    let dir = TestDir::new("doctor-suid");
+    let top = dir.dir("fs");
+    rustix::mount::mount(
+        "shiftfs-test",
+        &top,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755",
+    )
+    .expect("mount tmpfs");
+    struct Tmpfs<'a>(&'a Path);
+    impl Drop for Tmpfs<'_> {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+    let _tmpfs = Tmpfs(&top);
+    let src = top.join("src");
+    mkdir(&src, 0o755, 0, 0);
+    let doctor = || {
+        let out = run(&mut shiftfs([OsStr::new("doctor"), src.as_os_str()]));
+        out.assert_ok();
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.contains("setuid in SOURCE"))
+            .unwrap_or_else(|| panic!("no setuid line:\n{out}"))
+            .to_string();
+        (line, out.stdout)
+    };
+    let (line, all) = doctor();
+    assert!(line.starts_with("WARNING"), "suid and reachable:\n{all}");
+    assert!(all.contains("nosuid"), "the advice names nosuid:\n{all}");
+
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o700)).unwrap();
+    let (line, all) = doctor();
+    assert!(line.starts_with("OK"), "a 0700 directory above:\n{all}");
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+
+    rustix::mount::mount_remount(&top, rustix::mount::MountFlags::NOSUID, c"")
+        .expect("remount nosuid");
+    let (line, all) = doctor();
+    assert!(line.starts_with("OK"), "nosuid:\n{all}");
+    drop(_tmpfs);
     dir.finish();
 }
 

@@ -4,11 +4,16 @@
 //!
 //! A request names its caller by thread id only. The thread cannot go away while we hold its
 //! request (once the daemon has read a request, `request_wait_answer` waits for the reply
-//! uninterruptibly, even after SIGKILL), so the number cannot be reused meanwhile; still,
-//! everything is read through one fd of `/proc/TID`, which is bound to that task (reads fail
-//! once it is gone, whatever process gets the number next), and the fsuid/fsgid found there
-//! must be the ones the request carries. Anything that cannot be read or does not match
-//! leaves the caller without groups, capabilities or namespace: fewer privileges, never more.
+//! uninterruptibly, even after SIGKILL), so the number cannot be reused meanwhile, unless the
+//! connection is aborted (`fusectl` abort, `fs.fuse.max_request_timeout`). So everything is
+//! read through one fd of `/proc/TID`, which is bound to that task (reads fail once it is
+//! gone, whatever process gets the number next), and the fsuid/fsgid found there must be the
+//! ones the request carries. Anything that cannot be read or does not match leaves the caller
+//! without groups, capabilities or namespace: fewer privileges, never more.
+//!
+//! `/proc` must be that of the PID namespace the mount was made in (request ids are in it),
+//! and `ns/user` of another user's task is readable only with ptrace read access
+//! (CAP_SYS_PTRACE when the caller holds capabilities the daemon lacks).
 
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;

@@ -210,14 +210,12 @@ fn daemon_child(req: Request, source_fd: i32, target_fd: i32) -> anyhow::Result<
     use std::os::fd::AsFd;
     // SAFETY: the numbers come from our parent's command line, at start-up, before anything
     // in this process opened a file: nothing else owns them.
-    #[allow(unsafe_code)]
     let fds = unsafe { (inherit::take(source_fd), inherit::take(target_fd)) };
     let (source, target) = match fds {
         (Ok(s), Ok(t)) => (s, t),
         (Err(e), _) | (_, Err(e)) => bail!("the daemon did not get its directories: {e}"),
     };
     // SAFETY: only `source` and `target` are owned by anything in this process yet.
-    #[allow(unsafe_code)]
     if let Err(e) = unsafe { inherit::close_all_but(&[source.as_fd(), target.as_fd()]) } {
         tracing::warn!("cannot close inherited file descriptors: {e}");
     }

@@ -621,7 +621,7 @@ impl ShiftFs {
         let kill = mode.is_none()
             && is_sxid(st.st_mode)
             && if size.is_some() {
-                !Caller::read(Path::new("/proc"), req.pid()).is_host_fsetid()
+                !Caller::of(req).is_host_fsetid()
             } else {
                 uid.is_none() && gid.is_none() && atime.is_none() && mtime.is_none()
             };
@@ -805,6 +805,11 @@ impl ShiftFs {
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
         let inode = self.inode(ino)?;
+        // The kernel sends OPEN for regular files only (it opens FIFOs and devices itself);
+        // opening anything else for real would have effects of its own.
+        if !inode.is_reg() {
+            return Err(Errno::EIO);
+        }
         let ifd = inode.fd().map_err(io)?;
         let fd = self
             .proc
@@ -862,25 +867,22 @@ impl ShiftFs {
         let (uid, gid) = self.inner_caller(req)?;
         // The caller's supplementary groups as the filesystem knows them (unmapped ones
         // cannot match any on-disk group).
-        let groups: Vec<u32> = Caller::read(Path::new("/proc"), req.pid())
+        let groups: Vec<u32> = Caller::of(req)
             .groups
             .into_iter()
             .filter_map(|g| self.map.gid.to_inner(OuterGid(g)).map(|g| g.0))
             .collect();
-        let fd = {
-            let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
-            // Non-blocking so a FIFO put there cannot hang this thread.
-            open_beneath(dir, name, backing_open_flags(flags) | OFlags::NONBLOCK, 0)?
-        };
-        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
+        // Look before opening: opening a FIFO or a device has effects of its own (a blocked
+        // writer goes on, a tape rewinds), so only a regular file is opened for real.
+        let path_fd = open_beneath(dir, name, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&path_fd).map_err(sys)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(Errno::EEXIST);
         }
-        if flags & libc::O_NONBLOCK == 0 {
-            let fl = rustix::fs::fcntl_getfl(&fd).map_err(sys)?;
-            rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(sys)?;
-        }
-        Ok(fd)
+        self.proc
+            .reopen(path_fd.as_fd(), backing_open_flags(flags))
+            .map_err(io)
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -1063,9 +1065,7 @@ impl ShiftFs {
         let names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
         // The kernel lists `trusted.*` only to CAP_SYS_ADMIN in the initial namespace; the
         // daemon has it, so filter for the caller.
-        if !names.windows(8).any(|w| w == b"trusted.")
-            || Caller::read(Path::new("/proc"), req.pid()).is_host_admin()
-        {
+        if !names.windows(8).any(|w| w == b"trusted.") || Caller::of(req).is_host_admin() {
             return Ok(names);
         }
         Ok(names
@@ -1109,7 +1109,7 @@ impl ShiftFs {
         }
         let file_uid = self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0;
         let file_gid = self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0;
-        let who = Caller::read(Path::new("/proc"), req.pid());
+        let who = Caller::of(req);
         if !who.may_keep_setgid(req.gid(), file_uid, file_gid) {
             self.proc
                 .chmod(fd, (st.st_mode & 0o7777) & !libc::S_ISGID)

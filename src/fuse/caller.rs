@@ -293,7 +293,9 @@ mod tests {
             .spawn()
             .unwrap();
         let task = Task::open(Path::new("/proc"), child.id()).unwrap();
-        assert!(task.read("status").unwrap().contains("sleep"));
+        // Not the name: the child may not have exec'd `sleep` yet.
+        let pid_line = format!("\nPid:\t{}\n", child.id());
+        assert!(task.read("status").unwrap().contains(&pid_line));
         task.userns().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();

@@ -1153,7 +1153,7 @@ fn a_deep_tree_scans_and_shifts_at_every_level() {
     let t = dir.path().join("tree");
     std::fs::create_dir(&t).unwrap();
     let _rm = RmRf(t.clone());
-    drop(deep_tree(&t));
+    let deepest = deep_tree(&t);
     let ts = t.to_str().unwrap();
 
     let json = ok(&["scan", "--json", "--map", MAP, ts]);
@@ -1189,13 +1189,40 @@ fn a_deep_tree_scans_and_shifts_at_every_level() {
     );
     assert_eq!(r["unmapped"]["uids"].as_array().map(Vec::len), Some(0));
 
+    // The deepest file immutable: the shift stops half way, and the re-run resolves the
+    // journaled paths again (by fd, level by level) to finish it.
+    let deep_file = rustix::fs::openat(
+        &deepest,
+        "deep",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let set_immutable = |on: bool| {
+        let mut flags = rustix::fs::ioctl_getflags(&deep_file).unwrap();
+        flags.set(rustix::fs::IFlags::IMMUTABLE, on);
+        rustix::fs::ioctl_setflags(&deep_file, flags).unwrap();
+    };
+    set_immutable(true);
+    let out = shiftfs(&["shift", "--map", MAP, ts]);
+    set_immutable(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/deep: set xattr: Operation not permitted"),
+        "{}",
+        &err[err.len().saturating_sub(500)..]
+    );
+    assert!(marker_present(&t) && t.join(".shiftfs-journal").exists());
     let out = ok(&["shift", "--map", MAP, ts]);
     assert!(
-        out.contains(&format!("shifted {} of {}", DEEP + 3, DEEP + 3)),
+        out.contains(&format!(
+            "finished the interrupted shift from identity to {MAP} ({} inodes journaled)",
+            DEEP + 3
+        )),
         "{out}"
     );
     check_deep_tree(&t, 100000);
-    assert!(!t.join(".shiftfs-journal").exists());
+    assert!(!marker_present(&t) && !t.join(".shiftfs-journal").exists());
 
     // Back, with an open-file limit (hard, so not raised) far below the depth.
     let out = Command::new("sh")

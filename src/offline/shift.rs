@@ -377,10 +377,12 @@ pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Out
     }
 
     let current = recorded.unwrap_or_else(IdMapping::identity);
-    if current != opts.from {
+    // Already done (a recovery script re-running a completed shift): nothing to do, not an
+    // error. Only a completed shift records its map, so this is never a half-done tree.
+    if current != opts.from && current != opts.to {
         return Err(mismatch(tree, &current, opts));
     }
-    if opts.from == opts.to {
+    if current == opts.to {
         return Ok(Outcome {
             nothing_to_do: true,
             ..Outcome::default()

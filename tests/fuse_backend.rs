@@ -563,12 +563,20 @@ fn forgotten_inodes_close_their_fds() {
             }
         },
     );
-    // Only fds on this mount's source: other tests in this process mount their own.
+    // Only fds of this mount's files: other tests in this process mount their own. (The
+    // daemon's fds are on a private clone of the source's mount, whose paths do not show
+    // the source's.)
+    let ours: std::collections::HashSet<(u64, u64)> = (0..2000)
+        .map(|i| {
+            let md = fs::metadata(m.s(&format!("f{i}"))).unwrap();
+            (md.dev(), md.ino())
+        })
+        .collect();
     let count_fds = || {
         fs::read_dir("/proc/self/fd")
             .unwrap()
-            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target.starts_with(&m.src))
+            .filter_map(|e| fs::metadata(e.ok()?.path()).ok())
+            .filter(|md| ours.contains(&(md.dev(), md.ino())))
             .count()
     };
     let before = count_fds();
@@ -1038,4 +1046,211 @@ fn unlinked_open_files_stay_usable_past_the_fd_budget() {
         f.read_to_string(&mut s).unwrap();
         assert_eq!(s, "datamore");
     }
+}
+
+/// Detaches a mount made by a test when dropped, also when the test fails.
+struct Detach(PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH) {
+            eprintln!("cannot unmount {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// `SRC/ro` becomes a read-only bind mount of `SRC/rw`, which holds `f`.
+fn read_only_bind(src: &Path) {
+    fs::create_dir(src.join("rw")).unwrap();
+    fs::create_dir(src.join("ro")).unwrap();
+    fs::write(src.join("rw/f"), b"original").unwrap();
+    rustix::mount::mount_bind(src.join("rw"), src.join("ro")).unwrap();
+    rustix::mount::mount_remount(
+        src.join("ro"),
+        rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+        "",
+    )
+    .unwrap();
+}
+
+#[test]
+fn read_only_submount_stays_read_only_through_the_mount() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new("b:0:0:65536", |o| o.recursive = true, read_only_bind);
+    let _ro = Detach(m.s("ro"));
+    // Known through the read-write path first, so a shared inode would be the rw one.
+    assert_eq!(fs::read(m.m("rw/f")).unwrap(), b"original");
+    let rw_ino = fs::metadata(m.m("rw/f")).unwrap().ino();
+    assert_eq!(fs::read(m.m("ro/f")).unwrap(), b"original");
+
+    let erofs = Some(libc::EROFS);
+    assert_eq!(errno(fs::write(m.m("ro/f"), b"x")), erofs, "write");
+    assert_eq!(
+        errno(fs::OpenOptions::new().append(true).open(m.m("ro/f"))),
+        erofs
+    );
+    assert_eq!(errno(fs::write(m.m("ro/new"), b"x")), erofs, "create");
+    assert_eq!(errno(fs::create_dir(m.m("ro/d"))), erofs, "mkdir");
+    assert_eq!(errno(symlink("f", m.m("ro/l"))), erofs, "symlink");
+    assert_eq!(
+        errno(fs::set_permissions(
+            m.m("ro/f"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        erofs,
+        "chmod"
+    );
+    assert_eq!(
+        errno(std::os::unix::fs::chown(m.m("ro/f"), Some(5), None)),
+        erofs,
+        "chown"
+    );
+    assert_eq!(
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            m.m("ro/f"),
+            &rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0
+                },
+                last_modification: rustix::fs::Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0
+                },
+            },
+            rustix::fs::AtFlags::empty()
+        ),
+        Err(rustix::io::Errno::ROFS),
+        "utimens"
+    );
+    assert_eq!(
+        rustix::fs::setxattr(m.m("ro/f"), "user.k", b"v", rustix::fs::XattrFlags::empty()),
+        Err(rustix::io::Errno::ROFS),
+        "setxattr"
+    );
+    assert_eq!(errno(fs::remove_file(m.m("ro/f"))), erofs, "unlink");
+    assert_eq!(
+        errno(fs::hard_link(m.m("ro/f"), m.m("ro/g"))),
+        erofs,
+        "link"
+    );
+
+    assert_ne!(
+        fs::metadata(m.m("ro/f")).unwrap().ino(),
+        rw_ino,
+        "one file through two mounts is two inodes"
+    );
+    let on_disk = fs::metadata(m.s("rw/f")).unwrap();
+    assert_eq!(fs::read(m.s("rw/f")).unwrap(), b"original");
+    assert_eq!(on_disk.mode() & 0o7777, 0o644);
+    assert_eq!((on_disk.uid(), on_disk.nlink()), (0, 1));
+    assert_eq!(fs::read_dir(m.s("rw")).unwrap().count(), 1);
+
+    // The read-write path is still writable. (The read-only path is another inode to the
+    // kernel: it shows the change once its cached attributes time out.)
+    fs::write(m.m("rw/f"), b"changed").unwrap();
+    assert_eq!(fs::read(m.s("rw/f")).unwrap(), b"changed");
+}
+
+#[test]
+fn submounts_are_not_crossed_unless_recursive() {
+    if !prerequisites() {
+        return;
+    }
+    // As the kernel backend without --recursive: the mount point shows the directory
+    // underneath, which is empty here.
+    let m = Mounted::new("b:0:0:65536", |_| {}, read_only_bind);
+    let _ro = Detach(m.s("ro"));
+    assert_eq!(fs::read_dir(m.s("ro")).unwrap().count(), 1);
+    assert_eq!(fs::read_dir(m.m("ro")).unwrap().count(), 0);
+    assert_eq!(fs::read(m.m("rw/f")).unwrap(), b"original");
+}
+
+#[test]
+fn one_user_holding_files_open_leaves_the_mount_usable() {
+    if !prerequisites() || !prerequisite(Path::new("/usr/bin/python3").exists(), "python3") {
+        return;
+    }
+    // A cap of 40 open files: one caller uid gets 30 of them.
+    let m = Mounted::new(
+        MAP,
+        |o| o.max_open = 40,
+        |src| {
+            for i in 0..100 {
+                fs::write(src.join(format!("f{i}")), format!("{i}")).unwrap();
+            }
+        },
+    );
+    let holder = "import os, sys\n\
+        fds = []\n\
+        err = 0\n\
+        for i in range(100):\n\
+        \x20   try:\n\
+        \x20       fds.append(os.open('f%d' % i, os.O_RDONLY))\n\
+        \x20   except OSError as e:\n\
+        \x20       err = e.errno\n\
+        \x20       break\n\
+        print(len(fds), err, flush=True)\n\
+        sys.stdin.read()\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(holder)
+        .current_dir(&m.mnt)
+        .uid(101000)
+        .gid(101000)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closing stdin ends the holder, also when an assertion below fails.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+    let mut out = child.stdout.take().unwrap();
+    let child = Reap(child);
+    let mut line = String::new();
+    {
+        use std::io::{BufRead, BufReader};
+        BufReader::new(&mut out).read_line(&mut line).unwrap();
+    }
+    assert_eq!(
+        line.trim(),
+        format!("30 {}", libc::ENFILE),
+        "the holder gets ENFILE past its share"
+    );
+    // Meanwhile another user lists, looks up names not seen yet, creates and reads, and so
+    // does host root.
+    let d = m.mnt.display();
+    let out = sh_as(
+        102000,
+        &format!(
+            "ls {d} | wc -l && stat -c %s {d}/f60 {d}/f61 && touch {d}/touched && cat {d}/f95"
+        ),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "100\n2\n2\n95",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(owner(&m.s("touched")), (2000, 2000));
+    assert_eq!(fs::read_dir(&m.mnt).unwrap().count(), 101);
+    for i in 70..100 {
+        assert_eq!(fs::metadata(m.m(&format!("f{i}"))).unwrap().len(), 2);
+    }
+    assert_eq!(fs::read_to_string(m.m("f99")).unwrap(), "99");
+    // Once the holder closes its files, it may open again.
+    drop(child);
+    let out = sh_as(
+        101000,
+        &format!("cat {}/f1 {}/f2", m.mnt.display(), m.mnt.display()),
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "12");
 }

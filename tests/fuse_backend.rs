@@ -1254,3 +1254,147 @@ fn one_user_holding_files_open_leaves_the_mount_usable() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "12");
 }
+
+#[test]
+fn copy_file_range_load_does_not_stall_lookups() {
+    if !prerequisites() {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    const BIG: u64 = 512 << 20;
+    const COPIERS: usize = 8;
+    // On tmpfs (no disk in the measurement): a sparse source, copied over and over into
+    // one destination per copier, so memory stays bounded.
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |_| {},
+        |src| {
+            rustix::mount::mount(
+                "shiftfs-test",
+                src,
+                "tmpfs",
+                rustix::mount::MountFlags::empty(),
+                c"size=6g,mode=0777",
+            )
+            .unwrap();
+            fs::File::create(src.join("big"))
+                .unwrap()
+                .set_len(BIG)
+                .unwrap();
+        },
+    );
+    let _tmpfs = Detach(m.src.clone());
+    let stop = AtomicBool::new(false);
+    let (worst, copied) = std::thread::scope(|s| {
+        // Stops the copiers however this closure ends, so the scope can join them.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        let copiers: Vec<_> = (0..COPIERS)
+            .map(|i| {
+                let (input, output) = (m.m("big"), m.m(&format!("out{i}")));
+                let stop = &stop;
+                s.spawn(move || {
+                    let i = fs::File::open(input).unwrap();
+                    let o = fs::File::create(output).unwrap();
+                    let started = Instant::now();
+                    let mut total = 0u64;
+                    while !stop.load(Ordering::Relaxed) && started.elapsed().as_secs() < 30 {
+                        let (mut off_in, mut off_out) = (0u64, 0u64);
+                        while off_in < BIG && !stop.load(Ordering::Relaxed) {
+                            let left = usize::try_from(BIG - off_in).unwrap();
+                            let n = rustix::fs::copy_file_range(
+                                &i,
+                                Some(&mut off_in),
+                                &o,
+                                Some(&mut off_out),
+                                left,
+                            )
+                            .unwrap();
+                            total += n as u64;
+                        }
+                    }
+                    total
+                })
+            })
+            .collect();
+        // Let the copies get going, then time lookups of names never seen (each one a
+        // request to the daemon) for a few seconds.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut worst = Duration::ZERO;
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_secs(3) {
+            let t = Instant::now();
+            assert!(!m.m(&format!("absent{n}")).exists());
+            worst = worst.max(t.elapsed());
+            n += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let copied: u64 = copiers.into_iter().map(|c| c.join().unwrap()).sum();
+        (worst, copied)
+    });
+    eprintln!(
+        "worst lookup {worst:?} while {} MiB were copied",
+        copied >> 20
+    );
+    assert!(copied > 0);
+    assert!(
+        worst < Duration::from_secs(1),
+        "a lookup waited {worst:?} behind copy_file_range"
+    );
+}
+
+#[test]
+fn noexec_and_nosuid_submounts_keep_their_flags() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new(
+        "b:0:0:65536",
+        |o| {
+            o.recursive = true;
+            o.flags.suid = true;
+        },
+        |src| {
+            fs::create_dir(src.join("rw")).unwrap();
+            fs::copy("/bin/true", src.join("rw/true")).unwrap();
+            fs::set_permissions(src.join("rw/true"), fs::Permissions::from_mode(0o4755)).unwrap();
+            for (dir, flag) in [
+                ("nx", rustix::mount::MountFlags::NOEXEC),
+                ("ns", rustix::mount::MountFlags::NOSUID),
+            ] {
+                fs::create_dir(src.join(dir)).unwrap();
+                rustix::mount::mount_bind(src.join("rw"), src.join(dir)).unwrap();
+                rustix::mount::mount_remount(
+                    src.join(dir),
+                    rustix::mount::MountFlags::BIND | flag,
+                    "",
+                )
+                .unwrap();
+            }
+        },
+    );
+    let _nx = Detach(m.s("nx"));
+    let _ns = Detach(m.s("ns"));
+    assert!(Command::new(m.m("rw/true")).status().unwrap().success());
+    let e = Command::new(m.m("nx/true")).status().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "exec on noexec");
+    // Readable as data all the same.
+    assert_eq!(
+        fs::read(m.m("nx/true")).unwrap(),
+        fs::read("/bin/true").unwrap()
+    );
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&m.m("rw/true")), 0o4755);
+    assert_eq!(mode(&m.m("ns/true")), 0o755, "setuid hidden on nosuid");
+    // A chmod there neither sets nor clears the hidden bit.
+    fs::set_permissions(m.m("ns/true"), fs::Permissions::from_mode(0o750)).unwrap();
+    assert_eq!(mode(&m.s("rw/true")), 0o4750);
+}

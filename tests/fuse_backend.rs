@@ -3,8 +3,7 @@
 //!
 //! Needs root and /dev/fuse; skips without them unless CI=true.
 
-mod prereq;
-use prereq::prerequisite;
+mod common;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -19,6 +18,12 @@ use shiftfs::fuse::{Options, Session};
 use shiftfs::idmap::IdMapping;
 
 const MAP: &str = "b:0:100000:65536";
+
+/// Skips (or fails under CI=true) when `ok` is false.
+#[track_caller]
+fn prerequisite(ok: bool, what: &str) -> bool {
+    ok || common::skip(what)
+}
 
 fn prerequisites() -> bool {
     let root = rustix::process::geteuid().is_root();
@@ -1169,6 +1174,52 @@ fn submounts_are_not_crossed_unless_recursive() {
     assert_eq!(fs::read(m.m("rw/f")).unwrap(), b"original");
 }
 
+/// Holds open files (closed when dropped, also when a test fails).
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// As host uid/gid `id`, opens `DIR/f0`, `DIR/f1`, .. (up to `n`) until an open fails and
+/// keeps them open; returns "COUNT ERRNO" (errno 0 if all opened) and the holder.
+fn hold_open_files(id: u32, dir: &Path, n: usize) -> (String, Holder) {
+    let script = format!(
+        "import os, sys\n\
+         fds = []\n\
+         err = 0\n\
+         for i in range({n}):\n\
+         \x20   try:\n\
+         \x20       fds.append(os.open('f%d' % i, os.O_RDONLY))\n\
+         \x20   except OSError as e:\n\
+         \x20       err = e.errno\n\
+         \x20       break\n\
+         print(len(fds), err, flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .uid(id)
+        .gid(id)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let holder = Holder(child);
+    let mut line = String::new();
+    {
+        use std::io::{BufRead, BufReader};
+        BufReader::new(out).read_line(&mut line).unwrap();
+    }
+    (line.trim().to_owned(), holder)
+}
+
 #[test]
 fn one_user_holding_files_open_leaves_the_mount_usable() {
     if !prerequisites() || !prerequisite(Path::new("/usr/bin/python3").exists(), "python3") {
@@ -1184,42 +1235,7 @@ fn one_user_holding_files_open_leaves_the_mount_usable() {
             }
         },
     );
-    let holder = "import os, sys\n\
-        fds = []\n\
-        err = 0\n\
-        for i in range(100):\n\
-        \x20   try:\n\
-        \x20       fds.append(os.open('f%d' % i, os.O_RDONLY))\n\
-        \x20   except OSError as e:\n\
-        \x20       err = e.errno\n\
-        \x20       break\n\
-        print(len(fds), err, flush=True)\n\
-        sys.stdin.read()\n";
-    let mut child = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(holder)
-        .current_dir(&m.mnt)
-        .uid(101000)
-        .gid(101000)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Closing stdin ends the holder, also when an assertion below fails.
-    struct Reap(std::process::Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            drop(self.0.stdin.take());
-            let _ = self.0.wait();
-        }
-    }
-    let mut out = child.stdout.take().unwrap();
-    let child = Reap(child);
-    let mut line = String::new();
-    {
-        use std::io::{BufRead, BufReader};
-        BufReader::new(&mut out).read_line(&mut line).unwrap();
-    }
+    let (line, holder) = hold_open_files(101000, &m.mnt, 100);
     assert_eq!(
         line.trim(),
         format!("30 {}", libc::ENFILE),
@@ -1247,7 +1263,7 @@ fn one_user_holding_files_open_leaves_the_mount_usable() {
     }
     assert_eq!(fs::read_to_string(m.m("f99")).unwrap(), "99");
     // Once the holder closes its files, it may open again.
-    drop(child);
+    drop(holder);
     let out = sh_as(
         101000,
         &format!("cat {}/f1 {}/f2", m.mnt.display(), m.mnt.display()),
@@ -1397,4 +1413,71 @@ fn noexec_and_nosuid_submounts_keep_their_flags() {
     // A chmod there neither sets nor clears the hidden bit.
     fs::set_permissions(m.m("ns/true"), fs::Permissions::from_mode(0o750)).unwrap();
     assert_eq!(mode(&m.s("rw/true")), 0o4750);
+}
+
+#[test]
+fn a_daemon_at_its_fd_limit_keeps_serving_other_users() {
+    if !prerequisites()
+        || !prerequisite(Path::new("/usr/bin/python3").exists(), "python3")
+        || !common::require_tool("prlimit", "util-linux")
+        || !common::require_tool("setpriv", "util-linux")
+    {
+        return;
+    }
+    // The issue's case at a small scale: the daemon as `shiftfs mount` runs it, with
+    // RLIMIT_NOFILE 256 it cannot raise (no CAP_SYS_RESOURCE), all options by default.
+    let dir = common::TestDir::new("fdlimit");
+    let (src, mnt) = (dir.dir("src"), dir.dir("mnt"));
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o777)).unwrap();
+    for i in 0..400 {
+        fs::write(src.join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    let daemon = Command::new("setpriv")
+        .args([
+            "--bounding-set=-sys_resource",
+            "--",
+            "prlimit",
+            "--nofile=256:256",
+            "--",
+        ])
+        .arg(common::BIN)
+        .args(["mount", "--backend", "fuse", "--foreground", "--map", MAP])
+        .arg(&src)
+        .arg(&mnt)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Dropped in reverse: unmount first (the daemon then exits), then reap it.
+    let _daemon = common::Children(vec![daemon]);
+    let _mount = common::ShiftMount::adopt(&mnt);
+    assert!(common::wait_mounted(&mnt, true, Duration::from_secs(20)));
+
+    let (line, holder) = hold_open_files(101000, &mnt, 400);
+    let d = mnt.display();
+    let out = sh_as(
+        102000,
+        &format!(
+            "ls {d} | wc -l && stat -c %s {d}/f300 {d}/f301 && touch {d}/touched && \
+             cat {d}/f399"
+        ),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "400\n3\n3\n399",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (count, err) = line.split_once(' ').unwrap();
+    assert_eq!(
+        err.parse::<i32>().unwrap(),
+        libc::ENFILE,
+        "the holder is refused, with ENFILE, before the daemon runs out ({count} opened)"
+    );
+    for i in 350..400 {
+        assert_eq!(fs::metadata(mnt.join(format!("f{i}"))).unwrap().len(), 3);
+    }
+    drop(holder);
 }

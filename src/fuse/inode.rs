@@ -522,6 +522,42 @@ mod tests {
     }
 
     #[test]
+    fn one_inode_through_two_mounts_is_two_nodes() {
+        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
+        let rw = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 1,
+                dev: 1,
+                ino: 60,
+            },
+            libc::S_IFREG,
+        );
+        let ro = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 2,
+                dev: 1,
+                ino: 60,
+            },
+            libc::S_IFREG,
+        );
+        assert_eq!(rw.nodeid, 60);
+        assert!(ro.nodeid >= FIRST_SYNTHETIC);
+        assert!(!Arc::ptr_eq(&rw.mount, &ro.mount));
+        let again = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 2,
+                dev: 1,
+                ino: 60,
+            },
+            libc::S_IFREG,
+        );
+        assert_eq!(again.nodeid, ro.nodeid);
+    }
+
+    #[test]
     fn batch_forget_and_root_is_pinned() {
         let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
         let k = Key {

@@ -416,3 +416,24 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_plan_keeps_a_reserve_and_caps_open_files() {
+        // The common case here: 20,000 fds, 4 workers.
+        let p = fd_plan(20_000, 4, 0, 0);
+        assert_eq!(p.max_open, (20_000 - 1024) / 4);
+        assert_eq!(p.inode_fds + p.max_open, 20_000 - 1024);
+        // A small limit still leaves the per-request reserve.
+        let p = fd_plan(256, 4, 0, 0);
+        assert_eq!(p.max_open + p.inode_fds, 256 - 128);
+        // Asked-for values are kept when they fit, shrunk when they do not.
+        assert_eq!(fd_plan(20_000, 4, 100, 8).max_open, 100);
+        assert_eq!(fd_plan(20_000, 4, 100, 8).inode_fds, 8);
+        let p = fd_plan(1024, 4, 1_000_000, 0);
+        assert!(p.max_open + p.inode_fds <= 1024 - 128, "{p:?}");
+    }
+}

@@ -220,7 +220,7 @@ pub struct InodeTable {
     fd_anchors: AtomicUsize,
     fd_budget: usize,
     /// Every mount seen, by id. Never shrinks: the mounts below one source are few.
-    mounts: Mutex<HashMap<u64, Arc<Mount>>>,
+    mounts: RwLock<HashMap<u64, Arc<Mount>>>,
 }
 
 pub const ROOT_ID: u64 = 1;
@@ -262,7 +262,7 @@ impl InodeTable {
             }),
             fd_anchors: AtomicUsize::new(1),
             fd_budget,
-            mounts: Mutex::new(HashMap::from([(key.mnt, mount)])),
+            mounts: RwLock::new(HashMap::from([(key.mnt, mount)])),
         }
     }
 
@@ -270,12 +270,12 @@ impl InodeTable {
     /// now if unknown (its flags are read through `fd`).
     pub fn mount(&self, id: u64, fd: BorrowedFd<'_>, kind: u32) -> Arc<Mount> {
         let known = {
-            let mounts = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
+            let mounts = self.mounts.read().unwrap_or_else(PoisonError::into_inner);
             mounts.get(&id).cloned()
         };
         let mount = known.unwrap_or_else(|| {
             let new = Arc::new(Mount::new(fd));
-            let mut mounts = self.mounts.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut mounts = self.mounts.write().unwrap_or_else(PoisonError::into_inner);
             Arc::clone(mounts.entry(id).or_insert(new))
         });
         if kind == libc::S_IFDIR {

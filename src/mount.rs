@@ -148,6 +148,8 @@ pub struct FuseTuning {
     pub threads: usize,
     pub passthrough: bool,
     pub attr_timeout: Duration,
+    /// Files and directories callers may hold open at once; 0 = the backend's default.
+    pub max_open: usize,
     /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
     pub given: Vec<String>,
 }
@@ -158,6 +160,7 @@ impl Default for FuseTuning {
             threads: 0,
             passthrough: true,
             attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
+            max_open: 0,
             given: Vec::new(),
         }
     }
@@ -268,6 +271,18 @@ impl OptionSet {
                             ),
                         })?
                 }
+                "max_open" => {
+                    self.fuse.max_open =
+                        need(value)?
+                            .parse()
+                            .ok()
+                            .filter(|&n| n >= 1)
+                            .ok_or_else(|| Error::BadOption {
+                                option: opt.clone(),
+                                reason: "max_open is a whole number of open files, at least 1"
+                                    .into(),
+                            })?
+                }
                 "passthrough" => self.fuse.passthrough = true,
                 "nopassthrough" => self.fuse.passthrough = false,
                 "attr_timeout" => {
@@ -288,7 +303,7 @@ impl OptionSet {
             }
             if matches!(
                 key,
-                "threads" | "passthrough" | "nopassthrough" | "attr_timeout"
+                "threads" | "passthrough" | "nopassthrough" | "attr_timeout" | "max_open"
             ) && !self.fuse.given.contains(&opt)
             {
                 self.fuse.given.push(opt.clone());
@@ -346,6 +361,9 @@ impl Request {
         );
         if self.fuse.threads != 0 {
             o.push_str(&format!(",threads={}", self.fuse.threads));
+        }
+        if self.fuse.max_open != 0 {
+            o.push_str(&format!(",max_open={}", self.fuse.max_open));
         }
         if self.recursive {
             o.push_str(",recursive");
@@ -464,15 +482,7 @@ pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String
             ),
         });
     }
-    if backend == Backend::Fuse && req.recursive {
-        return Err(Error::BadOption {
-            option: "recursive".into(),
-            reason: format!(
-                "only the kernel backend shifts sub-mounts, and FUSE was chosen ({reason}); \
-                 drop it, or shift each sub-mount with a mount of its own"
-            ),
-        });
-    }
+
     // The daemon reaches the source through fds that cross mounts, so below the target it
     // would find its own mount again, without end, and hold it busy for ever.
     if backend == Backend::Fuse && dirs.target.is_within(&dirs.source).unwrap_or(true) {
@@ -567,6 +577,8 @@ pub fn serve_fuse(
         opts.threads = req.fuse.threads;
         opts.passthrough = req.fuse.passthrough;
         opts.attr_timeout = req.fuse.attr_timeout;
+        opts.max_open = req.fuse.max_open;
+        opts.recursive = req.recursive;
         opts.fsname = req.source.to_string_lossy().into_owned();
         let session = crate::fuse::mount_at(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(session)

@@ -228,16 +228,16 @@ fn refuses_bad_input(b: Backend) {
     }
 
     // Issue 12, defect 6: options that would be ignored are refused, each with its reason.
-    let other = if b == Backend::Fuse {
-        ["-o", "recursive", "only the kernel backend"]
-    } else {
-        ["-o", "nopassthrough", "only the FUSE backend"]
-    };
-    for (args, says) in [
+    let mut cases = vec![
         (&["-o", "map=b:0:200000:65536"][..], "given twice"),
         (&["-o", "threads=0"][..], "threads must be"),
-        (&other[..2], other[2]),
-    ] {
+        (&["-o", "max_open=0"][..], "max_open is"),
+    ];
+    if b == Backend::Kernel {
+        cases.push((&["-o", "nopassthrough"][..], "only the FUSE backend"));
+        cases.push((&["-o", "max_open=100"][..], "only the FUSE backend"));
+    }
+    for (args, says) in cases {
         let out = run(mount_cmd(b, MAP, &src, &mnt).args(args));
         assert_one_line_error(&out, "", &mnt);
         assert!(out.stderr.contains(says), "{b} {args:?}:\n{out}");

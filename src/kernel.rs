@@ -336,18 +336,7 @@ fn write_map(path: &Path, text: String) -> Result<(), Error> {
 
 /// The `mount_setattr` attributes for `flags`: IDMAP plus the restrictions asked for.
 pub fn mount_attr_flags(flags: MountFlags) -> MountAttrFlags {
-    let mut set = MountAttrFlags::MOUNT_ATTR_IDMAP;
-    for (on, attr) in [
-        (flags.read_only, MountAttrFlags::MOUNT_ATTR_RDONLY),
-        (!flags.suid, MountAttrFlags::MOUNT_ATTR_NOSUID),
-        (!flags.dev, MountAttrFlags::MOUNT_ATTR_NODEV),
-        (!flags.exec, MountAttrFlags::MOUNT_ATTR_NOEXEC),
-    ] {
-        if on {
-            set |= attr;
-        }
-    }
-    set
+    MountAttrFlags::MOUNT_ATTR_IDMAP | flags.mount_attrs()
 }
 
 /// Makes the detached `tree` idmapped through `userns` and applies `flags`, in one
@@ -408,7 +397,7 @@ fn is_idmapped(path: &Path) -> bool {
 /// The first mount below `source` that refuses an idmapping on its own, as an error.
 fn failing_submount(api: &impl MountApi, source: &Dir, userns: BorrowedFd<'_>) -> Option<Error> {
     let root = source.path();
-    let mounts = crate::mountinfo::read(Path::new(crate::mountinfo::SELF_MOUNTINFO)).ok()?;
+    let mounts = crate::mountinfo::own_table()?;
     let attr = MountAttr {
         set: MountAttrFlags::MOUNT_ATTR_IDMAP,
         clr: MountAttrFlags::empty(),

@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod mount;
 pub mod mountinfo;
 pub mod offline;
+pub mod pathtext;
 pub mod registry;
 pub mod resolve;
 pub mod sys;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use rustix::fs::{Mode, OFlags};
 use rustix::mount::UnmountFlags;
 
 use crate::idmap::{self, IdMapping};
@@ -56,6 +55,25 @@ pub struct MountFlags {
     pub suid: bool,
     pub dev: bool,
     pub exec: bool,
+}
+
+impl MountFlags {
+    /// The restrictions as mount attributes (both backends apply them with these).
+    pub fn mount_attrs(self) -> rustix::mount::MountAttrFlags {
+        use rustix::mount::MountAttrFlags as A;
+        let mut set = A::empty();
+        for (on, attr) in [
+            (self.read_only, A::MOUNT_ATTR_RDONLY),
+            (!self.suid, A::MOUNT_ATTR_NOSUID),
+            (!self.dev, A::MOUNT_ATTR_NODEV),
+            (!self.exec, A::MOUNT_ATTR_NOEXEC),
+        ] {
+            if on {
+                set |= attr;
+            }
+        }
+        set
+    }
 }
 
 impl Default for MountFlags {
@@ -456,7 +474,7 @@ fn shifted_mount_at(dir: &Dir) -> Option<MountInfo> {
     if !root {
         return None;
     }
-    mount_table()?
+    mountinfo::own_table()?
         .into_iter()
         .find(|m| m.id == id)
         .filter(is_shifted)
@@ -464,9 +482,9 @@ fn shifted_mount_at(dir: &Dir) -> Option<MountInfo> {
 
 /// Fails early, with advice, when the FUSE device cannot be opened.
 pub fn check_fuse_device() -> Result<(), Error> {
-    rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+    crate::sys::fusedev::open_dev_fuse()
         .map(drop)
-        .map_err(|e| Error::NoFuse(e.into()))
+        .map_err(Error::NoFuse)
 }
 
 /// The backend to use and why.
@@ -663,18 +681,10 @@ pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
 
 /// The topmost mount at `target`, if any.
 pub fn mounted_at(target: &Path) -> Option<MountInfo> {
-    mount_table()?
+    mountinfo::own_table()?
         .into_iter()
         .rev()
         .find(|m| m.mount_point == target)
-}
-
-/// This process's mount table; `None` when it cannot be read (so callers never mistake an
-/// unreadable table for an empty one).
-fn mount_table() -> Option<Vec<MountInfo>> {
-    std::fs::read(mountinfo::SELF_MOUNTINFO)
-        .ok()
-        .map(mountinfo::parse)
 }
 
 /// A mount shiftfs made: a FUSE mount of ours, or an idmapped mount we recorded (another
@@ -770,7 +780,7 @@ fn unmount_error(path: PathBuf, e: rustix::io::Errno) -> Error {
 /// Mounts below `target` (a `--recursive` kernel mount's sub-mounts, or anything mounted
 /// inside a shifted mount) keep it busy: unmount them first, deepest first.
 fn unmount_submounts(target: &Path) -> Result<(), Error> {
-    let mut below: Vec<PathBuf> = mount_table()
+    let mut below: Vec<PathBuf> = mountinfo::own_table()
         .unwrap_or_default()
         .into_iter()
         .map(|m| m.mount_point)

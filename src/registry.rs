@@ -4,7 +4,6 @@
 //! its start time (so a reused pid is never taken for our daemon), and a lock per target
 //! that serialises mount and unmount of one place.
 
-use std::ffi::OsStr;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -165,9 +164,7 @@ impl Record {
         let Ok(dir) = std::fs::read_dir(run_dir()) else {
             return Vec::new();
         };
-        let table = std::fs::read(mountinfo::SELF_MOUNTINFO)
-            .ok()
-            .map(mountinfo::parse);
+        let table = mountinfo::own_table();
         let mut out: Vec<(Self, State)> = dir
             .flatten()
             .filter(|e| {
@@ -272,17 +269,16 @@ fn escaped_name(target: &Path) -> String {
     name
 }
 
-/// Paths as mountinfo-escaped text: JSON strings must be UTF-8, paths need not be.
+/// Paths as [`crate::pathtext`]: JSON strings must be UTF-8, paths need not be.
 mod escaped {
     use super::*;
 
     pub fn serialize<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&mountinfo::escape(p.as_os_str().as_bytes()))
+        s.serialize_str(&crate::pathtext::show(p))
     }
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
-        let text = String::deserialize(d)?;
-        Ok(PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(text))))
+        Ok(crate::pathtext::parse(&String::deserialize(d)?))
     }
 }
 
@@ -303,6 +299,7 @@ mod backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
 
     #[test]
     fn records_round_trip_with_odd_paths() {

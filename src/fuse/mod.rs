@@ -379,19 +379,6 @@ pub fn mount_at(source: OwnedFd, target: &Dir, opts: Options) -> Result<Session,
     .map_err(|source| Error::Source { source })?;
 
     let dev = fusedev::open_dev_fuse().map_err(|source| Error::DevFuse { source })?;
-    let mut flags = rustix::mount::MountFlags::empty();
-    if !opts.flags.suid {
-        flags |= rustix::mount::MountFlags::NOSUID;
-    }
-    if !opts.flags.dev {
-        flags |= rustix::mount::MountFlags::NODEV;
-    }
-    if !opts.flags.exec {
-        flags |= rustix::mount::MountFlags::NOEXEC;
-    }
-    if opts.flags.read_only {
-        flags |= rustix::mount::MountFlags::RDONLY;
-    }
     let path = target.path().to_path_buf();
     let root = fusedev::mount_fuse(
         target.as_fd(),
@@ -399,7 +386,7 @@ pub fn mount_at(source: OwnedFd, target: &Dir, opts: Options) -> Result<Session,
             dev: dev.as_fd(),
             fsname: &opts.fsname,
             subtype: "shiftfs",
-            flags,
+            attrs: opts.flags.mount_attrs(),
             allow_other: true,
             default_permissions: true,
         },

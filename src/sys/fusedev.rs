@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
-use rustix::mount::MountFlags;
+use rustix::mount::MountAttrFlags;
 
 pub const DEV_FUSE: &str = "/dev/fuse";
 
@@ -29,7 +29,9 @@ pub struct FuseMount<'a> {
     pub fsname: &'a str,
     /// Mount type becomes `fuse.<subtype>`.
     pub subtype: &'a str,
-    pub flags: MountFlags,
+    /// ro, nosuid, nodev, noexec of the mount (`MOUNT_ATTR_RDONLY` also makes the
+    /// filesystem itself read-only).
+    pub attrs: MountAttrFlags,
     pub allow_other: bool,
     pub default_permissions: bool,
 }
@@ -40,8 +42,8 @@ pub struct FuseMount<'a> {
 /// close it once the mount is known to work.
 pub fn mount_fuse(target: BorrowedFd<'_>, m: &FuseMount<'_>) -> io::Result<OwnedFd> {
     use rustix::mount::{
-        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
-        fsconfig_set_flag, fsconfig_set_string, fsmount, fsopen, move_mount,
+        FsMountFlags, FsOpenFlags, MoveMountFlags, fsconfig_create, fsconfig_set_flag,
+        fsconfig_set_string, fsmount, fsopen, move_mount,
     };
     let fs = fsopen("fuse", FsOpenFlags::FSOPEN_CLOEXEC)?;
     let opts = [
@@ -61,22 +63,11 @@ pub fn mount_fuse(target: BorrowedFd<'_>, m: &FuseMount<'_>) -> io::Result<Owned
     if m.allow_other {
         fsconfig_set_flag(&fs, "allow_other")?;
     }
-    if m.flags.contains(MountFlags::RDONLY) {
+    if m.attrs.contains(MountAttrFlags::MOUNT_ATTR_RDONLY) {
         fsconfig_set_flag(&fs, "ro")?;
     }
     fsconfig_create(&fs)?;
-    let mut attr = MountAttrFlags::empty();
-    for (flag, a) in [
-        (MountFlags::RDONLY, MountAttrFlags::MOUNT_ATTR_RDONLY),
-        (MountFlags::NOSUID, MountAttrFlags::MOUNT_ATTR_NOSUID),
-        (MountFlags::NODEV, MountAttrFlags::MOUNT_ATTR_NODEV),
-        (MountFlags::NOEXEC, MountAttrFlags::MOUNT_ATTR_NOEXEC),
-    ] {
-        if m.flags.contains(flag) {
-            attr |= a;
-        }
-    }
-    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attr)?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, m.attrs)?;
     move_mount(
         &mnt,
         c"",

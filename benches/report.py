@@ -18,6 +18,7 @@ CONTENDERS = {
     "fuse": "shiftfs FUSE",
     "bindfs": "bindfs",
     "overlay": "fuse-overlayfs",
+    "fuse-base": "shiftfs FUSE (base binary)",
 }
 # metric -> (label, unit, higher is better)
 METRICS = {

@@ -15,6 +15,8 @@
 #   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536`
 #   bindfs   `bindfs --uid-offset=100000 --gid-offset=100000` (+ allow_other)
 #   overlay  `fuse-overlayfs -o uidmapping=0:100000:65536,gidmapping=0:100000:65536` (+ allow_other)
+#   fuse-base the FUSE backend of another shiftfs binary, $SHIFTFS_BASE_BIN (an earlier commit's
+#            release build), to measure a change side by side; not in the default set
 # on two backings: a tmpfs (the filesystem layer alone) and ext4 (/var/tmp here).
 #
 # "Warm": every workload runs once untimed on every contender (filling the page cache, the
@@ -27,7 +29,8 @@
 #
 # Options: --quick, --scale, --runs N, --backings tmpfs,ext4, --contenders plain,kernel,...,
 #          --workloads walk,readall,..., --out DIR, --no-build, --keep (leave the work dir).
-# Env: SHIFTFS_BIN (use this binary, skip the build), BENCH_WORKDIR (default /var/tmp),
+# Env: SHIFTFS_BIN (use this binary, skip the build), SHIFTFS_BASE_BIN (for fuse-base),
+#      BENCH_WORKDIR (default /var/tmp),
 #      SHIFTFS_FUSE_OPTS (extra -o for the shiftfs FUSE mount, e.g. attr_timeout=60).
 set -euo pipefail
 export LC_ALL=C
@@ -126,12 +129,13 @@ chmod 755 "$work"   # the namespace root (host 100000) must reach the mounts bel
 mounts=()           # "KIND PATH", unmounted in reverse order on exit
 
 cleanup() {
-  local rc=$? i kind path
+  local rc=$? i kind path bin
   trap - EXIT INT TERM
   for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do
     kind=${mounts[i]%% *} path=${mounts[i]#* }
-    if [ "$kind" = shiftfs ]; then
-      "$shiftfs" umount "$path" 2>/dev/null || "$shiftfs" umount --lazy "$path" 2>/dev/null \
+    if [ "$kind" = shiftfs ] || [ "$kind" = shiftfs-base ]; then
+      bin=$shiftfs; [ "$kind" = shiftfs ] || bin=$SHIFTFS_BASE_BIN
+      "$bin" umount "$path" 2>/dev/null || "$bin" umount --lazy "$path" 2>/dev/null \
         || umount -l "$path" 2>/dev/null || true
     else
       umount "$path" 2>/dev/null || umount -l "$path" 2>/dev/null || true
@@ -184,6 +188,10 @@ mount_contender() {
         "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
       mounts+=("shiftfs $mnt")
       [ -z "${SHIFTFS_FUSE_OPTS:-}" ] || notes[fuse_options]="-o $SHIFTFS_FUSE_OPTS" ;;
+    fuse-base)
+      [ -x "${SHIFTFS_BASE_BIN:-}" ] || { echo "fuse-base needs SHIFTFS_BASE_BIN, a shiftfs binary" >"$err"; return 1; }
+      "$SHIFTFS_BASE_BIN" mount --backend fuse --map b:0:100000:65536 "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
+      mounts+=("shiftfs-base $mnt") ;;
     bindfs)
       bindfs -o allow_other --uid-offset=100000 --gid-offset=100000 "$base/src" "$mnt" 2>"$err" || return 1
       mounts+=("umount $mnt") ;;
@@ -208,7 +216,11 @@ unmount_contender() {
   for i in "${!mounts[@]}"; do
     [ "${mounts[i]#* }" = "$mnt" ] || continue
     kind=${mounts[i]%% *}
-    if [ "$kind" = shiftfs ]; then "$shiftfs" umount "$mnt"; else umount "$mnt"; fi
+    case $kind in
+      shiftfs) "$shiftfs" umount "$mnt" ;;
+      shiftfs-base) "$SHIFTFS_BASE_BIN" umount "$mnt" ;;
+      *) umount "$mnt" ;;
+    esac
     forget_mount "$mnt"
     return 0
   done

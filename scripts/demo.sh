@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "demo: run as root (it mounts)" >&2; exit 1; }
-command -v unshare >/dev/null || { echo "demo: needs unshare (util-linux)" >&2; exit 1; }
+# A fresh Debian has no newuidmap (uidmap) and no subordinate ids for root: install them.
+scripts/setup.sh --demo
 cargo build --release --quiet
 bin=$PWD/target/release/shiftfs
 

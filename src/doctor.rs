@@ -16,6 +16,8 @@ pub const MIN_KERNEL_PASSTHROUGH: (u32, u32) = (6, 9);
 pub enum Status {
     Ok,
     Missing,
+    /// Works, but exposes something; the advice says what to change.
+    Warning,
     /// Could not be determined; the detail says why.
     Unknown,
 }
@@ -25,6 +27,7 @@ impl fmt::Display for Status {
         f.pad(match self {
             Self::Ok => "OK",
             Self::Missing => "MISSING",
+            Self::Warning => "WARNING",
             Self::Unknown => "UNKNOWN",
         })
     }
@@ -43,6 +46,8 @@ pub enum Needed {
     FuseAutoUnmount,
     /// Maps taken from /etc/subuid and namespaces set up by unprivileged users.
     Rootless,
+    /// Keeping what a container writes from giving host users privileges.
+    HostSafety,
 }
 
 impl fmt::Display for Needed {
@@ -54,6 +59,7 @@ impl fmt::Display for Needed {
             Self::FusePerformance => "fast FUSE I/O",
             Self::FuseAutoUnmount => "auto-unmount when a FUSE daemon dies",
             Self::Rootless => "subuid maps / rootless setups",
+            Self::HostSafety => "host safety",
         })
     }
 }
@@ -110,6 +116,81 @@ pub fn checks(source: &Path) -> Vec<Check> {
         subid(Path::new("/etc/subuid")),
         subid(Path::new("/etc/subgid")),
     ]
+}
+
+/// Whether setuid files and file capabilities a container writes into `source` work for
+/// host users: they do when the filesystem holding it is mounted without `nosuid` and an
+/// unprivileged host user can reach it. A shifted mount is `nosuid` by default, but the
+/// source itself is not; a container's root owns its image's root-owned files, so it can
+/// plant a setuid-root shell there. For a SOURCE the user names (`/`, the default, says
+/// nothing about a tree).
+pub fn source_exposure(source: &Path) -> Check {
+    let name = "setuid in SOURCE";
+    let needed = Needed::HostSafety;
+    let unknown = |what: String| {
+        Check::new(name, needed, Status::Unknown, what)
+            .advice("check by hand that SOURCE's filesystem is mounted nosuid or that a parent directory is mode 0700")
+    };
+    let path = match std::fs::canonicalize(source) {
+        Ok(p) => p,
+        Err(e) => return unknown(format!("{}: {e}", source.display())),
+    };
+    let suid = match rustix::fs::statvfs(&path) {
+        Ok(st) => !st.f_flag.contains(rustix::fs::StatVfsMountFlags::NOSUID),
+        Err(e) => return unknown(format!("statvfs {}: {e}", path.display())),
+    };
+    let mount_point = crate::mountinfo::mount_of(&path, Path::new("/proc/self/mountinfo"))
+        .map_or_else(
+            |_| "its mount point".to_string(),
+            |m| m.mount_point.display().to_string(),
+        );
+    if !suid {
+        return Check::new(
+            name,
+            needed,
+            Status::Ok,
+            format!("{}: on a nosuid mount ({mount_point})", path.display()),
+        );
+    }
+    match closed_ancestor(&path) {
+        Ok(Some(dir)) => Check::new(
+            name,
+            needed,
+            Status::Ok,
+            format!(
+                "{}: on a suid mount, but only root may enter {}",
+                path.display(),
+                dir.display()
+            ),
+        ),
+        Ok(None) => Check::new(
+            name,
+            needed,
+            Status::Warning,
+            format!(
+                "{}: on a suid mount ({mount_point}) that host users can reach: setuid-root files and file capabilities a container plants there work for them",
+                path.display()
+            ),
+        )
+        .advice(format!(
+            "mount the filesystem holding SOURCE nosuid (mount -o remount,nosuid {mount_point}), or chmod 0700 a root-owned directory above SOURCE"
+        )),
+        Err(e) => unknown(format!("{}: {e}", path.display())),
+    }
+}
+
+/// The first directory on the way from `/` to `path` (itself included) that only root may
+/// search: owned by root, with no execute bit for group or others. A group bit counts even
+/// for group root (its members need not be root, and an ACL shows through it).
+fn closed_ancestor(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    for dir in path.ancestors().collect::<Vec<_>>().into_iter().rev() {
+        let md = std::fs::metadata(dir)?;
+        if md.uid() == 0 && md.mode() & 0o011 == 0 {
+            return Ok(Some(dir.to_path_buf()));
+        }
+    }
+    Ok(None)
 }
 
 /// One line per backend: usable or not, from the checks it depends on.

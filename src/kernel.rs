@@ -18,6 +18,7 @@ use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags};
 use crate::idmap::IdMapping;
 use crate::mount::MountFlags;
 use crate::mountinfo::fstype_name;
+use crate::resolve::Dir;
 use crate::sys::mount::{AT_RECURSIVE, MountAttr, mount_setattr};
 use crate::sys::userns::UsernsChild;
 
@@ -113,6 +114,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Resolve(#[from] crate::resolve::Error),
 }
 
 impl Error {
@@ -120,6 +123,9 @@ impl Error {
     pub fn errno(&self) -> Errno {
         let io = match self {
             Self::MapTooLong { .. } | Self::BadIdmap { .. } => return Errno::INVAL,
+            Self::Resolve(e) => {
+                return e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error);
+            }
             Self::OpenTree { source, .. }
             | Self::Userns { source }
             | Self::OpenNs { source, .. }
@@ -139,6 +145,7 @@ impl Error {
 
 /// Mounts SOURCE at TARGET with every owner id shifted through `mapping`: on-disk `d`
 /// shows as `mapping.to_outer(d)`, a write by host id `h` stores `mapping.to_inner(h)`.
+/// Both paths are opened once without following any symlink ([`Dir::open`]).
 ///
 /// `flags` only add restrictions: a source mount that is already `ro`, `nosuid`, ... stays
 /// so. `recursive` carries SOURCE's submounts along (each must support idmapped mounts).
@@ -150,36 +157,47 @@ pub fn mount(
     flags: MountFlags,
     recursive: bool,
 ) -> Result<(), Error> {
-    mount_with(&Syscalls, source, target, mapping, flags, recursive)
+    let source = Dir::open(source)?;
+    let target = Dir::open(target)?;
+    mount_at(&Syscalls, &source, &target, mapping, flags, recursive).map(drop)
 }
 
-/// [`mount`] through `api`: the call sequence, testable with a fake.
-pub fn mount_with(
+/// [`mount`] of held directories through `api`: the call sequence, testable with a fake.
+/// The tree is cloned from the SOURCE fd and moved onto the TARGET fd; no name is looked
+/// up again. Returns the new mount's id (as in mountinfo), `None` if it cannot be read.
+pub fn mount_at(
     api: &impl MountApi,
-    source: &Path,
-    target: &Path,
+    source: &Dir,
+    target: &Dir,
     mapping: &IdMapping,
     flags: MountFlags,
     recursive: bool,
-) -> Result<(), Error> {
+) -> Result<Option<u64>, Error> {
     let tree = clone_tree(api, source, recursive)?;
     let userns = api.userns_fd(mapping)?;
     set_idmap(api, tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
     drop(userns);
-    attach(api, tree, source, target)?;
+    attach(api, &tree, source.path(), target)?;
     tracing::info!(
-        source = %source.display(),
-        target = %target.display(),
+        source = %source.path().display(),
+        target = %target.path().display(),
         %mapping,
         "idmapped mount attached"
     );
-    Ok(())
+    Ok(rustix::fs::statx(
+        &tree,
+        "",
+        AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .ok()
+    .map(|st| st.stx_mnt_id))
 }
 
 /// The system calls of the kernel backend.
 pub trait MountApi {
-    /// `open_tree(AT_FDCWD, path, flags)`.
-    fn open_tree(&self, path: &Path, flags: OpenTreeFlags) -> io::Result<OwnedFd>;
+    /// `open_tree(dir, "", flags | AT_EMPTY_PATH)`.
+    fn open_tree(&self, dir: BorrowedFd<'_>, flags: OpenTreeFlags) -> io::Result<OwnedFd>;
     /// A user namespace holding `mapping`, see [`userns_fd`].
     fn userns_fd(&self, mapping: &IdMapping) -> Result<OwnedFd, Error>;
     /// `mount_setattr(tree, "", flags, attr)`.
@@ -189,8 +207,8 @@ pub trait MountApi {
         flags: AtFlags,
         attr: &MountAttr<'_>,
     ) -> io::Result<()>;
-    /// `move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`.
-    fn move_mount(&self, tree: BorrowedFd<'_>, target: &Path) -> io::Result<()>;
+    /// `move_mount(tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)`.
+    fn move_mount(&self, tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>;
 }
 
 /// The real system calls.
@@ -198,8 +216,12 @@ pub trait MountApi {
 pub struct Syscalls;
 
 impl MountApi for Syscalls {
-    fn open_tree(&self, path: &Path, flags: OpenTreeFlags) -> io::Result<OwnedFd> {
-        Ok(rustix::mount::open_tree(rustix::fs::CWD, path, flags)?)
+    fn open_tree(&self, dir: BorrowedFd<'_>, flags: OpenTreeFlags) -> io::Result<OwnedFd> {
+        Ok(rustix::mount::open_tree(
+            dir,
+            c"",
+            flags | OpenTreeFlags::AT_EMPTY_PATH,
+        )?)
     }
 
     fn userns_fd(&self, mapping: &IdMapping) -> Result<OwnedFd, Error> {
@@ -215,27 +237,27 @@ impl MountApi for Syscalls {
         mount_setattr(tree, c"", flags | AtFlags::EMPTY_PATH, attr)
     }
 
-    fn move_mount(&self, tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
+    fn move_mount(&self, tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
         Ok(rustix::mount::move_mount(
             tree,
             c"",
-            rustix::fs::CWD,
             target,
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            c"",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )?)
     }
 }
 
 /// A detached copy of the mount at `source` (and its submounts if `recursive`): visible
 /// nowhere until [`attach`]ed, freed when the fd is closed.
-pub fn clone_tree(api: &impl MountApi, source: &Path, recursive: bool) -> Result<OwnedFd, Error> {
+pub fn clone_tree(api: &impl MountApi, source: &Dir, recursive: bool) -> Result<OwnedFd, Error> {
     let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if recursive {
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
-    api.open_tree(source, flags)
+    api.open_tree(source.as_fd(), flags)
         .map_err(|source_err| Error::OpenTree {
-            path: source.to_path_buf(),
+            path: source.path().to_path_buf(),
             source: source_err,
         })
 }
@@ -314,18 +336,7 @@ fn write_map(path: &Path, text: String) -> Result<(), Error> {
 
 /// The `mount_setattr` attributes for `flags`: IDMAP plus the restrictions asked for.
 pub fn mount_attr_flags(flags: MountFlags) -> MountAttrFlags {
-    let mut set = MountAttrFlags::MOUNT_ATTR_IDMAP;
-    for (on, attr) in [
-        (flags.read_only, MountAttrFlags::MOUNT_ATTR_RDONLY),
-        (!flags.suid, MountAttrFlags::MOUNT_ATTR_NOSUID),
-        (!flags.dev, MountAttrFlags::MOUNT_ATTR_NODEV),
-        (!flags.exec, MountAttrFlags::MOUNT_ATTR_NOEXEC),
-    ] {
-        if on {
-            set |= attr;
-        }
-    }
-    set
+    MountAttrFlags::MOUNT_ATTR_IDMAP | flags.mount_attrs()
 }
 
 /// Makes the detached `tree` idmapped through `userns` and applies `flags`, in one
@@ -334,7 +345,7 @@ pub fn mount_attr_flags(flags: MountFlags) -> MountAttrFlags {
 pub fn set_idmap(
     api: &impl MountApi,
     tree: BorrowedFd<'_>,
-    source: &Path,
+    source: &Dir,
     userns: BorrowedFd<'_>,
     flags: MountFlags,
     recursive: bool,
@@ -357,7 +368,7 @@ pub fn set_idmap(
         {
             return err;
         }
-        classify(e, source)
+        classify(e, source.path())
     })
 }
 
@@ -384,9 +395,9 @@ fn is_idmapped(path: &Path) -> bool {
 }
 
 /// The first mount below `source` that refuses an idmapping on its own, as an error.
-fn failing_submount(api: &impl MountApi, source: &Path, userns: BorrowedFd<'_>) -> Option<Error> {
-    let root = std::fs::canonicalize(source).ok()?;
-    let mounts = crate::mountinfo::read(Path::new(crate::mountinfo::SELF_MOUNTINFO)).ok()?;
+fn failing_submount(api: &impl MountApi, source: &Dir, userns: BorrowedFd<'_>) -> Option<Error> {
+    let root = source.path();
+    let mounts = crate::mountinfo::own_table()?;
     let attr = MountAttr {
         set: MountAttrFlags::MOUNT_ATTR_IDMAP,
         clr: MountAttrFlags::empty(),
@@ -394,9 +405,10 @@ fn failing_submount(api: &impl MountApi, source: &Path, userns: BorrowedFd<'_>) 
     };
     mounts
         .iter()
-        .filter(|m| m.mount_point != root && m.mount_point.starts_with(&root))
+        .filter(|m| m.mount_point != root && m.mount_point.starts_with(root))
         .find_map(|m| {
-            let tree = clone_tree(api, &m.mount_point, false).ok()?;
+            let sub = Dir::open(&m.mount_point).ok()?;
+            let tree = clone_tree(api, &sub, false).ok()?;
             let e = api
                 .mount_setattr(tree.as_fd(), AtFlags::empty(), &attr)
                 .err()?;
@@ -407,14 +419,14 @@ fn failing_submount(api: &impl MountApi, source: &Path, userns: BorrowedFd<'_>) 
 /// Moves the detached `tree` onto `target`, where it becomes visible.
 pub fn attach(
     api: &impl MountApi,
-    tree: OwnedFd,
+    tree: &OwnedFd,
     source: &Path,
-    target: &Path,
+    target: &Dir,
 ) -> Result<(), Error> {
-    api.move_mount(tree.as_fd(), target)
+    api.move_mount(tree.as_fd(), target.as_fd())
         .map_err(|e| Error::MoveMount {
             src: source.to_path_buf(),
-            target: target.to_path_buf(),
+            target: target.path().to_path_buf(),
             source: e,
         })
 }
@@ -471,7 +483,20 @@ pub fn probe(source: &Path) -> Probe {
 /// [`probe`] for a `--recursive` mount: every mount under `source` must support idmapped
 /// mounts, and the reason names the first one that does not.
 pub fn probe_tree(source: &Path, recursive: bool) -> Probe {
-    let fstype = fstype_name(source);
+    match Dir::open(source) {
+        Ok(dir) => probe_dir(&dir, recursive),
+        Err(e) => Probe {
+            supported: false,
+            reason: e.to_string(),
+            fstype: fstype_name(source),
+            advice: Some("check SOURCE, or use --backend fuse".to_string()),
+        },
+    }
+}
+
+/// [`probe_tree`] of a held directory.
+pub fn probe_dir(source: &Dir, recursive: bool) -> Probe {
+    let fstype = fstype_name(source.path());
     let no = |reason: String, advice: &str| Probe {
         supported: false,
         reason,
@@ -517,7 +542,7 @@ pub fn probe_tree(source: &Path, recursive: bool) -> Probe {
             fstype: culprit,
             path,
             ..
-        }) if path != source => no(
+        }) if path != source.path() => no(
             format!(
                 "{culprit} mounted at {} does not support idmapped mounts",
                 path.display()
@@ -586,7 +611,7 @@ mod tests {
 
     #[derive(Debug, PartialEq, Eq)]
     enum Call {
-        OpenTree(PathBuf, OpenTreeFlags),
+        OpenTree((u64, u64), OpenTreeFlags),
         Userns(String, String),
         SetAttr {
             recursive: bool,
@@ -594,7 +619,22 @@ mod tests {
             clr: MountAttrFlags,
             userns: bool,
         },
-        MoveMount(PathBuf),
+        MoveMount((u64, u64)),
+    }
+
+    fn ino(fd: BorrowedFd<'_>) -> (u64, u64) {
+        let st = rustix::fs::fstat(fd).unwrap();
+        (st.st_dev, st.st_ino)
+    }
+
+    /// Two real directories: the fake records which fd each call was given.
+    fn dirs() -> (tempfile::TempDir, Dir, Dir) {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir(base.path().join("src")).unwrap();
+        std::fs::create_dir(base.path().join("dst")).unwrap();
+        let src = Dir::open(&base.path().join("src")).unwrap();
+        let dst = Dir::open(&base.path().join("dst")).unwrap();
+        (base, src, dst)
     }
 
     /// Records the calls; `mount_setattr` fails with `setattr_errno` if set.
@@ -609,10 +649,10 @@ mod tests {
     }
 
     impl MountApi for Fake {
-        fn open_tree(&self, path: &Path, flags: OpenTreeFlags) -> io::Result<OwnedFd> {
+        fn open_tree(&self, dir: BorrowedFd<'_>, flags: OpenTreeFlags) -> io::Result<OwnedFd> {
             self.calls
                 .borrow_mut()
-                .push(Call::OpenTree(path.to_path_buf(), flags));
+                .push(Call::OpenTree(ino(dir), flags));
             null_fd()
         }
         fn userns_fd(&self, mapping: &IdMapping) -> Result<OwnedFd, Error> {
@@ -637,10 +677,8 @@ mod tests {
             self.setattr_errno
                 .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
         }
-        fn move_mount(&self, _tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
-            self.calls
-                .borrow_mut()
-                .push(Call::MoveMount(target.to_path_buf()));
+        fn move_mount(&self, _tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+            self.calls.borrow_mut().push(Call::MoveMount(ino(target)));
             Ok(())
         }
     }
@@ -653,15 +691,8 @@ mod tests {
     fn mount_is_clone_userns_one_setattr_move() {
         for recursive in [false, true] {
             let fake = Fake::default();
-            mount_with(
-                &fake,
-                Path::new("/src"),
-                Path::new("/dst"),
-                &map(),
-                MountFlags::default(),
-                recursive,
-            )
-            .unwrap();
+            let (_base, src, dst) = dirs();
+            mount_at(&fake, &src, &dst, &map(), MountFlags::default(), recursive).unwrap();
             let mut tree_flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
             if recursive {
                 tree_flags |= OpenTreeFlags::AT_RECURSIVE;
@@ -669,7 +700,7 @@ mod tests {
             assert_eq!(
                 fake.calls.into_inner(),
                 vec![
-                    Call::OpenTree("/src".into(), tree_flags),
+                    Call::OpenTree(src.id().unwrap(), tree_flags),
                     Call::Userns("0 100000 65536\n".into(), "0 200000 1000\n".into()),
                     Call::SetAttr {
                         recursive,
@@ -679,7 +710,7 @@ mod tests {
                         clr: MountAttrFlags::empty(),
                         userns: true,
                     },
-                    Call::MoveMount("/dst".into()),
+                    Call::MoveMount(dst.id().unwrap()),
                 ]
             );
         }
@@ -691,15 +722,8 @@ mod tests {
             setattr_errno: Some(libc::EINVAL),
             ..Fake::default()
         };
-        let err = mount_with(
-            &fake,
-            Path::new("/nonexistent-src"),
-            Path::new("/dst"),
-            &map(),
-            MountFlags::default(),
-            false,
-        )
-        .unwrap_err();
+        let (_base, src, dst) = dirs();
+        let err = mount_at(&fake, &src, &dst, &map(), MountFlags::default(), false).unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
         assert_eq!(err.errno(), Errno::INVAL);
         assert!(err.to_string().contains("--backend fuse"), "{err}");

@@ -2,7 +2,7 @@
 //!
 //! Layout (see `../shared/ARCHITECTURE.md`): `idmap` and `xattr` are pure; `fuse` and
 //! `kernel` are the two backends; `mount` picks one and runs the daemon life cycle;
-//! `shift` and `scan` work on trees offline; `sys` is the only home of `unsafe`.
+//! `offline` shifts and scans trees on disk; `sys` is the only home of `unsafe`.
 #![deny(unsafe_code)]
 
 pub mod doctor;
@@ -11,8 +11,10 @@ pub mod idmap;
 pub mod kernel;
 pub mod mount;
 pub mod mountinfo;
+pub mod offline;
+pub mod pathtext;
+pub mod registry;
+pub mod resolve;
 pub mod sandbox;
-pub mod scan;
-pub mod shift;
 pub mod sys;
 pub mod xattr;

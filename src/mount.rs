@@ -1,20 +1,18 @@
 //! Backend choice, mount options, the daemon life cycle, the registry of shifted mounts,
 //! and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
 
-use std::ffi::OsStr;
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use rustix::fs::{Mode, OFlags};
 use rustix::mount::UnmountFlags;
 
 use crate::idmap::{self, IdMapping};
 use crate::mountinfo::{self, MountInfo};
+pub use crate::registry::{Record, TargetLock, run_dir};
+use crate::resolve::Dir;
 use crate::sys::daemon;
 
 /// Which implementation serves a shifted mount.
@@ -60,6 +58,25 @@ pub struct MountFlags {
     pub exec: bool,
 }
 
+impl MountFlags {
+    /// The restrictions as mount attributes (both backends apply them with these).
+    pub fn mount_attrs(self) -> rustix::mount::MountAttrFlags {
+        use rustix::mount::MountAttrFlags as A;
+        let mut set = A::empty();
+        for (on, attr) in [
+            (self.read_only, A::MOUNT_ATTR_RDONLY),
+            (!self.suid, A::MOUNT_ATTR_NOSUID),
+            (!self.dev, A::MOUNT_ATTR_NODEV),
+            (!self.exec, A::MOUNT_ATTR_NOEXEC),
+        ] {
+            if on {
+                set |= attr;
+            }
+        }
+        set
+    }
+}
+
 impl Default for MountFlags {
     fn default() -> Self {
         Self {
@@ -89,7 +106,7 @@ impl fmt::Display for MountFlags {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, sandbox=)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -125,9 +142,11 @@ pub enum Error {
     /// What the serving process reported to its supervisor.
     #[error("{0}")]
     Daemon(String),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::Error),
     #[error("{path} is not mounted")]
     NotMounted { path: PathBuf },
-    #[error("{path} is a plain {fstype} mount, not a shifted mount; use umount(8)")]
+    #[error("{path} is a {fstype} mount shiftfs did not make, not a shifted mount; use umount(8)")]
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
@@ -146,14 +165,18 @@ const MAX_THREADS: usize = 256;
 /// The file system type of shiftfs' FUSE mounts in the mount table.
 pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
-/// Tuning knobs of the FUSE backend (ignored by the kernel backend).
+/// Tuning knobs of the FUSE backend; asking for one on a kernel mount is an error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FuseTuning {
     /// 0 = the backend's default.
     pub threads: usize,
     pub passthrough: bool,
     pub attr_timeout: Duration,
+    /// Files and directories callers may hold open at once; 0 = the backend's default.
+    pub max_open: usize,
     pub sandbox: crate::sandbox::Mode,
+    /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
+    pub given: Vec<String>,
 }
 
 impl Default for FuseTuning {
@@ -162,7 +185,9 @@ impl Default for FuseTuning {
             threads: 0,
             passthrough: true,
             attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
+            max_open: 0,
             sandbox: crate::sandbox::Mode::default(),
+            given: Vec::new(),
         }
     }
 }
@@ -264,11 +289,25 @@ impl OptionSet {
                     self.fuse.threads = need(value)?
                         .parse()
                         .ok()
-                        .filter(|&n| n <= MAX_THREADS)
+                        .filter(|&n| (1..=MAX_THREADS).contains(&n))
                         .ok_or_else(|| Error::BadOption {
                             option: opt.clone(),
-                            reason: format!("threads must be a whole number up to {MAX_THREADS}"),
+                            reason: format!(
+                                "threads must be a whole number from 1 to {MAX_THREADS}"
+                            ),
                         })?
+                }
+                "max_open" => {
+                    self.fuse.max_open =
+                        need(value)?
+                            .parse()
+                            .ok()
+                            .filter(|&n| n >= 1)
+                            .ok_or_else(|| Error::BadOption {
+                                option: opt.clone(),
+                                reason: "max_open is a whole number of open files, at least 1"
+                                    .into(),
+                            })?
                 }
                 "passthrough" => self.fuse.passthrough = true,
                 "nopassthrough" => self.fuse.passthrough = false,
@@ -293,6 +332,18 @@ impl OptionSet {
                 | "users" | "owner" | "group" | "comment" | "bind" => {}
                 k if k.starts_with("x-") || k.starts_with("X-") => {}
                 _ => return Err(Error::UnknownOption(opt.clone())),
+            }
+            if matches!(
+                key,
+                "threads"
+                    | "passthrough"
+                    | "nopassthrough"
+                    | "attr_timeout"
+                    | "max_open"
+                    | "sandbox"
+            ) && !self.fuse.given.contains(&opt)
+            {
+                self.fuse.given.push(opt.clone());
             }
         }
         Ok(())
@@ -322,6 +373,9 @@ impl OptionSet {
 pub struct Request {
     pub source: PathBuf,
     pub target: PathBuf,
+    /// Resolve `target` inside this directory as if it were `/` (a runtime mounting into a
+    /// container's rootfs): symlinks in the rootfs can never lead out of it.
+    pub target_root: Option<PathBuf>,
     pub mapping: IdMapping,
     pub flags: MountFlags,
     pub backend: Backend,
@@ -333,17 +387,24 @@ impl Request {
     /// `-o` text that, with `map=`, reproduces this request (used to hand it to the daemon).
     pub fn options_text(&self) -> String {
         let mut o = format!(
-            "{},threads={},{},attr_timeout={},sandbox={}",
+            "{},{},attr_timeout={}",
             self.flags,
-            self.fuse.threads,
             if self.fuse.passthrough {
                 "passthrough"
             } else {
                 "nopassthrough"
             },
-            self.fuse.attr_timeout.as_secs_f64(),
-            self.fuse.sandbox
+            self.fuse.attr_timeout.as_secs_f64()
         );
+        if self.fuse.threads != 0 {
+            o.push_str(&format!(",threads={}", self.fuse.threads));
+        }
+        if self.fuse.max_open != 0 {
+            o.push_str(&format!(",max_open={}", self.fuse.max_open));
+        }
+        if self.fuse.sandbox != crate::sandbox::Mode::default() {
+            o.push_str(&format!(",sandbox={}", self.fuse.sandbox));
+        }
         if self.recursive {
             o.push_str(",recursive");
         }
@@ -354,101 +415,117 @@ impl Request {
 /// Makes a path absolute without touching the file system (a dead FUSE mount cannot be
 /// stat'ed, so canonicalize is not an option for unmounting).
 pub fn absolute(path: &Path) -> PathBuf {
-    let base = if path.is_absolute() {
-        PathBuf::from("/")
-    } else {
-        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"))
-    };
-    let mut out = base;
-    for c in path.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::Normal(n) => out.push(n),
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    out
+    crate::resolve::absolute(path)
 }
 
-/// Checks what can be checked before any backend runs, so each mistake gets one clear line.
-/// Returns the canonical source and target.
-pub fn validate(req: &mut Request) -> Result<(), Error> {
+/// SOURCE and TARGET of a checked request, held as fds: the mount is made onto these, and
+/// no name is looked up again.
+#[derive(Debug)]
+pub struct Resolved {
+    pub source: Dir,
+    pub target: Dir,
+}
+
+/// Opens SOURCE and TARGET once, without following any symlink (TARGET inside
+/// `target_root` if given); `req` is updated to the names the kernel gives them. Every later
+/// check and the mount itself work on these fds.
+pub fn resolve(req: &mut Request) -> Result<Resolved, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    let src_meta = std::fs::metadata(&req.source).map_err(|e| {
-        Error::Source(
-            req.source.clone(),
-            match e.kind() {
-                io::ErrorKind::NotFound => "does not exist".into(),
-                _ => e.to_string(),
-            },
-        )
-    })?;
-    if !src_meta.is_dir() {
-        return Err(Error::Source(
-            req.source.clone(),
-            "is not a directory".into(),
-        ));
-    }
-    req.source = std::fs::canonicalize(&req.source)
-        .map_err(|e| Error::Source(req.source.clone(), e.to_string()))?;
-    let tgt = std::fs::canonicalize(&req.target).map_err(|e| {
-        Error::Target(
-            req.target.clone(),
-            match (e.kind(), e.raw_os_error()) {
-                (io::ErrorKind::NotFound, _) => "does not exist; create it first (mkdir -p)".into(),
-                (_, Some(libc::ENOTCONN)) => {
-                    "is a dead shifted mount (its daemon exited); run shiftfs umount on it".into()
-                }
-                _ => e.to_string(),
-            },
-        )
-    })?;
-    if let Some(m) = mounted_at(&tgt).filter(is_shifted) {
-        let of = Record::load(&tgt)
+    let source =
+        Dir::open(&req.source).map_err(|e| Error::Source(req.source.clone(), e.reason()))?;
+    let target_err = |path: &Path, e: crate::resolve::Error| {
+        let reason = match e.raw_os_error() {
+            Some(libc::ENOENT) => "does not exist; create it first (mkdir -p)".into(),
+            Some(libc::ENOTCONN) => {
+                "is a dead shifted mount (its daemon exited); run shiftfs umount on it".into()
+            }
+            _ => e.reason(),
+        };
+        Error::Target(path.to_path_buf(), reason)
+    };
+    let target = match &req.target_root {
+        Some(root) => {
+            let root = Dir::open(root).map_err(|e| target_err(root, e))?;
+            Dir::open_in(&root, &req.target).map_err(|e| target_err(&req.target, e))?
+        }
+        None => Dir::open(&req.target).map_err(|e| target_err(&req.target, e))?,
+    };
+    req.source = source.path().to_path_buf();
+    req.target = target.path().to_path_buf();
+    Ok(Resolved { source, target })
+}
+
+/// Checks what can be checked before any backend runs, so each mistake gets one clear line.
+/// Call it holding the target's [`TargetLock`], so that no other mount lands between the
+/// check and the mount.
+pub fn check(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let Resolved { source, target } = dirs;
+    let tgt = req.target.clone();
+    if let Some(m) = shifted_mount_at(target) {
+        let of = Record::of(&m)
             .map(|r| r.source.display().to_string())
             .unwrap_or(m.source);
         return Err(Error::AlreadyMounted { path: tgt, of });
     }
-    let empty = std::fs::read_dir(&tgt)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOTDIR) => Error::Target(tgt.clone(), "is not a directory".into()),
-            _ => Error::Target(tgt.clone(), e.to_string()),
-        })?
-        .next()
-        .is_none();
-    if !empty {
+    if !target
+        .is_empty()
+        .map_err(|e| Error::Target(tgt.clone(), e.reason()))?
+    {
         return Err(Error::Target(
             tgt,
             "is not empty; mount on an empty directory".into(),
         ));
     }
-    if tgt == req.source || tgt.starts_with(&req.source) && req.recursive {
+    let inside = target
+        .is_within(source)
+        .map_err(|e| Error::Target(tgt.clone(), e.to_string()))?;
+    if source.id().ok() == target.id().ok() || inside && req.recursive {
         return Err(Error::Target(
             tgt,
             "lies inside the source; pick a target outside it".into(),
         ));
     }
-    req.target = tgt;
     Ok(())
+}
+
+/// The shifted mount whose root `dir` is, if any.
+fn shifted_mount_at(dir: &Dir) -> Option<MountInfo> {
+    let (id, root) = dir.mount().ok()?;
+    if !root {
+        return None;
+    }
+    mountinfo::own_table()?
+        .into_iter()
+        .find(|m| m.id == id)
+        .filter(is_shifted)
 }
 
 /// Fails early, with advice, when the FUSE device cannot be opened.
 pub fn check_fuse_device() -> Result<(), Error> {
-    rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+    crate::sys::fusedev::open_dev_fuse()
         .map(drop)
-        .map_err(|e| Error::NoFuse(e.into()))
+        .map_err(Error::NoFuse)
 }
 
 /// The backend to use and why.
-pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
-    let (backend, reason) = pick_backend(req)?;
+pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
+    let (backend, reason) = pick_backend(req, dirs)?;
+    // An option the chosen backend would ignore is a mistake worth one clear line.
+    if let (Backend::Kernel, Some(opt)) = (backend, req.fuse.given.first()) {
+        return Err(Error::BadOption {
+            option: opt.clone(),
+            reason: format!(
+                "only the FUSE backend has it, and the kernel backend was chosen ({reason}); \
+                 drop it or add --backend fuse"
+            ),
+        });
+    }
+
     // The daemon reaches the source through fds that cross mounts, so below the target it
     // would find its own mount again, without end, and hold it busy for ever.
-    if backend == Backend::Fuse && req.target.starts_with(&req.source) {
+    if backend == Backend::Fuse && dirs.target.is_within(&dirs.source).unwrap_or(true) {
         return Err(Error::Target(
             req.target.clone(),
             "lies inside the source, which the FUSE backend cannot serve; pick a target outside it"
@@ -458,11 +535,11 @@ pub fn choose_backend(req: &Request) -> Result<(Backend, String), Error> {
     Ok((backend, reason))
 }
 
-fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
+fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     match req.backend {
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
-            let p = crate::kernel::probe_tree(&req.source, req.recursive);
+            let p = crate::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -479,7 +556,7 @@ fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
                     format!("kernel idmapped mount not possible: {reason}"),
                 ));
             }
-            let p = crate::kernel::probe_tree(&req.source, req.recursive);
+            let p = crate::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -492,18 +569,35 @@ fn pick_backend(req: &Request) -> Result<(Backend, String), Error> {
     }
 }
 
-/// Makes a kernel idmapped mount and records it.
-pub fn mount_kernel(req: &Request) -> Result<(), Error> {
-    crate::kernel::mount(
-        &req.source,
+fn record(req: &Request, backend: Backend, mount_id: u64, daemon: Option<u32>) -> Record {
+    Record::new(
         &req.target,
+        &req.source,
+        backend,
+        req.mapping.to_string(),
+        req.flags.to_string(),
+        mount_id,
+        daemon,
+    )
+}
+
+/// Makes a kernel idmapped mount and records it.
+pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let id = crate::kernel::mount_at(
+        &crate::kernel::Syscalls,
+        &dirs.source,
+        &dirs.target,
         &req.mapping,
         req.flags,
         req.recursive,
     )?;
-    let rec = Record::new(req, Backend::Kernel, None);
-    if let Err(e) = rec.save() {
-        tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+    match id {
+        Some(id) => {
+            if let Err(e) = record(req, Backend::Kernel, id, None).save() {
+                tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+            }
+        }
+        None => tracing::warn!("mounted, but cannot learn the mount id to record it"),
     }
     Ok(())
 }
@@ -539,21 +633,22 @@ mod msg {
 /// removing the record, unmounting the target when the server is told to stop, removing
 /// the log after a clean end. It lives as long as the server and exits when the server's
 /// end of their socket closes: a killed server leaves a dead mount, as it always did.
-pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Result<(), Error> {
+pub fn serve_fuse(
+    req: &Request,
+    dirs: Resolved,
+    ready: impl FnOnce(Result<(), &Error>),
+) -> Result<(), Error> {
     let started = (|| {
-        let src = rustix::fs::open(
-            &req.source,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::Source(req.source.clone(), io::Error::from(e).to_string()))?;
+        let Resolved { source, target } = dirs;
         let mut opts = crate::fuse::Options::new(req.mapping.clone());
         opts.flags = req.flags;
         opts.threads = req.fuse.threads;
         opts.passthrough = req.fuse.passthrough;
         opts.attr_timeout = req.fuse.attr_timeout;
+        opts.max_open = req.fuse.max_open;
+        opts.recursive = req.recursive;
         opts.fsname = req.source.to_string_lossy().into_owned();
-        let mounted = crate::fuse::attach(src, &req.target, opts)?;
+        let mounted = crate::fuse::attach(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(mounted)
     })();
     let mounted = match started {
@@ -565,7 +660,7 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
     };
     // A signal must only unmount *this* mount: after a lazy unmount another mount may sit at
     // the same path by the time the signal comes.
-    let own_id = mounted_at(&req.target).map(|m| m.id);
+    let own_id = mounted.mount_id();
     let split = (|| {
         let null = std::fs::File::open("/dev/null")?;
         let (server, supervisor) = std::os::unix::net::UnixStream::pair()?;
@@ -574,12 +669,11 @@ pub fn serve_fuse(req: &Request, ready: impl FnOnce(Result<(), &Error>)) -> Resu
         Ok::<_, io::Error>((null, server, supervisor, daemon::fork()?))
     })();
     let (null, sock, supervisor, pid) = match split {
-        Ok((null, server, _supervisor, daemon::Forked::Child)) => {
-            // The supervisor must not hold the server's end, nor anything else it inherited
-            // (the /dev/fuse fd above all: a killed server must leave a dead mount).
-            std::mem::forget(server);
-            std::mem::forget(null);
-            supervise(req, own_id, _supervisor, ready)
+        Ok((null, server, supervisor, daemon::Forked::Child)) => {
+            // The supervisor must not hold the server's end, nor the mount (it would stay
+            // busy), nor /dev/fuse (a killed server must leave a dead mount).
+            drop((null, server, mounted));
+            supervise(req, own_id, supervisor, ready)
         }
         Ok((null, server, supervisor, daemon::Forked::Parent(pid))) => {
             (null, server, supervisor, pid)
@@ -686,9 +780,6 @@ fn supervise(
     let server = rustix::process::getppid();
     let _ = daemon::ignore_signals(&STOP_SIGNALS);
     let _ = daemon::unblock_signals(&STOP_SIGNALS);
-    if let Err(e) = daemon::close_fds_except(sock.as_fd()) {
-        tracing::warn!("supervisor: cannot close inherited file descriptors: {e}");
-    }
     // Only the server names the target on its command line, so tools looking for the
     // daemon of a mount (and `shiftfs list`) find one process.
     if let Err(e) = daemon::set_cmdline(&["shiftfs", "supervisor"]) {
@@ -697,14 +788,18 @@ fn supervise(
     let target = &req.target;
     let ours = || own_id.is_none() || mounted_at(target).map(|m| m.id) == own_id;
     let server_pid = server.map(|p| p.as_raw_nonzero().get() as u32);
-    let rec = Record::new(req, Backend::Fuse, server_pid);
+    let rec = own_id.map(|id| record(req, Backend::Fuse, id, server_pid));
     let mut ready = Some(ready);
     let mut byte = [0u8];
     loop {
         match sock.read(&mut byte) {
             Ok(1) if byte[0] == msg::READY => {
-                if let Err(e) = rec.save() {
-                    tracing::warn!("could not record the mount for `shiftfs list`: {e}");
+                match rec.as_ref().map(Record::save) {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!("could not record the mount for `shiftfs list`: {e}")
+                    }
+                    None => tracing::warn!("cannot learn the mount id to record the mount"),
                 }
                 if let Some(ready) = ready.take() {
                     ready(Ok(()));
@@ -765,8 +860,7 @@ fn supervise(
         );
         std::process::exit(1);
     }
-    // A newer mount at the same target has its own record.
-    if Record::load(target).is_some_and(|r| r.pid == rec.pid) {
+    if let Some(rec) = rec {
         rec.remove();
     }
     remove_own_log(target);
@@ -825,192 +919,16 @@ pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
 
 /// The topmost mount at `target`, if any.
 pub fn mounted_at(target: &Path) -> Option<MountInfo> {
-    mount_table()?
+    mountinfo::own_table()?
         .into_iter()
         .rev()
         .find(|m| m.mount_point == target)
 }
 
-/// This process's mount table; `None` when it cannot be read (so callers never mistake an
-/// unreadable table for an empty one).
-fn mount_table() -> Option<Vec<MountInfo>> {
-    std::fs::read(mountinfo::SELF_MOUNTINFO)
-        .ok()
-        .map(mountinfo::parse)
-}
-
-/// A mount shiftfs made: a FUSE mount of ours, or a kernel idmapped mount.
+/// A mount shiftfs made: a FUSE mount of ours, or an idmapped mount we recorded (another
+/// tool's idmapped mount is not ours to unmount).
 fn is_shifted(m: &MountInfo) -> bool {
-    m.fstype == FUSE_TYPE || m.has_option("idmapped")
-}
-
-/// What `shiftfs list` knows of one mount; kept as a small text file under `/run/shiftfs`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    pub target: PathBuf,
-    pub source: PathBuf,
-    pub backend: Backend,
-    pub map: String,
-    pub options: String,
-    pub pid: Option<u32>,
-}
-
-/// Where records live; `SHIFTFS_RUN_DIR` moves it (tests).
-pub fn run_dir() -> PathBuf {
-    std::env::var_os("SHIFTFS_RUN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run/shiftfs"))
-}
-
-impl Record {
-    fn new(req: &Request, backend: Backend, pid: Option<u32>) -> Self {
-        Self {
-            target: req.target.clone(),
-            source: req.source.clone(),
-            backend,
-            map: req.mapping.to_string(),
-            options: req.flags.to_string(),
-            pid,
-        }
-    }
-
-    /// Where the FUSE daemon of `target` writes its log.
-    pub fn log_path(target: &Path) -> PathBuf {
-        Self::file_for(target).with_extension("log")
-    }
-
-    fn file_for(target: &Path) -> PathBuf {
-        // systemd-escape style, so the file name tells which mount it is.
-        let mut name = String::new();
-        for &c in target.as_os_str().as_bytes().iter().skip(1) {
-            match c {
-                b'/' => name.push('-'),
-                c if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' => name.push(c as char),
-                c => name.push_str(&format!("\\x{c:02x}")),
-            }
-        }
-        if name.is_empty() {
-            name.push('-');
-        }
-        // NAME_MAX is 255: a long target keeps a readable prefix and a hash of the whole path
-        // (the record itself holds the full target).
-        if name.len() > 180 {
-            let hash = target
-                .as_os_str()
-                .as_bytes()
-                .iter()
-                .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-                });
-            let mut cut = 160;
-            while !name.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            name = format!("{}-{hash:016x}", &name[..cut]);
-        }
-        run_dir().join(format!("{name}.mount"))
-    }
-
-    fn to_text(&self) -> String {
-        format!(
-            "target={}\nsource={}\nbackend={}\nmap={}\noptions={}\npid={}\n",
-            mountinfo::escape(self.target.as_os_str().as_bytes()),
-            mountinfo::escape(self.source.as_os_str().as_bytes()),
-            self.backend,
-            self.map,
-            self.options,
-            self.pid.map(|p| p.to_string()).unwrap_or_default()
-        )
-    }
-
-    fn from_text(text: &str) -> Option<Self> {
-        let mut rec = Record {
-            target: PathBuf::new(),
-            source: PathBuf::new(),
-            backend: Backend::Auto,
-            map: String::new(),
-            options: String::new(),
-            pid: None,
-        };
-        for line in text.lines() {
-            let (k, v) = line.split_once('=')?;
-            match k {
-                "target" => rec.target = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
-                "source" => rec.source = PathBuf::from(OsStr::from_bytes(&mountinfo::unescape(v))),
-                "backend" => rec.backend = v.parse().ok()?,
-                "map" => rec.map = v.to_string(),
-                "options" => rec.options = v.to_string(),
-                "pid" => rec.pid = v.parse().ok(),
-                _ => {}
-            }
-        }
-        (!rec.target.as_os_str().is_empty()).then_some(rec)
-    }
-
-    pub fn save(&self) -> Result<(), Error> {
-        let io = |source| Error::Io {
-            what: "record",
-            path: run_dir(),
-            source,
-        };
-        std::fs::create_dir_all(run_dir()).map_err(io)?;
-        let path = Self::file_for(&self.target);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.to_text()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
-    }
-
-    pub fn load(target: &Path) -> Option<Self> {
-        Self::from_text(&std::fs::read_to_string(Self::file_for(target)).ok()?)
-    }
-
-    pub fn remove(&self) {
-        let _ = std::fs::remove_file(Self::file_for(&self.target));
-    }
-
-    /// Every record, pruned of mounts that are gone (unmounted by umount(8), say).
-    pub fn all() -> Vec<Self> {
-        let Ok(dir) = std::fs::read_dir(run_dir()) else {
-            return Vec::new();
-        };
-        let mounts = mount_table();
-        let mut out: Vec<Self> = dir
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "mount"))
-            .filter_map(|e| Self::from_text(&std::fs::read_to_string(e.path()).ok()?))
-            .filter(|r| {
-                // Unknown table: keep everything. A FUSE mount whose daemon lives may be in
-                // another mount namespace: keep it too.
-                let Some(mounts) = &mounts else { return true };
-                let live = mounts.iter().any(|m| m.mount_point == r.target)
-                    || (r.backend == Backend::Fuse && r.daemon_alive());
-                if !live {
-                    r.remove();
-                }
-                live
-            })
-            .collect();
-        out.sort_by(|a, b| a.target.cmp(&b.target));
-        out
-    }
-
-    /// Whether the recorded daemon still runs (a FUSE mount whose daemon died is dead).
-    pub fn daemon_alive(&self) -> bool {
-        self.pid.is_some_and(pid_is_shiftfs)
-    }
-}
-
-/// Guards against pid reuse: the process must still be a live shiftfs, a backgrounded
-/// daemon (whatever its binary is called) or a `shiftfs mount --foreground`.
-fn pid_is_shiftfs(pid: u32) -> bool {
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let daemon = cmdline.split(|&b| b == 0).any(|a| a == b"--daemon-child");
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit_once(')')
-            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-    });
-    (daemon || comm.trim_end() == "shiftfs") && !zombie
+    m.fstype == FUSE_TYPE || m.has_option("idmapped") && Record::of(m).is_some()
 }
 
 /// What `unmount` did.
@@ -1027,14 +945,23 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    let target = std::fs::canonicalize(target).unwrap_or_else(|_| absolute(target));
-    let record = Record::load(&target);
-    let Some(info) = mounted_at(&target) else {
-        if let Some(r) = &record {
-            r.remove();
+    // Never through a symlink: one planted by a container in its rootfs must not make us
+    // unmount something of the host's.
+    let target = match Dir::open(target) {
+        Ok(dir) => dir.path().to_path_buf(),
+        Err(e @ crate::resolve::Error::Symlink { .. }) => {
+            return Err(Error::Target(absolute(target), e.reason()));
         }
+        // A dead FUSE mount cannot be opened; its name is still what the table shows.
+        Err(_) => absolute(target),
+    };
+    let _lock = TargetLock::take(&target)?;
+    let Some(info) = mounted_at(&target) else {
+        // Prunes records of mounts gone by other means.
+        let _ = Record::all();
         return Err(Error::NotMounted { path: target });
     };
+    let record = Record::of(&info);
     // Not any FUSE mount (bindfs, sshfs, ...): ours has its own type. A record alone is not
     // enough either: the shifted mount may be gone and something else mounted there.
     if !is_shifted(&info) {
@@ -1058,19 +985,19 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     } else {
         UnmountFlags::empty()
     };
-    if let Err(e) = rustix::mount::unmount(&target, flags) {
+    if let Err(e) = rustix::mount::unmount(&target, flags | UnmountFlags::NOFOLLOW) {
         return Err(unmount_error(target, e));
     }
     // After a lazy unmount the daemon serves open files until the last one is closed, and
     // then exits by itself: waiting (and then SIGTERM) would only block the caller.
-    if let Some(pid) = record
-        .as_ref()
-        .and_then(|r| r.pid)
-        .filter(|_| !was_dead && !lazy)
-    {
-        wait_for_exit(pid, Duration::from_secs(10));
+    if let Some(r) = record.as_ref().filter(|_| !was_dead && !lazy) {
+        wait_for_exit(r, Duration::from_secs(10));
     }
-    if let Some(r) = &record {
+    if was_dead {
+        let _ = std::fs::remove_file(Record::log_path(&target));
+    }
+    // A draining daemon keeps its record (`list` shows it draining) and removes it itself.
+    if let Some(r) = record.as_ref().filter(|r| !r.daemon_alive()) {
         r.remove();
     }
     Ok(Unmounted { record, was_dead })
@@ -1091,7 +1018,7 @@ fn unmount_error(path: PathBuf, e: rustix::io::Errno) -> Error {
 /// Mounts below `target` (a `--recursive` kernel mount's sub-mounts, or anything mounted
 /// inside a shifted mount) keep it busy: unmount them first, deepest first.
 fn unmount_submounts(target: &Path) -> Result<(), Error> {
-    let mut below: Vec<PathBuf> = mount_table()
+    let mut below: Vec<PathBuf> = mountinfo::own_table()
         .unwrap_or_default()
         .into_iter()
         .map(|m| m.mount_point)
@@ -1110,12 +1037,18 @@ fn unmount_submounts(target: &Path) -> Result<(), Error> {
 }
 
 /// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.
-fn wait_for_exit(pid: u32, limit: Duration) {
+fn wait_for_exit(rec: &Record, limit: Duration) {
     let start = Instant::now();
-    while pid_is_shiftfs(pid) {
+    while rec.daemon_alive() {
         if start.elapsed() > limit {
-            tracing::warn!("daemon {pid} did not exit after unmount; sending SIGTERM");
-            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+            tracing::warn!(
+                "daemon {:?} did not exit after unmount; sending SIGTERM",
+                rec.pid
+            );
+            if let Some(p) = rec
+                .pid
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
             }
             return;
@@ -1149,6 +1082,7 @@ mod tests {
         let req = Request {
             source: "/s".into(),
             target: "/t".into(),
+            target_root: None,
             mapping: m,
             flags: o.flags,
             backend: Backend::Fuse,
@@ -1158,7 +1092,8 @@ mod tests {
         let mut back = OptionSet::default();
         back.apply(&req.options_text()).unwrap();
         assert_eq!(back.flags, req.flags);
-        assert_eq!(back.fuse, req.fuse);
+        let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout);
+        assert_eq!(tuning(&back.fuse), tuning(&req.fuse));
         assert!(back.recursive);
     }
 
@@ -1173,16 +1108,7 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip() {
-        let rec = Record {
-            target: PathBuf::from("/a b/c%\nd"),
-            source: PathBuf::from("/src"),
-            backend: Backend::Fuse,
-            map: "b:0:100000:65536".into(),
-            options: "rw,nosuid,nodev,exec".into(),
-            pid: Some(42),
-        };
-        assert_eq!(Record::from_text(&rec.to_text()), Some(rec.clone()));
+    fn absolute_folds_dots_by_name() {
         assert_eq!(absolute(Path::new("/x/../y/./z")), PathBuf::from("/y/z"));
     }
 }

@@ -53,6 +53,12 @@ pub enum Error {
 /// This process's mount table.
 pub const SELF_MOUNTINFO: &str = "/proc/self/mountinfo";
 
+/// This process's mount table; `None` when it cannot be read (so callers never mistake an
+/// unreadable table for an empty one).
+pub fn own_table() -> Option<Vec<MountInfo>> {
+    std::fs::read(SELF_MOUNTINFO).ok().map(parse)
+}
+
 /// Parses a whole `mountinfo` text; malformed lines are skipped. Bytes, not `str`: a
 /// mount point anywhere on the machine may be any bytes, and one such line must not hide the
 /// others.
@@ -108,20 +114,6 @@ fn path(field: &[u8]) -> PathBuf {
 
 fn lossy(field: &[u8]) -> String {
     String::from_utf8_lossy(&unescape(field)).into_owned()
-}
-
-/// The kernel's mountinfo escaping: `\ooo` for bytes that would break a line of fields
-/// (we also escape other control bytes, so any path fits one line).
-pub fn escape(b: &[u8]) -> String {
-    let mut s = String::with_capacity(b.len());
-    for &c in b {
-        if c == b'\\' || c.is_ascii_whitespace() || c.is_ascii_control() || !c.is_ascii() {
-            s.push_str(&format!("\\{c:03o}"));
-        } else {
-            s.push(c as char);
-        }
-    }
-    s
 }
 
 /// Undoes the kernel's `\ooo` octal escapes of space, tab, newline and backslash.

@@ -88,11 +88,18 @@ impl fmt::Display for Mode {
 /// - `SETFCAP`: `security.capability` xattrs (file capabilities) written through the
 ///   mount.
 /// - `SYS_ADMIN`: `FUSE_DEV_IOC_BACKING_OPEN` for passthrough, and the `trusted.*` xattrs.
+/// - `SYS_PTRACE`: reading a caller's `/proc/TID/ns/user` (`fuse::caller`), which the
+///   kernel allows only with ptrace read access: without it every caller holding a
+///   capability the daemon lacks (host root) is taken for an unprivileged one, and host
+///   root loses `trusted.*` and setuid/setgid-keeping through the mount. The ptrace system
+///   calls themselves are outside the seccomp allowlist, and `/proc` is read-only, but it
+///   also opens every process's `/proc/PID/root` and `/proc/PID/mem` to reads: see the
+///   README for what that leaves of the mount namespace.
 ///
 /// Dropped among others: `SYS_RESOURCE` (a container's writes must not use the blocks
 /// ext4 reserves for root, nor pass quota limits), `LINUX_IMMUTABLE` (the daemon does not
 /// pass on the ioctls that set file attributes), `KILL`, `SETPCAP`, `SYS_CHROOT`,
-/// `SYS_PTRACE`, `NET_*`, `SYS_MODULE`, `MAC_*`, `BPF`.
+/// `NET_*`, `SYS_MODULE`, `MAC_*`, `BPF`.
 pub const CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::DAC_OVERRIDE)
     .union(CapabilitySet::DAC_READ_SEARCH)
@@ -102,7 +109,8 @@ pub const CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::SETGID)
     .union(CapabilitySet::MKNOD)
     .union(CapabilitySet::SETFCAP)
-    .union(CapabilitySet::SYS_ADMIN);
+    .union(CapabilitySet::SYS_ADMIN)
+    .union(CapabilitySet::SYS_PTRACE);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -353,6 +361,9 @@ pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
         SYS_umask,
         SYS_geteuid,
     ]);
+    // rustix's `open` (callers' /proc/TID) is open(2) where the architecture has it.
+    #[cfg(target_arch = "x86_64")]
+    list.push((SYS_open, Vec::new()));
     // Thread names (std names fuser's threads); nothing else of prctl.
     list.push((SYS_prctl, arg_eq(0, &[PR_SET_NAME as u64])));
     // A private fs_struct for the per-thread umask (sys::creds::set_thread_umask).

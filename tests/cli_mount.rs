@@ -227,6 +227,22 @@ fn refuses_bad_input(b: Backend) {
         );
     }
 
+    // Issue 12, defect 6: options that would be ignored are refused, each with its reason.
+    let mut cases = vec![
+        (&["-o", "map=b:0:200000:65536"][..], "given twice"),
+        (&["-o", "threads=0"][..], "threads must be"),
+        (&["-o", "max_open=0"][..], "max_open is"),
+    ];
+    if b == Backend::Kernel {
+        cases.push((&["-o", "nopassthrough"][..], "only the FUSE backend"));
+        cases.push((&["-o", "max_open=100"][..], "only the FUSE backend"));
+    }
+    for (args, says) in cases {
+        let out = run(mount_cmd(b, MAP, &src, &mnt).args(args));
+        assert_one_line_error(&out, "", &mnt);
+        assert!(out.stderr.contains(says), "{b} {args:?}:\n{out}");
+    }
+
     let out = run(&mut shiftfs(["mount"]));
     assert_eq!(
         out.code(),
@@ -336,8 +352,12 @@ fn fuse_umount_cleans_up_after_killed_daemon() {
         "the dead mount is still there before umount"
     );
 
+    let log = shiftfs::mount::Record::log_path(&mnt);
+    assert!(log.exists(), "the daemon's log {} exists", log.display());
     m.unmount();
     assert!(ls(&mnt).is_empty());
+    // Issue 12, defect 6: the dead daemon's log goes with its mount.
+    assert!(!log.exists(), "{} left behind", log.display());
     // The target can be mounted again.
     let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
     assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
@@ -617,6 +637,291 @@ fn target_inside_source(b: Backend) {
     dir.finish();
 }
 
+/// Issue 11, finding 1: a symlink a container planted at (or above) the target must not
+/// redirect a later mount onto a host directory; the refusal names the link.
+fn symlink_target_is_refused(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("symlink-target");
+    let src = owned_tree(&dir);
+    let rootfs = dir.dir("rootfs");
+    let host = dir.dir("host");
+    mkdir(&host.join("sub"), 0o755, 0, 0);
+    // The container's root writes these inside its rootfs.
+    symlink(&host, &rootfs.join("data"), 100000, 100000);
+    symlink(&host, &rootfs.join("up"), 100000, 100000);
+    for target in [rootfs.join("data"), rootfs.join("up/sub")] {
+        // Guards for where a redirected mount would land, so a regression leaks nothing.
+        let _guards = [
+            ShiftMount::adopt(&host),
+            ShiftMount::adopt(&host.join("sub")),
+        ];
+        let out = ShiftMount::try_mount(Some(b), &["--map", MAP], &src, &target)
+            .err()
+            .unwrap_or_else(|| {
+                panic!(
+                    "{b}: mount through a symlink at {} succeeded",
+                    target.display()
+                )
+            });
+        assert!(
+            out.stderr.contains("symbolic link") && out.stderr.contains("pass the real path"),
+            "{b}: the refusal must name the symlink:\n{out}"
+        );
+        assert!(
+            out.stderr.contains(
+                &*rootfs
+                    .join(if target.ends_with("data") {
+                        "data"
+                    } else {
+                        "up"
+                    })
+                    .to_string_lossy()
+            ),
+            "{b}: the refusal must name the link itself:\n{out}"
+        );
+        assert!(
+            !is_mountpoint(&host) && !is_mountpoint(&host.join("sub")),
+            "{b}: host dir mounted over"
+        );
+        let left = mounts_under(dir.path());
+        assert!(
+            left.is_empty(),
+            "{b}: nothing may be mounted anywhere: {left:?}"
+        );
+    }
+    assert!(ls(&host).contains(&"sub".to_string()), "host dir untouched");
+    dir.finish();
+}
+
+/// `--target-root`: a runtime mounting into a rootfs resolves TARGET as if the rootfs were
+/// `/`, so an absolute symlink planted there means the rootfs' own directory.
+fn target_root_keeps_links_inside(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("target-root");
+    let src = owned_tree(&dir);
+    let rootfs = dir.dir("rootfs");
+    let host = dir.dir("host");
+    mkdir(&rootfs.join("vol"), 0o755, 100000, 100000);
+    // An absolute link to the host directory's full path, as a container would plant it.
+    symlink(&host, &rootfs.join("data"), 100000, 100000);
+    let inside = rootfs.join(host.strip_prefix("/").expect("absolute"));
+    fs::create_dir_all(&inside).expect("mkdir inside rootfs");
+    let root = rootfs.to_str().expect("utf-8 path");
+    let mount_in_root = |target: &str| {
+        run_timeout(
+            shiftfs([
+                "mount",
+                "--backend",
+                b.name(),
+                "--map",
+                MAP,
+                "--target-root",
+                root,
+            ])
+            .arg(&src)
+            .arg(target),
+            Duration::from_secs(30),
+        )
+    };
+    let guards = [
+        ShiftMount::adopt(&host),
+        ShiftMount::adopt(&inside),
+        ShiftMount::adopt(&rootfs.join("vol")),
+    ];
+    let out = mount_in_root("/data");
+    out.assert_ok();
+    assert!(
+        is_mountpoint(&inside),
+        "{b}: the mount must land inside the rootfs:\n{out}"
+    );
+    assert!(
+        !is_mountpoint(&host),
+        "{b}: the host directory must not be mounted over"
+    );
+    assert_eq!(
+        stat_ids(&inside),
+        (100000, 100000),
+        "{b}: shifted root inside the rootfs"
+    );
+    let list = run(&mut shiftfs(["list"]));
+    assert!(
+        list.stdout.contains(&*inside.to_string_lossy()),
+        "{b}: list names the real target:\n{list}"
+    );
+    // `..` stops at the rootfs root.
+    let out = mount_in_root("../../../../../../../../../vol");
+    out.assert_ok();
+    assert!(
+        is_mountpoint(&rootfs.join("vol")),
+        "{b}: `..` must stop at the rootfs:\n{out}"
+    );
+    drop(guards);
+    dir.finish();
+}
+
+/// `shiftfs umount` through a planted symlink must not unmount what it points at.
+fn umount_refuses_symlink(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("umount-symlink");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let rootfs = dir.dir("rootfs");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    symlink(&mnt, &rootfs.join("data"), 100000, 100000);
+    let out = run(&mut shiftfs([
+        OsStr::new("umount"),
+        rootfs.join("data").as_os_str(),
+    ]));
+    out.assert_fails();
+    assert!(out.stderr.contains("symbolic link"), "{b}:\n{out}");
+    assert!(
+        is_mountpoint(&mnt),
+        "{b}: the mount the link points at must stay"
+    );
+    m.unmount();
+    dir.finish();
+}
+
+/// Issue 12, defect 1: mounts and unmounts of one target raced from 20 processes leave the
+/// mount table, `shiftfs list` and the running daemons in agreement, with at most one mount.
+fn racing_mounts_agree(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("race");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let _guard = ShiftMount::adopt(&mnt);
+    let mut kids = Children::default();
+    for i in 0..20 {
+        let mut c = if i % 3 == 2 {
+            shiftfs([OsStr::new("umount"), mnt.as_os_str()])
+        } else {
+            let mut c = shiftfs(["mount", "--backend", b.name(), "--map", MAP]);
+            c.arg(&src).arg(&mnt);
+            c
+        };
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        kids.push(c.spawn().expect("spawn shiftfs"));
+    }
+    let outs = kids.wait_all(Duration::from_secs(60));
+    assert_eq!(outs.len(), 20, "{b}: every racer finished");
+    let stacked = mountinfo().iter().filter(|m| m.mount_point == mnt).count();
+    assert!(stacked <= 1, "{b}: {stacked} mounts stacked on one target");
+    let list = run(&mut shiftfs(["list"]));
+    let rows = list
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&*mnt.to_string_lossy()))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        rows.len(),
+        stacked,
+        "{b}: list agrees with the mount table:\n{list}"
+    );
+    assert!(rows.iter().all(|r| r.contains("active")), "{b}:\n{list}");
+    if b == Backend::Fuse {
+        let daemons = shiftfs_pids_mentioning(&mnt);
+        assert_eq!(
+            daemons.is_empty(),
+            stacked == 0,
+            "{b}: daemons {daemons:?} for {stacked} mounts"
+        );
+    }
+    if stacked == 1 {
+        let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+        out.assert_ok();
+    }
+    assert!(
+        !is_mountpoint(&mnt),
+        "{b}: one umount removes the only mount"
+    );
+    assert!(
+        shiftfs_pids_mentioning(&mnt).is_empty(),
+        "{b}: no daemon left"
+    );
+    dir.finish();
+}
+
+/// Issue 12, defect 2: a daemon draining a lazily unmounted mount must not delete the record
+/// of a newer mount on the same target; `list` shows both for what they are.
+fn draining_daemon_keeps_new_record(b: Backend) {
+    if b != Backend::Fuse || !require(b) {
+        return;
+    }
+    let dir = TestDir::new("drain");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let first = ShiftMount::new(b, MAP, &src, &mnt);
+    let held = fs::File::open(mnt.join("root-file")).expect("open through the mount");
+    let out = run(&mut shiftfs([
+        OsStr::new("umount"),
+        OsStr::new("--lazy"),
+        mnt.as_os_str(),
+    ]));
+    out.assert_ok();
+    first.disarm();
+    let second = ShiftMount::new(b, "b:0:200000:65536", &src, &mnt);
+    let list = run(&mut shiftfs(["list"]));
+    assert!(
+        list.stdout.contains("draining"),
+        "{b}: the detached mount shows as draining:\n{list}"
+    );
+    assert!(
+        list.stdout.contains("200000"),
+        "{b}: the new mount is listed:\n{list}"
+    );
+    drop(held);
+    // The old daemon ends once its last file is closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while run(&mut shiftfs(["list"])).stdout.contains("draining") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{b}: the draining daemon did not end"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list = run(&mut shiftfs(["list"]));
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.contains(&*mnt.to_string_lossy()))
+        .unwrap_or_else(|| panic!("{b}: the new mount's record is gone:\n{list}"));
+    assert!(
+        row.contains("200000") && row.contains("active"),
+        "{b}: {row}"
+    );
+    second.unmount();
+    dir.finish();
+}
+
+/// Issue 12: an idmapped mount another tool made is not shiftfs' to unmount.
+#[test]
+fn umount_leaves_foreign_idmapped_mounts() {
+    if !require(Backend::Kernel) {
+        return;
+    }
+    let dir = TestDir::new("foreign-idmap");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let map = shiftfs::idmap::IdMapping::parse(MAP).expect("map");
+    shiftfs::kernel::mount(&src, &mnt, &map, Default::default(), false).expect("idmapped mount");
+    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+    out.assert_fails();
+    assert!(out.stderr.contains("not a shifted mount"), "{out}");
+    assert!(is_mountpoint(&mnt), "another tool's mount must stay");
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH).expect("umount2");
+    dir.finish();
+}
+
 backend_tests!(
     shows_shifted_owners,
     list_shows_mount,
@@ -628,6 +933,11 @@ backend_tests!(
     list_escapes_control_characters,
     umount_busy,
     target_inside_source,
+    symlink_target_is_refused,
+    target_root_keeps_links_inside,
+    umount_refuses_symlink,
+    racing_mounts_agree,
+    draining_daemon_keeps_new_record,
 );
 
 /// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel

@@ -350,7 +350,7 @@ fn errors_name_the_bad_path() {
     mkdir(&src, 0o755);
     let err = kernel::mount(&src, &missing, &map(), MountFlags::default(), false)
         .expect_err("missing target");
-    assert!(matches!(err, kernel::Error::MoveMount { .. }), "{err:?}");
+    assert!(matches!(err, kernel::Error::Resolve(_)), "{err:?}");
     assert!(
         err.to_string().contains(&*missing.to_string_lossy()),
         "{err}"

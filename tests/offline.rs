@@ -262,11 +262,16 @@ fn shift_and_reverse_the_issue_tree() {
     assert_eq!(xattr_raw(&t, "trusted.shiftfs.shift"), None);
     assert!(!t.join(".shiftfs-journal").exists());
 
-    // The same shift again is refused, naming the tree's map, and changes nothing.
+    // The same shift again (a recovery script re-running blindly) succeeds and changes
+    // nothing (issue 12); another map is refused, naming the tree's map.
     let shifted = external_dump(&t);
     let again = shiftfs(&["shift", "--map", MAP, ts]);
-    assert!(!again.status.success());
-    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
+    assert_eq!(external_dump(&t), shifted);
+    let other = shiftfs(&["shift", "--map", "b:0:300000:65536", ts]);
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
     assert!(err.contains(&format!("holds ids for map {MAP}")), "{err}");
     assert!(err.contains("--reverse"), "{err}");
     assert_eq!(external_dump(&t), shifted);
@@ -555,10 +560,10 @@ fn kill_and_resume(map: &str) {
     for (k, v) in &want {
         assert_eq!(got.get(k), Some(v), "{}", k.display());
     }
-    // And the same shift once more is refused.
+    // And the same shift once more has nothing to do.
     let again = shiftfs(&["shift", "--map", map, bs]);
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains(&format!("holds ids for map {map}")));
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(dump(&b), got);
 }
 
 #[test]
@@ -998,4 +1003,242 @@ fn shift_as_non_root_is_refused_before_writing_anything() {
     );
     // Root can then shift it: no journal was left in the way.
     ok(&["shift", "--map", MAP, t.to_str().unwrap()]);
+}
+
+/// Removes a tree too deep for path-based removal (`rm` walks it by fd).
+struct RmRf(PathBuf);
+
+impl Drop for RmRf {
+    fn drop(&mut self) {
+        let _ = Command::new("rm").arg("-rf").arg(&self.0).status();
+    }
+}
+
+const DEEP: usize = 3000;
+/// How many of the innermost directories are owned by 1000:1000 (the rest by root).
+const DEEP_OWNED: usize = 10;
+
+/// Opens `name` below `dir` as a directory, never following a symlink.
+fn open_dir_at(dir: impl std::os::fd::AsFd, name: &str) -> std::os::fd::OwnedFd {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .unwrap()
+}
+
+/// `t/level/level/.../level` (DEEP levels, far past PATH_MAX), built by fd: the innermost
+/// DEEP_OWNED directories owned by 1000:1000, and in the deepest one a setuid file `deep`
+/// (1000:2000, ACL u:1000, v3 capability with root id 1000) and a symlink `up` -> `..`
+/// (1000:1000). Returns the deepest directory's fd.
+fn deep_tree(t: &Path) -> std::os::fd::OwnedFd {
+    use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid, XattrFlags};
+    let mut dir = open_dir_at(rustix::fs::CWD, t.to_str().unwrap());
+    for level in 0..DEEP {
+        rustix::fs::mkdirat(&dir, "level", Mode::from_raw_mode(0o755)).unwrap();
+        dir = open_dir_at(&dir, "level");
+        if level >= DEEP - DEEP_OWNED {
+            rustix::fs::fchown(&dir, Some(Uid::from_raw(1000)), Some(Gid::from_raw(1000))).unwrap();
+        }
+    }
+    let f = rustix::fs::openat(
+        &dir,
+        "deep",
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o755),
+    )
+    .unwrap();
+    rustix::fs::fchown(&f, Some(Uid::from_raw(1000)), Some(Gid::from_raw(2000))).unwrap();
+    rustix::fs::fchmod(&f, Mode::from_raw_mode(0o4755)).unwrap();
+    let acl = xattr::encode_acl(&[
+        xattr::AclEntry {
+            tag: xattr::ACL_USER_OBJ,
+            perm: 7,
+            id: xattr::ACL_UNDEFINED_ID,
+        },
+        xattr::AclEntry {
+            tag: xattr::ACL_USER,
+            perm: 5,
+            id: 1000,
+        },
+        xattr::AclEntry {
+            tag: xattr::ACL_GROUP_OBJ,
+            perm: 5,
+            id: xattr::ACL_UNDEFINED_ID,
+        },
+        xattr::AclEntry {
+            tag: xattr::ACL_MASK,
+            perm: 5,
+            id: xattr::ACL_UNDEFINED_ID,
+        },
+        xattr::AclEntry {
+            tag: xattr::ACL_OTHER,
+            perm: 5,
+            id: xattr::ACL_UNDEFINED_ID,
+        },
+    ]);
+    rustix::fs::fsetxattr(&f, "system.posix_acl_access", &acl, XattrFlags::empty()).unwrap();
+    let cap = xattr::Capability {
+        version: 3,
+        flags: xattr::VFS_CAP_FLAGS_EFFECTIVE,
+        permitted: [1 << 13, 0],
+        inheritable: [0, 0],
+        rootid: Some(1000),
+    }
+    .encode();
+    rustix::fs::fsetxattr(&f, "security.capability", &cap, XattrFlags::empty()).unwrap();
+    rustix::fs::symlinkat("..", &dir, "up").unwrap();
+    rustix::fs::chownat(
+        &dir,
+        "up",
+        Some(Uid::from_raw(1000)),
+        Some(Gid::from_raw(1000)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+    dir
+}
+
+/// Checks every level's owner (`base` for the outer levels, `base + 1000` for the innermost
+/// ones), then the deepest file and symlink, walking down by fd.
+fn check_deep_tree(t: &Path, base: u32) {
+    use rustix::fs::AtFlags;
+    let mut dir = open_dir_at(rustix::fs::CWD, t.to_str().unwrap());
+    let st = rustix::fs::fstat(&dir).unwrap();
+    assert_eq!((st.st_uid, st.st_gid), (base, base), "the tree root");
+    for level in 0..DEEP {
+        dir = open_dir_at(&dir, "level");
+        let st = rustix::fs::fstat(&dir).unwrap();
+        let want = if level >= DEEP - DEEP_OWNED {
+            base + 1000
+        } else {
+            base
+        };
+        assert_eq!((st.st_uid, st.st_gid), (want, want), "level {}", level + 1);
+        assert_eq!(st.st_mode & 0o7777, 0o755, "level {}", level + 1);
+    }
+    let st = rustix::fs::statat(&dir, "deep", AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    assert_eq!((st.st_uid, st.st_gid), (base + 1000, base + 2000));
+    assert_eq!(st.st_mode & 0o7777, 0o4755, "setuid kept");
+    let st = rustix::fs::statat(&dir, "up", AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    assert_eq!((st.st_uid, st.st_gid), (base + 1000, base + 1000));
+    let f = rustix::fs::openat(
+        &dir,
+        "deep",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let get = |name: &str| {
+        let mut buf = vec![0u8; 4096];
+        let n = rustix::fs::fgetxattr(&f, name, &mut buf[..]).unwrap();
+        buf[..n].to_vec()
+    };
+    assert_eq!(
+        xattr::ids(b"system.posix_acl_access", &get("system.posix_acl_access")).unwrap(),
+        vec![(xattr::IdKind::Uid, base + 1000)]
+    );
+    assert_eq!(
+        xattr::capability_root(&get("security.capability")).unwrap(),
+        (3, base + 1000)
+    );
+}
+
+/// A tree far deeper than PATH_MAX (and than the default 1024 open files): scan and shift
+/// walk it by fd, level by level.
+#[test]
+fn a_deep_tree_scans_and_shifts_at_every_level() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("tree");
+    std::fs::create_dir(&t).unwrap();
+    let _rm = RmRf(t.clone());
+    let deepest = deep_tree(&t);
+    let ts = t.to_str().unwrap();
+
+    let json = ok(&["scan", "--json", "--map", MAP, ts]);
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        r["inodes"].as_u64(),
+        Some(DEEP as u64 + 3),
+        "root, levels, file, link"
+    );
+    let find = |key: &str, id: u64| {
+        r[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{key} {id} missing"))
+    };
+    let u1000 = find("uids", 1000);
+    assert_eq!(u1000["owners"].as_u64(), Some(DEEP_OWNED as u64 + 2));
+    assert_eq!(u1000["acl_entries"].as_u64(), Some(1));
+    assert_eq!(u1000["capability_roots"].as_u64(), Some(1));
+    assert_eq!(
+        find("uids", 0)["owners"].as_u64(),
+        Some((DEEP - DEEP_OWNED) as u64 + 1)
+    );
+    assert_eq!(find("gids", 2000)["owners"].as_u64(), Some(1));
+    let deep_path = format!("{}deep", "level/".repeat(DEEP));
+    assert_eq!(r["hazards"]["setuid"][0].as_str(), Some(deep_path.as_str()));
+    assert_eq!(
+        r["hazards"]["capabilities"][0]["path"].as_str(),
+        Some(deep_path.as_str())
+    );
+    assert_eq!(r["unmapped"]["uids"].as_array().map(Vec::len), Some(0));
+
+    // The deepest file immutable: the shift stops half way, and the re-run resolves the
+    // journaled paths again (by fd, level by level) to finish it.
+    let deep_file = rustix::fs::openat(
+        &deepest,
+        "deep",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let set_immutable = |on: bool| {
+        let mut flags = rustix::fs::ioctl_getflags(&deep_file).unwrap();
+        flags.set(rustix::fs::IFlags::IMMUTABLE, on);
+        rustix::fs::ioctl_setflags(&deep_file, flags).unwrap();
+    };
+    set_immutable(true);
+    let out = shiftfs(&["shift", "--map", MAP, ts]);
+    set_immutable(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("/deep: set xattr: Operation not permitted"),
+        "{}",
+        &err[err.len().saturating_sub(500)..]
+    );
+    assert!(marker_present(&t) && t.join(".shiftfs-journal").exists());
+    let out = ok(&["shift", "--map", MAP, ts]);
+    assert!(
+        out.contains(&format!(
+            "finished the interrupted shift from identity to {MAP} ({} inodes journaled)",
+            DEEP + 3
+        )),
+        "{out}"
+    );
+    check_deep_tree(&t, 100000);
+    assert!(!marker_present(&t) && !t.join(".shiftfs-journal").exists());
+
+    // Back, with an open-file limit (hard, so not raised) far below the depth.
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\""])
+        .args([BIN, "shift", "--map", MAP, "--reverse", ts])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_deep_tree(&t, 0);
 }

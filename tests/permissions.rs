@@ -5,7 +5,9 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -277,6 +279,135 @@ fn fuse_source_without_xattrs() {
     run(&mut Command::new(mnt.join("t"))).assert_ok();
     m.unmount();
     drop(_ramfs);
+    dir.finish();
+}
+
+/// FUSE only (the kernel backend has no create path of its own): a FIFO that appears behind
+/// a cached miss is never opened by the daemon when a caller's open(O_CREAT) finds it. An
+/// open would have released a writer waiting for a reader; the caller gets EEXIST at once.
+#[test]
+fn fifo_behind_a_cached_miss_is_not_opened() {
+    if !require(Backend::Fuse) || !require_tool("/usr/bin/python3", "python3") {
+        return;
+    }
+    let dir = TestDir::new("perm-fifo");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    mkdir(&src.join("d"), 0o777, 0, 0);
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
+    // Image root (host 100000) owns the FIFO, so its own open would be allowed.
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=100000",
+            "--regid=100000",
+            "--clear-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+        ])
+        .arg(
+            "import errno,os,sys,time\n\
+             p=sys.argv[1]\n\
+             try: os.stat(p)\n\
+             except FileNotFoundError: pass\n\
+             time.sleep(0.6)\n\
+             t=time.monotonic()\n\
+             try: os.open(p, os.O_RDONLY|os.O_CREAT|os.O_NONBLOCK, 0o644); print('OPENED')\n\
+             except OSError as e: print(errno.errorcode[e.errno])\n\
+             print('%.1f' % (time.monotonic()-t))\n",
+        )
+        .arg(mnt.join("d/p"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    let fifo = src.join("d/p");
+    run(Command::new("mkfifo").arg(&fifo)).assert_ok();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || {
+            // Blocks until someone opens the FIFO for reading.
+            let opened = fs::OpenOptions::new().write(true).open(&fifo).is_ok();
+            let _ = tx.send(opened);
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let still_waiting = rx.recv_timeout(Duration::from_millis(300)).is_err();
+    // Let the writer go: a reader of our own.
+    let reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    writer.join().unwrap();
+    drop(reader);
+    assert_eq!(
+        said, "EEXIST\n0.0\n",
+        "the caller's open(O_CREAT) of the FIFO"
+    );
+    assert!(
+        still_waiting,
+        "the daemon opened the FIFO, releasing its writer"
+    );
+    m.unmount();
+    dir.finish();
+}
+
+/// `shiftfs doctor SOURCE` warns when setuid files a container plants in SOURCE would work
+/// for host users: SOURCE on a suid mount and every directory on the way searchable. A
+/// nosuid mount or a root-only directory above SOURCE ends the warning.
+#[test]
+fn doctor_warns_of_a_suid_source_users_can_reach() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root() {
+        return;
+    }
+    let dir = TestDir::new("doctor-suid");
+    let top = dir.dir("fs");
+    rustix::mount::mount(
+        "shiftfs-test",
+        &top,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755",
+    )
+    .expect("mount tmpfs");
+    struct Tmpfs<'a>(&'a Path);
+    impl Drop for Tmpfs<'_> {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+    let _tmpfs = Tmpfs(&top);
+    let src = top.join("src");
+    mkdir(&src, 0o755, 0, 0);
+    let doctor = || {
+        let out = run(&mut shiftfs([OsStr::new("doctor"), src.as_os_str()]));
+        out.assert_ok();
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.contains("setuid in SOURCE"))
+            .unwrap_or_else(|| panic!("no setuid line:\n{out}"))
+            .to_string();
+        (line, out.stdout)
+    };
+    let (line, all) = doctor();
+    assert!(line.starts_with("WARNING"), "suid and reachable:\n{all}");
+    assert!(all.contains("nosuid"), "the advice names nosuid:\n{all}");
+
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o700)).unwrap();
+    let (line, all) = doctor();
+    assert!(line.starts_with("OK"), "a 0700 directory above:\n{all}");
+    fs::set_permissions(&top, fs::Permissions::from_mode(0o755)).unwrap();
+
+    rustix::mount::mount_remount(&top, rustix::mount::MountFlags::NOSUID, c"")
+        .expect("remount nosuid");
+    let (line, all) = doctor();
+    assert!(line.starts_with("OK"), "nosuid:\n{all}");
+    drop(_tmpfs);
     dir.finish();
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -898,6 +898,73 @@ fn truncating_open_clears_setuid(b: Backend) {
     dir.finish();
 }
 
+/// A user namespace is not the initial one because its map is the identity: root of a
+/// namespace mapped `0 0 4294967295` (made by host root, so every id is mapped) sees no
+/// `trusted.*` through the mount, exactly as on the plain directory, while host root does.
+fn identity_namespace_sees_no_trusted(b: Backend) {
+    if !require(b)
+        || !require_tool("setfattr", "attr")
+        || !require_tool("/usr/bin/python3", "python3")
+    {
+        return;
+    }
+    let dir = TestDir::new("ns-trusted");
+    let src = image(&dir);
+    let f = src.join("work/f");
+    file(&f, b"x\n", 0o644, 0, 0);
+    for (name, value) in [("trusted.shiftfs.secret", "t"), ("user.note", "u")] {
+        run(Command::new("setfattr")
+            .args(["-n", name, "-v", value])
+            .arg(&f))
+        .assert_ok();
+    }
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new("0 0 4294967295");
+    // listxattr itself (getfattr hides names it may not read), then getxattr and setxattr
+    // of the trusted name: each as a value or an errno name.
+    let script = "import errno,os,sys\n\
+                  def show(f, *a):\n\
+                  \x20   try: return repr(f(*a))\n\
+                  \x20   except OSError as e: return errno.errorcode[e.errno]\n\
+                  p=sys.argv[1]\n\
+                  print(show(lambda: sorted(os.listxattr(p))))\n\
+                  print(show(os.getxattr, p, 'trusted.shiftfs.secret'))\n\
+                  print(show(os.setxattr, p, 'trusted.shiftfs.other', b'1'))\n";
+    let view = |path: &Path| {
+        let out = run(ns
+            .cmd_as(0, 0, "/usr/bin/python3")
+            .arg("-c")
+            .arg(script)
+            .arg(path));
+        out.assert_ok();
+        out.stdout
+    };
+    let plain = view(&f);
+    assert_eq!(
+        plain, "['user.note']\nENODATA\nEPERM\n",
+        "the plain directory as the namespace sees it"
+    );
+    assert_eq!(
+        view(&mnt.join("work/f")),
+        plain,
+        "through the mount, the namespace sees what it sees on the plain directory"
+    );
+    let host = run(Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(mnt.join("work/f")));
+    host.assert_ok();
+    assert!(
+        host.stdout
+            .starts_with("['trusted.shiftfs.secret', 'user.note']\nb't'\n"),
+        "host root lists and reads trusted.* through the mount:\n{host}"
+    );
+    drop(ns);
+    m.unmount();
+    dir.finish();
+}
+
 backend_tests!(
     ns_root_creates_with_image_ids,
     unmapped_writers_get_eoverflow,
@@ -915,4 +982,5 @@ backend_tests!(
     setgid_dir_for_non_member,
     running_binary_not_truncated,
     truncating_open_clears_setuid,
+    identity_namespace_sees_no_trusted,
 );

@@ -6,19 +6,24 @@ use shiftfs::doctor;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The tree whose filesystem is probed for idmapped mount support.
-    #[arg(default_value = "/")]
-    source: PathBuf,
+    /// The tree whose filesystem is probed for idmapped mount support (default /); when
+    /// named, also whether setuid files planted in it would work for host users.
+    source: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if !args.source.is_dir() {
+    let named = args.source.is_some();
+    let source = args.source.unwrap_or_else(|| PathBuf::from("/"));
+    if !source.is_dir() {
         anyhow::bail!(
             "{} is not a directory; name the tree you want to shift (default /)",
-            args.source.display()
+            source.display()
         );
     }
-    let checks = doctor::checks(&args.source);
+    let mut checks = doctor::checks(&source);
+    if named {
+        checks.push(doctor::source_exposure(&source));
+    }
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for c in &checks {
         println!("{:<7}  {:<width$}  {}", c.status, c.name, c.detail);
@@ -33,15 +38,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let summary = doctor::backend_summary(&checks);
     for (backend, usable) in &summary {
         let verdict = if *usable { "usable" } else { "not usable" };
-        println!(
-            "--backend {backend}: {verdict} for {}",
-            args.source.display()
-        );
+        println!("--backend {backend}: {verdict} for {}", source.display());
     }
     if !summary.iter().any(|(_, usable)| *usable) {
         anyhow::bail!(
             "no backend can mount {} here; see the MISSING lines above",
-            args.source.display()
+            source.display()
         );
     }
     Ok(())

@@ -40,12 +40,22 @@ pub struct Args {
     /// Also shift the mounts below SOURCE (kernel backend).
     #[arg(long, short = 'r')]
     pub recursive: bool,
+    /// Resolve TARGET inside this directory as if it were `/` (for a runtime mounting into a
+    /// container's rootfs): symlinks in it are followed but never lead out of it.
+    #[arg(long, value_name = "DIR")]
+    pub target_root: Option<PathBuf>,
     /// Serve in the foreground (FUSE); SIGTERM or Ctrl-C unmounts.
     #[arg(long, short = 'f')]
     pub foreground: bool,
     /// Internal: this process is the backgrounded daemon; report readiness on stdout.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, requires_all = ["source_fd", "target_fd"])]
     pub daemon_child: bool,
+    /// Internal: the daemon's SOURCE, an fd its parent opened and checked.
+    #[arg(long, hide = true)]
+    pub source_fd: Option<i32>,
+    /// Internal: the daemon's TARGET, an fd its parent opened and checked.
+    #[arg(long, hide = true)]
+    pub target_fd: Option<i32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -53,11 +63,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for o in &args.options {
         opts.apply(o)?;
     }
+    let in_options = opts.map.is_some() || opts.uid_map.is_some() || opts.gid_map.is_some();
+    let on_command_line =
+        args.map.is_some() || args.uid_map.is_some() || args.map_from_pid.is_some();
+    if in_options && on_command_line {
+        bail!("the map is given twice (-o map=/uidmap=/gidmap= and a --map option): give it once");
+    }
     if let Some(m) = &args.map {
         opts.map = Some(m.clone());
     }
     if let (Some(u), Some(g)) = (&args.uid_map, &args.gid_map) {
-        opts.map = None;
         opts.uid_map = Some(u.clone());
         opts.gid_map = Some(g.clone());
     }
@@ -73,22 +88,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let req = Request {
         source: args.source,
         target: args.target,
+        target_root: args.target_root,
         mapping,
         flags: opts.flags,
         backend: opts.backend.unwrap_or_default(),
         recursive: opts.recursive,
         fuse: opts.fuse,
     };
-    if args.daemon_child {
-        return daemon_child(req);
+    if let (true, Some(source), Some(target)) = (args.daemon_child, args.source_fd, args.target_fd)
+    {
+        return daemon_child(req, source, target);
     }
     mount_request(req, args.foreground)
 }
 
 /// The one code path of `shiftfs mount` and `mount.shiftfs`.
 pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
-    mount::validate(&mut req)?;
-    let (backend, reason) = mount::choose_backend(&req)?;
+    // The lock is held until the mount is in place (or failed): a second mount of the same
+    // target waits for it, then opens the target afresh and finds this mount there.
+    let locked = mount::resolve(&mut req.clone())?
+        .target
+        .path()
+        .to_path_buf();
+    let lock = mount::TargetLock::take(&locked)?;
+    let dirs = mount::resolve(&mut req)?;
+    if req.target != locked {
+        bail!(
+            "target {} was moved while it was being mounted; try again",
+            locked.display()
+        );
+    }
+    mount::check(&req, &dirs)?;
+    let (backend, reason) = mount::choose_backend(&req, &dirs)?;
     tracing::info!(%backend, %reason, "backend chosen");
     let what = format!(
         "{} on {} ({backend}: {reason})",
@@ -97,21 +128,22 @@ pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
     );
     match backend {
         Backend::Kernel => {
-            mount::mount_kernel(&req)?;
+            mount::mount_kernel(&req, &dirs)?;
             println!("mounted {what}");
             Ok(())
         }
         _ => {
             mount::check_fuse_device()?;
             if foreground {
-                mount::serve_fuse(&req, |r| {
+                mount::serve_fuse(&req, dirs, |r| {
+                    drop(lock);
                     if r.is_ok() {
                         println!("mounted {what}; serving in the foreground, Ctrl-C unmounts");
                     }
                 })?;
                 Ok(())
             } else {
-                spawn_daemon(&req)?;
+                spawn_daemon(&req, &dirs)?;
                 println!("mounted {what}");
                 Ok(())
             }
@@ -119,18 +151,25 @@ pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
     }
 }
 
-/// Starts the FUSE daemon as a detached copy of this binary and waits until it says the
-/// mount is in place (or why not).
-fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
+/// Starts the FUSE daemon as a detached copy of this binary, handing it the checked SOURCE
+/// and TARGET fds, and waits until it says the mount is in place (or why not).
+fn spawn_daemon(req: &Request, dirs: &mount::Resolved) -> anyhow::Result<()> {
+    use shiftfs::sys::inherit::pass_on;
+    use std::os::fd::{AsFd, AsRawFd};
     let exe =
         std::env::current_exe().context("cannot find the shiftfs binary to start the daemon")?;
     let log_path = mount::Record::log_path(&req.target);
     let log = mount::open_log(&log_path)
         .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
+    let what = "cannot hand the checked directories to the daemon";
+    let _src = pass_on(dirs.source.as_fd()).context(what)?;
+    let _tgt = pass_on(dirs.target.as_fd()).context(what)?;
     let mut child = Command::new(&exe)
         .arg0("shiftfs")
         .arg("mount")
         .arg("--daemon-child")
+        .arg(format!("--source-fd={}", dirs.source.as_fd().as_raw_fd()))
+        .arg(format!("--target-fd={}", dirs.target.as_fd().as_raw_fd()))
         .args(["--backend", "fuse"])
         .args(["--map", &req.mapping.to_string()])
         .args(["-o", &req.options_text()])
@@ -142,6 +181,7 @@ fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot start the daemon {}", exe.display()))?;
+    drop((_src, _tgt));
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         BufReader::new(out).read_line(&mut line)?;
@@ -162,17 +202,32 @@ fn spawn_daemon(req: &Request) -> anyhow::Result<()> {
     }
 }
 
-/// In the backgrounded daemon: leave the caller's session, mount, say `ready` (or
-/// `error MSG`) on stdout, then let go of stdout so the caller's read ends.
-fn daemon_child(req: Request) -> anyhow::Result<()> {
-    if let Err(e) = shiftfs::sys::process::close_fds_from(3) {
+/// In the backgrounded daemon: leave the caller's session, mount onto the directories the
+/// parent checked and passed as fds, say `ready` (or `error MSG`) on stdout, then let go of
+/// stdout so the caller's read ends.
+fn daemon_child(req: Request, source_fd: i32, target_fd: i32) -> anyhow::Result<()> {
+    use shiftfs::sys::inherit;
+    use std::os::fd::AsFd;
+    // SAFETY: the numbers come from our parent's command line, at start-up, before anything
+    // in this process opened a file: nothing else owns them.
+    let fds = unsafe { (inherit::take(source_fd), inherit::take(target_fd)) };
+    let (source, target) = match fds {
+        (Ok(s), Ok(t)) => (s, t),
+        (Err(e), _) | (_, Err(e)) => bail!("the daemon did not get its directories: {e}"),
+    };
+    // SAFETY: only `source` and `target` are owned by anything in this process yet.
+    if let Err(e) = unsafe { inherit::close_all_but(&[source.as_fd(), target.as_fd()]) } {
         tracing::warn!("cannot close inherited file descriptors: {e}");
     }
+    let dirs = mount::Resolved {
+        source: shiftfs::resolve::Dir::from_fd(source, req.source.clone())?,
+        target: shiftfs::resolve::Dir::from_fd(target, req.target.clone())?,
+    };
     let _ = rustix::process::setsid();
     // The caller's working directory would stay busy as long as the mount lives; the paths
     // handed over are absolute.
     std::env::set_current_dir("/").context("cannot change to /")?;
-    mount::serve_fuse(&req, |r| {
+    mount::serve_fuse(&req, dirs, |r| {
         let mut out = std::io::stdout().lock();
         let _ = match r {
             Ok(()) => writeln!(out, "ready"),

@@ -41,6 +41,7 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<()> {
     let req = Request {
         source,
         target,
+        target_root: None,
         mapping: match opts.mapping() {
             // The library's advice names the `shiftfs mount` flags, which mount(8) has not.
             Err(shiftfs::mount::Error::NoMap) => {

@@ -4,8 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use shiftfs::scan::{self, IdUse, Report, WalkOptions};
-use shiftfs::shift::Progress;
+use shiftfs::offline::scan::{self, IdUse, Report};
+use shiftfs::offline::shift::Progress;
+use shiftfs::offline::walk::WalkOptions;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,6 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(super::shift::parse_map)
         .transpose()?;
+    super::shift::raise_open_file_limit();
     let bar = super::shift::Bar::new();
     bar.phase("scanning", None);
     let report = scan::scan(

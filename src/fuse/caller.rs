@@ -1,13 +1,62 @@
 //! What the kernel knows about a caller and FUSE does not pass on: supplementary groups,
-//! capabilities and user namespace, read from `/proc/PID`. Used where the daemon must make a
+//! capabilities and user namespace, read from `/proc/TID`. Used where the daemon must make a
 //! decision the kernel would make with the caller's credentials.
+//!
+//! A request names its caller by thread id only. The thread cannot go away while we hold its
+//! request (once the daemon has read a request, `request_wait_answer` waits for the reply
+//! uninterruptibly, even after SIGKILL), so the number cannot be reused meanwhile, unless the
+//! connection is aborted (`fusectl` abort, `fs.fuse.max_request_timeout`). So everything is
+//! read through one fd of `/proc/TID`, which is bound to that task (reads fail once it is
+//! gone, whatever process gets the number next), and the fsuid/fsgid found there must be the
+//! ones the request carries. Anything that cannot be read or does not match leaves the caller
+//! without groups, capabilities or namespace: fewer privileges, never more.
+//!
+//! `/proc` must be that of the PID namespace the mount was made in (request ids are in it),
+//! and `ns/user` of another user's task is readable only with ptrace read access
+//! (CAP_SYS_PTRACE when the caller holds capabilities the daemon lacks).
 
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::sync::OnceLock;
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::idmap::{IdMapping, OuterGid, OuterUid};
 
 const CAP_FSETID: u32 = 4;
 const CAP_SYS_ADMIN: u32 = 21;
+
+/// What a request carries when it has no caller ids (`FUSE_INVALID_UIDGID`).
+const NO_ID: u32 = u32::MAX;
+
+/// A user namespace, known by the nsfs inode `/proc/TID/ns/user` leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserNsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl UserNsId {
+    fn of(st: &rustix::fs::Stat) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
+/// The daemon's own user namespace, read once. It never changes: a multi-threaded process
+/// cannot `setns` or `unshare` into another user namespace.
+fn own_userns() -> Option<UserNsId> {
+    static OWN: OnceLock<Option<UserNsId>> = OnceLock::new();
+    *OWN.get_or_init(|| {
+        rustix::fs::stat("/proc/self/ns/user")
+            .map(|st| UserNsId::of(&st))
+            .map_err(|e| tracing::warn!("cannot identify our own user namespace: {e}"))
+            .ok()
+    })
+}
 
 /// The parts of a caller's credentials a decision needs.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -16,21 +65,84 @@ pub struct Caller {
     pub cap_eff: u64,
     /// The caller's user namespace maps; `None` when unreadable.
     pub userns: Option<IdMapping>,
+    /// Which user namespace that is; `None` when unreadable.
+    pub userns_id: Option<UserNsId>,
+}
+
+/// One task's `/proc/TID` directory: every file opened through it describes that task, or
+/// fails once it has exited.
+struct Task(OwnedFd);
+
+impl Task {
+    fn open(proc_root: &Path, tid: u32) -> io::Result<Self> {
+        let fd = rustix::fs::open(
+            proc_root.join(tid.to_string()),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Self(fd))
+    }
+
+    fn read(&self, name: &str) -> io::Result<String> {
+        let fd = rustix::fs::openat(
+            &self.0,
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        // proc files report size 0: read to the end without asking.
+        let mut text = String::with_capacity(1024);
+        std::fs::File::from(fd).read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    fn userns(&self) -> io::Result<UserNsId> {
+        let st = rustix::fs::statat(&self.0, "ns/user", AtFlags::empty())?;
+        Ok(UserNsId::of(&st))
+    }
 }
 
 impl Caller {
-    /// Reads `PROC/PID/{status,uid_map,gid_map}`; what cannot be read stays empty, which
-    /// errs on the side of fewer privileges.
-    pub fn read(proc_root: &Path, pid: u32) -> Self {
-        let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"))
-            .unwrap_or_default();
-        let mut c = Self::parse_status(&status);
-        c.userns = IdMapping::from_proc(proc_root, pid).ok();
-        c
+    /// The thread that sent `req`, as `/proc` shows it.
+    pub fn of(req: &fuser::Request) -> Self {
+        Self::read(Path::new("/proc"), req.pid(), req.uid(), req.gid())
     }
 
-    fn parse_status(status: &str) -> Self {
+    /// Reads `PROC/TID/{status,uid_map,gid_map,ns/user}` through one fd of `PROC/TID`. When
+    /// that task's fsuid/fsgid are not `fsuid`/`fsgid` (the request's), it is not the caller
+    /// and nothing is taken from it; `NO_ID` skips that check.
+    pub fn read(proc_root: &Path, tid: u32, fsuid: u32, fsgid: u32) -> Self {
+        let Ok(task) = Task::open(proc_root, tid) else {
+            return Self::default();
+        };
+        let Ok(status) = task.read("status") else {
+            return Self::default();
+        };
+        let (c, ids) = Self::parse_status(&status);
+        let claimed = |want: u32, seen: Option<u32>| want == NO_ID || seen == Some(want);
+        if !claimed(fsuid, ids.0) || !claimed(fsgid, ids.1) {
+            tracing::debug!(
+                "task {tid} has fsuid/fsgid {ids:?}, the request {fsuid}/{fsgid}: not trusted"
+            );
+            return Self::default();
+        }
+        let userns = match (task.read("uid_map"), task.read("gid_map")) {
+            (Ok(u), Ok(g)) => IdMapping::parse_separate(&u, &g).ok(),
+            _ => None,
+        };
+        Self {
+            userns,
+            userns_id: task.userns().ok(),
+            ..c
+        }
+    }
+
+    /// Groups and effective capabilities, and the fsuid/fsgid (last columns of `Uid:` and
+    /// `Gid:`).
+    fn parse_status(status: &str) -> (Self, (Option<u32>, Option<u32>)) {
         let mut c = Self::default();
+        let (mut fsuid, mut fsgid) = (None, None);
+        let fs_id = |v: &str| v.split_whitespace().nth(3).and_then(|i| i.parse().ok());
         for line in status.lines() {
             if let Some(v) = line.strip_prefix("Groups:") {
                 c.groups = v
@@ -39,19 +151,21 @@ impl Caller {
                     .collect();
             } else if let Some(v) = line.strip_prefix("CapEff:") {
                 c.cap_eff = u64::from_str_radix(v.trim(), 16).unwrap_or(0);
+            } else if let Some(v) = line.strip_prefix("Uid:") {
+                fsuid = fs_id(v);
+            } else if let Some(v) = line.strip_prefix("Gid:") {
+                fsgid = fs_id(v);
             }
         }
-        c
+        (c, (fsuid, fsgid))
     }
 
-    /// The kernel's `capable(cap)`: `cap` in the initial user namespace (whose map is the
-    /// identity over all ids).
+    /// The kernel's `capable(cap)`: `cap` in the initial user namespace itself, not merely
+    /// in one whose map is the identity (a namespace created with `0 0 4294967295` is not
+    /// the initial one). The daemon's namespace stands for the initial one: it lists
+    /// `trusted.*` and keeps setgid with its own capabilities in it.
     fn host_capable(&self, cap: u32) -> bool {
-        self.cap_eff & (1 << cap) != 0
-            && self
-                .userns
-                .as_ref()
-                .is_some_and(|ns| ns.uid.ranges() == IdMapping::identity().uid.ranges())
+        self.cap_eff & (1 << cap) != 0 && self.userns_id.is_some() && self.userns_id == own_userns()
     }
 
     pub fn is_host_admin(&self) -> bool {
@@ -81,10 +195,14 @@ impl Caller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::{Command, Stdio};
 
     #[test]
     fn status_and_setgid_rule() {
-        let c = Caller::parse_status("Name:\tx\nGroups:\t10 20 \nCapEff:\t0000000000000010\n");
+        let (c, ids) = Caller::parse_status(
+            "Name:\tx\nUid:\t1\t2\t3\t4\nGid:\t5\t6\t7\t8\nGroups:\t10 20 \nCapEff:\t0000000000000010\n",
+        );
+        assert_eq!(ids, (Some(4), Some(8)));
         assert_eq!(c.groups, vec![10, 20]);
         assert_eq!(c.cap_eff, 0x10);
         assert!(c.may_keep_setgid(5, 1, 5));
@@ -99,5 +217,89 @@ mod tests {
         assert!(!ns.may_keep_setgid(5, 100001, 30));
         let plain = Caller::default();
         assert!(!plain.may_keep_setgid(5, 1, 30));
+    }
+
+    /// Capable in the host's sense only in our own namespace, whatever its map says.
+    #[test]
+    fn host_capability_needs_our_namespace() {
+        let all = u64::MAX;
+        let ours = Caller {
+            cap_eff: all,
+            userns: Some(IdMapping::identity()),
+            userns_id: own_userns(),
+            ..Caller::default()
+        };
+        assert!(ours.is_host_admin() && ours.is_host_fsetid());
+        let other = Caller {
+            userns_id: Some(UserNsId { dev: 0, ino: 1 }),
+            ..ours
+        };
+        assert!(!other.is_host_admin() && !other.is_host_fsetid());
+        let unknown = Caller {
+            userns_id: None,
+            ..other
+        };
+        assert!(!unknown.is_host_admin());
+        let no_cap = Caller {
+            cap_eff: 0,
+            userns_id: own_userns(),
+            ..unknown
+        };
+        assert!(!no_cap.is_host_admin());
+    }
+
+    fn fs_ids() -> (u32, u32) {
+        (crate::sys::creds::fsuid(), crate::sys::creds::fsgid())
+    }
+
+    #[test]
+    fn reads_the_calling_thread() {
+        let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        let (uid, gid) = fs_ids();
+        let me = Caller::read(Path::new("/proc"), tid, uid, gid);
+        assert_eq!(me.userns_id, own_userns());
+        assert!(me.userns_id.is_some());
+        assert!(me.userns.is_some());
+        let groups: Vec<u32> = rustix::process::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        assert_eq!(me.groups, groups);
+        assert_eq!(me, Caller::read(Path::new("/proc"), tid, NO_ID, NO_ID));
+        // Ids other than the request's: another task, or not the caller's view; nothing
+        // is taken from it.
+        assert_eq!(
+            Caller::read(Path::new("/proc"), tid, uid.wrapping_add(1), gid),
+            Caller::default()
+        );
+        assert_eq!(
+            Caller::read(Path::new("/proc"), tid, uid, gid.wrapping_add(1)),
+            Caller::default()
+        );
+        assert_eq!(
+            Caller::read(Path::new("/proc"), 0, uid, gid),
+            Caller::default()
+        );
+    }
+
+    /// The fd of `/proc/TID` stays with that task: after it has exited and been reaped,
+    /// nothing is read through it, whichever process gets the number next.
+    #[test]
+    fn task_fd_outlives_no_task() {
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let task = Task::open(Path::new("/proc"), child.id()).unwrap();
+        // Not the name: the child may not have exec'd `sleep` yet.
+        let pid_line = format!("\nPid:\t{}\n", child.id());
+        assert!(task.read("status").unwrap().contains(&pid_line));
+        task.userns().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(task.read("status").is_err());
+        assert!(task.userns().is_err());
     }
 }

@@ -24,8 +24,9 @@ use rustix::fs::{AtFlags, Mode, OFlags, RawDir, ResolveFlags, SeekFrom, Stat, Ti
 use rustix::io::Errno as SysErrno;
 
 use super::caller::Caller;
-use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable};
+use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable, OpenLimit, Slot};
 use super::inode::{Inode, InodeTable, Key};
+use super::pool::Pool;
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::mount::MountFlags;
 use crate::sys::creds::{FsCreds, set_thread_umask};
@@ -160,6 +161,12 @@ enum OpenMode {
     Cached { keep_cache: bool },
 }
 
+/// `__FMODE_EXEC`: set in the flags of the open the kernel makes for execve.
+const FMODE_EXEC: i32 = 0x20;
+
+/// The file capability xattr, which the kernel reads (through us) at exec.
+const XATTR_CAPS: &[u8] = b"security.capability";
+
 /// The handle of a directory the kernel did not open (handles start at 1).
 const NO_HANDLE: u64 = 0;
 
@@ -183,11 +190,30 @@ fn blank_attr(mode: u32) -> FileAttr {
     }
 }
 
-fn key(st: &Stat) -> Key {
-    Key {
+/// `STATX_MNT_ID_UNIQUE` (Linux 6.8): a mount id never reused while the system runs.
+const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+
+/// The id of the mount `fd` is on: the unique one where the kernel has it, else the old
+/// one (unique among mounts alive; ours stay alive while we hold fds on them).
+fn mount_id(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let want = rustix::fs::StatxFlags::MNT_ID
+        | rustix::fs::StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE);
+    let stx = rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        want,
+    )?;
+    Ok(stx.stx_mnt_id)
+}
+
+/// The identity of the object `fd` (whose `fstat` is `st`) as reached through its mount.
+fn key(fd: BorrowedFd<'_>, st: &Stat) -> Result<Key> {
+    Ok(Key {
+        mnt: mount_id(fd).map_err(io)?,
         dev: st.st_dev,
         ino: st.st_ino,
-    }
+    })
 }
 
 /// FUSE hands us one path component; refuse anything that could walk elsewhere.
@@ -228,6 +254,10 @@ pub(super) struct Config {
     pub stable_dir_offsets: bool,
     /// Inodes anchored by fds before file handles are used instead.
     pub fd_budget: usize,
+    /// Files and directories held open for callers, at most.
+    pub max_open: usize,
+    /// Threads for long data requests (fsync, fallocate, copy_file_range).
+    pub data_threads: usize,
 }
 
 pub(super) struct ShiftFs {
@@ -237,6 +267,9 @@ pub(super) struct ShiftFs {
     inodes: InodeTable,
     files: HandleTable<OpenFile>,
     dirs: HandleTable<DirHandle>,
+    open_limit: Arc<OpenLimit>,
+    /// Where long data requests run, off the session's workers.
+    data: Pool,
     proc: ProcFd,
     want_passthrough: bool,
     stack_depth: u32,
@@ -250,13 +283,24 @@ pub(super) struct ShiftFs {
 impl ShiftFs {
     pub fn new(root: OwnedFd, proc: ProcFd, cfg: Config) -> std::io::Result<Self> {
         let st = rustix::fs::fstat(&root)?;
+        let mnt = mount_id(root.as_fd())?;
         Ok(Self {
             map: cfg.mapping,
             flags: cfg.flags,
             ttl: cfg.ttl,
-            inodes: InodeTable::new(root, key(&st), cfg.fd_budget),
+            inodes: InodeTable::new(
+                root,
+                Key {
+                    mnt,
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                },
+                cfg.fd_budget,
+            ),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
+            open_limit: OpenLimit::new(cfg.max_open),
+            data: Pool::new(cfg.data_threads),
             proc,
             want_passthrough: cfg.passthrough,
             stack_depth: cfg.stack_depth,
@@ -270,6 +314,12 @@ impl ShiftFs {
         self.inodes.get(ino.0).ok_or(Errno::ESTALE)
     }
 
+    /// A place under the open-file cap for a file or directory `uid` opens: ENFILE past it
+    /// (the opener is refused, not the daemon's other work).
+    fn open_slot(&self, uid: u32) -> Result<Slot> {
+        self.open_limit.acquire(uid).ok_or(Errno::ENFILE)
+    }
+
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>> {
         self.files.get(fh.0).ok_or(Errno::EBADF)
     }
@@ -278,9 +328,20 @@ impl ShiftFs {
         self.dirs.get(fh.0).ok_or(Errno::EBADF)
     }
 
-    fn attr(&self, nodeid: u64, st: &Stat) -> FileAttr {
+    /// Whether setuid/setgid bits and file capabilities of `inode` are hidden: it is on a
+    /// `nosuid` submount while this mount is `suid`, and the kernel, which knows only this
+    /// mount's flags, would honour them at exec.
+    fn hides_suid(&self, inode: &Inode) -> bool {
+        self.flags.suid && inode.mount.nosuid() && inode.is_reg()
+    }
+
+    fn attr(&self, inode: &Inode, st: &Stat) -> FileAttr {
+        let mut perm = st.st_mode & 0o7777;
+        if self.hides_suid(inode) {
+            perm &= !(libc::S_ISUID | libc::S_ISGID);
+        }
         FileAttr {
-            ino: INodeNo(nodeid),
+            ino: INodeNo(inode.nodeid),
             size: st.st_size.max(0) as u64,
             blocks: st.st_blocks as u64,
             atime: time(st.st_atime, st.st_atime_nsec),
@@ -288,7 +349,7 @@ impl ShiftFs {
             ctime: time(st.st_ctime, st.st_ctime_nsec),
             crtime: UNIX_EPOCH,
             kind: file_type(st.st_mode),
-            perm: (st.st_mode & 0o7777) as u16,
+            perm: perm as u16,
             nlink: st.st_nlink as u32,
             // (uid_t)-1 is INVALID_UID to the kernel: it matches no caller in permission checks
             // (65534 would make host `nobody` the owner), and stat shows it as the overflow
@@ -311,7 +372,23 @@ impl ShiftFs {
 
     fn stat_attr(&self, inode: &Inode) -> Result<FileAttr> {
         let st = rustix::fs::fstat(inode.fd().map_err(io)?).map_err(sys)?;
-        Ok(self.attr(inode.nodeid, &st))
+        Ok(self.attr(inode, &st))
+    }
+
+    /// EROFS when `inode` is on a read-only mount (the source's own or one below it). The
+    /// kernel refuses such changes by itself, since every change acts through an fd of the
+    /// inode's own mount; this answers before any work is done and does not depend on it.
+    /// A mount seen read-only is looked at again before refusing: it may have been
+    /// remounted read-write since.
+    fn check_writable(&self, inode: &Inode) -> Result<()> {
+        if !inode.mount.read_only() {
+            return Ok(());
+        }
+        inode.mount.refresh(inode.fd().map_err(io)?.as_fd());
+        if inode.mount.read_only() {
+            return Err(Errno::EROFS);
+        }
+        Ok(())
     }
 
     /// The on-disk owner for an object created by `req`'s caller; EOVERFLOW when the
@@ -349,7 +426,7 @@ impl ShiftFs {
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
         let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        if !self.inodes.knows(key(&st), fd.as_fd()) {
+        if !self.inodes.knows(key(fd.as_fd(), &st)?, fd.as_fd()) {
             return Err(stale);
         }
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
@@ -375,17 +452,24 @@ impl ShiftFs {
     /// Runs a data write (write, fallocate, copy_file_range) with the caller's host ids and
     /// without CAP_SYS_RESOURCE: see `FsCreds::for_data`.
     fn as_writer<T>(&self, req: &Request, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _writer = FsCreds::for_data(req.uid(), req.gid()).map_err(io)?;
-        f()
+        as_data_writer(req.uid(), req.gid(), f)
     }
 
     /// Records a kernel lookup of the object `fd` refers to.
     fn remember(&self, fd: OwnedFd) -> Result<(Arc<Inode>, FileAttr)> {
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        let inode = self
-            .inodes
-            .insert_lookup(fd, key(&st), st.st_mode & libc::S_IFMT);
-        let attr = self.attr(inode.nodeid, &st);
+        let key = key(fd.as_fd(), &st)?;
+        let kind = st.st_mode & libc::S_IFMT;
+        if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && st.st_rdev != 0 {
+            // The kernel opens device nodes itself, without asking us: a device on a `nodev`
+            // submount is not served when this mount allows devices.
+            let mount = self.inodes.mount(key.mnt, fd.as_fd(), kind);
+            if self.flags.dev && mount.nodev() {
+                return Err(Errno::EACCES);
+            }
+        }
+        let inode = self.inodes.insert_lookup(fd, key, kind);
+        let attr = self.attr(&inode, &st);
         Ok((inode, attr))
     }
 
@@ -512,6 +596,7 @@ impl ShiftFs {
         inode: Arc<Inode>,
         fd: OwnedFd,
         mode: OpenMode,
+        slot: Slot,
     ) -> (u64, FopenFlags, Option<Arc<BackingId>>) {
         let (backing, flags) = match mode {
             OpenMode::Passthrough(id) => (Some(id), FopenFlags::FOPEN_NOFLUSH),
@@ -521,7 +606,9 @@ impl ShiftFs {
             ),
             OpenMode::Cached { keep_cache: false } => (None, FopenFlags::FOPEN_NOFLUSH),
         };
-        let fh = self.files.insert(OpenFile::new(inode, fd, backing.clone()));
+        let fh = self
+            .files
+            .insert(OpenFile::new(inode, fd, backing.clone(), slot));
         (fh, flags, backing)
     }
 
@@ -538,7 +625,7 @@ impl ShiftFs {
         // by a file handle.
         if let Some(h) = fh.and_then(|fh| self.files.get(fh.0)) {
             let st = rustix::fs::fstat(h.fd()).map_err(sys)?;
-            return Ok(self.attr(inode.nodeid, &st));
+            return Ok(self.attr(&inode, &st));
         }
         self.stat_attr(&inode)
     }
@@ -557,6 +644,7 @@ impl ShiftFs {
         fh: Option<FileHandle>,
     ) -> Result<FileAttr> {
         let inode = self.inode(ino)?;
+        self.check_writable(&inode)?;
         let ifd = inode.fd().map_err(io)?;
         let ifd = ifd.as_fd();
         // Translate everything first: an unmapped target changes nothing on disk.
@@ -607,7 +695,13 @@ impl ShiftFs {
         }
         // After chown: the kernel sends the mode it wants (suid/sgid already cleared), and
         // the backing chown may have cleared bits we must set again.
-        if let Some(mode) = mode {
+        if let Some(mut mode) = mode {
+            if self.hides_suid(&inode) {
+                // Bits the caller cannot see are neither set nor cleared by a chmod.
+                let hidden = libc::S_ISUID | libc::S_ISGID;
+                let now = rustix::fs::fstat(ifd).map_err(sys)?.st_mode;
+                mode = (mode & !hidden) | (now & hidden);
+            }
             self.proc.chmod(ifd, mode & 0o7777).map_err(io)?;
         }
         // FUSE_HANDLE_KILLPRIV_V2 leaves clearing setuid/setgid to us, flagged with
@@ -621,7 +715,7 @@ impl ShiftFs {
         let kill = mode.is_none()
             && is_sxid(st.st_mode)
             && if size.is_some() {
-                !Caller::read(Path::new("/proc"), req.pid()).is_host_fsetid()
+                !Caller::of(req).is_host_fsetid()
             } else {
                 uid.is_none() && gid.is_none() && atime.is_none() && mtime.is_none()
             };
@@ -639,7 +733,7 @@ impl ShiftFs {
             self.proc.utimens(ifd, &times).map_err(io)?;
         }
         let st = rustix::fs::fstat(ifd).map_err(sys)?;
-        Ok(self.attr(inode.nodeid, &st))
+        Ok(self.attr(&inode, &st))
     }
 
     fn do_readlink(&self, ino: INodeNo) -> Result<Vec<u8>> {
@@ -663,6 +757,7 @@ impl ShiftFs {
         rdev: u32,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
+        self.check_writable(&p)?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -674,7 +769,9 @@ impl ShiftFs {
             // A whiteout (char 0:0) is no device: the kernel lets any user namespace root
             // make one (overlayfs in containers needs it), so `nodev` does not refuse it.
             libc::S_IFCHR if rdev == 0 => rustix::fs::FileType::CharacterDevice,
-            libc::S_IFCHR | libc::S_IFBLK if !self.flags.dev => return Err(Errno::EPERM),
+            libc::S_IFCHR | libc::S_IFBLK if !self.flags.dev || p.mount.nodev() => {
+                return Err(Errno::EPERM);
+            }
             libc::S_IFCHR => rustix::fs::FileType::CharacterDevice,
             libc::S_IFBLK => rustix::fs::FileType::BlockDevice,
             _ => return Err(Errno::EINVAL),
@@ -701,6 +798,7 @@ impl ShiftFs {
         umask: u32,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
+        self.check_writable(&p)?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -718,6 +816,7 @@ impl ShiftFs {
         target: &Path,
     ) -> Result<FileAttr> {
         let p = self.inode(parent)?;
+        self.check_writable(&p)?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -736,6 +835,7 @@ impl ShiftFs {
     ) -> Result<FileAttr> {
         let inode = self.inode(ino)?;
         let p = self.inode(newparent)?;
+        self.check_writable(&p)?;
         let (ifd, pfd) = (inode.fd().map_err(io)?, p.fd().map_err(io)?);
         check_name(newname)?;
         self.inner_caller(req)?;
@@ -749,11 +849,12 @@ impl ShiftFs {
             return Ok(self.lookup_child(&p, newname)?.1);
         }
         // The reply must carry the lookup just counted: nothing may fail after it.
-        Ok(self.attr(inode.nodeid, &st))
+        Ok(self.attr(&inode, &st))
     }
 
     fn do_unlink(&self, parent: INodeNo, name: &OsStr, flags: AtFlags) -> Result<()> {
         let p = self.inode(parent)?;
+        self.check_writable(&p)?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -772,6 +873,8 @@ impl ShiftFs {
     ) -> Result<()> {
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
+        self.check_writable(&p)?;
+        self.check_writable(&np)?;
         check_name(name)?;
         check_name(newname)?;
         let mut flags = rustix::fs::RenameFlags::from_bits(flags.bits()).ok_or(Errno::EINVAL)?;
@@ -800,18 +903,33 @@ impl ShiftFs {
 
     fn do_open(
         &self,
+        uid: u32,
         ino: INodeNo,
         flags: OpenFlags,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(u64, FopenFlags, Option<Arc<BackingId>>)> {
         let inode = self.inode(ino)?;
+        // The kernel sends OPEN for regular files only (it opens FIFOs and devices itself);
+        // opening anything else for real would have effects of its own.
+        if !inode.is_reg() {
+            return Err(Errno::EIO);
+        }
+        if is_write(flags.0) {
+            self.check_writable(&inode)?;
+        }
+        if flags.0 & FMODE_EXEC != 0 && inode.mount.noexec() {
+            // As the kernel's exec on a `noexec` mount (mmap with PROT_EXEC cannot be
+            // refused here: the kernel does not ask).
+            return Err(Errno::EACCES);
+        }
+        let slot = self.open_slot(uid)?;
         let ifd = inode.fd().map_err(io)?;
         let fd = self
             .proc
             .reopen(ifd.as_fd(), backing_open_flags(flags.0))
             .map_err(io)?;
         let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags.0), register);
-        Ok(self.open_handle(inode, fd, mode))
+        Ok(self.open_handle(inode, fd, mode, slot))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -826,6 +944,8 @@ impl ShiftFs {
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(FileAttr, u64, FopenFlags, Option<Arc<BackingId>>)> {
         let p = self.inode(parent)?;
+        self.check_writable(&p)?;
+        let slot = self.open_slot(req.uid())?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -845,7 +965,7 @@ impl ShiftFs {
         let path_fd = self.proc.reopen(fd.as_fd(), OFlags::PATH).map_err(io)?;
         let (inode, attr) = self.remember(path_fd)?;
         let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags), register);
-        let (fh, fl, backing) = self.open_handle(inode, fd, mode);
+        let (fh, fl, backing) = self.open_handle(inode, fd, mode, slot);
         Ok((attr, fh, fl, backing))
     }
 
@@ -862,25 +982,22 @@ impl ShiftFs {
         let (uid, gid) = self.inner_caller(req)?;
         // The caller's supplementary groups as the filesystem knows them (unmapped ones
         // cannot match any on-disk group).
-        let groups: Vec<u32> = Caller::read(Path::new("/proc"), req.pid())
+        let groups: Vec<u32> = Caller::of(req)
             .groups
             .into_iter()
             .filter_map(|g| self.map.gid.to_inner(OuterGid(g)).map(|g| g.0))
             .collect();
-        let fd = {
-            let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
-            // Non-blocking so a FIFO put there cannot hang this thread.
-            open_beneath(dir, name, backing_open_flags(flags) | OFlags::NONBLOCK, 0)?
-        };
-        let st = rustix::fs::fstat(&fd).map_err(sys)?;
+        let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
+        // Look before opening: opening a FIFO or a device has effects of its own (a blocked
+        // writer goes on, a tape rewinds), so only a regular file is opened for real.
+        let path_fd = open_beneath(dir, name, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&path_fd).map_err(sys)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(Errno::EEXIST);
         }
-        if flags & libc::O_NONBLOCK == 0 {
-            let fl = rustix::fs::fcntl_getfl(&fd).map_err(sys)?;
-            rustix::fs::fcntl_setfl(&fd, fl - OFlags::NONBLOCK).map_err(sys)?;
-        }
-        Ok(fd)
+        self.proc
+            .reopen(path_fd.as_fd(), backing_open_flags(flags))
+            .map_err(io)
     }
 
     fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -924,10 +1041,11 @@ impl ShiftFs {
             .map_err(io)
     }
 
-    fn do_opendir(&self, ino: INodeNo) -> Result<u64> {
+    fn do_opendir(&self, uid: u32, ino: INodeNo) -> Result<u64> {
         let inode = self.inode(ino)?;
+        let slot = self.open_slot(uid)?;
         let fd = self.open_dir_fd(&inode)?;
-        Ok(self.dirs.insert(DirHandle::new(fd)))
+        Ok(self.dirs.insert(DirHandle::new(fd, slot)))
     }
 
     /// Runs `f` on the directory's fd: its handle's, or for handle 0 (a directory the kernel
@@ -1041,6 +1159,10 @@ impl ShiftFs {
 
     fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
+        if self.hides_suid(&inode) && name.as_bytes() == XATTR_CAPS {
+            // The kernel reads it at exec through us: a `nosuid` submount grants nothing.
+            return Err(Errno::NO_XATTR);
+        }
         let ifd = inode.fd().map_err(io)?;
         let path = self.proc.path(ifd.as_fd());
         let value = match procfd::getxattr(&path, &cstr(name)?) {
@@ -1060,12 +1182,18 @@ impl ShiftFs {
     fn do_listxattr(&self, req: &Request, ino: INodeNo) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
-        let names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
+        let mut names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
+        if self.hides_suid(&inode) {
+            names = names
+                .split_inclusive(|&b| b == 0)
+                .filter(|n| n.strip_suffix(b"\0").unwrap_or(n) != XATTR_CAPS)
+                .flatten()
+                .copied()
+                .collect();
+        }
         // The kernel lists `trusted.*` only to CAP_SYS_ADMIN in the initial namespace; the
         // daemon has it, so filter for the caller.
-        if !names.windows(8).any(|w| w == b"trusted.")
-            || Caller::read(Path::new("/proc"), req.pid()).is_host_admin()
-        {
+        if !names.windows(8).any(|w| w == b"trusted.") || Caller::of(req).is_host_admin() {
             return Ok(names);
         }
         Ok(names
@@ -1085,6 +1213,7 @@ impl ShiftFs {
         flags: i32,
     ) -> Result<()> {
         let inode = self.inode(ino)?;
+        self.check_writable(&inode)?;
         let ifd = inode.fd().map_err(io)?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EPERM)?;
@@ -1109,7 +1238,7 @@ impl ShiftFs {
         }
         let file_uid = self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0;
         let file_gid = self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0;
-        let who = Caller::read(Path::new("/proc"), req.pid());
+        let who = Caller::of(req);
         if !who.may_keep_setgid(req.gid(), file_uid, file_gid) {
             self.proc
                 .chmod(fd, (st.st_mode & 0o7777) & !libc::S_ISGID)
@@ -1120,10 +1249,36 @@ impl ShiftFs {
 
     fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
         let inode = self.inode(ino)?;
+        self.check_writable(&inode)?;
         let ifd = inode.fd().map_err(io)?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EPERM)?;
         rustix::fs::removexattr(self.proc.path(ifd.as_fd()), &*cstr(name)?).map_err(sys)
+    }
+}
+
+/// `ShiftFs::as_writer` for a request whose ids were taken before it moved to the pool.
+fn as_data_writer<T>(uid: u32, gid: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let _writer = FsCreds::for_data(uid, gid).map_err(io)?;
+    f()
+}
+
+/// Bytes one COPY_FILE_RANGE request copies at most: the copy then holds a data thread for
+/// milliseconds, not seconds, and the caller's loop (copy_file_range may copy less than
+/// asked) sends the next part.
+const COPY_CHUNK: u64 = 4 << 20;
+
+/// A directory's fd for a request that outlives the borrow of the filesystem.
+enum DirFd {
+    Handle(Arc<DirHandle>),
+    Fresh(OwnedFd),
+}
+
+fn sync_fd(fd: BorrowedFd<'_>, datasync: bool) -> Result<()> {
+    if datasync {
+        rustix::fs::fdatasync(fd).map_err(sys)
+    } else {
+        rustix::fs::fsync(fd).map_err(sys)
     }
 }
 
@@ -1335,7 +1490,7 @@ impl Filesystem for ShiftFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // The kernel keeps the credentials of the registration for every passthrough write.
-        match self.do_open(ino, flags, |fd| {
+        match self.do_open(req.uid(), ino, flags, |fd| {
             let _writer = FsCreds::for_data(req.uid(), req.gid())?;
             reply.open_backing(fd)
         }) {
@@ -1414,17 +1569,15 @@ impl Filesystem for ShiftFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.file(fh).and_then(|h| {
-            if datasync {
-                rustix::fs::fdatasync(h.fd()).map_err(sys)
-            } else {
-                rustix::fs::fsync(h.fd()).map_err(sys)
-            }
-        });
-        reply_empty(reply, r);
+        match self.file(fh) {
+            Ok(h) => self
+                .data
+                .run(move || reply_empty(reply, sync_fd(h.fd(), datasync))),
+            Err(e) => reply.error(e),
+        }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // ENOSYS (see `init`): the kernel stops sending OPENDIR and RELEASEDIR (two round
         // trips per directory walked) and keeps listings across opens (FOPEN_CACHE_DIR and
         // KEEP_CACHE are its default then), dropping one when the directory changes through
@@ -1438,7 +1591,7 @@ impl Filesystem for ShiftFs {
         } else {
             FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
         };
-        match self.do_opendir(ino) {
+        match self.do_opendir(req.uid(), ino) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
@@ -1492,14 +1645,23 @@ impl Filesystem for ShiftFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.with_dir_fd(ino, fh, |fd| {
-            if datasync {
-                rustix::fs::fdatasync(fd).map_err(sys)
-            } else {
-                rustix::fs::fsync(fd).map_err(sys)
-            }
-        });
-        reply_empty(reply, r);
+        let dir = if fh.0 == NO_HANDLE {
+            self.inode(ino)
+                .and_then(|i| self.open_dir_fd(&i))
+                .map(DirFd::Fresh)
+        } else {
+            self.dir(fh).map(DirFd::Handle)
+        };
+        match dir {
+            Ok(dir) => self.data.run(move || {
+                let r = match &dir {
+                    DirFd::Handle(h) => sync_fd(h.lock().as_fd(), datasync),
+                    DirFd::Fresh(fd) => sync_fd(fd.as_fd(), datasync),
+                };
+                reply_empty(reply, r);
+            }),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
@@ -1581,14 +1743,21 @@ impl Filesystem for ShiftFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.file(fh).and_then(|h| {
+        let prepared = self.file(fh).and_then(|h| {
             let mode =
                 rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
-            self.as_writer(req, || {
-                rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
-            })
+            Ok((h, mode))
         });
-        reply_empty(reply, r);
+        let (uid, gid) = (req.uid(), req.gid());
+        match prepared {
+            Ok((h, mode)) => self.data.run(move || {
+                let r = as_data_writer(uid, gid, || {
+                    rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
+                });
+                reply_empty(reply, r);
+            }),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn lseek(
@@ -1630,24 +1799,30 @@ impl Filesystem for ShiftFs {
         flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let r = (|| {
+        let files = (|| {
             if !flags.is_empty() {
                 return Err(Errno::EINVAL);
             }
-            let i = self.file(fh_in)?;
-            let o = self.file(fh_out)?;
+            Ok((self.file(fh_in)?, self.file(fh_out)?))
+        })();
+        let (i, o) = match files {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let (uid, gid) = (req.uid(), req.gid());
+        self.data.run(move || {
             let (mut oi, mut oo) = (offset_in, offset_out);
-            let len = len.min(1 << 30) as usize;
-            let n = self.as_writer(req, || {
+            let len = len.min(COPY_CHUNK) as usize;
+            let r = as_data_writer(uid, gid, || {
                 rustix::fs::copy_file_range(i.fd(), Some(&mut oi), o.fd(), Some(&mut oo), len)
                     .map_err(sys)
-            })?;
-            u32::try_from(n).map_err(|_| Errno::EOVERFLOW)
-        })();
-        match r {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
-        }
+            })
+            .and_then(|n| u32::try_from(n).map_err(|_| Errno::EOVERFLOW));
+            match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 }
 

@@ -1,38 +1,113 @@
-//! The inode table: one anchor per backing inode, keyed by (dev, ino), with the kernel's
-//! lookup count.
+//! The inode table: one anchor per backing inode as reached through one mount, keyed by
+//! (mount id, dev, ino), with the kernel's lookup count.
 //!
 //! An inode is anchored by an `O_PATH` fd, or, once more fds are held than the budget
-//! allows (a walk over millions of files), by a file handle that is reopened per request.
-//! Holding the fd pins the backing inode; a handle does not, so a handle-anchored inode
-//! deleted on disk answers ESTALE.
+//! allows (a walk over millions of files), by a file handle that is reopened per request
+//! relative to a directory of the inode's own mount. Holding the fd pins the backing inode;
+//! a handle does not, so a handle-anchored inode deleted on disk answers ESTALE.
+//!
+//! The mount is part of the identity: one file reached through a read-write path and
+//! through a read-only bind mount of it is two nodes, each acting through an fd of its own
+//! mount, so the kernel applies each mount's `ro` to what is done through it (as
+//! virtiofsd's inode store does). `Mount` remembers each mount's flags.
 //!
 //! fuser sends the attribute `ino` as the FUSE node id, so the node id is what users see
 //! as `st_ino`. We use the backing `st_ino` itself for objects on the source's filesystem:
 //! hard links show as one inode and inode numbers are stable for the whole mount (and equal
 //! to the kernel backend's). Objects whose number is taken (other filesystems below the
-//! source, or the number 1 reserved for the root) get a synthetic id from the top half of
-//! the range. Holding the `O_PATH` fd pins the backing inode, so its (dev, ino) cannot be
-//! reused by another file while the kernel knows the node.
+//! source, the same inode seen through a second mount, or the number 1 reserved for the
+//! root) get a synthetic id from the top half of the range. Holding the `O_PATH` fd pins
+//! the backing inode, so its key cannot be reused by another file while the kernel knows
+//! the node.
 //!
-//! Lock order: `InodeTable::inner` is a leaf lock; nothing else is taken while holding it.
-//! `Inode::backing` is taken without the table lock.
+//! Lock order: `InodeTable::inner` and `InodeTable::mounts` are leaf locks; nothing else is
+//! taken while holding either. `Inode::backing` is taken without the table locks.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 
 use fuser::BackingId;
-use rustix::fs::OFlags;
+use rustix::fs::{OFlags, StatVfsMountFlags};
 
 use crate::sys::fhandle::{self, Handle};
 
-/// Identity of a backing inode.
+/// Identity of a backing inode reached through one mount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Key {
+    /// `statx` mount id (the unique 64-bit one where the kernel has it).
+    pub mnt: u64,
     pub dev: u64,
     pub ino: u64,
+}
+
+/// A mount objects are reached through: the source's own, or one below it.
+pub struct Mount {
+    /// `statvfs` `ST_*` bits, read when the mount is first seen.
+    flags: AtomicU64,
+    /// A directory of this mount opened for reading (`open_by_handle_at` refuses `O_PATH`
+    /// mount fds, and the fd it returns is on the mount fd's mount) and the mount id the
+    /// kernel puts in this mount's handles. Unset while no directory of the mount was seen
+    /// (a bind-mounted file): its inodes are then always anchored by fds.
+    handle_root: OnceLock<(OwnedFd, i32)>,
+}
+
+impl Mount {
+    fn new(fd: BorrowedFd<'_>) -> Self {
+        let m = Self {
+            flags: AtomicU64::new(0),
+            handle_root: OnceLock::new(),
+        };
+        m.refresh(fd);
+        m
+    }
+
+    /// Reads the mount's flags again through `fd`, an object on it (they change with
+    /// `mount -o remount,bind,ro`). Unreadable flags count as read-only.
+    pub fn refresh(&self, fd: BorrowedFd<'_>) {
+        let bits =
+            rustix::fs::fstatvfs(fd).map_or(StatVfsMountFlags::RDONLY.bits(), |s| s.f_flag.bits());
+        self.flags.store(bits, Ordering::Relaxed);
+    }
+
+    fn has(&self, flag: StatVfsMountFlags) -> bool {
+        self.flags.load(Ordering::Relaxed) & flag.bits() != 0
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.has(StatVfsMountFlags::RDONLY)
+    }
+
+    pub fn nosuid(&self) -> bool {
+        self.has(StatVfsMountFlags::NOSUID)
+    }
+
+    pub fn nodev(&self) -> bool {
+        self.has(StatVfsMountFlags::NODEV)
+    }
+
+    pub fn noexec(&self) -> bool {
+        self.has(StatVfsMountFlags::NOEXEC)
+    }
+
+    /// Remembers the directory `dir` (on this mount) as where handles are reopened.
+    fn learn_handle_root(&self, dir: BorrowedFd<'_>) {
+        if self.handle_root.get().is_some() {
+            return;
+        }
+        let fd = rustix::fs::openat(
+            dir,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        if let (Ok(fd), Ok((_, id))) = (fd, fhandle::name_to_handle(dir)) {
+            // A concurrent lookup may have set it first: either fd will do.
+            let _ = self.handle_root.set((fd, id));
+        }
+    }
 }
 
 pub struct Inode {
@@ -40,6 +115,8 @@ pub struct Inode {
     pub key: Key,
     /// `S_IFMT` bits of the backing inode (type never changes for an inode).
     pub kind: u32,
+    /// The mount this inode is reached through.
+    pub mount: Arc<Mount>,
     anchor: Anchor,
     /// The kernel allows one backing file per inode at a time: shared by all open handles
     /// of this inode (each handle holds a strong reference).
@@ -55,8 +132,8 @@ pub struct Inode {
 pub enum Anchor {
     /// `O_PATH | O_NOFOLLOW` fd of the backing object.
     Fd(OwnedFd),
-    /// File handle, reopened relative to `mount` (an fd on the source's mount).
-    Handle { handle: Handle, mount: Arc<OwnedFd> },
+    /// File handle, reopened relative to the inode's mount's `handle_root`.
+    Handle(Handle),
 }
 
 /// An `O_PATH` fd of an inode for the duration of one request.
@@ -78,11 +155,19 @@ impl Inode {
     pub fn fd(&self) -> io::Result<InodeFd<'_>> {
         match &self.anchor {
             Anchor::Fd(fd) => Ok(InodeFd::Held(fd.as_fd())),
-            Anchor::Handle { handle, mount } => Ok(InodeFd::Opened(fhandle::open_by_handle(
-                mount.as_fd(),
-                handle,
-                OFlags::PATH | OFlags::NOFOLLOW,
-            )?)),
+            Anchor::Handle(handle) => {
+                // Set before any handle of this mount was taken (see `InodeTable::anchor`).
+                let (mount, _) = self
+                    .mount
+                    .handle_root
+                    .get()
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+                Ok(InodeFd::Opened(fhandle::open_by_handle(
+                    mount.as_fd(),
+                    handle,
+                    OFlags::PATH | OFlags::NOFOLLOW,
+                )?))
+            }
         }
     }
 
@@ -134,33 +219,23 @@ pub struct InodeTable {
     /// Mirror of `Inner::fd_anchors`, read without the lock to choose an anchor.
     fd_anchors: AtomicUsize,
     fd_budget: usize,
-    /// Where handles are reopened, and the mount id handles must come from.
-    mount: Option<(Arc<OwnedFd>, i32)>,
+    /// Every mount seen, by id. Never shrinks: the mounts below one source are few.
+    mounts: RwLock<HashMap<u64, Arc<Mount>>>,
 }
 
 pub const ROOT_ID: u64 = 1;
 
 impl InodeTable {
     /// A table holding the root, which the kernel never forgets. Past `fd_budget` fd
-    /// anchors, new inodes on the root's mount are anchored by file handles.
+    /// anchors, new inodes are anchored by file handles where their mount allows.
     pub fn new(root: OwnedFd, key: Key, fd_budget: usize) -> Self {
-        let mount = match (
-            // open_by_handle_at refuses an O_PATH mount fd (EBADF).
-            rustix::fs::openat(
-                &root,
-                ".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            ),
-            fhandle::name_to_handle(root.as_fd()),
-        ) {
-            (Ok(fd), Ok((_, mount_id))) => Some((Arc::new(fd), mount_id)),
-            _ => None,
-        };
+        let mount = Arc::new(Mount::new(root.as_fd()));
+        mount.learn_handle_root(root.as_fd());
         let root = Arc::new(Inode {
             nodeid: ROOT_ID,
             key,
             kind: libc::S_IFDIR,
+            mount: Arc::clone(&mount),
             anchor: Anchor::Fd(root),
             backing: Mutex::new(Weak::new()),
             cached_opens: AtomicUsize::new(0),
@@ -187,24 +262,39 @@ impl InodeTable {
             }),
             fd_anchors: AtomicUsize::new(1),
             fd_budget,
-            mount,
+            mounts: RwLock::new(HashMap::from([(key.mnt, mount)])),
         }
     }
 
+    /// The mount with id `id`, which the object `fd` (of type `kind`) is on; first seen
+    /// now if unknown (its flags are read through `fd`).
+    pub fn mount(&self, id: u64, fd: BorrowedFd<'_>, kind: u32) -> Arc<Mount> {
+        let known = {
+            let mounts = self.mounts.read().unwrap_or_else(PoisonError::into_inner);
+            mounts.get(&id).cloned()
+        };
+        let mount = known.unwrap_or_else(|| {
+            let new = Arc::new(Mount::new(fd));
+            let mut mounts = self.mounts.write().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(mounts.entry(id).or_insert(new))
+        });
+        if kind == libc::S_IFDIR {
+            mount.learn_handle_root(fd);
+        }
+        mount
+    }
+
     /// How to remember the object `fd` refers to: the fd itself while under budget, else
-    /// a file handle when the filesystem gives one.
-    fn anchor(&self, fd: OwnedFd) -> Anchor {
+    /// a file handle when the filesystem gives one and its mount has a handle root.
+    fn anchor(&self, fd: OwnedFd, mount: &Mount) -> Anchor {
         if self.fd_anchors.load(Ordering::Relaxed) < self.fd_budget {
             return Anchor::Fd(fd);
         }
-        let Some((mount, mount_id)) = &self.mount else {
+        let Some((_, mount_id)) = mount.handle_root.get() else {
             return Anchor::Fd(fd);
         };
         match fhandle::name_to_handle(fd.as_fd()) {
-            Ok((handle, id)) if id == *mount_id => Anchor::Handle {
-                handle,
-                mount: Arc::clone(mount),
-            },
+            Ok((handle, id)) if id == *mount_id => Anchor::Handle(handle),
             _ => Anchor::Fd(fd),
         }
     }
@@ -224,14 +314,15 @@ impl InodeTable {
             let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
             let entry = inner.by_key.get(&key).and_then(|id| inner.by_id.get(id));
             match entry.map(|e| &e.inode.anchor) {
-                Some(Anchor::Handle { handle, .. }) => Some(handle.clone()),
+                Some(Anchor::Handle(handle)) => Some(handle.clone()),
                 _ => None,
             }
         };
         let reused = old_handle.is_some_and(|old| {
             fhandle::name_to_handle(fd.as_fd()).is_ok_and(|(new, _)| new != old)
         });
-        let anchor = self.anchor(fd);
+        let mount = self.mount(key.mnt, fd.as_fd(), kind);
+        let anchor = self.anchor(fd, &mount);
         let (inode, spare) = {
             let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
             let inner = &mut *inner;
@@ -258,6 +349,7 @@ impl InodeTable {
                         nodeid,
                         key,
                         kind,
+                        mount,
                         anchor,
                         backing: Mutex::new(Weak::new()),
                         cached_opens: AtomicUsize::new(0),
@@ -289,7 +381,7 @@ impl InodeTable {
             match entry.map(|e| &e.inode.anchor) {
                 None => return false,
                 Some(Anchor::Fd(_)) => return true,
-                Some(Anchor::Handle { handle, .. }) => handle.clone(),
+                Some(Anchor::Handle(handle)) => handle.clone(),
             }
         };
         fhandle::name_to_handle(fd).is_ok_and(|(h, _)| h == handle)
@@ -359,12 +451,20 @@ mod tests {
         raw()
     }
 
-    const ROOT_KEY: Key = Key { dev: 1, ino: 2 };
+    const ROOT_KEY: Key = Key {
+        mnt: 1,
+        dev: 1,
+        ino: 2,
+    };
 
     #[test]
     fn lookups_share_one_node_and_forget_counts() {
         let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
-        let k = Key { dev: 1, ino: 77 };
+        let k = Key {
+            mnt: 1,
+            dev: 1,
+            ino: 77,
+        };
         let a = t.insert_lookup(fd(), k, libc::S_IFREG);
         let b = t.insert_lookup(fd(), k, libc::S_IFREG);
         assert_eq!(a.nodeid, b.nodeid);
@@ -383,9 +483,33 @@ mod tests {
     #[test]
     fn colliding_numbers_get_synthetic_ids() {
         let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
-        let a = t.insert_lookup(fd(), Key { dev: 1, ino: 50 }, libc::S_IFREG);
-        let other_fs = t.insert_lookup(fd(), Key { dev: 2, ino: 50 }, libc::S_IFREG);
-        let one = t.insert_lookup(fd(), Key { dev: 1, ino: 1 }, libc::S_IFREG);
+        let a = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 1,
+                dev: 1,
+                ino: 50,
+            },
+            libc::S_IFREG,
+        );
+        let other_fs = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 1,
+                dev: 2,
+                ino: 50,
+            },
+            libc::S_IFREG,
+        );
+        let one = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 1,
+                dev: 1,
+                ino: 1,
+            },
+            libc::S_IFREG,
+        );
         assert_eq!(a.nodeid, 50);
         assert!(other_fs.nodeid >= FIRST_SYNTHETIC);
         assert!(one.nodeid >= FIRST_SYNTHETIC);
@@ -398,9 +522,49 @@ mod tests {
     }
 
     #[test]
+    fn one_inode_through_two_mounts_is_two_nodes() {
+        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
+        let rw = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 1,
+                dev: 1,
+                ino: 60,
+            },
+            libc::S_IFREG,
+        );
+        let ro = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 2,
+                dev: 1,
+                ino: 60,
+            },
+            libc::S_IFREG,
+        );
+        assert_eq!(rw.nodeid, 60);
+        assert!(ro.nodeid >= FIRST_SYNTHETIC);
+        assert!(!Arc::ptr_eq(&rw.mount, &ro.mount));
+        let again = t.insert_lookup(
+            fd(),
+            Key {
+                mnt: 2,
+                dev: 1,
+                ino: 60,
+            },
+            libc::S_IFREG,
+        );
+        assert_eq!(again.nodeid, ro.nodeid);
+    }
+
+    #[test]
     fn batch_forget_and_root_is_pinned() {
         let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
-        let k = Key { dev: 1, ino: 9 };
+        let k = Key {
+            mnt: 1,
+            dev: 1,
+            ino: 9,
+        };
         for _ in 0..5 {
             t.insert_lookup(fd(), k, libc::S_IFDIR);
         }
@@ -438,6 +602,7 @@ mod handle_tests {
         let t = InodeTable::new(
             root,
             Key {
+                mnt: 1,
                 dev: st.st_dev,
                 ino: st.st_ino,
             },
@@ -448,13 +613,14 @@ mod handle_tests {
             let fd = open(&dir.path().join(n));
             let st = rustix::fs::fstat(&fd).unwrap();
             let key = Key {
+                mnt: 1,
                 dev: st.st_dev,
                 ino: st.st_ino,
             };
             ids.push((t.insert_lookup(fd, key, libc::S_IFREG), st.st_ino));
         }
         assert!(matches!(ids[0].0.anchor, Anchor::Fd(_)));
-        assert!(matches!(ids[1].0.anchor, Anchor::Handle { .. }));
+        assert!(matches!(ids[1].0.anchor, Anchor::Handle(_)));
         for (inode, ino) in &ids {
             let fd = inode.fd().unwrap();
             assert_eq!(rustix::fs::fstat(&fd).unwrap().st_ino, *ino);
@@ -478,6 +644,7 @@ mod handle_tests {
         // Forgetting the fd-anchored one frees budget for the next.
         t.forget(ids[0].0.nodeid, 1);
         let fd = open(&dir.path().join("a"));
-        assert!(matches!(t.anchor(fd), Anchor::Fd(_)));
+        let root_mount = t.get(ROOT_ID).unwrap().mount.clone();
+        assert!(matches!(t.anchor(fd, &root_mount), Anchor::Fd(_)));
     }
 }

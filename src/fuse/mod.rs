@@ -1,9 +1,9 @@
 //! The FUSE backend: a passthrough of a SOURCE directory with id translation, served by
 //! fuser on several threads.
 //!
-//! `mount` attaches the filesystem with `mount(2)` itself (type `fuse.shiftfs`, the source
-//! path as fsname) and hands the connection to `fuser::Session::from_fd`; the session runs
-//! on background threads until the filesystem is unmounted by anyone.
+//! `mount_at` attaches the filesystem itself onto a held target fd (type `fuse.shiftfs`,
+//! the source path as fsname) and hands the connection to `fuser::Session::from_fd`; the
+//! session runs on background threads until the filesystem is unmounted by anyone.
 //!
 //! Design choices worth knowing (each measured on Linux 6.18):
 //! - Inodes are `O_PATH` fds (`inode.rs`), past a budget file handles; node id = backing
@@ -24,11 +24,41 @@
 //!   0.18 panics on it), `FUSE_EXPORT_SUPPORT` (no NFS re-export).
 //! - File data goes through kernel passthrough when allowed; an open never mixes modes for
 //!   one inode, since the kernel fails such an open with EIO.
+//!
+//! Sub-mounts inside SOURCE, as on the kernel backend: the daemon serves a private clone
+//! of SOURCE's mount (`open_tree(OPEN_TREE_CLONE)`), so by default a mount point shows the
+//! directory underneath it and nothing mounted inside SOURCE is reachable; with
+//! `Options::recursive` (`--recursive`) the clone takes the sub-mounts too, as they were at
+//! mount time. Either way each object acts through an fd of its own mount, and inodes are
+//! keyed by (mount id, dev, ino), so one file reached through a read-write path and a
+//! read-only bind mount is two FUSE inodes. Each mount's flags count (the source's own
+//! included; they are read with `statvfs` when the mount is first seen):
+//! - `ro`: every change gets EROFS (the kernel refuses it, and the daemon checks first).
+//! - `noexec`: the open the kernel makes for execve gets EACCES; an mmap with PROT_EXEC of
+//!   a file opened otherwise cannot be refused (the kernel does not ask the daemon).
+//! - `nosuid`, when this mount is `suid`: the kernel would honour setuid bits and file
+//!   capabilities it reads through us, so regular files there show without setuid/setgid
+//!   bits and without `security.capability`, and a chmod through the mount neither sets
+//!   nor clears those bits.
+//! - `nodev`, when this mount is `dev`: the kernel opens device nodes without asking the
+//!   daemon, so device nodes there are not served (lookup EACCES, mknod EPERM).
+//!
+//! File descriptors: the daemon runs with RLIMIT_NOFILE at its hard limit
+//! (`raise_nofile_limit`). A reserve is kept for the fds requests use briefly (lookups,
+//! reopens) and the session's own; files and directories callers hold open are capped
+//! (`Options::max_open`: past it the opener gets ENFILE, and one caller uid gets at most
+//! three quarters of it); what is left anchors inodes by fd, past which they are anchored by
+//! file handles. So no caller can make lookups, or other users' requests, fail with EMFILE.
+//!
+//! Long data requests (fsync, fallocate, copy_file_range) run on a pool of their own
+//! threads so that metadata requests keep flowing, and a copy_file_range copies at most
+//! `COPY_CHUNK` per request (the caller's loop asks for the rest).
 
 mod caller;
 mod fs;
 mod handle;
 mod inode;
+mod pool;
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,6 +69,7 @@ use rustix::fs::OFlags;
 
 use crate::idmap::IdMapping;
 use crate::mount::MountFlags;
+use crate::resolve::Dir;
 use crate::sys::fusedev::{self, FuseMount};
 use crate::sys::procfd::ProcFd;
 
@@ -64,9 +95,16 @@ pub struct Options {
     pub attr_timeout: Duration,
     /// Shown as the mount source (findmnt SOURCE).
     pub fsname: String,
-    /// Inodes remembered by an open fd before file handles are used; 0 = three quarters
-    /// of RLIMIT_NOFILE (raised to its maximum at mount).
+    /// Inodes remembered by an open fd before file handles are used; 0 = the fds left
+    /// under RLIMIT_NOFILE (raised to its maximum at mount) after the reserve and `max_open`.
     pub max_inode_fds: usize,
+    /// Files and directories callers may hold open through this mount, at most (one caller
+    /// uid: three quarters of it); past it an open fails with ENFILE. 0 = a quarter of the
+    /// fds under RLIMIT_NOFILE after the reserve.
+    pub max_open: usize,
+    /// Serve the sub-mounts inside the source too (each with its own flags), as they were
+    /// at mount time; without it mount points show the directory underneath.
+    pub recursive: bool,
 }
 
 impl Options {
@@ -79,6 +117,8 @@ impl Options {
             attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
             fsname: "shiftfs".to_owned(),
             max_inode_fds: 0,
+            max_open: 0,
+            recursive: false,
         }
     }
 }
@@ -130,6 +170,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("target {0}")]
+    Target(#[from] crate::resolve::Error),
 }
 
 fn mount_hint(e: &io::Error) -> &'static str {
@@ -147,6 +189,8 @@ fn mount_hint(e: &io::Error) -> &'static str {
 pub struct Session {
     bg: fuser::BackgroundSession,
     target: PathBuf,
+    /// The id of our mount (mountinfo's), to tell it from one stacked at the path later.
+    mount_id: Option<u64>,
 }
 
 impl Session {
@@ -171,6 +215,11 @@ impl Session {
     pub fn target(&self) -> &Path {
         &self.target
     }
+
+    /// The mount id (as in mountinfo) of the mount this session serves.
+    pub fn mount_id(&self) -> Option<u64> {
+        self.mount_id
+    }
 }
 
 /// Default worker count: FUSE requests block in syscalls (fsync, reads of cold data), so
@@ -180,9 +229,12 @@ fn default_threads() -> usize {
     (cpus.max(2) * 2).max(4)
 }
 
-/// A tree of a million entries walked twice holds an fd per remembered inode: raise
-/// RLIMIT_NOFILE as far as allowed and return the soft limit in force.
-fn raise_nofile_limit() -> u64 {
+/// A tree of a million entries walked twice holds an fd per remembered inode: raises
+/// RLIMIT_NOFILE as far as allowed and returns the soft limit in force.
+///
+/// Process-wide: meant for the daemon's start. `mount` calls it too (it is idempotent), so
+/// library users need not.
+pub fn raise_nofile_limit() -> u64 {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let cur = getrlimit(Resource::Nofile);
     let soft = cur.current.unwrap_or(u64::MAX);
@@ -208,31 +260,96 @@ fn raise_nofile_limit() -> u64 {
     soft
 }
 
-fn fd_budget(limit: u64, wanted: usize) -> usize {
-    if wanted != 0 {
-        return wanted;
+/// How the daemon's fds are shared out.
+#[derive(Debug, PartialEq, Eq)]
+struct FdPlan {
+    /// Inodes anchored by fds (then by file handles).
+    inode_fds: usize,
+    /// Files and directories held open for callers.
+    max_open: usize,
+}
+
+/// Splits `limit` fds: a reserve for the fds each of `threads` workers (and the pool of as
+/// many) uses during one request plus the session's own, then `max_open` (a quarter of the
+/// rest unless asked), then inode anchors. An asked-for `max_open` or `max_inode_fds` is
+/// kept, but never so large that the total passes the limit.
+fn fd_plan(limit: u64, threads: usize, max_open: usize, max_inode_fds: usize) -> FdPlan {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let reserve = (64 + 16 * threads).max((limit / 8).min(1024));
+    let avail = limit.saturating_sub(reserve).max(64);
+    let max_open = match max_open {
+        0 => avail / 4,
+        n if n > avail - 32 => {
+            tracing::warn!(
+                "max_open={n} does not fit RLIMIT_NOFILE {limit}; using {}",
+                avail - 32
+            );
+            avail - 32
+        }
+        n => n,
     }
-    // Leave room for open files, directories and the daemon's own fds.
-    usize::try_from(limit / 4 * 3)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(1024)
-        .max(64)
+    .max(1);
+    let left = (avail - max_open).max(32);
+    let inode_fds = match max_inode_fds {
+        0 => left,
+        n => n.min(left),
+    };
+    FdPlan {
+        inode_fds,
+        max_open,
+    }
+}
+
+/// The directory the daemon serves: a private clone of the source's mount (with its
+/// sub-mounts when `recursive`), so a mount point inside the source shows what the kernel
+/// backend shows, and mounts made inside the source later do not appear. Where cloning is
+/// refused, the source itself, sub-mounts included (each still with its own flags).
+fn clone_source(source: &OwnedFd, recursive: bool) -> Result<OwnedFd, Error> {
+    use rustix::mount::OpenTreeFlags;
+    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
+        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+        | OpenTreeFlags::AT_EMPTY_PATH;
+    if recursive {
+        flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    match rustix::mount::open_tree(source, "", flags) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => tracing::warn!(
+            "cannot clone the source's mount ({e}); serving it with whatever is mounted \
+             inside it"
+        ),
+    }
+    // Our own O_PATH fd of the directory, whatever flags the caller's fd was opened with.
+    rustix::fs::openat(
+        source,
+        ".",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Error::Source { source: e.into() })
 }
 
 /// overlayfs' magic: a source on overlayfs needs FUSE stacking depth 2 for passthrough.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
-/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target` and starts serving it.
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target`, opened without following
+/// any symlink, and starts serving it.
 pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, Error> {
+    mount_at(source, &Dir::open(target)?, opts)
+}
+
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) onto the held directory `target` and
+/// starts serving it.
+pub fn mount_at(source: OwnedFd, target: &Dir, opts: Options) -> Result<Session, Error> {
     let mounted = attach(source, target, opts)?;
-    let target = mounted.target.clone();
+    let root = mounted
+        .root
+        .try_clone()
+        .map_err(|source| Error::Source { source })?;
     mounted.serve().inspect_err(|_| {
         // Never leave a mount nobody serves.
-        if let Err(e) = fusedev::detach(&target) {
-            tracing::error!(
-                "cannot unmount {} after a failed start: {e}",
-                target.display()
-            );
+        if let Err(e) = fusedev::detach_fd(root.as_fd()) {
+            tracing::error!("cannot unmount a FUSE mount after a failed start: {e}");
         }
     })
 }
@@ -244,27 +361,34 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
 pub struct Mounted {
     fs: fs::ShiftFs,
     dev: OwnedFd,
-    target: PathBuf,
+    /// The mount itself: holding it keeps the mount busy, so it goes with `serve`.
+    root: OwnedFd,
+    path: PathBuf,
     threads: usize,
 }
 
-/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target`; nothing serves it yet.
-pub fn attach(source: OwnedFd, target: &Path, opts: Options) -> Result<Mounted, Error> {
+/// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) onto the held directory `target`;
+/// nothing serves it yet.
+pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, Error> {
     let st = rustix::fs::fstat(&source).map_err(|e| Error::Source { source: e.into() })?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::SourceNotDir);
     }
-    // Our own O_PATH fd of the directory, whatever flags the caller's fd was opened with.
-    let root = rustix::fs::openat(
-        &source,
-        ".",
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| Error::Source { source: e.into() })?;
+    let root = clone_source(&source, opts.recursive)?;
     drop(source);
     let overlay = rustix::fs::fstatfs(&root).is_ok_and(|s| s.f_type == OVERLAYFS_SUPER_MAGIC);
-    let fd_limit = raise_nofile_limit();
+    let threads = if opts.threads == 0 {
+        default_threads()
+    } else {
+        opts.threads
+    };
+    let plan = fd_plan(
+        raise_nofile_limit(),
+        threads,
+        opts.max_open,
+        opts.max_inode_fds,
+    );
+    tracing::debug!("fd plan: {plan:?}");
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     let fs = fs::ShiftFs::new(
         root,
@@ -276,78 +400,106 @@ pub fn attach(source: OwnedFd, target: &Path, opts: Options) -> Result<Mounted, 
             passthrough: opts.passthrough,
             stack_depth: if overlay { 2 } else { 1 },
             stable_dir_offsets: !overlay,
-            fd_budget: fd_budget(fd_limit, opts.max_inode_fds),
+            fd_budget: plan.inode_fds,
+            max_open: plan.max_open,
+            data_threads: threads,
         },
     )
     .map_err(|source| Error::Source { source })?;
 
     let dev = fusedev::open_dev_fuse().map_err(|source| Error::DevFuse { source })?;
-    let mut flags = rustix::mount::MountFlags::empty();
-    if !opts.flags.suid {
-        flags |= rustix::mount::MountFlags::NOSUID;
-    }
-    if !opts.flags.dev {
-        flags |= rustix::mount::MountFlags::NODEV;
-    }
-    if !opts.flags.exec {
-        flags |= rustix::mount::MountFlags::NOEXEC;
-    }
-    if opts.flags.read_only {
-        flags |= rustix::mount::MountFlags::RDONLY;
-    }
-    let target = target.to_path_buf();
-    fusedev::mount_fuse(
-        &target,
+    let path = target.path().to_path_buf();
+    let root = fusedev::mount_fuse(
+        target.as_fd(),
         &FuseMount {
             dev: dev.as_fd(),
             fsname: &opts.fsname,
             subtype: "shiftfs",
-            flags,
+            attrs: opts.flags.mount_attrs(),
             allow_other: true,
             default_permissions: true,
         },
     )
     .map_err(|source| Error::Mount {
         hint: mount_hint(&source),
-        target: target.clone(),
+        target: path.clone(),
         source,
     })?;
 
-    let threads = if opts.threads == 0 {
-        default_threads()
-    } else {
-        opts.threads
-    };
     Ok(Mounted {
         fs,
         dev,
-        target,
+        root,
+        path,
         threads,
     })
 }
 
 impl Mounted {
     pub fn target(&self) -> &Path {
-        &self.target
+        &self.path
+    }
+
+    /// The id of the mount (as in mountinfo), to tell it from one stacked at the path later.
+    pub fn mount_id(&self) -> Option<u64> {
+        rustix::fs::statx(
+            &self.root,
+            "",
+            rustix::fs::AtFlags::EMPTY_PATH,
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .ok()
+        .map(|st| st.stx_mnt_id)
     }
 
     /// Completes the handshake with the kernel and starts the worker threads. On failure
-    /// the mount stays: it is the caller's to remove.
+    /// the mount stays, unserved: it is the caller's to remove.
     pub fn serve(self) -> Result<Session, Error> {
+        let mount_id = self.mount_id();
         let Self {
             fs,
             dev,
-            target,
+            root,
+            path,
             threads,
         } = self;
+        drop(root);
         let mut config = fuser::Config::default();
         config.n_threads = Some(threads);
         config.clone_fd = true;
         match fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
             .and_then(fuser::Session::spawn)
         {
-            Ok(bg) => Ok(Session { bg, target }),
-            Err(source) => Err(Error::Handshake { target, source }),
+            Ok(bg) => Ok(Session {
+                bg,
+                target: path,
+                mount_id,
+            }),
+            Err(source) => Err(Error::Handshake {
+                target: path,
+                source,
+            }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_plan_keeps_a_reserve_and_caps_open_files() {
+        // The common case here: 20,000 fds, 4 workers.
+        let p = fd_plan(20_000, 4, 0, 0);
+        assert_eq!(p.max_open, (20_000 - 1024) / 4);
+        assert_eq!(p.inode_fds + p.max_open, 20_000 - 1024);
+        // A small limit still leaves the per-request reserve.
+        let p = fd_plan(256, 4, 0, 0);
+        assert_eq!(p.max_open + p.inode_fds, 256 - 128);
+        // Asked-for values are kept when they fit, shrunk when they do not.
+        assert_eq!(fd_plan(20_000, 4, 100, 8).max_open, 100);
+        assert_eq!(fd_plan(20_000, 4, 100, 8).inode_fds, 8);
+        let p = fd_plan(1024, 4, 1_000_000, 0);
+        assert!(p.max_open + p.inode_fds <= 1024 - 128, "{p:?}");
     }
 }

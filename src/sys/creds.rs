@@ -8,20 +8,34 @@ use std::cell::Cell;
 use std::io;
 
 use rustix::fs::Mode;
-use rustix::thread::{CapabilitySets, UnshareFlags, capabilities, set_capabilities};
+use rustix::process::Gid;
+use rustix::thread::{
+    CapabilitySets, UnshareFlags, capabilities, set_capabilities, set_thread_groups,
+};
 
 /// Any id the kernel rejects: `setfsuid(-1)` changes nothing and returns the current fsuid.
 const QUERY: u32 = u32::MAX;
 
+// The 32-bit architectures that began with 16-bit ids keep `setfsuid`/`setfsgid` as the 16-bit
+// calls and have `*32` ones for full ids (the same set rustix uses for `setgroups32`). m68k
+// has them too, but the libc crate's numbers for it do not say which is which: refuse to build
+// there rather than switch to a truncated id.
+#[cfg(target_arch = "m68k")]
+compile_error!("shiftfs does not know m68k's 32-bit setfsuid/setfsgid syscall numbers");
+#[cfg(not(any(target_arch = "x86", target_arch = "arm", target_arch = "sparc")))]
+use libc::{SYS_setfsgid as SYS_SETFSGID, SYS_setfsuid as SYS_SETFSUID};
+#[cfg(any(target_arch = "x86", target_arch = "arm", target_arch = "sparc"))]
+use libc::{SYS_setfsgid32 as SYS_SETFSGID, SYS_setfsuid32 as SYS_SETFSUID};
+
 fn raw_setfsuid(uid: u32) -> u32 {
     // SAFETY: setfsuid takes an integer and touches no memory; it cannot fail, it returns
     // the previous fsuid (the current one when the change was refused).
-    unsafe { libc::syscall(libc::SYS_setfsuid, uid as libc::c_long) as u32 }
+    unsafe { libc::syscall(SYS_SETFSUID, uid as libc::c_long) as u32 }
 }
 
 fn raw_setfsgid(gid: u32) -> u32 {
     // SAFETY: as for setfsuid.
-    unsafe { libc::syscall(libc::SYS_setfsgid, gid as libc::c_long) as u32 }
+    unsafe { libc::syscall(SYS_SETFSGID, gid as libc::c_long) as u32 }
 }
 
 /// The calling thread's current fsuid.
@@ -47,8 +61,8 @@ pub struct FsCreds {
     old_uid: u32,
     old_gid: u32,
     caps: CapabilitySets,
-    /// Supplementary groups to restore, when they were cleared.
-    groups: Option<Vec<u32>>,
+    /// Supplementary groups to restore, when they were replaced.
+    groups: Option<Vec<Gid>>,
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
@@ -67,11 +81,10 @@ impl FsCreds {
     /// filesystem ones unless `uid` is 0) and has `groups` as supplementary groups.
     pub fn switch_checked(uid: u32, gid: u32, groups: &[u32]) -> io::Result<Self> {
         let caps = capabilities(None)?;
-        let saved = rustix::process::getgroups()?
-            .into_iter()
-            .map(|g| g.as_raw())
-            .collect();
-        raw_setgroups(groups)?;
+        let saved = rustix::process::getgroups()?;
+        let groups: Vec<Gid> = groups.iter().map(|&g| Gid::from_raw_unchecked(g)).collect();
+        // The raw syscall, unlike glibc's setgroups, changes only the calling thread.
+        set_thread_groups(&groups)?;
         let guard = Self::set(uid, gid, caps, Some(saved))?;
         // fsuid 0 keeps the filesystem capabilities, but the caller has not been shown to hold
         // them (and a namespace root's cover only inodes mapped in its namespace).
@@ -104,7 +117,7 @@ impl FsCreds {
 
     /// Changes fsgid and fsuid; the returned guard (also when this fails half-way)
     /// restores them, `caps` and `groups`.
-    fn set(uid: u32, gid: u32, caps: CapabilitySets, groups: Option<Vec<u32>>) -> io::Result<Self> {
+    fn set(uid: u32, gid: u32, caps: CapabilitySets, groups: Option<Vec<Gid>>) -> io::Result<Self> {
         let old_uid = fsuid();
         let old_gid = raw_setfsgid(gid);
         let guard = Self {
@@ -125,35 +138,38 @@ impl FsCreds {
     }
 }
 
-fn raw_setgroups(groups: &[u32]) -> io::Result<()> {
-    // SAFETY: the pointer and length describe a live slice of gid_t-sized ids; the raw
-    // syscall (unlike glibc's setgroups) changes only the calling thread.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_setgroups,
-            groups.len() as libc::c_long,
-            groups.as_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-impl Drop for FsCreds {
-    fn drop(&mut self) {
+impl FsCreds {
+    /// Puts back fsuid, fsgid, groups and capabilities, and checks the ids took.
+    fn restore(&self) -> io::Result<()> {
         raw_setfsuid(self.old_uid);
         raw_setfsgid(self.old_gid);
+        if (fsuid(), fsgid()) != (self.old_uid, self.old_gid) {
+            return Err(io::Error::other(format!(
+                "fsuid/fsgid are {}/{}, not {}/{}",
+                fsuid(),
+                fsgid(),
+                self.old_uid,
+                self.old_gid
+            )));
+        }
         if let Some(groups) = &self.groups {
-            if let Err(e) = raw_setgroups(groups) {
-                tracing::error!("cannot restore supplementary groups: {e}");
-            }
+            set_thread_groups(groups)?;
         }
         // Going back to fsuid 0 already re-raises the filesystem capabilities from the
         // permitted set; this makes the restore exact whatever the starting point was.
-        if let Err(e) = set_capabilities(None, self.caps) {
-            tracing::error!("cannot restore thread capabilities: {e}");
+        set_capabilities(None, self.caps)?;
+        Ok(())
+    }
+}
+
+impl Drop for FsCreds {
+    /// A thread that cannot get its own credentials back would serve the next request
+    /// with a caller's ids, groups or capabilities: stop the daemon instead. Its mount then
+    /// fails every access (ENOTCONN) until unmounted, which is the safe way to fail.
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            tracing::error!("cannot restore the worker thread's credentials: {e}; aborting");
+            std::process::abort();
         }
     }
 }
@@ -258,6 +274,52 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    const ABORT_CHILD: &str = "SHIFTFS_TEST_FAILED_RESTORE";
+
+    /// The child of `failed_restore_aborts`: a guard whose fsuid cannot be put back.
+    #[test]
+    fn failed_restore_child() {
+        if std::env::var_os(ABORT_CHILD).is_none() {
+            return;
+        }
+        // Without CAP_SETUID, setfsuid only goes to one of our own uids.
+        let mut caps = capabilities(None).unwrap();
+        caps.effective -= rustix::thread::CapabilitySet::SETUID;
+        set_capabilities(None, caps).unwrap();
+        let guard = FsCreds {
+            old_uid: rustix::process::getuid().as_raw().wrapping_add(1),
+            old_gid: fsgid(),
+            caps,
+            groups: None,
+            _not_send: std::marker::PhantomData,
+        };
+        drop(guard);
+        // Still here with the wrong fsuid: what the parent must not see.
+        std::process::exit(3);
+    }
+
+    /// A worker that cannot restore its credentials stops the daemon rather than serve on.
+    #[test]
+    fn failed_restore_aborts() {
+        use std::os::unix::process::ExitStatusExt;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sys::creds::tests::failed_restore_child",
+                "--nocapture",
+            ])
+            .env(ABORT_CHILD, "1")
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "{:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
 
     #[test]

@@ -149,23 +149,3 @@ pub fn set_cmdline(args: &[&str]) -> io::Result<()> {
     unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), start as *mut u8, len) };
     Ok(())
 }
-
-/// Closes every file descriptor from 3 up except `keep`, in a process that will not drop
-/// the objects owning the closed ones (a forked child that never returns).
-pub fn close_fds_except(keep: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let keep = u32::try_from(keep.as_raw_fd()).map_err(|_| io::Error::other("bad fd"))?;
-    let ranges = [(3, keep.checked_sub(1)), (keep + 1, Some(u32::MAX))];
-    for (first, last) in ranges {
-        let Some(last) = last.filter(|&l| l >= first) else {
-            continue;
-        };
-        // SAFETY: close_range takes integers and touches no memory; the caller guarantees
-        // nothing will use or close the descriptors of these ranges again.
-        let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}

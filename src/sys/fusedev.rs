@@ -1,16 +1,16 @@
 //! Opening `/dev/fuse` and mounting a FUSE filesystem on it with `mount(2)`.
 //!
 //! We mount ourselves instead of letting fuser do it: fuser's direct mount cannot set the
-//! `fuse.<subtype>` type and canonicalises the target path; `fuser::Session::from_fd` then
-//! serves the connection.
+//! `fuse.<subtype>` type and mounts by path; we use the new mount API (`fsopen`,
+//! `fsconfig`, `fsmount`, `move_mount`) onto a held target fd, and
+//! `fuser::Session::from_fd` then serves the connection.
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
-use rustix::mount::MountFlags;
+use rustix::mount::MountAttrFlags;
 
 pub const DEV_FUSE: &str = "/dev/fuse";
 
@@ -29,31 +29,63 @@ pub struct FuseMount<'a> {
     pub fsname: &'a str,
     /// Mount type becomes `fuse.<subtype>`.
     pub subtype: &'a str,
-    pub flags: MountFlags,
+    /// ro, nosuid, nodev, noexec of the mount (`MOUNT_ATTR_RDONLY` also makes the
+    /// filesystem itself read-only).
+    pub attrs: MountAttrFlags,
     pub allow_other: bool,
     pub default_permissions: bool,
 }
 
-pub fn mount_fuse(target: &Path, m: &FuseMount<'_>) -> io::Result<()> {
-    let mut data = format!(
-        "fd={},rootmode=40000,user_id={},group_id={}",
-        m.dev.as_raw_fd(),
-        rustix::process::getuid().as_raw(),
-        rustix::process::getgid().as_raw(),
-    );
+/// Makes a FUSE mount served through `m.dev` and attaches it onto the directory `target`
+/// (an fd checked by the caller), never by name. Returns an `O_PATH` fd of the new mount's
+/// root, which names this very mount for [`detach_fd`]; holding it keeps the mount busy, so
+/// close it once the mount is known to work.
+pub fn mount_fuse(target: BorrowedFd<'_>, m: &FuseMount<'_>) -> io::Result<OwnedFd> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MoveMountFlags, fsconfig_create, fsconfig_set_flag,
+        fsconfig_set_string, fsmount, fsopen, move_mount,
+    };
+    let fs = fsopen("fuse", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    let opts = [
+        ("source", m.fsname.to_string()),
+        ("subtype", m.subtype.to_string()),
+        ("fd", m.dev.as_raw_fd().to_string()),
+        ("rootmode", "40000".to_string()),
+        ("user_id", rustix::process::getuid().as_raw().to_string()),
+        ("group_id", rustix::process::getgid().as_raw().to_string()),
+    ];
+    for (key, value) in opts {
+        fsconfig_set_string(&fs, key, value.as_str())?;
+    }
     if m.default_permissions {
-        data.push_str(",default_permissions");
+        fsconfig_set_flag(&fs, "default_permissions")?;
     }
     if m.allow_other {
-        data.push_str(",allow_other");
+        fsconfig_set_flag(&fs, "allow_other")?;
     }
-    let data = CString::new(data).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let fstype = format!("fuse.{}", m.subtype);
-    rustix::mount::mount(m.fsname, target, fstype.as_str(), m.flags, data.as_c_str())?;
-    Ok(())
+    if m.attrs.contains(MountAttrFlags::MOUNT_ATTR_RDONLY) {
+        fsconfig_set_flag(&fs, "ro")?;
+    }
+    fsconfig_create(&fs)?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, m.attrs)?;
+    move_mount(
+        &mnt,
+        c"",
+        target,
+        c"",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )?;
+    Ok(mnt)
 }
 
-/// Lazy unmount: detaches now, the filesystem goes away when its last user leaves.
+/// Lazy unmount of the mount whose root `mnt` holds: it leaves the namespace now and goes
+/// away when its last user leaves. Through the fd's `/proc/self/fd` link, so the mount
+/// unmounted is this one, not whatever a path names by now.
+pub fn detach_fd(mnt: BorrowedFd<'_>) -> io::Result<()> {
+    detach(Path::new(&format!("/proc/self/fd/{}", mnt.as_raw_fd())))
+}
+
+/// Lazy unmount of the mount at `target`; a symlink there is not followed.
 pub fn detach(target: &Path) -> io::Result<()> {
     Ok(rustix::mount::unmount(
         target,

@@ -6,6 +6,7 @@ pub mod creds;
 pub mod daemon;
 pub mod fhandle;
 pub mod fusedev;
+pub mod inherit;
 pub mod mount;
 pub mod process;
 pub mod procfd;

@@ -105,3 +105,11 @@ pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
         }
     }
 }
+
+/// The kernel's name for the object behind `fd` (`readlink /proc/self/fd/N`), for messages
+/// and records; `None` when it has none a path could reach (deleted, or outside our root).
+pub fn fd_path(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    let text = link.as_os_str().as_encoded_bytes();
+    (text.starts_with(b"/") && !text.ends_with(b" (deleted)")).then_some(link)
+}

@@ -1,35 +1,45 @@
-//! What ids a tree uses, what a map leaves unmapped, and hazards; plus the parallel walk
-//! that `shift` shares.
+//! The one tree walker of `scan` and `shift`: every name is resolved one component at a time
+//! relative to a held directory fd, never as a path string, so a tree of any depth the file
+//! system allows is walked (no `PATH_MAX`), and never more than a budget of directory fds
+//! is kept open (no open-file limit either).
 //!
-//! The walk only resolves names relative to held directory fds: each directory is opened
-//! with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`, each entry
-//! is `statx`ed with `AT_SYMLINK_NOFOLLOW`, and its xattrs are read with `llistxattr` /
-//! `lgetxattr` on `/proc/self/fd/DIRFD/NAME`, which resolves NAME inside the held directory
-//! and never follows it. Nothing is opened for I/O, so fifos and devices are safe to visit.
+//! Each step is `openat2(dir, NAME, O_NOFOLLOW | O_DIRECTORY, RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS [| RESOLVE_NO_XDEV])`, so a symlink is never
+//! followed and, by default, no mount is entered. Entries are read with `getdents64` on the
+//! directory's fd, `statx`ed with `AT_SYMLINK_NOFOLLOW` relative to it, and their xattrs
+//! read with `listxattrat` (or `llistxattr` / `lgetxattr` on `/proc/self/fd/DIRFD/NAME`,
+//! which resolves NAME inside the held directory and never follows it). Nothing is opened
+//! for I/O, so fifos and devices are safe to visit.
+//!
+//! File descriptors. [`walk`] runs on all cores: a directory's entries are read by one task,
+//! and each subdirectory found becomes a queued task holding a shared reference to an open
+//! ancestor directory (its parent while fewer than [`fd_budget`] directories are held, the
+//! parent's own ancestor past that), from which it opens itself component by component.
+//! A chain of any depth so holds two or three fds; a tree with many directories waiting for
+//! their turn holds at most about the budget. [`Cursor`] does the same for journaled paths:
+//! it keeps the fds of the directories on its current path up to a budget, dropping the
+//! outermost ones first, and re-opens a dropped one from the nearest kept ancestor.
+//! The budget is half the soft `RLIMIT_NOFILE`; `shiftfs scan` and `shift` raise that to the
+//! hard limit at start (process-wide state stays in the CLI), so the budget is rarely reached.
 //!
 //! File systems: like `du -x` and `find -xdev`, the walk stays on the tree root's mount;
 //! a mount point below it (a different mount id, bind mounts included) is reported and
 //! skipped unless `cross_file_systems` is set.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, StatxFlags, openat2, statx};
-use serde::Serialize;
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, StatxFlags, openat2, statx,
+};
 
-use crate::idmap::IdMapping;
-use crate::xattr::{self, IdKind, IdTranslate};
-
-/// Where the tree's current map is recorded (absent = the tree is unshifted).
-pub const MAP_XATTR: &str = "trusted.shiftfs.map";
-/// Present on the tree root while a shift is under way: `from=MAP to=MAP`.
-pub const SHIFT_XATTR: &str = "trusted.shiftfs.shift";
+use crate::xattr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,27 +56,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("{path}: cannot translate an id-bearing xattr")]
-    Xattr {
-        path: String,
-        #[source]
-        source: xattr::Error,
-    },
     #[error("{count} error(s) while walking the tree; the first")]
     Walk {
         count: usize,
         #[source]
         first: Box<Error>,
     },
-    #[error("{path}: {MAP_XATTR} on the tree root does not hold a valid map; fix or remove it")]
-    BadRecord {
-        path: PathBuf,
-        #[source]
-        source: crate::idmap::Error,
-    },
 }
 
-fn io_err(path: &[u8], op: &'static str, e: impl Into<io::Error>) -> Error {
+pub(crate) fn io_err(path: &[u8], op: &'static str, e: impl Into<io::Error>) -> Error {
     Error::Io {
         path: display(path),
         op,
@@ -86,7 +84,8 @@ pub fn display(path: &[u8]) -> String {
 /// One inode of the tree (hard links appear once).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// Relative to the tree root; empty for the root itself.
+    /// Relative to the tree root; empty for the root itself. For messages and the journal:
+    /// it is resolved again only through [`Cursor`], one component at a time.
     pub path: Vec<u8>,
     pub dev: u64,
     pub ino: u64,
@@ -133,25 +132,76 @@ pub fn open_root(path: &Path) -> Result<OwnedFd, Error> {
     })
 }
 
-/// The root's recorded map (`None` = unshifted) and the in-progress marker, if any.
-pub fn recorded_state(
-    root: BorrowedFd<'_>,
-    root_path: &Path,
-) -> Result<(Option<IdMapping>, Option<String>), Error> {
-    let read = |name: &str| -> Result<Option<String>, Error> {
-        match fget(root, name) {
-            Ok(v) => Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned())),
-            Err(e) => Err(io_err(b"", "read xattr", e)),
-        }
-    };
-    let map = match read(MAP_XATTR)? {
-        None => None,
-        Some(text) => Some(IdMapping::parse(&text).map_err(|source| Error::BadRecord {
-            path: root_path.to_path_buf(),
-            source,
-        })?),
-    };
-    Ok((map, read(SHIFT_XATTR)?))
+pub(crate) fn resolve_flags(cross_file_systems: bool) -> ResolveFlags {
+    let base = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    if cross_file_systems {
+        base
+    } else {
+        base | ResolveFlags::NO_XDEV
+    }
+}
+
+/// How many directory fds a walk (or all of a shift's cursors together) may keep open: half
+/// the soft open-file limit, less a few per worker thread for the fds each opens for a
+/// moment; at least 4.
+pub fn fd_budget() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
+    (soft / 2)
+        .saturating_sub(4 * rayon::current_num_threads())
+        .max(4)
+}
+
+/// Opens one directory entry `name` (a single component) beneath `dir`, following no
+/// symlink and, unless `resolve` allows it, crossing no mount.
+pub(crate) fn open_child(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    flags: OFlags,
+    resolve: ResolveFlags,
+) -> io::Result<OwnedFd> {
+    if name.is_empty() || name.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(openat2(
+        dir,
+        OsStr::from_bytes(name),
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        resolve,
+    )?)
+}
+
+/// The components of a tree-relative path ("" has none).
+pub(crate) fn components(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.split(|&c| c == b'/').filter(|c| !c.is_empty())
+}
+
+/// Opens the directory `rel` below `base` one component at a time (intermediate ones as
+/// `O_PATH`, the last with `flags`); `rel` empty re-opens `base` itself.
+fn open_path(
+    base: BorrowedFd<'_>,
+    rel: &[u8],
+    flags: OFlags,
+    resolve: ResolveFlags,
+) -> io::Result<OwnedFd> {
+    let mut comps = components(rel).peekable();
+    if comps.peek().is_none() {
+        return open_child(base, b".", flags | OFlags::DIRECTORY, resolve);
+    }
+    let mut cur: Option<OwnedFd> = None;
+    while let Some(c) = comps.next() {
+        let f = if comps.peek().is_some() {
+            OFlags::PATH
+        } else {
+            flags
+        };
+        let at = cur.as_ref().map_or(base, |fd| fd.as_fd());
+        cur = Some(open_child(at, c, f | OFlags::DIRECTORY, resolve)?);
+    }
+    cur.ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
 }
 
 /// `fgetxattr` on a regular fd; `None` when the attribute is absent.
@@ -257,7 +307,8 @@ fn id_xattrs(src: Source<'_>, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>,
     Ok(out)
 }
 
-/// `/proc/self/fd/FD/NAME` (or `/proc/self/fd/FD` for an empty name).
+/// `/proc/self/fd/FD/NAME` (or `/proc/self/fd/FD` for an empty name): short whatever the
+/// depth, and resolved from the held fd.
 pub(crate) fn proc_path(fd: BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
     use std::os::fd::AsRawFd;
     let mut p = format!("/proc/self/fd/{}", fd.as_raw_fd()).into_bytes();
@@ -278,20 +329,50 @@ pub(crate) fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
-pub(crate) fn resolve_flags(cross_file_systems: bool) -> ResolveFlags {
-    let base = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-    if cross_file_systems {
-        base
-    } else {
-        base | ResolveFlags::NO_XDEV
+const STATX_WANT: StatxFlags = StatxFlags::BASIC_STATS.union(StatxFlags::MNT_ID);
+
+/// An open directory that queued subdirectories are opened beneath; counted against the
+/// walk's budget while alive.
+struct Anchor<'a> {
+    fd: OwnedFd,
+    /// The directory's tree-relative path is the first `rel_len` bytes of its
+    /// descendants' paths.
+    rel_len: usize,
+    held: &'a AtomicUsize,
+}
+
+impl<'a> Anchor<'a> {
+    fn new(fd: OwnedFd, rel_len: usize, held: &'a AtomicUsize) -> Arc<Self> {
+        held.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Anchor { fd, rel_len, held })
+    }
+
+    /// The part of a descendant's path below this directory.
+    fn below<'p>(&self, rel: &'p [u8]) -> &'p [u8] {
+        rel.get(self.rel_len..).unwrap_or_default()
     }
 }
 
-const STATX_WANT: StatxFlags = StatxFlags::BASIC_STATS.union(StatxFlags::MNT_ID);
+impl Drop for Anchor<'_> {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A directory waiting for its turn: no fd of its own, only a share of an ancestor's.
+struct Pending<'a> {
+    base: Arc<Anchor<'a>>,
+    rel: Vec<u8>,
+    /// (dev, ino) its parent listed: what it must still be when opened.
+    key: (u64, u64),
+    mnt_id: u64,
+}
 
 struct Shared<'p> {
-    root: BorrowedFd<'p>,
     opts: WalkOptions,
+    resolve: ResolveFlags,
+    budget: usize,
+    held: AtomicUsize,
     entries: Mutex<Vec<Entry>>,
     /// (dev, ino) of multiply linked non-directories -> links seen.
     links: Mutex<HashMap<(u64, u64), u64>>,
@@ -308,6 +389,16 @@ pub fn walk(
     opts: WalkOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Tree, Error> {
+    walk_with_budget(root, opts, fd_budget(), progress)
+}
+
+/// [`walk`] keeping at most about `budget` directory fds open.
+pub fn walk_with_budget(
+    root: BorrowedFd<'_>,
+    opts: WalkOptions,
+    budget: usize,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Tree, Error> {
     let stx = statx(
         root,
         "",
@@ -316,11 +407,11 @@ pub fn walk(
     )
     .map_err(|e| io_err(b"", "stat", e))?;
     let root_xattrs = id_xattrs(Source::Fd(root), b"")?;
-    let root_entry_key = (dev_of(&stx), stx.stx_ino);
+    let key = (dev_of(&stx), stx.stx_ino);
     let root_entry = Entry {
         path: Vec::new(),
-        dev: dev_of(&stx),
-        ino: stx.stx_ino,
+        dev: key.0,
+        ino: key.1,
         mode: u32::from(stx.stx_mode),
         uid: stx.stx_uid,
         gid: stx.stx_gid,
@@ -329,8 +420,10 @@ pub fn walk(
         xattrs: root_xattrs,
     };
     let shared = Shared {
-        root,
         opts,
+        resolve: resolve_flags(opts.cross_file_systems),
+        budget,
+        held: AtomicUsize::new(0),
         entries: Mutex::new(vec![root_entry]),
         links: Mutex::new(HashMap::new()),
         mount_points: Mutex::new(Vec::new()),
@@ -338,8 +431,14 @@ pub fn walk(
         visited: AtomicU64::new(1),
         progress,
     };
-    let key = (root_entry_key.0, root_entry_key.1);
-    rayon::scope(|s| walk_dir(s, &shared, Vec::new(), key, stx.stx_mnt_id));
+    let root_dup = rustix::io::fcntl_dupfd_cloexec(root, 0).map_err(|e| io_err(b"", "dup", e))?;
+    let first = Pending {
+        base: Anchor::new(root_dup, 0, &shared.held),
+        rel: Vec::new(),
+        key,
+        mnt_id: stx.stx_mnt_id,
+    };
+    rayon::scope(|s| walk_dir(s, &shared, first));
 
     let mut errors = take(shared.errors);
     if !errors.is_empty() {
@@ -377,69 +476,65 @@ fn dev_of(stx: &rustix::fs::Statx) -> u64 {
     rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor)
 }
 
-/// A queued directory holds no fd (a wide tree would run out of them): it is opened when
-/// its turn comes, beneath the root without following any symlink, and must still be the
-/// inode its parent listed.
-fn walk_dir<'s>(
-    s: &rayon::Scope<'s>,
-    shared: &'s Shared<'s>,
-    rel: Vec<u8>,
-    key: (u64, u64),
-    mnt_id: u64,
-) {
-    let open = || -> Result<OwnedFd, Error> {
-        let path: &OsStr = if rel.is_empty() {
-            OsStr::new(".")
+/// Opens a queued directory beneath its anchor, one component at a time, and checks it is
+/// still the inode its parent listed.
+fn open_pending(shared: &Shared<'_>, p: &Pending<'_>) -> Result<OwnedFd, Error> {
+    let fd = open_path(
+        p.base.fd.as_fd(),
+        p.base.below(&p.rel),
+        OFlags::RDONLY,
+        shared.resolve,
+    )
+    .map_err(|e| io_err(&p.rel, "open directory", e))?;
+    let again =
+        statx(&fd, "", AtFlags::EMPTY_PATH, STATX_WANT).map_err(|e| io_err(&p.rel, "stat", e))?;
+    if (dev_of(&again), again.stx_ino) != p.key {
+        return Err(io_err(
+            &p.rel,
+            "open directory",
+            io::Error::other("replaced while the tree was walked"),
+        ));
+    }
+    Ok(fd)
+}
+
+fn walk_dir<'s>(s: &rayon::Scope<'s>, shared: &'s Shared<'s>, p: Pending<'s>) {
+    let result = open_pending(shared, &p).and_then(|fd| {
+        let me = Anchor::new(fd, p.rel.len(), &shared.held);
+        // Within the budget, the subdirectories found here open themselves from this
+        // directory; past it, from the ancestor this one was opened from, and this
+        // directory's fd is closed once it has been read.
+        let base = if shared.held.load(Ordering::Relaxed) <= shared.budget {
+            &me
         } else {
-            OsStr::from_bytes(&rel)
+            &p.base
         };
-        let fd = openat2(
-            shared.root,
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            resolve_flags(shared.opts.cross_file_systems),
-        )
-        .map_err(|e| io_err(&rel, "open directory", e))?;
-        let again =
-            statx(&fd, "", AtFlags::EMPTY_PATH, STATX_WANT).map_err(|e| io_err(&rel, "stat", e))?;
-        if (dev_of(&again), again.stx_ino) != key {
-            return Err(io_err(
-                &rel,
-                "open directory",
-                io::Error::other("replaced while the tree was walked"),
-            ));
-        }
-        Ok(fd)
-    };
-    if let Err(e) = open().and_then(|dir| walk_dir_inner(s, shared, dir, &rel, mnt_id)) {
+        read_dir(s, shared, &me.fd, base, &p.rel, p.mnt_id)
+    });
+    if let Err(e) = result {
         lock(&shared.errors).push(e);
     }
 }
 
-fn walk_dir_inner<'s>(
+fn read_dir<'s>(
     s: &rayon::Scope<'s>,
     shared: &'s Shared<'s>,
-    dir: OwnedFd,
+    dir: &OwnedFd,
+    base: &Arc<Anchor<'s>>,
     rel: &[u8],
     mnt_id: u64,
 ) -> Result<(), Error> {
     let mut local = Vec::new();
-    let mut reader = Dir::new(dir).map_err(|e| io_err(rel, "read directory", e))?;
-    while let Some(item) = reader.read() {
+    let mut buf = Vec::<u8>::with_capacity(32 * 1024);
+    let mut reader = RawDir::new(dir, buf.spare_capacity_mut());
+    while let Some(item) = reader.next() {
         let item = item.map_err(|e| io_err(rel, "read directory", e))?;
-        let dir = reader.fd().map_err(|e| io_err(rel, "read directory", e))?;
         let name = item.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;
         }
         let child = join(rel, name);
-        let stx = match statx(
-            dir,
-            OsStr::from_bytes(name),
-            AtFlags::SYMLINK_NOFOLLOW,
-            STATX_WANT,
-        ) {
+        let stx = match statx(dir, item.file_name(), AtFlags::SYMLINK_NOFOLLOW, STATX_WANT) {
             Ok(s) => s,
             // Removed while we walked: nothing to shift or report.
             Err(rustix::io::Errno::NOENT) => continue,
@@ -459,11 +554,15 @@ fn walk_dir_inner<'s>(
                 continue;
             }
         }
-        let xattrs = id_xattrs(Source::At(dir, item.file_name()), &child)?;
+        let xattrs = id_xattrs(Source::At(dir.as_fd(), item.file_name()), &child)?;
         if ft == FileType::Directory {
-            let child_path = child.clone();
-            let child_mnt = stx.stx_mnt_id;
-            s.spawn(move |s| walk_dir(s, shared, child_path, key, child_mnt));
+            let pending = Pending {
+                base: Arc::clone(base),
+                rel: child.clone(),
+                key,
+                mnt_id: stx.stx_mnt_id,
+            };
+            s.spawn(move |s| walk_dir(s, shared, pending));
         }
         local.push(Entry {
             path: child,
@@ -484,178 +583,95 @@ fn walk_dir_inner<'s>(
     Ok(())
 }
 
-/// How one id is used in the tree.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct IdUse {
-    pub id: u32,
-    /// Inodes owned by it.
-    pub owners: u64,
-    /// ACL_USER / ACL_GROUP entries naming it (access and default ACLs).
-    pub acl_entries: u64,
-    /// File capabilities whose root id it is (uids only).
-    pub capability_roots: u64,
+/// Resolves directories of the tree by tree-relative path, one component at a time from the
+/// root, keeping the `O_PATH` fds of the directories on its current path (up to `budget`,
+/// dropping the outermost first). Visiting directories in sorted order (where every
+/// directory's subtree is contiguous) opens each about once; a dropped one is re-opened from
+/// the nearest kept ancestor.
+pub struct Cursor<'r> {
+    root: BorrowedFd<'r>,
+    resolve: ResolveFlags,
+    budget: usize,
+    /// The directories from the root (exclusive) down to the current one: name and, if
+    /// kept, fd.
+    levels: Vec<(Vec<u8>, Option<OwnedFd>)>,
+    held: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct CapabilityFile {
-    pub path: String,
-    pub version: u8,
-    pub root_id: u32,
-}
+impl<'r> Cursor<'r> {
+    pub fn new(root: BorrowedFd<'r>, resolve: ResolveFlags, budget: usize) -> Self {
+        Cursor {
+            root,
+            resolve,
+            budget: budget.max(1),
+            levels: Vec::new(),
+            held: 0,
+        }
+    }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ExternalLink {
-    pub path: String,
-    pub nlink: u64,
-    pub links_in_tree: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Hazards {
-    pub setuid: Vec<String>,
-    pub setgid: Vec<String>,
-    pub capabilities: Vec<CapabilityFile>,
-    pub devices: Vec<String>,
-    pub world_writable_dirs_without_sticky: Vec<String>,
-    pub hard_links_leaving_tree: Vec<ExternalLink>,
-    /// Values that could not be parsed (path: reason).
-    pub malformed_xattrs: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct UnmappedIds {
-    pub map: String,
-    pub uids: Vec<IdUse>,
-    pub gids: Vec<IdUse>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Report {
-    pub root: String,
-    /// The map recorded on the tree root by an earlier shift (None = unshifted).
-    pub recorded_map: Option<String>,
-    /// Set while a shift is under way or was interrupted.
-    pub interrupted_shift: Option<String>,
-    pub inodes: u64,
-    pub uids: Vec<IdUse>,
-    pub gids: Vec<IdUse>,
-    /// With a map: the ids (as stored on disk) that `shift` to that map, from the tree's
-    /// recorded map, would find no mapping for.
-    pub unmapped: Option<UnmappedIds>,
-    pub hazards: Hazards,
-    pub mount_points_skipped: Vec<String>,
-}
-
-/// Scans the tree at `path`.
-pub fn scan(
-    path: &Path,
-    map: Option<&IdMapping>,
-    opts: WalkOptions,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<Report, Error> {
-    let root = open_root(path)?;
-    let (recorded, shifting) = recorded_state(root.as_fd(), path)?;
-    let tree = walk(root.as_fd(), opts, progress)?;
-    // The ids on disk are laid out for the recorded map: that is what a shift starts from.
-    let from = recorded.clone().unwrap_or_else(IdMapping::identity);
-    let mut report = summarize(&tree, map.map(|m| (&from, m)));
-    report.root = path.display().to_string();
-    report.recorded_map = recorded.map(|m| m.to_string());
-    report.interrupted_shift = shifting;
-    Ok(report)
-}
-
-/// Counts and hazards of a walked tree.
-/// With `map = Some((from, to))`, also lists the ids `shift --from FROM --to TO` has no
-/// mapping for.
-pub fn summarize(tree: &Tree, map: Option<(&IdMapping, &IdMapping)>) -> Report {
-    let mut uids: BTreeMap<u32, IdUse> = BTreeMap::new();
-    let mut gids: BTreeMap<u32, IdUse> = BTreeMap::new();
-    let mut h = Hazards::default();
-    fn slot(m: &mut BTreeMap<u32, IdUse>, id: u32) -> &mut IdUse {
-        m.entry(id).or_insert_with(|| IdUse {
-            id,
-            ..IdUse::default()
+    /// An `O_PATH` fd of the directory at `rel` ("" = the root), opened beneath the root
+    /// without following any symlink.
+    pub fn dir(&mut self, rel: &[u8]) -> io::Result<BorrowedFd<'_>> {
+        let want: Vec<&[u8]> = components(rel).collect();
+        let common = self
+            .levels
+            .iter()
+            .zip(&want)
+            .take_while(|((have, _), w)| have == *w)
+            .count();
+        for (_, fd) in self.levels.drain(common..) {
+            self.held -= usize::from(fd.is_some());
+        }
+        // The deepest shared level may have been dropped: re-open it from the nearest
+        // kept ancestor.
+        if let Some(top) = common.checked_sub(1)
+            && self.levels[top].1.is_none()
+        {
+            let from = self.levels[..top].iter().rposition(|(_, fd)| fd.is_some());
+            let base = from.map_or(self.root, |i| self.fd_at(i));
+            let start = from.map_or(0, |i| i + 1);
+            let mut cur: Option<OwnedFd> = None;
+            for (name, _) in &self.levels[start..=top] {
+                let at = cur.as_ref().map_or(base, |fd| fd.as_fd());
+                cur = Some(open_child(
+                    at,
+                    name,
+                    OFlags::PATH | OFlags::DIRECTORY,
+                    self.resolve,
+                )?);
+            }
+            self.levels[top].1 = cur;
+            self.kept();
+        }
+        for name in &want[common..] {
+            let at = self.levels.last().map_or(self.root, |(_, fd)| {
+                fd.as_ref().map_or(self.root, |fd| fd.as_fd())
+            });
+            let fd = open_child(at, name, OFlags::PATH | OFlags::DIRECTORY, self.resolve)?;
+            self.levels.push((name.to_vec(), Some(fd)));
+            self.kept();
+        }
+        Ok(match self.levels.last() {
+            Some((_, Some(fd))) => fd.as_fd(),
+            _ => self.root,
         })
     }
-    for e in &tree.entries {
-        let path = display(&e.path);
-        slot(&mut uids, e.uid).owners += 1;
-        slot(&mut gids, e.gid).owners += 1;
-        let ft = e.file_type();
-        let is_dir = ft == FileType::Directory;
-        if !is_dir && e.mode & 0o4000 != 0 {
-            h.setuid.push(path.clone());
-        }
-        if !is_dir && e.mode & 0o2000 != 0 {
-            h.setgid.push(path.clone());
-        }
-        if matches!(ft, FileType::CharacterDevice | FileType::BlockDevice) {
-            h.devices.push(path.clone());
-        }
-        if is_dir && e.mode & 0o002 != 0 && e.mode & 0o1000 == 0 {
-            h.world_writable_dirs_without_sticky.push(path.clone());
-        }
-        if !is_dir && e.nlink > e.links_in_tree {
-            h.hard_links_leaving_tree.push(ExternalLink {
-                path: path.clone(),
-                nlink: e.nlink,
-                links_in_tree: e.links_in_tree,
-            });
-        }
-        for (kind, value) in &e.xattrs {
-            match kind {
-                xattr::Kind::Capability => match xattr::parse_capability(value) {
-                    Ok(c) => {
-                        slot(&mut uids, c.root_id()).capability_roots += 1;
-                        h.capabilities.push(CapabilityFile {
-                            path: path.clone(),
-                            version: c.version,
-                            root_id: c.root_id(),
-                        });
-                    }
-                    Err(err) => h.malformed_xattrs.push(format!("{path}: {err}")),
-                },
-                _ => match xattr::parse_acl(kind.name(), value) {
-                    Ok(entries) => {
-                        for (k, id) in entries.iter().filter_map(xattr::AclEntry::id) {
-                            match k {
-                                IdKind::Uid => slot(&mut uids, id).acl_entries += 1,
-                                IdKind::Gid => slot(&mut gids, id).acl_entries += 1,
-                            }
-                        }
-                    }
-                    Err(err) => h.malformed_xattrs.push(format!("{path}: {err}")),
-                },
+
+    fn fd_at(&self, i: usize) -> BorrowedFd<'_> {
+        self.levels[i].1.as_ref().map_or(self.root, |fd| fd.as_fd())
+    }
+
+    /// Counts a newly kept fd and drops the outermost kept one (never the deepest) past the
+    /// budget.
+    fn kept(&mut self) {
+        self.held += 1;
+        if self.held > self.budget {
+            let last = self.levels.len() - 1;
+            if let Some(i) = self.levels[..last].iter().position(|(_, fd)| fd.is_some()) {
+                self.levels[i].1 = None;
+                self.held -= 1;
             }
         }
-    }
-    let unmapped = map.map(|(from, to)| {
-        let r = xattr::Reshift { from, to };
-        UnmappedIds {
-            map: to.to_string(),
-            uids: uids
-                .values()
-                .filter(|u| r.uid(u.id).is_none())
-                .cloned()
-                .collect(),
-            gids: gids
-                .values()
-                .filter(|g| r.gid(g.id).is_none())
-                .cloned()
-                .collect(),
-        }
-    });
-    Report {
-        root: String::new(),
-        recorded_map: None,
-        interrupted_shift: None,
-        inodes: tree.entries.len() as u64,
-        uids: uids.into_values().collect(),
-        gids: gids.into_values().collect(),
-        unmapped,
-        hazards: h,
-        mount_points_skipped: tree.mount_points.iter().map(|p| display(p)).collect(),
     }
 }
 
@@ -664,94 +680,17 @@ mod tests {
     use super::*;
     use rustix::fs::CWD;
 
-    fn entry(path: &str, mode: u32, uid: u32, gid: u32) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            dev: 1,
-            ino: path.len() as u64,
-            mode,
-            uid,
-            gid,
-            nlink: 1,
-            links_in_tree: 1,
-            xattrs: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn summary_counts_ids_and_flags_hazards() {
-        let acl = xattr::encode_acl(&[
-            xattr::AclEntry {
-                tag: xattr::ACL_USER,
-                perm: 6,
-                id: 1000,
-            },
-            xattr::AclEntry {
-                tag: xattr::ACL_GROUP,
-                perm: 4,
-                id: 70000,
-            },
-        ]);
-        let mut cap = vec![0u8; 24];
-        cap[..4].copy_from_slice(&xattr::VFS_CAP_REVISION_3.to_le_bytes());
-        cap[20..].copy_from_slice(&1000u32.to_le_bytes());
-        let mut with_acl = entry("a", 0o100644, 1000, 1000);
-        with_acl.xattrs.push((xattr::Kind::AclAccess, acl));
-        let mut with_cap = entry("bin/ping", 0o100755, 0, 0);
-        with_cap.xattrs.push((xattr::Kind::Capability, cap));
-        let mut linked = entry("l", 0o100644, 0, 0);
-        linked.nlink = 3;
-        linked.links_in_tree = 2;
-        let tree = Tree {
-            entries: vec![
-                entry("", 0o40755, 0, 0),
-                with_acl,
-                with_cap,
-                entry("bin/su", 0o104755, 0, 0),
-                entry("bin/wall", 0o102755, 0, 5),
-                entry("sgid-dir", 0o42775, 0, 5),
-                entry("tmp", 0o40777, 0, 0),
-                entry("tmp2", 0o41777, 0, 0),
-                entry("dev/null", 0o20666, 0, 0),
-                linked,
-            ],
-            mount_points: vec![b"proc".to_vec()],
-        };
-        let map = IdMapping::parse("b:0:100000:65536").unwrap();
-        let r = summarize(&tree, Some((&IdMapping::identity(), &map)));
-        assert_eq!(r.inodes, 10);
-        let u1000 = r.uids.iter().find(|u| u.id == 1000).unwrap();
-        assert_eq!(
-            (u1000.owners, u1000.acl_entries, u1000.capability_roots),
-            (1, 1, 1)
-        );
-        let u0 = r.uids.iter().find(|u| u.id == 0).unwrap();
-        assert_eq!(u0.owners, 9);
-        let un = r.unmapped.unwrap();
-        assert!(un.uids.is_empty());
-        assert_eq!(
-            un.gids.iter().map(|g| g.id).collect::<Vec<_>>(),
-            vec![70000]
-        );
-        assert_eq!(r.hazards.setuid, vec!["bin/su"]);
-        assert_eq!(r.hazards.setgid, vec!["bin/wall"]);
-        assert_eq!(r.hazards.devices, vec!["dev/null"]);
-        assert_eq!(r.hazards.world_writable_dirs_without_sticky, vec!["tmp"]);
-        assert_eq!(r.hazards.capabilities[0].root_id, 1000);
-        assert_eq!(r.hazards.hard_links_leaving_tree[0].path, "l");
-        assert_eq!(r.mount_points_skipped, vec!["proc"]);
-    }
-
     #[test]
     fn a_wide_tree_does_not_run_out_of_fds() {
         // More subdirectories than this process may have open files: queued directories
-        // hold no fd. The limit is lowered for the walk only (other tests in this binary
-        // open few files).
+        // hold no fd of their own. The limit is lowered for the walk only (other tests in
+        // this binary open few files).
         use rustix::process::{Resource, getrlimit, setrlimit};
         let n = 2000u64;
         let dir = tempfile::tempdir().unwrap();
         for i in 0..n {
             std::fs::create_dir(dir.path().join(i.to_string())).unwrap();
+            std::fs::create_dir(dir.path().join(format!("{i}/sub"))).unwrap();
         }
         let root = open_root(dir.path()).unwrap();
         let saved = getrlimit(Resource::Nofile);
@@ -761,7 +700,89 @@ mod tests {
         let tree = walk(root.as_fd(), WalkOptions::default(), &|_| {});
         setrlimit(Resource::Nofile, saved).unwrap();
         let tree = tree.unwrap();
-        assert_eq!(tree.entries.len() as u64, n + 1);
+        assert_eq!(tree.entries.len() as u64, 2 * n + 1);
+    }
+
+    /// `DEPTH` nested directories `d` with a file `f` at each level, made by fd (the path
+    /// is longer than PATH_MAX).
+    fn deep(root: &Path, depth: usize) {
+        let mut dir = open_root(root).unwrap();
+        for _ in 0..depth {
+            rustix::fs::mkdirat(&dir, "dir", Mode::from_raw_mode(0o755)).unwrap();
+            drop(
+                rustix::fs::openat(
+                    &dir,
+                    "f",
+                    OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o644),
+                )
+                .unwrap(),
+            );
+            let next = rustix::fs::openat(
+                &dir,
+                "dir",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap();
+            dir = next;
+        }
+    }
+
+    fn remove_deep(root: &Path) {
+        let _ = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(root)
+            .status();
+    }
+
+    #[test]
+    fn a_deep_tree_is_walked_within_any_budget() {
+        let depth = 1500; // "dir/" x 1500 = 6000 bytes, past PATH_MAX
+        let dir = tempfile::tempdir().unwrap();
+        deep(dir.path(), depth);
+        let root = open_root(dir.path()).unwrap();
+        let mut inos = HashMap::new();
+        for budget in [3, 1000] {
+            let tree = walk_with_budget(root.as_fd(), WalkOptions::default(), budget, &|_| {});
+            let tree = tree.unwrap();
+            assert_eq!(tree.entries.len(), 2 * depth + 1, "budget {budget}");
+            let deepest = tree.entries.iter().map(|e| e.path.len()).max().unwrap();
+            assert_eq!(deepest, depth * 4 - 1, "dir/dir/.../dir");
+            for e in tree.entries {
+                inos.insert(e.path, e.ino);
+            }
+        }
+        // And back by path, down and up in sorted order, within any budget.
+        let mut dirs: Vec<Vec<u8>> = (0..=depth)
+            .map(|d| "dir/".repeat(d).trim_end_matches('/').as_bytes().to_vec())
+            .collect();
+        dirs.sort();
+        for budget in [1, 7, 5000] {
+            let mut c = Cursor::new(root.as_fd(), resolve_flags(false), budget);
+            for d in dirs.iter().chain(dirs.iter().rev()).step_by(7) {
+                let fd = c.dir(d).unwrap();
+                assert_eq!(rustix::fs::fstat(fd).unwrap().st_ino, inos[d]);
+                assert!(c.held <= budget);
+            }
+        }
+        remove_deep(dir.path());
+    }
+
+    #[test]
+    fn the_cursor_follows_no_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("a/b")).unwrap();
+        std::os::unix::fs::symlink("a", p.join("l")).unwrap();
+        std::os::unix::fs::symlink("/", p.join("a/up")).unwrap();
+        let root = open_root(p).unwrap();
+        let mut c = Cursor::new(root.as_fd(), resolve_flags(false), 8);
+        assert!(c.dir(b"a/b").is_ok());
+        assert!(c.dir(b"l/b").is_err());
+        assert!(c.dir(b"a/up").is_err());
+        assert!(c.dir(b"a/../..").is_err());
+        assert!(c.dir(b"").is_ok());
     }
 
     #[test]

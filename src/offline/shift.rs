@@ -20,6 +20,12 @@
 //!    xattrs) is written to `TREE/.shiftfs-journal` and fsynced, then `trusted.shiftfs.shift`
 //!    = `from=A to=B` is set on the root; only then are inodes changed.
 //!
+//! Journaled paths are front-coded (the components shared with the previous record, then
+//! the rest), so the journal grows with the tree's size, not its size times its depth.
+//! They are resolved again, also on resume, only through [`walk::Cursor`]: one component at
+//! a time beneath the root, following no symlink, and each inode must still be the dev/ino
+//! the plan recorded.
+//!
 //! Because the new value of every field is a function of its recorded old value, a re-run
 //! after a crash can tell for each field whether it is done (equals the new value), to do
 //! (equals the old one, or for a capability: is missing because `chown` dropped it) or was
@@ -43,13 +49,15 @@ use rustix::fs::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::scan::{self, MAP_XATTR, SHIFT_XATTR};
+use super::walk::{self, Cursor, Entry, WalkOptions, display};
 use crate::idmap::{IdMapping, OVERFLOW_ID};
-use crate::scan::{self, Entry, MAP_XATTR, SHIFT_XATTR, WalkOptions, display};
 use crate::xattr::{self, IdKind, IdTranslate, Reshift};
 
 /// The progress journal's name in the tree root.
 pub const JOURNAL: &str = ".shiftfs-journal";
-const JOURNAL_VERSION: u32 = 1;
+/// 2: paths are front-coded (`k`). Version 1 journals (full paths) are still read.
+const JOURNAL_VERSION: u32 = 2;
 /// How every journal starts (the header's first field).
 const JOURNAL_MAGIC: &[u8] = b"{\"shiftfs_journal\":";
 
@@ -96,6 +104,8 @@ impl Progress for NoProgress {
 pub enum Error {
     #[error(transparent)]
     Scan(#[from] scan::Error),
+    #[error(transparent)]
+    Walk(#[from] walk::Error),
     #[error("{tree} holds ids for map {recorded}, not for --from {from}: {hint}")]
     MapMismatch {
         tree: PathBuf,
@@ -243,7 +253,11 @@ impl IdTranslate for Translate<'_> {
 /// One inode of the plan, as journaled: everything needed to redo or recognise its change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
-    /// Path relative to the root, hex.
+    /// How many leading components the path shares with the previous record's (absent in
+    /// version 1 journals: 0).
+    #[serde(default)]
+    k: u32,
+    /// The rest of the path relative to the root, hex.
     p: String,
     d: u64,
     i: u64,
@@ -287,6 +301,40 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Front coding of journaled paths, so a journal stays linear in the tree's size however
+/// deep the tree: how many leading components `path` shares with `prev`, and the rest.
+fn front_code<'a>(prev: &[u8], path: &'a [u8]) -> (u32, &'a [u8]) {
+    let (mut k, mut off) = (0, 0);
+    for (a, b) in walk::components(prev).zip(walk::components(path)) {
+        if a != b {
+            break;
+        }
+        k += 1;
+        off += b.len() + 1;
+    }
+    (k, path.get(off..).unwrap_or_default())
+}
+
+/// The path [`front_code`] gave `(k, rest)` for; `None` if `prev` has fewer than `k`
+/// components.
+fn front_decode(prev: &[u8], k: u32, rest: &[u8]) -> Option<Vec<u8>> {
+    let mut comps = walk::components(prev);
+    let mut out = Vec::with_capacity(prev.len() + rest.len() + 1);
+    for _ in 0..k {
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(comps.next()?);
+    }
+    if !rest.is_empty() {
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(rest);
+    }
+    Some(out)
+}
+
 fn marker(opts: &Options) -> String {
     format!("from={} to={}", opts.from, opts.to)
 }
@@ -307,7 +355,7 @@ fn parse_marker(tree: &Path, value: &str) -> Result<(IdMapping, IdMapping), Erro
 
 /// Shifts the tree at `tree` (see the module docs).
 pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Outcome, Error> {
-    let root = scan::open_root(tree)?;
+    let root = walk::open_root(tree)?;
     let lock = if opts.dry_run {
         FlockOperation::NonBlockingLockShared
     } else {
@@ -329,10 +377,12 @@ pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Out
     }
 
     let current = recorded.unwrap_or_else(IdMapping::identity);
-    if current != opts.from {
+    // Already done (a recovery script re-running a completed shift): nothing to do, not an
+    // error. Only a completed shift records its map, so this is never a half-done tree.
+    if current != opts.from && current != opts.to {
         return Err(mismatch(tree, &current, opts));
     }
-    if opts.from == opts.to {
+    if current == opts.to {
         return Ok(Outcome {
             nothing_to_do: true,
             ..Outcome::default()
@@ -341,7 +391,7 @@ pub fn shift(tree: &Path, opts: &Options, progress: &dyn Progress) -> Result<Out
 
     remove_stale_journal(tree, root.as_fd())?;
     progress.phase("checking", None);
-    let walked = scan::walk(root.as_fd(), opts.walk, &|n| progress.set(n));
+    let walked = walk::walk(root.as_fd(), opts.walk, &|n| progress.set(n));
     progress.finish();
     let walked = walked?;
     let t = Translate {
@@ -447,6 +497,7 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
         }
     };
     let mut records = Vec::new();
+    let mut prev_path: &[u8] = b"";
     let mut changes = Vec::new();
     let mut external_links = (Vec::new(), 0);
     for e in entries {
@@ -495,8 +546,11 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
             }
             external_links.1 += 1;
         }
+        let (k, rest) = front_code(prev_path, &e.path);
+        prev_path = &e.path;
         records.push(Record {
-            p: hex(&e.path),
+            k,
+            p: hex(rest),
             d: e.dev,
             i: e.ino,
             m: e.mode,
@@ -627,9 +681,9 @@ fn read_journal(tree: &Path, fd: OwnedFd) -> Result<(Header, Vec<Record>), Error
         .map_err(|e| jerr(e.to_string()))?;
     let header: Header =
         serde_json::from_str(&first).map_err(|e| jerr(format!("bad header: {e}")))?;
-    if header.shiftfs_journal != JOURNAL_VERSION {
+    if !(1..=JOURNAL_VERSION).contains(&header.shiftfs_journal) {
         return Err(jerr(format!(
-            "version {} is not {JOURNAL_VERSION}",
+            "version {} is not 1 to {JOURNAL_VERSION}",
             header.shiftfs_journal
         )));
     }
@@ -722,12 +776,15 @@ fn apply_all(
     let done = AtomicU64::new(0);
     let errors = Mutex::new(Vec::new());
     let fail = |e| errors.lock().unwrap_or_else(|p| p.into_inner()).push(e);
-    // Grouped by directory: each directory is opened once (beneath the root), each entry
-    // by its single name beneath that.
+    // Grouped by directory, in sorted order (a directory's subtree is contiguous in it) and
+    // cut into runs that share a cursor: each directory is opened about once, one component
+    // at a time beneath the root, and each entry by its single name beneath its directory.
     let mut groups: BTreeMap<Vec<u8>, Vec<(Vec<u8>, &Record)>> = BTreeMap::new();
+    let mut prev = Vec::new();
     for r in records {
-        match unhex(&r.p) {
+        match unhex(&r.p).and_then(|rest| front_decode(&prev, r.k, &rest)) {
             Some(path) => {
+                prev.clone_from(&path);
                 let parent = match path.iter().rposition(|&c| c == b'/') {
                     Some(i) => path[..i].to_vec(),
                     None => Vec::new(),
@@ -740,33 +797,29 @@ fn apply_all(
             }),
         }
     }
-    let resolve = scan::resolve_flags(header.cross_file_systems);
-    groups.par_iter().for_each(|(parent, members)| {
-        let owned;
-        let dir = if parent.is_empty() {
-            root
-        } else {
-            match rustix::fs::openat2(
-                root,
-                OsStr::from_bytes(parent),
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-                resolve,
-            ) {
-                Ok(fd) => {
-                    owned = fd;
-                    owned.as_fd()
+    let groups: Vec<_> = groups.into_iter().collect();
+    let resolve = walk::resolve_flags(header.cross_file_systems);
+    let threads = rayon::current_num_threads().max(1);
+    let per_cursor = (walk::fd_budget() / threads).max(4);
+    let run = (groups.len() / (threads * 8)).max(1);
+    groups.par_chunks(run).for_each(|chunk| {
+        let mut cursor = Cursor::new(root, resolve, per_cursor);
+        for (parent, members) in chunk {
+            let dir = match cursor.dir(parent) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    fail(io_err(parent, "open", e));
+                    continue;
                 }
-                Err(e) => return fail(io_err(parent, "open", e)),
-            }
-        };
-        for (path, r) in members {
-            if let Err(e) = apply(root, dir, resolve, path, r, t) {
-                fail(e);
-            }
-            let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-            if n % 256 == 0 {
-                progress.set(n);
+            };
+            for (path, r) in members {
+                if let Err(e) = apply(root, dir, resolve, path, r, t) {
+                    fail(e);
+                }
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % 256 == 0 {
+                    progress.set(n);
+                }
             }
         }
     });
@@ -827,7 +880,7 @@ fn apply(
         });
     }
     let is_link = FileType::from_raw_mode(u32::from(stx.stx_mode)) == FileType::Symlink;
-    let proc = scan::proc_path(fd, b"");
+    let proc = walk::proc_path(fd, b"");
     let proc = OsStr::from_bytes(&proc);
     let changed = |what: &str| Error::Changed {
         path: display(path),
@@ -851,7 +904,7 @@ fn apply(
         if is_link || new == old {
             continue;
         }
-        let cur = scan::get(proc, name.as_bytes()).map_err(|e| io_err(path, "read xattr", e))?;
+        let cur = walk::get(proc, name.as_bytes()).map_err(|e| io_err(path, "read xattr", e))?;
         if cur.as_deref() == Some(&new[..]) {
             continue;
         }
@@ -905,7 +958,7 @@ fn apply(
     }
     // chown drops the capability too: put the new one (back) after it.
     if let Some((old, new)) = cap {
-        let cur = scan::get(proc, xattr::CAPABILITY).map_err(|e| io_err(path, "read xattr", e))?;
+        let cur = walk::get(proc, xattr::CAPABILITY).map_err(|e| io_err(path, "read xattr", e))?;
         match cur {
             Some(c) if c == new => {}
             Some(c) if c != old => return Err(changed("security.capability")),
@@ -977,6 +1030,42 @@ mod tests {
         }
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn front_coding_round_trips() {
+        let paths: [&[u8]; 9] = [
+            b"",
+            b"a",
+            b"a/b",
+            b"a/b/c",
+            b"a/b/d",
+            b"a/bc",
+            b"a/bc/x/y",
+            b"b",
+            b"b/a/b",
+        ];
+        let mut prev: &[u8] = b"";
+        let mut decoded = Vec::new();
+        let mut coded = Vec::new();
+        for p in paths {
+            let (k, rest) = front_code(prev, p);
+            coded.push((k, String::from_utf8_lossy(rest).into_owned()));
+            decoded = front_decode(&decoded, k, rest).unwrap();
+            assert_eq!(decoded, p);
+            prev = p;
+        }
+        assert_eq!(coded[3], (2, "c".to_string()));
+        assert_eq!(coded[5], (1, "bc".to_string()));
+        assert_eq!(coded[8], (1, "a/b".to_string()));
+        assert_eq!(front_decode(b"a", 2, b"x"), None);
+        // Version 1 records have no k: the whole path.
+        let r: Record =
+            serde_json::from_str(r#"{"p":"612f62","d":1,"i":2,"m":0,"u":0,"g":0,"x":[]}"#).unwrap();
+        assert_eq!(
+            (r.k, front_decode(b"q/r", r.k, &unhex(&r.p).unwrap())),
+            (0, Some(b"a/b".to_vec()))
+        );
     }
 
     #[test]

@@ -684,7 +684,7 @@ pub fn serve_fuse(
                 path: req.target.clone(),
                 source: e,
             };
-            if let Err(d) = detach(&req.target) {
+            if let Err(d) = mounted.detach() {
                 tracing::error!("cannot unmount {}: {d}", req.target.display());
             }
             ready(Err(&e));

@@ -452,6 +452,11 @@ impl Mounted {
         .map(|st| st.stx_mnt_id)
     }
 
+    /// Detaches the mount, unserved (for a caller that cannot go on to serve it).
+    pub fn detach(self) -> io::Result<()> {
+        fusedev::detach_fd(self.root.as_fd())
+    }
+
     /// Completes the handshake with the kernel and starts the worker threads. On failure
     /// the mount stays, unserved: it is the caller's to remove.
     pub fn serve(self) -> Result<Session, Error> {

@@ -11,4 +11,4 @@ pub mod process;
 pub mod procfd;
 pub mod statmount;
 pub mod userns;
-pub mod xattrat;
+pub mod xattr;

@@ -164,8 +164,7 @@ impl Record {
         let Ok(dir) = std::fs::read_dir(run_dir()) else {
             return Vec::new();
         };
-        let table = mountinfo::own_table();
-        let mut out: Vec<(Self, State)> = dir
+        let records: Vec<Self> = dir
             .flatten()
             .filter(|e| {
                 let name = e.file_name();
@@ -173,6 +172,12 @@ impl Record {
                 name.starts_with(b"mount-") && name.ends_with(b".json")
             })
             .filter_map(|e| Self::load(&e.path()))
+            .collect();
+        // Read after the records: a record is written after its mount is attached, so a
+        // mount made while we were reading is in this table, and its record is never pruned.
+        let table = mountinfo::own_table();
+        let mut out: Vec<(Self, State)> = records
+            .into_iter()
             .filter_map(|r| {
                 let Some(table) = &table else {
                     return Some((r, State::Active));

@@ -249,11 +249,11 @@ fn free_blocks(p: &Path) -> (u64, u64) {
     (s.f_bfree, s.f_bavail)
 }
 
-/// Once a container's data fills the disk, its directories, symlinks, nodes and files must
-/// not take the blocks kept for root either. The container root's on-disk id is 0, ext4's
-/// default `resuid`: the daemon creating as that id used to get the reserve (3,436 mkdirs
-/// on the FUSE backend against 160 on the kernel one).
-fn container_root_creates_leave_roots_reserve(b: Backend) {
+/// Makes a 32 MiB ext4 of 4 KiB blocks with 5 % (410 blocks) kept for root, shifts it with
+/// `MAP`, has a container user fill it with data, then the container
+/// root mkdir until that fails. Hands `check` the file system, the mount, the namespace, the directories made,
+/// the blocks users had left after the fill and the blocks kept back before it.
+fn mkdirs_after_fill(b: Backend, check: impl FnOnce(&Path, &Path, &UserNs, u64, u64, u64)) {
     if !require(b)
         || !require_tool("mkfs.ext4", "e2fsprogs")
         || !require_tool("/usr/bin/python3", "python3")
@@ -264,7 +264,6 @@ fn container_root_creates_leave_roots_reserve(b: Backend) {
     let img = dir.path().join("img");
     let fsdir = dir.dir("fs");
     let mnt = dir.dir("mnt");
-    // 32 MiB of 4 KiB blocks, 5 % (410 blocks) kept for root (s_resuid 0).
     fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
     run(Command::new("mkfs.ext4")
         .args(["-q", "-b", "4096", "-m", "5"])
@@ -277,24 +276,27 @@ fn container_root_creates_leave_roots_reserve(b: Backend) {
     if !mounted.ok() && skip(&format!("no loop device: {mounted}")) {
         return;
     }
-    let _scratch = Scratch(fsdir.clone());
+    let scratch = Scratch(fsdir.clone());
     let src = fsdir.join("src");
     mkdir(&src, 0o755, 0, 0);
     let (bfree, bavail) = free_blocks(&fsdir);
-    let reserve = bfree - bavail;
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     let ns = UserNs::new(NS_MAP);
-    let fill = run(&mut ns.sh(&format!(
-        "dd if=/dev/zero of={} bs=64K status=none; sync",
-        q(mnt.join("fill"))
-    )));
+    // The fill is a container user's, who may never use the reserve.
+    mkdir(&src.join("u"), 0o755, 1000, 1000);
+    let fill = run(&mut ns.sh_as(
+        1000,
+        1000,
+        &format!(
+            "dd if=/dev/zero of={} bs=64K status=none; sync",
+            q(mnt.join("u/fill"))
+        ),
+    ));
     assert!(
         fill.stderr.contains("No space left"),
         "the fill should end with ENOSPC: {fill}"
     );
     let left = free_blocks(&fsdir).1;
-    // Each directory takes one block; at most what users may still have, plus slack for
-    // the parent directory's own growth.
     let script = "import os,sys\n\
                   d=sys.argv[1]; n=0\n\
                   while n < 5000:\n\
@@ -315,29 +317,41 @@ fn container_root_creates_leave_roots_reserve(b: Backend) {
         .unwrap_or_else(|| panic!("mkdir loop: {out}"));
     assert_eq!(errno, libc::ENOSPC, "mkdir loop ended after {made}: {out}");
     eprintln!("{b}: {made} directories with {left} blocks left for users");
-    assert!(
-        made <= left + 8,
-        "the container root made {made} directories with {left} blocks left for users"
-    );
-    // Nor through the other creates, each of which may take a block for its name.
-    let others = run(&mut ns.sh(&format!(
-        "cd {} && for i in $(seq 0 400); do ln -s x s$i 2>&1 || exit 0; done; exit 1",
-        q(&mnt)
-    )));
-    assert!(
-        others.ok() && others.stdout.contains("No space left"),
-        "400 symlinks fit in the directory's blocks or took root's reserve: {others}"
-    );
-    let (bfree_after, _) = free_blocks(&fsdir);
-    assert!(
-        bfree_after + 2 >= reserve,
-        "{bfree_after} blocks free of the {reserve} kept for root"
-    );
-    // Root still has its reserve: a 1 MiB file fits.
-    fs::write(fsdir.join("root-file"), vec![1u8; 1 << 20]).unwrap();
+    check(&fsdir, &mnt, &ns, made, left, bfree - bavail);
     m.unmount();
-    drop(_scratch);
+    drop(scratch);
     dir.finish();
+}
+
+/// Once a container's data fills the disk, its directories, symlinks, nodes and files must
+/// not take the blocks kept for root either. The container root's on-disk id is 0, ext4's
+/// default `resuid`: the daemon creating as that id used to get the reserve (413 mkdirs
+/// where users had 6 blocks left; the kernel backend made 6).
+fn container_root_creates_leave_roots_reserve(b: Backend) {
+    mkdirs_after_fill(b, |fsdir, mnt, ns, made, left, reserve| {
+        // Each directory takes one block: at most what users still have, plus slack for the
+        // parent directory's own growth.
+        assert!(
+            made <= left + 8,
+            "the container root made {made} directories with {left} blocks left for users"
+        );
+        // Nor through the other creates, each of which may take a block for its name.
+        let others = run(&mut ns.sh(&format!(
+            "cd {} && for i in $(seq 0 400); do ln -s x s$i 2>&1 || exit 0; done; exit 1",
+            q(mnt)
+        )));
+        assert!(
+            others.ok() && others.stdout.contains("No space left"),
+            "400 symlinks fit in the directory's blocks or took root's reserve: {others}"
+        );
+        let (bfree_after, _) = free_blocks(fsdir);
+        assert!(
+            bfree_after + 2 >= reserve,
+            "{bfree_after} blocks free of the {reserve} kept for root"
+        );
+        // Root still has its reserve: a 1 MiB file fits.
+        fs::write(fsdir.join("root-file"), vec![1u8; 1 << 20]).unwrap();
+    });
 }
 
 /// Clears the immutable and append-only flags of `0` on drop, so a failed test leaves a

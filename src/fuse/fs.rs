@@ -1479,22 +1479,28 @@ impl NearReserve {
 }
 
 /// `resuid` and `resgid` of the ext4 file system holding `dir`: `/proc/fs/ext4/DEV/options`
-/// lists them, defaults included.
+/// lists them, defaults included. Only `/proc` is read (a sandbox keeps it for fd reopening).
 fn reserve_owners(dir: BorrowedFd<'_>) -> Option<(u32, u32)> {
     let st = rustix::fs::fstat(dir).ok()?;
     let dev = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
-    let uevent = std::fs::read_to_string(format!("/sys/dev/block/{}:{}/uevent", dev.0, dev.1));
-    let uevent = uevent.ok()?;
-    let name = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME="))?;
-    if name.contains('/') || name.starts_with('.') {
-        return None;
-    }
+    let parts = std::fs::read_to_string("/proc/partitions").ok()?;
+    let name = block_device_name(&parts, dev)?;
     let opts = std::fs::read_to_string(format!("/proc/fs/ext4/{name}/options")).ok()?;
     let get = |key: &str| {
         opts.lines()
             .find_map(|l| l.strip_prefix(key)?.parse::<u32>().ok())
     };
     Some((get("resuid=")?, get("resgid=")?))
+}
+
+/// The name `/proc/partitions` gives the block device `dev` (major, minor).
+fn block_device_name(partitions: &str, dev: (u32, u32)) -> Option<&str> {
+    partitions.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (maj, min, name) = (f.first()?, f.get(1)?, f.get(3)?);
+        let ok = maj.parse() == Ok(dev.0) && min.parse() == Ok(dev.1);
+        (ok && !name.contains('/') && !name.starts_with('.')).then_some(*name)
+    })
 }
 
 /// Credentials for registering a passthrough backing file: the kernel keeps them for every
@@ -2101,6 +2107,15 @@ mod tests {
         }
         // The kernel's new_encode_dev(1, 3) is 0x103.
         assert_eq!(encode_dev(rustix::fs::makedev(1, 3)), 0x103);
+    }
+
+    #[test]
+    fn block_devices_are_named_from_proc_partitions() {
+        let parts = "major minor  #blocks  name\n\n 254        0  268435456 vda\n   7        0      32768 loop0\n";
+        assert_eq!(block_device_name(parts, (7, 0)), Some("loop0"));
+        assert_eq!(block_device_name(parts, (254, 0)), Some("vda"));
+        assert_eq!(block_device_name(parts, (254, 1)), None);
+        assert_eq!(block_device_name("8 0 1 ../x\n", (8, 0)), None);
     }
 
     #[test]

@@ -742,7 +742,9 @@ impl ShiftFs {
                 let now = rustix::fs::fstat(ifd).map_err(sys)?.st_mode;
                 mode = (mode & !hidden) | (now & hidden);
             }
-            self.proc.chmod(ifd, mode & 0o7777).map_err(io)?;
+            // A chmod rewrites an ACL's mask, which may take a new xattr block (ext4 shares
+            // them between inodes).
+            self.as_writer(req, || self.proc.chmod(ifd, mode & 0o7777).map_err(io))?;
         }
         // FUSE_HANDLE_KILLPRIV_V2 leaves clearing setuid/setgid to us, flagged with
         // FATTR_KILL_SUIDGID, which fuser 0.18 does not pass on. The kernel sends it on a

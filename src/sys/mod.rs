@@ -4,6 +4,7 @@
 
 pub mod creds;
 pub mod fhandle;
+pub mod fileattr;
 pub mod fusedev;
 pub mod inherit;
 pub mod mount;

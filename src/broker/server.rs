@@ -444,7 +444,7 @@ impl<'a> Connection<'a> {
         match decision {
             Decision::Refuse(why) => protocol::error(&why),
             Decision::Allow(_) => protocol::error(&format!(
-                "{} was allowed by the policy, but the broker cannot perform it yet (not implemented yet)",
+                "{} was allowed, but the broker cannot perform it yet (not implemented yet)",
                 req.op()
             )),
         }

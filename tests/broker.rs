@@ -374,7 +374,7 @@ fn list_shows_nothing_to_users_yet() {
     let dir = TestDir::new("broker-list");
     let broker = Broker::start(&dir);
     let line = r#"{"version":1,"op":"list"}"#.to_string();
-    let alice = ask_as(ALICE, &[], &broker.socket, &[line.clone()]);
+    let alice = ask_as(ALICE, &[], &broker.socket, std::slice::from_ref(&line));
     assert_eq!(alice[0], serde_json::json!({"ok": true, "mounts": []}));
     let root = ask(&broker.socket, &line);
     assert_eq!(root["ok"], true, "{root}");

@@ -215,6 +215,10 @@ fn judges_the_peer_not_the_request() {
     let link = dir.path().join("link");
     symlink(&mnt, &link, ALICE, ALICE);
     let outside = dir.dir("outside");
+    // Allowed by the policy, but alice cannot reach it herself, so neither can her request.
+    let private = broker.shared.join("private");
+    mkdir(&private, 0o700, 0, 0);
+    mkdir(&private.join("img"), 0o755, 0, 0);
     let rw = format!("b:{BASE}:100000:65536");
     let bobs_owner = format!("owned by uid {BOB}, not by alice");
 
@@ -263,6 +267,14 @@ fn judges_the_peer_not_the_request() {
         (
             mount(&outside, Some(&mnt), &rw, ""),
             Some("is not allowed by the policy"),
+        ),
+        (
+            mount(&private.join("img"), Some(&mnt), &rw, ""),
+            Some("Permission denied"),
+        ),
+        (
+            mount(&private.join("none"), Some(&mnt), &rw, ""),
+            Some("Permission denied"),
         ),
         (
             mount(&src, Some(&mnt), &rw, ",\"suid\":true"),

@@ -30,6 +30,7 @@ use super::rules::{self, Caller, Decision, Flags, MountRequest, Source, Target};
 use super::subid;
 use crate::idmap::IdMapping;
 use crate::resolve::Dir;
+use crate::sys::creds::FsCreds;
 
 pub const DEFAULT_SOCKET: &str = "/run/shiftfs/broker.sock";
 
@@ -213,6 +214,8 @@ fn boot_ticks() -> u64 {
 struct Peer {
     pid: u32,
     uid: u32,
+    /// The `SO_PEERCRED` gid.
+    gid: u32,
     /// Every group: the `SO_PEERCRED` gid first, then the supplementary ones.
     groups: Vec<u32>,
     exe: Option<String>,
@@ -259,6 +262,7 @@ fn identify(cred: UCred, accepted: u64) -> Result<Peer, String> {
     Ok(Peer {
         pid,
         uid: cred.uid.as_raw(),
+        gid,
         groups,
         exe,
     })
@@ -451,10 +455,26 @@ impl<'a> Connection<'a> {
     }
 
     /// Resolves what the rules need, fills the audit record, and applies the rule.
+    ///
+    /// Paths are opened with the caller's file system credentials (this connection's thread
+    /// only): a caller can name only what it could reach itself, and learns nothing from the
+    /// answers about directories it cannot search.
     fn judge(&self, peer: &Peer, req: &Request, rec: &mut audit::Record) -> Decision {
         let caller = match self.caller(peer) {
             Ok(c) => c,
             Err(why) => return Decision::Refuse(why),
+        };
+        let _as_caller = if peer.uid == 0 {
+            None
+        } else {
+            match FsCreds::switch_checked(peer.uid, peer.gid, &peer.groups) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    return Decision::Refuse(format!(
+                        "cannot take the caller's credentials to look up its paths: {e}"
+                    ));
+                }
+            }
         };
         match req {
             Request::Mount(m) => {

@@ -77,6 +77,8 @@ impl Broker {
             cmd.arg(format!("--{f}"))
                 .arg(etc.join(if f == "policy" { "policy.toml" } else { f }));
         }
+        // `list` reads (and prunes) mount records: keep other tests' records out of reach.
+        cmd.env("SHIFTFS_RUN_DIR", dir.path().join("records"));
         let child = cmd.stdin(Stdio::null()).spawn().expect("start shiftfsd");
         let broker = Self {
             child,

@@ -7,6 +7,8 @@
 //! the first rule broken refuses: suid/dev; the target; the mount limit; the map's outer
 //! side (`subid`); the source (policy or own image); the map's width; the inner side of a
 //! read-write map (inside the image range, so nothing written to disk is a host identity).
+//! A caller's own image (owned by the image range's first id, in a directory the caller
+//! owns) needs no policy entry and is not subject to one, as with systemd-mountfsd.
 
 use std::path::PathBuf;
 
@@ -510,6 +512,18 @@ mod tests {
         assert!(matches!(
             decide_umount(&alice(), "/m", None),
             Decision::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn only_own_trees_are_adopted() {
+        assert!(matches!(
+            decide_adopt(&alice(), "/home/alice/tree", 1000),
+            Decision::Allow(_)
+        ));
+        assert!(matches!(
+            decide_adopt(&alice(), "/srv/x", 0),
+            Decision::Refuse(w) if w.contains("/srv/x is owned by uid 0, not by alice")
         ));
     }
 

@@ -5,6 +5,7 @@
 //! `offline` shifts and scans trees on disk; `sys` is the only home of `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod broker;
 pub mod doctor;
 pub mod fuse;
 pub mod idmap;

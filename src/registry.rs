@@ -57,6 +57,9 @@ pub struct Record {
     pub pid: Option<u32>,
     /// The daemon's start time (`/proc/PID/stat` field 22), so a reused pid is not ours.
     pub pid_start: Option<u64>,
+    /// The mount namespace the mount was made in (inode of `/proc/self/ns/mnt`): only a
+    /// process in that namespace can see the mount, so only it may judge it gone.
+    pub mnt_ns: Option<u64>,
 }
 
 /// How a recorded mount stands.
@@ -89,6 +92,7 @@ impl Record {
             mount_id,
             pid: daemon,
             pid_start: daemon.and_then(start_time),
+            mnt_ns: own_mnt_ns(),
         }
     }
 
@@ -164,8 +168,7 @@ impl Record {
         let Ok(dir) = std::fs::read_dir(run_dir()) else {
             return Vec::new();
         };
-        let table = mountinfo::own_table();
-        let mut out: Vec<(Self, State)> = dir
+        let records: Vec<Self> = dir
             .flatten()
             .filter(|e| {
                 let name = e.file_name();
@@ -173,6 +176,15 @@ impl Record {
                 name.starts_with(b"mount-") && name.ends_with(b".json")
             })
             .filter_map(|e| Self::load(&e.path()))
+            .collect();
+        // Read after the records: a record is written after its mount is attached, so a
+        // mount made while we were reading is in this table, and its record is never pruned.
+        let table = mountinfo::own_table();
+        let ns = own_mnt_ns();
+        let mut out: Vec<(Self, State)> = records
+            .into_iter()
+            // Mounts of another mount namespace are not in our table: neither shown nor pruned.
+            .filter(|r| r.mnt_ns.is_none() || r.mnt_ns == ns)
             .filter_map(|r| {
                 let Some(table) = &table else {
                     return Some((r, State::Active));
@@ -223,6 +235,13 @@ impl TargetLock {
         }
         Ok(Self { _file: file })
     }
+}
+
+/// The inode of this process's mount namespace.
+fn own_mnt_ns() -> Option<u64> {
+    rustix::fs::stat("/proc/self/ns/mnt")
+        .ok()
+        .map(|st| st.st_ino)
 }
 
 /// The process's start time in clock ticks after boot; `None` if it is gone or a zombie.
@@ -312,6 +331,7 @@ mod tests {
             mount_id: 42,
             pid: Some(7),
             pid_start: Some(99),
+            mnt_ns: Some(4026531841),
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);

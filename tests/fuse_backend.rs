@@ -516,6 +516,42 @@ fn truncate_chmod_utimens_and_xattrs() {
     );
 }
 
+/// ctime in nanoseconds, as `stat` shows it.
+fn ctime_ns(p: &Path) -> i128 {
+    let md = fs::symlink_metadata(p).unwrap();
+    i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec())
+}
+
+/// `chown(path, -1, -1)` changes nothing but ctime, on ext4 and through an idmapped mount;
+/// through the FUSE mount it must too (the kernel sends an empty SETATTR).
+#[test]
+fn chown_to_the_same_owner_updates_ctime() {
+    if !prerequisites() {
+        return;
+    }
+    let m = Mounted::new(
+        MAP,
+        |_| {},
+        |src| {
+            fs::write(src.join("f"), b"x").unwrap();
+            fs::create_dir(src.join("d")).unwrap();
+            symlink("f", src.join("l")).unwrap();
+        },
+    );
+    for name in ["f", "d", "l"] {
+        let before = (ctime_ns(&m.m(name)), ctime_ns(&m.s(name)));
+        // ext4 stamps ctime from the coarse clock (one jiffy).
+        std::thread::sleep(Duration::from_millis(20));
+        std::os::unix::fs::lchown(m.m(name), None, None).unwrap();
+        let after = (ctime_ns(&m.m(name)), ctime_ns(&m.s(name)));
+        assert!(after.1 > before.1, "{name}: ctime on disk not updated");
+        assert_eq!(
+            after.0, after.1,
+            "{name}: ctime through the mount is not the disk's"
+        );
+    }
+}
+
 #[test]
 fn data_round_trips_with_and_without_passthrough() {
     if !prerequisites() {

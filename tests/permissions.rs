@@ -243,6 +243,220 @@ fn container_writes_leave_roots_reserve(b: Backend) {
     dir.finish();
 }
 
+/// Blocks free and blocks free for users on the file system holding `p`.
+fn free_blocks(p: &Path) -> (u64, u64) {
+    let s = rustix::fs::statvfs(p).unwrap();
+    (s.f_bfree, s.f_bavail)
+}
+
+/// Makes a 32 MiB ext4 of 4 KiB blocks with 5 % (410 blocks) kept for root, shifts it with
+/// `MAP`, has a container user fill it with data, then the container
+/// root mkdir until that fails. Hands `check` the file system, the mount, the namespace, the directories made,
+/// the blocks users had left after the fill and the blocks kept back before it.
+fn mkdirs_after_fill(b: Backend, check: impl FnOnce(&Path, &Path, &UserNs, u64, u64, u64)) {
+    if !require(b)
+        || !require_tool("mkfs.ext4", "e2fsprogs")
+        || !require_tool("/usr/bin/python3", "python3")
+    {
+        return;
+    }
+    let dir = TestDir::new("perm-reserve-mkdir");
+    let img = dir.path().join("img");
+    let fsdir = dir.dir("fs");
+    let mnt = dir.dir("mnt");
+    fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-b", "4096", "-m", "5"])
+        .arg(&img))
+    .assert_ok();
+    let mounted = run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&fsdir));
+    if !mounted.ok() && skip(&format!("no loop device: {mounted}")) {
+        return;
+    }
+    let scratch = Scratch(fsdir.clone());
+    let src = fsdir.join("src");
+    mkdir(&src, 0o755, 0, 0);
+    let (bfree, bavail) = free_blocks(&fsdir);
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    // The fill is a container user's, who may never use the reserve.
+    mkdir(&src.join("u"), 0o755, 1000, 1000);
+    let fill = run(&mut ns.sh_as(
+        1000,
+        1000,
+        &format!(
+            "dd if=/dev/zero of={} bs=64K status=none; sync",
+            q(mnt.join("u/fill"))
+        ),
+    ));
+    assert!(
+        fill.stderr.contains("No space left"),
+        "the fill should end with ENOSPC: {fill}"
+    );
+    let left = free_blocks(&fsdir).1;
+    let script = "import os,sys\n\
+                  d=sys.argv[1]; n=0\n\
+                  while n < 5000:\n\
+                  \x20   try: os.mkdir('%s/d%d' % (d, n))\n\
+                  \x20   except OSError as e: print(n, e.errno); break\n\
+                  \x20   n += 1\n\
+                  else: print(n, 0)\n";
+    let out = run(ns
+        .cmd_as(0, 0, "/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&mnt));
+    let (made, errno) = out
+        .stdout
+        .trim()
+        .split_once(' ')
+        .map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<i32>().unwrap()))
+        .unwrap_or_else(|| panic!("mkdir loop: {out}"));
+    assert_eq!(errno, libc::ENOSPC, "mkdir loop ended after {made}: {out}");
+    eprintln!("{b}: {made} directories with {left} blocks left for users");
+    check(&fsdir, &mnt, &ns, made, left, bfree - bavail);
+    m.unmount();
+    drop(scratch);
+    dir.finish();
+}
+
+/// Once a container's data fills the disk, its directories, symlinks, nodes and files must
+/// not take the blocks kept for root either. The container root's on-disk id is 0, ext4's
+/// default `resuid`: the daemon creating as that id used to get the reserve (413 mkdirs
+/// where users had 6 blocks left; the kernel backend made 6).
+fn container_root_creates_leave_roots_reserve(b: Backend) {
+    mkdirs_after_fill(b, |fsdir, mnt, ns, made, left, reserve| {
+        // Each directory takes one block: at most what users still have, plus slack for the
+        // parent directory's own growth.
+        assert!(
+            made <= left + 8,
+            "the container root made {made} directories with {left} blocks left for users"
+        );
+        // Nor through the other creates, each of which may take a block for its name.
+        let others = run(&mut ns.sh(&format!(
+            "cd {} && for i in $(seq 0 400); do ln -s x s$i 2>&1 || exit 0; done; exit 1",
+            q(mnt)
+        )));
+        assert!(
+            others.ok() && others.stdout.contains("No space left"),
+            "400 symlinks fit in the directory's blocks or took root's reserve: {others}"
+        );
+        let (bfree_after, _) = free_blocks(fsdir);
+        assert!(
+            bfree_after + 2 >= reserve,
+            "{bfree_after} blocks free of the {reserve} kept for root"
+        );
+        // Root still has its reserve: a 1 MiB file fits.
+        fs::write(fsdir.join("root-file"), vec![1u8; 1 << 20]).unwrap();
+    });
+}
+
+/// Clears the immutable and append-only flags of `0` on drop, so a failed test leaves a
+/// directory that can be removed.
+struct ClearFlags(std::path::PathBuf);
+
+impl Drop for ClearFlags {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-ia").arg(&self.0).status();
+    }
+}
+
+/// `struct fsxattr` of `p` (FS_IOC_FSGETXATTR), as bytes.
+fn fsxattr(p: &Path) -> [u32; 5] {
+    let f = fs::File::open(p).unwrap();
+    let x = shiftfs::sys::fileattr::fsgetxattr(&f).unwrap();
+    [x.xflags, x.extsize, x.nextents, x.projid, x.cowextsize]
+}
+
+/// `lsattr` and `chattr` work through the mount with the kernel's rules: anyone reads the
+/// flags, immutable and append-only need CAP_LINUX_IMMUTABLE on the host, project ids change
+/// only from the host's namespace.
+fn inode_flags_follow_the_kernels_rules(b: Backend) {
+    if !require(b)
+        || !require_tool("chattr", "e2fsprogs")
+        || !require_tool("/usr/bin/python3", "python3")
+    {
+        return;
+    }
+    let dir = TestDir::new("perm-iflags");
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    file(&src.join("f"), b"x\n", 0o644, 0, 0);
+    mkdir(&src.join("d"), 0o755, 0, 0);
+    let _clear = [ClearFlags(src.join("f")), ClearFlags(src.join("d"))];
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let lsattr = |p: &Path| {
+        let out = run(Command::new("lsattr").arg("-d").arg(p));
+        out.assert_ok();
+        out.stdout.split_whitespace().next().unwrap().to_string()
+    };
+    // The container root owns both and may set what needs no capability.
+    run(&mut ns.sh(&format!("chattr +d {}", q(mnt.join("f"))))).assert_ok();
+    assert!(
+        lsattr(&src.join("f")).contains('d'),
+        "+d did not reach the disk"
+    );
+    assert_eq!(lsattr(&mnt.join("f")), lsattr(&src.join("f")));
+    let ls = run(ns.cmd_as(1000, 1000, "lsattr").arg("-d").arg(mnt.join("d")));
+    ls.assert_ok();
+    for flag in ["+i", "+a"] {
+        for p in [mnt.join("f"), mnt.join("d")] {
+            let out = run(&mut ns.sh(&format!("chattr {flag} {}", q(&p))));
+            assert!(
+                !out.ok() && out.stderr.contains("Operation not permitted"),
+                "a namespace root set {flag} on {}: {out}",
+                p.display()
+            );
+        }
+    }
+    assert!(!lsattr(&src.join("f")).contains('i') && !lsattr(&src.join("f")).contains('a'));
+    // Host root may, and the flag holds on disk and through the mount.
+    run(Command::new("chattr").arg("+i").arg(mnt.join("f"))).assert_ok();
+    assert!(
+        lsattr(&src.join("f")).contains('i'),
+        "+i did not reach the disk"
+    );
+    let write = fs::OpenOptions::new().append(true).open(mnt.join("f"));
+    assert_eq!(
+        write.err().and_then(|e| e.raw_os_error()),
+        Some(libc::EPERM),
+        "opened an immutable file for writing"
+    );
+    let out = run(&mut ns.sh(&format!("chattr -i {}", q(mnt.join("f")))));
+    assert!(!out.ok(), "a namespace root cleared +i: {out}");
+    run(Command::new("chattr").arg("-i").arg(mnt.join("f"))).assert_ok();
+    run(Command::new("chattr").arg("+a").arg(mnt.join("f"))).assert_ok();
+    let out = run(&mut ns.sh(&format!("echo y > {}", q(mnt.join("f")))));
+    assert!(!out.ok(), "overwrote an append-only file: {out}");
+    run(&mut ns.sh(&format!("echo y >> {}", q(mnt.join("f"))))).assert_ok();
+    assert_eq!(fs::read(src.join("f")).unwrap(), b"x\ny\n");
+    run(Command::new("chattr").arg("-a").arg(mnt.join("f"))).assert_ok();
+    assert_eq!(fsxattr(&mnt.join("f")), fsxattr(&src.join("f")));
+    assert_eq!(fsxattr(&mnt.join("d")), fsxattr(&src.join("d")));
+    // Project ids: not from a user namespace (EINVAL, as the VFS says), from the host yes
+    // where the file system has them.
+    let setproj = "import fcntl,struct,sys\n\
+                   f=open(sys.argv[1])\n\
+                   b=bytearray(fcntl.ioctl(f, 0x801c581f, bytes(28)))\n\
+                   struct.pack_into('I', b, 12, 42)\n\
+                   try: fcntl.ioctl(f, 0x401c5820, bytes(b)); print(0)\n\
+                   except OSError as e: print(e.errno)\n";
+    let out = run(ns
+        .cmd_as(0, 0, "/usr/bin/python3")
+        .arg("-c")
+        .arg(setproj)
+        .arg(mnt.join("f")));
+    assert_eq!(out.stdout.trim(), libc::EINVAL.to_string(), "{out}");
+    assert_eq!(fsxattr(&src.join("f"))[3], 0);
+    m.unmount();
+    drop(_clear);
+    dir.finish();
+}
+
 /// FUSE only: the kernel cannot idmap a file system without xattrs or ACLs (ramfs).
 #[test]
 fn fuse_source_without_xattrs() {
@@ -494,4 +708,6 @@ backend_tests!(
     name_behind_a_cached_miss_opens_with_callers_rights,
     rename_whiteout_belongs_to_the_caller,
     container_writes_leave_roots_reserve,
+    container_root_creates_leave_roots_reserve,
+    inode_flags_follow_the_kernels_rules,
 );

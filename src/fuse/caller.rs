@@ -25,7 +25,9 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 use crate::idmap::{IdMapping, OuterGid, OuterUid};
 
 const CAP_FSETID: u32 = 4;
+const CAP_LINUX_IMMUTABLE: u32 = 9;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_RESOURCE: u32 = 24;
 
 /// What a request carries when it has no caller ids (`FUSE_INVALID_UIDGID`).
 const NO_ID: u32 = u32::MAX;
@@ -176,6 +178,22 @@ impl Caller {
         self.host_capable(CAP_FSETID)
     }
 
+    /// May set or clear the immutable and append-only inode flags.
+    pub fn is_host_immutable(&self) -> bool {
+        self.host_capable(CAP_LINUX_IMMUTABLE)
+    }
+
+    /// May use ext4's blocks reserved for root and pass quota hard limits.
+    pub fn is_host_resource(&self) -> bool {
+        self.host_capable(CAP_SYS_RESOURCE)
+    }
+
+    /// In the daemon's own user namespace (the kernel's `current_user_ns() == &init_user_ns`):
+    /// only there may project ids change.
+    pub fn in_host_userns(&self) -> bool {
+        self.userns_id.is_some() && self.userns_id == own_userns()
+    }
+
     /// The kernel's `in_group_or_capable(inode, gid)` for CAP_FSETID: whether a change by this
     /// caller keeps a setgid bit. `fsgid`, `file_uid` and `file_gid` are host (outer) ids.
     pub fn may_keep_setgid(&self, fsgid: u32, file_uid: u32, file_gid: u32) -> bool {
@@ -230,11 +248,13 @@ mod tests {
             ..Caller::default()
         };
         assert!(ours.is_host_admin() && ours.is_host_fsetid());
+        assert!(ours.is_host_immutable() && ours.is_host_resource() && ours.in_host_userns());
         let other = Caller {
             userns_id: Some(UserNsId { dev: 0, ino: 1 }),
             ..ours
         };
         assert!(!other.is_host_admin() && !other.is_host_fsetid());
+        assert!(!other.is_host_immutable() && !other.is_host_resource() && !other.in_host_userns());
         let unknown = Caller {
             userns_id: None,
             ..other

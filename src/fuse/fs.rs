@@ -14,14 +14,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle,
-    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow, WriteFlags,
+    FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::Timespec;
 use rustix::fs::{AtFlags, Mode, OFlags, RawDir, ResolveFlags, SeekFrom, Stat, Timestamps};
 use rustix::io::Errno as SysErrno;
+use rustix::thread::CapabilitySet;
 
 use super::caller::Caller;
 use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable, OpenLimit, Slot};
@@ -30,6 +31,7 @@ use super::pool::Pool;
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::mount::MountFlags;
 use crate::sys::creds::{FsCreds, set_thread_umask};
+use crate::sys::fileattr::{self, FsXattr, IFlags};
 use crate::sys::procfd::{self, ProcFd};
 use crate::xattr;
 
@@ -434,25 +436,63 @@ impl ShiftFs {
 
     /// Runs `f` (one creating syscall) with the caller's inner ids as this thread's fsuid
     /// and fsgid, so the backing filesystem gives the new object its owner atomically and
-    /// applies setgid-directory inheritance itself.
+    /// applies setgid-directory inheritance itself; space as `limited` allows.
     fn as_caller<T>(
         &self,
         req: &Request,
         umask: Option<u32>,
-        f: impl FnOnce() -> Result<T>,
+        f: impl Fn() -> Result<T>,
     ) -> Result<T> {
         let (uid, gid) = self.inner_caller(req)?;
         if let Some(mask) = umask {
             set_thread_umask(mask).map_err(io)?;
         }
-        let _creds = FsCreds::switch(uid, gid).map_err(io)?;
-        f()
+        limited(uid, gid, || Caller::of(req), f)
     }
 
-    /// Runs a data write (write, fallocate, copy_file_range) with the caller's host ids and
-    /// without CAP_SYS_RESOURCE: see `FsCreds::for_data`.
-    fn as_writer<T>(&self, req: &Request, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        as_data_writer(req.uid(), req.gid(), f)
+    /// `as_caller` for a syscall that makes `name` in `dir`, undone (ENOSPC) when it took
+    /// blocks ext4 keeps for root and the caller may not have them. The kernel grants them
+    /// by the caller's host fsuid; the daemon creates with the inner one so the object gets
+    /// its owner, and a container root (inner 0) would pass for root (the default `resuid`).
+    fn create_as_caller<T>(
+        &self,
+        req: &Request,
+        umask: Option<u32>,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        make: impl Fn() -> Result<T>,
+    ) -> Result<T> {
+        let near = NearReserve::check(dir);
+        let made = self.as_caller(req, umask, make)?;
+        let Some(near) = near else {
+            return Ok(made);
+        };
+        let made_st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
+        if !near.dipped(dir) || near.may_use(dir, req.uid(), req.gid(), &Caller::of(req)) {
+            return Ok(made);
+        }
+        drop(made);
+        // Only what this request made: a name swapped in on the source side since stays.
+        if let Ok(made_st) = made_st
+            && let Ok(now) = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            && (now.st_dev, now.st_ino) == (made_st.st_dev, made_st.st_ino)
+        {
+            let flags = if now.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            if let Err(e) = rustix::fs::unlinkat(dir, name, flags) {
+                tracing::warn!("cannot remove {name:?}, made in root's reserve: {e}");
+            }
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    /// Runs a change that may take space but gives no object an owner (write, link, rename,
+    /// xattrs) with the caller's host ids, as the kernel would, limited as `limited` says.
+    fn as_writer<T>(&self, req: &Request, f: impl Fn() -> Result<T>) -> Result<T> {
+        limited(req.uid(), req.gid(), || Caller::of(req), f)
     }
 
     /// Records a kernel lookup of the object `fd` refers to.
@@ -702,23 +742,40 @@ impl ShiftFs {
                 let now = rustix::fs::fstat(ifd).map_err(sys)?.st_mode;
                 mode = (mode & !hidden) | (now & hidden);
             }
-            self.proc.chmod(ifd, mode & 0o7777).map_err(io)?;
+            // A chmod rewrites an ACL's mask, which may take a new xattr block (ext4 shares
+            // them between inodes).
+            self.as_writer(req, || self.proc.chmod(ifd, mode & 0o7777).map_err(io))?;
         }
         // FUSE_HANDLE_KILLPRIV_V2 leaves clearing setuid/setgid to us, flagged with
         // FATTR_KILL_SUIDGID, which fuser 0.18 does not pass on. The kernel sends it on a
         // truncate by a caller without CAP_FSETID, and as a SETATTR with nothing else before
         // the first write, fallocate or copy into a setuid/setgid file by such a caller
         // (chown: the backing chown clears them itself). The empty SETATTR also comes when
-        // a write only drops a file capability, whoever writes: a setuid bit on a file that
-        // also has a capability is then cleared where the kernel would keep it (the safe
-        // side; chown(-1, -1) looks the same and does clear it).
+        // a write only drops a file capability, whoever writes, and for chown(path, -1, -1),
+        // which changes ctime (FATTR_CTIME comes only with the writeback cache). A backing
+        // chown(-1, -1) does all of it: ctime, setuid and setgid (with group execute) and
+        // the capability, as on the plain file system; a setuid bit on a file that also has
+        // a capability is then cleared where the kernel would keep it (the safe side).
+        let empty = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        if empty {
+            rustix::fs::chownat(
+                ifd,
+                "",
+                None,
+                None,
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(sys)?;
+        }
         let kill = mode.is_none()
+            && size.is_some()
             && is_sxid(st.st_mode)
-            && if size.is_some() {
-                !Caller::of(req).is_host_fsetid()
-            } else {
-                uid.is_none() && gid.is_none() && atime.is_none() && mtime.is_none()
-            };
+            && !Caller::of(req).is_host_fsetid();
         if kill {
             let now = rustix::fs::fstat(ifd).map_err(sys)?.st_mode;
             self.proc
@@ -776,7 +833,7 @@ impl ShiftFs {
             libc::S_IFBLK => rustix::fs::FileType::BlockDevice,
             _ => return Err(Errno::EINVAL),
         };
-        self.as_caller(req, Some(umask), || {
+        self.create_as_caller(req, Some(umask), pfd, name, || {
             rustix::fs::mknodat(
                 pfd,
                 name,
@@ -802,7 +859,7 @@ impl ShiftFs {
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
-        self.as_caller(req, Some(umask), || {
+        self.create_as_caller(req, Some(umask), pfd, name, || {
             rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(mode & 0o7777)).map_err(sys)
         })?;
         Ok(self.lookup_child(&p, name)?.1)
@@ -820,7 +877,7 @@ impl ShiftFs {
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
-        self.as_caller(req, None, || {
+        self.create_as_caller(req, None, pfd, name, || {
             rustix::fs::symlinkat(target, pfd, name).map_err(sys)
         })?;
         Ok(self.lookup_child(&p, name)?.1)
@@ -841,9 +898,11 @@ impl ShiftFs {
         self.inner_caller(req)?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EOVERFLOW)?;
-        // The new name keeps the inode's owner: plain linkat, no credential switch.
-        rustix::fs::linkat(ifd.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
-            .map_err(sys)?;
+        // The new name keeps the inode's owner; the directory may grow.
+        self.as_writer(req, || {
+            rustix::fs::linkat(ifd.as_fd(), "", pfd.as_fd(), newname, AtFlags::EMPTY_PATH)
+                .map_err(sys)
+        })?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         if !self.inodes.add_lookup(inode.nodeid) {
             return Ok(self.lookup_child(&p, newname)?.1);
@@ -895,10 +954,12 @@ impl ShiftFs {
             // The whiteout left at the old name is a new object: it must belong to the
             // caller, as on the plain file system, not to the daemon.
             return self.as_caller(req, None, || {
-                rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
+                rustix::fs::renameat_with(&pfd, name, &npfd, newname, flags).map_err(sys)
             });
         }
-        rustix::fs::renameat_with(pfd, name, npfd, newname, flags).map_err(sys)
+        self.as_writer(req, || {
+            rustix::fs::renameat_with(&pfd, name, &npfd, newname, flags).map_err(sys)
+        })
     }
 
     fn do_open(
@@ -953,7 +1014,7 @@ impl ShiftFs {
         // an existing file here was made since (on the source side, through another mount,
         // or behind a cached miss) and must not be opened with root's rights.
         let oflags = backing_open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
-        let created = self.as_caller(req, Some(umask), || {
+        let created = self.create_as_caller(req, Some(umask), pfd, name, || {
             open_beneath(pfd, name, oflags, mode & 0o7777)
         });
         let fd = match created {
@@ -1219,8 +1280,10 @@ impl ShiftFs {
         self.check_owner_mapped(&st, Errno::EPERM)?;
         let value = self.xattr_in(name, value)?;
         let flags = rustix::fs::XattrFlags::from_bits(flags as u32).ok_or(Errno::EINVAL)?;
-        rustix::fs::setxattr(self.proc.path(ifd.as_fd()), &*cstr(name)?, &value, flags)
-            .map_err(sys)?;
+        let (path, cname) = (self.proc.path(ifd.as_fd()), cstr(name)?);
+        self.as_writer(req, || {
+            rustix::fs::setxattr(&path, &*cname, &value, flags).map_err(sys)
+        })?;
         if name.as_bytes() == xattr::ACL_ACCESS {
             self.kill_sgid_after_acl(req, ifd.as_fd())?;
         }
@@ -1255,12 +1318,198 @@ impl ShiftFs {
         self.check_owner_mapped(&st, Errno::EPERM)?;
         rustix::fs::removexattr(self.proc.path(ifd.as_fd()), &*cstr(name)?).map_err(sys)
     }
+
+    /// The inode attribute ioctls (`lsattr`/`chattr`, project ids), on a fresh read-only fd
+    /// of the inode; any other command: ENOTTY. The kernel sends these four only for regular
+    /// files and directories, after checking on the translated attributes that the caller
+    /// owns the inode or has CAP_FOWNER over it, that changing `i` or `a` comes with
+    /// CAP_LINUX_IMMUTABLE in the initial namespace and a project id change from the initial
+    /// namespace. The daemon holds all of that itself, so it changes flags with the
+    /// caller's ids and only the capabilities the caller has on the host, and repeats the
+    /// project id rule. Project ids are not user ids: they pass unchanged, as through an
+    /// idmapped mount.
+    fn do_ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+    ) -> Result<Vec<u8>> {
+        use fileattr::{
+            FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR, FS_IOC_GETFLAGS, FS_IOC_SETFLAGS,
+            FS_IOC32_GETFLAGS, FS_IOC32_SETFLAGS,
+        };
+        let set = match cmd {
+            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS | FS_IOC_FSGETXATTR => false,
+            FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS | FS_IOC_FSSETXATTR => true,
+            _ => return Err(Errno::ENOTTY),
+        };
+        let inode = self.inode(ino)?;
+        // Opening anything else for real would have effects of its own.
+        if !inode.is_reg() && !inode.is_dir() {
+            return Err(Errno::ENOTTY);
+        }
+        if set {
+            self.check_writable(&inode)?;
+        }
+        // Our own /proc/self/fd link lands on this very inode (O_NOFOLLOW would refuse the
+        // link itself).
+        let fd = self
+            .proc
+            .reopen(
+                inode.fd().map_err(io)?.as_fd(),
+                OFlags::RDONLY | OFlags::NONBLOCK,
+            )
+            .map_err(io)?;
+        match cmd {
+            FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS => {
+                let flags = fileattr::getflags(&fd).map_err(io)?;
+                Ok(flags.bits().to_ne_bytes().to_vec())
+            }
+            FS_IOC_FSGETXATTR => Ok(fileattr::fsgetxattr(&fd).map_err(io)?.to_bytes()),
+            _ => {
+                let st = rustix::fs::fstat(&fd).map_err(sys)?;
+                self.check_owner_mapped(&st, Errno::EPERM)?;
+                let who = Caller::of(req);
+                let mut without = CapabilitySet::SYS_RESOURCE;
+                if !who.is_host_immutable() {
+                    without |= CapabilitySet::LINUX_IMMUTABLE;
+                }
+                if cmd == FS_IOC_FSSETXATTR {
+                    let new = FsXattr::from_bytes(in_data).ok_or(Errno::EINVAL)?;
+                    if !who.in_host_userns() {
+                        let old = fileattr::fsgetxattr(&fd).map_err(io)?;
+                        let inherit = (old.xflags ^ new.xflags) & fileattr::FS_XFLAG_PROJINHERIT;
+                        if old.projid != new.projid || inherit != 0 {
+                            return Err(Errno::EINVAL);
+                        }
+                    }
+                    let _creds = FsCreds::switch(req.uid(), req.gid(), without).map_err(io)?;
+                    fileattr::fssetxattr(&fd, new).map_err(io)?;
+                } else {
+                    let raw = in_data.get(..4).ok_or(Errno::EINVAL)?;
+                    let flags = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+                    let _creds = FsCreds::switch(req.uid(), req.gid(), without).map_err(io)?;
+                    fileattr::setflags(&fd, IFlags::from_bits_retain(flags)).map_err(io)?;
+                }
+                // The kernel's own requests want nothing back; a caller's want their bytes.
+                let n = in_data.len().min(out_size as usize);
+                Ok(in_data[..n].to_vec())
+            }
+        }
+    }
+}
+
+/// Runs `f` as fsuid/fsgid `uid`/`gid` without CAP_SYS_RESOURCE (ext4's blocks reserved
+/// for root, quota hard limits); when that runs out of space or quota, once more with it if
+/// the caller (`who`) holds it on the host, as the kernel would have let them.
+fn limited<T>(
+    uid: u32,
+    gid: u32,
+    who: impl FnOnce() -> Caller,
+    f: impl Fn() -> Result<T>,
+) -> Result<T> {
+    let r = {
+        let _creds = FsCreds::switch(uid, gid, CapabilitySet::SYS_RESOURCE).map_err(io)?;
+        f()
+    };
+    match r {
+        Err(e) if (e == Errno::ENOSPC || e == Errno::EDQUOT) && who().is_host_resource() => {
+            let _creds = FsCreds::switch(uid, gid, CapabilitySet::empty()).map_err(io)?;
+            f()
+        }
+        r => r,
+    }
 }
 
 /// `ShiftFs::as_writer` for a request whose ids were taken before it moved to the pool.
-fn as_data_writer<T>(uid: u32, gid: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let _writer = FsCreds::for_data(uid, gid).map_err(io)?;
-    f()
+fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<T> {
+    let (pid, uid, gid) = ids;
+    limited(
+        uid,
+        gid,
+        || Caller::read(Path::new("/proc"), pid, uid, gid),
+        f,
+    )
+}
+
+/// Free space of an ext2/3/4 file system so close to the blocks it keeps for root (`-m`,
+/// `resuid`, `resgid`) that a create may reach into them.
+struct NearReserve {
+    bfree: u64,
+    /// Blocks kept back, known from a statfs that showed some available.
+    reserve: Option<u64>,
+}
+
+/// Available blocks above which no create (a few blocks, one per worker at a time) can
+/// reach the reserve.
+const RESERVE_MARGIN: u64 = 256;
+
+impl NearReserve {
+    fn check(dir: BorrowedFd<'_>) -> Option<Self> {
+        let s = rustix::fs::fstatfs(dir).ok()?;
+        if crate::mountinfo::statfs_name(&s) != "ext4" || s.f_bavail >= RESERVE_MARGIN {
+            return None;
+        }
+        Some(Self {
+            bfree: s.f_bfree,
+            reserve: (s.f_bavail > 0).then(|| s.f_bfree.saturating_sub(s.f_bavail)),
+        })
+    }
+
+    /// Whether blocks of the reserve were taken since `check`.
+    fn dipped(&self, dir: BorrowedFd<'_>) -> bool {
+        let Ok(s) = rustix::fs::fstatfs(dir) else {
+            return false;
+        };
+        match self.reserve {
+            Some(r) => s.f_bfree < r,
+            None => s.f_bfree < self.bfree,
+        }
+    }
+
+    /// ext4's rule for the reserve, for a caller with host fsuid/fsgid `uid`/`gid`: it is
+    /// the `resuid`, in the group `resgid` (unless that is 0), or has CAP_SYS_RESOURCE.
+    fn may_use(&self, dir: BorrowedFd<'_>, uid: u32, gid: u32, who: &Caller) -> bool {
+        // Unreadable: ext4's defaults.
+        let (resuid, resgid) = reserve_owners(dir).unwrap_or((0, 0));
+        uid == resuid
+            || (resgid != 0 && (gid == resgid || who.groups.contains(&resgid)))
+            || who.is_host_resource()
+    }
+}
+
+/// `resuid` and `resgid` of the ext4 file system holding `dir`: `/proc/fs/ext4/DEV/options`
+/// lists them, defaults included. Only `/proc` is read (a sandbox keeps it for fd reopening).
+fn reserve_owners(dir: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    let st = rustix::fs::fstat(dir).ok()?;
+    let dev = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    let parts = std::fs::read_to_string("/proc/partitions").ok()?;
+    let name = block_device_name(&parts, dev)?;
+    let opts = std::fs::read_to_string(format!("/proc/fs/ext4/{name}/options")).ok()?;
+    let get = |key: &str| {
+        opts.lines()
+            .find_map(|l| l.strip_prefix(key)?.parse::<u32>().ok())
+    };
+    Some((get("resuid=")?, get("resgid=")?))
+}
+
+/// The name `/proc/partitions` gives the block device `dev` (major, minor).
+fn block_device_name(partitions: &str, dev: (u32, u32)) -> Option<&str> {
+    partitions.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (maj, min, name) = (f.first()?, f.get(1)?, f.get(3)?);
+        let ok = maj.parse() == Ok(dev.0) && min.parse() == Ok(dev.1);
+        (ok && !name.contains('/') && !name.starts_with('.')).then_some(*name)
+    })
+}
+
+/// Credentials for registering a passthrough backing file: the kernel keeps them for every
+/// passthrough write to the inode, by whichever opener, so they never include
+/// CAP_SYS_RESOURCE, whoever opened first.
+fn register_creds(req: &Request) -> std::io::Result<FsCreds> {
+    FsCreds::switch(req.uid(), req.gid(), CapabilitySet::SYS_RESOURCE)
 }
 
 /// Bytes one COPY_FILE_RANGE request copies at most: the copy then holds a data thread for
@@ -1491,7 +1740,7 @@ impl Filesystem for ShiftFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // The kernel keeps the credentials of the registration for every passthrough write.
         match self.do_open(req.uid(), ino, flags, |fd| {
-            let _writer = FsCreds::for_data(req.uid(), req.gid())?;
+            let _writer = register_creds(req)?;
             reply.open_backing(fd)
         }) {
             Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
@@ -1722,7 +1971,7 @@ impl Filesystem for ShiftFs {
         reply: ReplyCreate,
     ) {
         match self.do_create(req, parent, name, mode, umask, flags, |fd| {
-            let _writer = FsCreds::for_data(req.uid(), req.gid())?;
+            let _writer = register_creds(req)?;
             reply.open_backing(fd)
         }) {
             Ok((attr, fh, fl, Some(b))) => {
@@ -1748,14 +1997,32 @@ impl Filesystem for ShiftFs {
                 rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
             Ok((h, mode))
         });
-        let (uid, gid) = (req.uid(), req.gid());
+        let ids = (req.pid(), req.uid(), req.gid());
         match prepared {
             Ok((h, mode)) => self.data.run(move || {
-                let r = as_data_writer(uid, gid, || {
+                let r = as_data_writer(ids, || {
                     rustix::fs::fallocate(h.fd(), mode, offset, length).map_err(sys)
                 });
                 reply_empty(reply, r);
             }),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        match self.do_ioctl(req, ino, cmd, in_data, out_size) {
+            Ok(out) if out.len() <= out_size as usize => reply.ioctl(0, &out),
+            Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
         }
     }
@@ -1809,11 +2076,11 @@ impl Filesystem for ShiftFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let (uid, gid) = (req.uid(), req.gid());
+        let ids = (req.pid(), req.uid(), req.gid());
         self.data.run(move || {
-            let (mut oi, mut oo) = (offset_in, offset_out);
             let len = len.min(COPY_CHUNK) as usize;
-            let r = as_data_writer(uid, gid, || {
+            let r = as_data_writer(ids, || {
+                let (mut oi, mut oo) = (offset_in, offset_out);
                 rustix::fs::copy_file_range(i.fd(), Some(&mut oi), o.fd(), Some(&mut oo), len)
                     .map_err(sys)
             })
@@ -1842,6 +2109,15 @@ mod tests {
         }
         // The kernel's new_encode_dev(1, 3) is 0x103.
         assert_eq!(encode_dev(rustix::fs::makedev(1, 3)), 0x103);
+    }
+
+    #[test]
+    fn block_devices_are_named_from_proc_partitions() {
+        let parts = "major minor  #blocks  name\n\n 254        0  268435456 vda\n   7        0      32768 loop0\n";
+        assert_eq!(block_device_name(parts, (7, 0)), Some("loop0"));
+        assert_eq!(block_device_name(parts, (254, 0)), Some("vda"));
+        assert_eq!(block_device_name(parts, (254, 1)), None);
+        assert_eq!(block_device_name("8 0 1 ../x\n", (8, 0)), None);
     }
 
     #[test]

@@ -39,6 +39,7 @@ use rustix::fs::{
     AtFlags, FileType, Mode, OFlags, RawDir, ResolveFlags, StatxFlags, openat2, statx,
 };
 
+use crate::sys::xattr::read_whole;
 use crate::xattr;
 
 #[derive(Debug, thiserror::Error)]
@@ -206,41 +207,28 @@ fn open_path(
 
 /// `fgetxattr` on a regular fd; `None` when the attribute is absent.
 pub(crate) fn fget(fd: BorrowedFd<'_>, name: &str) -> io::Result<Option<Vec<u8>>> {
-    let mut size = 256;
-    loop {
-        let mut buf = Vec::with_capacity(size);
-        match rustix::fs::fgetxattr(fd, name, rustix::buffer::spare_capacity(&mut buf)) {
-            Ok(_) => return Ok(Some(buf)),
-            Err(rustix::io::Errno::NODATA) => return Ok(None),
-            Err(rustix::io::Errno::RANGE) if size < 1 << 20 => size *= 4,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    absent_is_none(read_whole(|b| rustix::fs::fgetxattr(fd, name, b)))
 }
 
 /// `lgetxattr` on a path; `None` when the attribute is absent.
 pub(crate) fn lget(path: &OsStr, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    get_with(path, name, |p, n, b| rustix::fs::lgetxattr(p, n, b))
+    absent_is_none(read_whole(|b| {
+        rustix::fs::lgetxattr(path, OsStr::from_bytes(name), b)
+    }))
 }
 
 /// `getxattr` (following) on a path; `None` when the attribute is absent.
 pub(crate) fn get(path: &OsStr, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-    get_with(path, name, |p, n, b| rustix::fs::getxattr(p, n, b))
+    absent_is_none(read_whole(|b| {
+        rustix::fs::getxattr(path, OsStr::from_bytes(name), b)
+    }))
 }
 
-type GetFn = fn(&OsStr, &OsStr, rustix::buffer::SpareCapacity<'_, u8>) -> rustix::io::Result<usize>;
-
-fn get_with(path: &OsStr, name: &[u8], f: GetFn) -> io::Result<Option<Vec<u8>>> {
-    let name = OsStr::from_bytes(name);
-    let mut size = 256;
-    loop {
-        let mut buf = Vec::with_capacity(size);
-        match f(path, name, rustix::buffer::spare_capacity(&mut buf)) {
-            Ok(_) => return Ok(Some(buf)),
-            Err(rustix::io::Errno::NODATA) => return Ok(None),
-            Err(rustix::io::Errno::RANGE) if size < 1 << 20 => size *= 4,
-            Err(e) => return Err(e.into()),
-        }
+fn absent_is_none(r: rustix::io::Result<Vec<u8>>) -> io::Result<Option<Vec<u8>>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(rustix::io::Errno::NODATA) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -263,7 +251,7 @@ fn list_names(src: Source<'_>, buf: &mut [u8]) -> rustix::io::Result<usize> {
         Source::Fd(fd) => rustix::fs::flistxattr(fd, &mut *buf),
         Source::At(dir, name) => {
             if !NO_LISTXATTRAT.load(Ordering::Relaxed) {
-                match crate::sys::xattrat::listxattrat_nofollow(dir, name, buf) {
+                match crate::sys::xattr::listxattrat_nofollow(dir, name, buf) {
                     Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                         NO_LISTXATTRAT.store(true, Ordering::Relaxed);
                     }
@@ -278,17 +266,13 @@ fn list_names(src: Source<'_>, buf: &mut [u8]) -> rustix::io::Result<usize> {
 
 /// The id-bearing xattrs of an inode.
 fn id_xattrs(src: Source<'_>, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>, Error> {
-    let mut buf = vec![0u8; 256];
-    let len = loop {
-        match list_names(src, &mut buf) {
-            Ok(n) => break n,
-            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
-            Err(rustix::io::Errno::RANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            Err(e) => return Err(io_err(rel, "list xattrs", e)),
-        }
+    let names = match read_whole(|b| list_names(src, b)) {
+        Ok(names) => names,
+        Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(rel, "list xattrs", e)),
     };
     let mut out = Vec::new();
-    for name in buf[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let Some(kind) = xattr::Kind::of(name) else {
             continue;
         };

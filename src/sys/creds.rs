@@ -10,7 +10,7 @@ use std::io;
 use rustix::fs::Mode;
 use rustix::process::Gid;
 use rustix::thread::{
-    CapabilitySets, UnshareFlags, capabilities, set_capabilities, set_thread_groups,
+    CapabilitySet, CapabilitySets, UnshareFlags, capabilities, set_capabilities, set_thread_groups,
 };
 
 /// Any id the kernel rejects: `setfsuid(-1)` changes nothing and returns the current fsuid.
@@ -67,12 +67,19 @@ pub struct FsCreds {
 }
 
 impl FsCreds {
-    /// Switches the calling thread's fsgid then fsuid. Fails with EPERM when the kernel
-    /// refuses either (the daemon lacks CAP_SETUID/CAP_SETGID).
-    pub fn switch(uid: u32, gid: u32) -> io::Result<Self> {
+    /// Switches the calling thread's fsgid then fsuid, with every effective capability but
+    /// `without`. Fails with EPERM when the kernel refuses either id (the daemon lacks
+    /// CAP_SETUID/CAP_SETGID).
+    ///
+    /// Whatever allocates space on a caller's behalf (creates, data writes, xattrs, links)
+    /// goes without CAP_SYS_RESOURCE unless the caller holds it on the host: with it ext4
+    /// hands out the blocks reserved for root and quotas pass their hard limits.
+    pub fn switch(uid: u32, gid: u32, without: CapabilitySet) -> io::Result<Self> {
         let caps = capabilities(None)?;
         let guard = Self::set(uid, gid, caps, None)?;
-        set_capabilities(None, caps)?;
+        let mut now = caps;
+        now.effective -= without;
+        set_capabilities(None, now)?;
         Ok(guard)
     }
 
@@ -88,7 +95,7 @@ impl FsCreds {
         let guard = Self::set(uid, gid, caps, Some(saved))?;
         // fsuid 0 keeps the filesystem capabilities, but the caller has not been shown to hold
         // them (and a namespace root's cover only inodes mapped in its namespace).
-        use rustix::thread::CapabilitySet as C;
+        use CapabilitySet as C;
         let mut now = capabilities(None)?;
         now.effective -= C::CHOWN
             | C::DAC_OVERRIDE
@@ -99,19 +106,6 @@ impl FsCreds {
             | C::MAC_OVERRIDE
             | C::MKNOD;
         set_capabilities(None, now)?;
-        Ok(guard)
-    }
-
-    /// For writing file data on the caller's behalf: the caller's host ids and every
-    /// capability but CAP_SYS_RESOURCE, as a write through the kernel's idmapped mount would
-    /// have. ext4 lets fsuid 0 and CAP_SYS_RESOURCE use the blocks reserved for root, and
-    /// CAP_SYS_RESOURCE passes quota hard limits; a container's writes must get neither.
-    pub fn for_data(uid: u32, gid: u32) -> io::Result<Self> {
-        let caps = capabilities(None)?;
-        let guard = Self::set(uid, gid, caps, None)?;
-        let mut data = caps;
-        data.effective -= rustix::thread::CapabilitySet::SYS_RESOURCE;
-        set_capabilities(None, data)?;
         Ok(guard)
     }
 
@@ -223,12 +217,20 @@ mod tests {
             move || {
                 let before = (fsuid(), fsgid());
                 {
-                    let _g = FsCreds::switch(4321, 8765).unwrap();
+                    let _g = FsCreds::switch(4321, 8765, CapabilitySet::empty()).unwrap();
                     assert_eq!((fsuid(), fsgid()), (4321, 8765));
                     std::fs::File::create(&p).unwrap();
                 }
                 assert_eq!((fsuid(), fsgid()), before);
+                let had = capabilities(None).unwrap();
+                {
+                    let _g = FsCreds::switch(4321, 8765, CapabilitySet::SYS_RESOURCE).unwrap();
+                    let caps = capabilities(None).unwrap();
+                    assert!(!caps.effective.contains(CapabilitySet::SYS_RESOURCE));
+                    assert!(caps.effective.contains(CapabilitySet::DAC_OVERRIDE));
+                }
                 let caps = capabilities(None).unwrap();
+                assert_eq!(caps.effective, had.effective);
                 assert!(
                     caps.effective
                         .contains(rustix::thread::CapabilitySet::DAC_OVERRIDE)

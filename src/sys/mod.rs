@@ -5,6 +5,7 @@
 pub mod creds;
 pub mod daemon;
 pub mod fhandle;
+pub mod fileattr;
 pub mod fusedev;
 pub mod inherit;
 pub mod mount;
@@ -12,4 +13,4 @@ pub mod process;
 pub mod procfd;
 pub mod statmount;
 pub mod userns;
-pub mod xattrat;
+pub mod xattr;

@@ -73,37 +73,18 @@ impl AsFd for ProcFd {
     }
 }
 
-/// Reads a whole xattr value of `path` (a `/proc/self/fd/N` path), retrying when it grows
-/// between the size query and the read.
+/// Reads a whole xattr value of `path` (a `/proc/self/fd/N` path).
 pub fn getxattr(path: &CStr, name: &CStr) -> io::Result<Vec<u8>> {
-    loop {
-        let size = rustix::fs::getxattr_query(path, name)?;
-        let mut buf = vec![0u8; size];
-        match rustix::fs::getxattr(path, name, &mut buf[..]) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(rustix::io::Errno::RANGE) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(super::xattr::read_whole(|b| {
+        rustix::fs::getxattr(path, name, b)
+    })?)
 }
 
 /// Reads the whole xattr name list of `path`.
 pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
-    loop {
-        let size = rustix::fs::listxattr_query(path)?;
-        let mut buf = vec![0u8; size];
-        match rustix::fs::listxattr(path, &mut buf[..]) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(rustix::io::Errno::RANGE) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(super::xattr::read_whole(|b| {
+        rustix::fs::listxattr(path, b)
+    })?)
 }
 
 /// The kernel's name for the object behind `fd` (`readlink /proc/self/fd/N`), for messages

@@ -1,10 +1,34 @@
-//! `listxattrat(2)` (Linux 6.13): lists the xattrs of `dirfd/name` without following the
-//! last component and without going through `/proc/self/fd` paths, which cost several
-//! extra lookups per file in a tree walk. rustix and libc do not have it yet.
+//! Reading xattrs: the one loop that reads a whole value or name list, and
+//! `listxattrat(2)` (Linux 6.13), which lists the xattrs of `dirfd/name` without following
+//! the last component and without going through `/proc/self/fd` paths (which cost several
+//! extra lookups per file in a tree walk); rustix and libc do not have it yet.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+
+/// The kernel's limit on one xattr value and on a name list (`XATTR_SIZE_MAX`, `XATTR_LIST_MAX`).
+const XATTR_MAX: usize = 65536;
+
+/// Calls `read` (a getxattr or listxattr of some kind) with a buffer that grows until the
+/// whole value fits: ERANGE means it was too small, or the value grew in between.
+pub fn read_whole(
+    mut read: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>,
+) -> rustix::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        match read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) if buf.len() < XATTR_MAX => {
+                buf.resize((buf.len() * 4).min(XATTR_MAX), 0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// The syscall number is the same on every architecture (the unified table after 424).
 const SYS_LISTXATTRAT: libc::c_long = 465;
@@ -39,6 +63,19 @@ pub fn listxattrat_nofollow(
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn whole_values_past_the_first_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let big = vec![b'v'; 3000];
+        rustix::fs::setxattr(&f, "user.big", &big, rustix::fs::XattrFlags::empty()).unwrap();
+        let got = read_whole(|b| rustix::fs::getxattr(&f, "user.big", b)).unwrap();
+        assert_eq!(got, big);
+        let names = read_whole(|b| rustix::fs::listxattr(&f, b)).unwrap();
+        assert!(names.split(|&c| c == 0).any(|n| n == b"user.big"));
+    }
 
     #[test]
     fn lists_without_following() {

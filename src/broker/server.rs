@@ -1,0 +1,663 @@
+//! The broker's socket server: accepts connections, learns who is at the other end from
+//! the kernel alone (`SO_PEERCRED`, then a pidfd and `/proc` for groups and executable),
+//! reads JSON-line requests under a size limit and a deadline, judges them with `rules`,
+//! records every decision with `audit`, and replies.
+//!
+//! Each connection has its own thread, so a slow or idle client holds only its own. Threads
+//! are capped in total and per uid: one user opening connections and sending nothing uses
+//! up its own share and is answered "busy", while other users are still served.
+//!
+//! Not wired yet: the mount itself. An allowed `mount` (and every `umount`, `make-image`,
+//! `adopt` that passes its rule) is audited as allowed and then answered with an error
+//! saying it is not implemented yet; nothing is faked.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::net::UCred;
+use serde_json::{Value, json};
+
+use super::audit::{self, Audit};
+use super::policy::{self, Policy};
+use super::protocol::{self, Request};
+use super::rules::{self, Caller, Decision, Flags, MountRequest, Source, Target};
+use super::subid;
+use crate::idmap::IdMapping;
+use crate::resolve::Dir;
+use crate::sys::creds::FsCreds;
+
+pub const DEFAULT_SOCKET: &str = "/run/shiftfs/broker.sock";
+
+/// Where the broker listens and which files it reads; every path can be moved for tests.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub policy: PathBuf,
+    pub subuid: PathBuf,
+    pub subgid: PathBuf,
+    pub passwd: PathBuf,
+    pub group: PathBuf,
+    pub audit_log: PathBuf,
+    /// The syslog datagram socket; `None` sends nothing there.
+    pub syslog: Option<PathBuf>,
+    /// Connections served at once, in all.
+    pub max_connections: usize,
+    /// Connections one uid may hold at once.
+    pub max_per_uid: usize,
+    /// How long a client may take to send one whole request (and to read its reply).
+    pub timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_SOCKET.into(),
+            policy: policy::DEFAULT_PATH.into(),
+            subuid: "/etc/subuid".into(),
+            subgid: "/etc/subgid".into(),
+            passwd: "/etc/passwd".into(),
+            group: "/etc/group".into(),
+            audit_log: audit::DEFAULT_LOG.into(),
+            syslog: Some(audit::DEFAULT_SYSLOG.into()),
+            max_connections: 512,
+            max_per_uid: 32,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is in use by a running broker; stop it first")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; remove it or choose another --socket")]
+    NotSocket(PathBuf),
+    #[error("cannot accept connections: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// Binds the socket (mode 0666: the broker itself decides who may do what), replacing a
+/// stale socket of a broker that is gone but never another file or a live broker's socket.
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+    let bind_err = |source| Error::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => return Err(Error::NotSocket(path.to_path_buf())),
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Counts of connections being served, in all and per uid.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.total -= 1;
+        if let Some(n) = s.by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                s.by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+fn take_slot(slots: &Arc<Mutex<Slots>>, uid: u32, config: &Config) -> Option<Slot> {
+    let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+    let mine = s.by_uid.get(&uid).copied().unwrap_or(0);
+    if s.total >= config.max_connections || mine >= config.max_per_uid {
+        return None;
+    }
+    s.total += 1;
+    s.by_uid.insert(uid, mine + 1);
+    Some(Slot {
+        slots: slots.clone(),
+        uid,
+    })
+}
+
+/// Serves connections until accepting fails for good.
+pub fn serve(listener: UnixListener, config: Config) -> Result<(), Error> {
+    let config = Arc::new(config);
+    let audit = Arc::new(Audit::new(&config.audit_log, config.syslog.as_deref()));
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    tracing::info!(socket = %config.socket.display(), "shiftfsd serving");
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ECONNABORTED)) => {
+                continue;
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                tracing::warn!("out of file descriptors: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            Err(e) => return Err(Error::Accept(e)),
+        };
+        let accepted = boot_ticks();
+        let Ok(cred) = rustix::net::sockopt::socket_peercred(&stream) else {
+            continue;
+        };
+        let Some(slot) = take_slot(&slots, cred.uid.as_raw(), &config) else {
+            refuse_busy(stream, cred.uid.as_raw());
+            continue;
+        };
+        let (config, audit) = (config.clone(), audit.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("conn-{}", cred.pid.as_raw_nonzero()))
+            .spawn(move || {
+                let _slot = slot;
+                Connection::new(stream, cred, accepted, &config, &audit).run();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn refuse_busy(mut stream: UnixStream, uid: u32) {
+    tracing::debug!(uid, "connection refused: too many at once");
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write_all(
+        protocol::error(
+            "broker busy: too many connections at once from this user or in all; retry later",
+        )
+        .as_bytes(),
+    );
+}
+
+/// Clock ticks since boot, the unit of `/proc/PID/stat`'s start time.
+fn boot_ticks() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let hz = rustix::param::clock_ticks_per_second();
+    t.tv_sec as u64 * hz + t.tv_nsec as u64 * hz / 1_000_000_000
+}
+
+/// The peer process as the kernel describes it.
+struct Peer {
+    pid: u32,
+    uid: u32,
+    /// The `SO_PEERCRED` gid.
+    gid: u32,
+    /// Every group: the `SO_PEERCRED` gid first, then the supplementary ones.
+    groups: Vec<u32>,
+    exe: Option<String>,
+}
+
+/// Learns the peer's groups and executable through `/proc/PID`, making sure PID is still
+/// the process that connected: it started no later than the connection was accepted, and it
+/// has not exited while we read (the pidfd pins it; a pid is reused only after exit).
+fn identify(cred: UCred, accepted: u64) -> Result<Peer, String> {
+    let pid = cred.pid.as_raw_nonzero().get() as u32;
+    let gone = || format!("the connecting process {pid} is gone");
+    let pidfd = rustix::process::pidfd_open(cred.pid, rustix::process::PidfdFlags::empty())
+        .map_err(|_| gone())?;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).map_err(|_| gone())?;
+    let started = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(gone)?;
+    if started > accepted {
+        return Err(gone());
+    }
+    let status = std::fs::read_to_string(proc_dir.join("status")).map_err(|_| gone())?;
+    let mut groups: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let exe = std::fs::read_link(proc_dir.join("exe"))
+        .ok()
+        .map(|p| p.display().to_string());
+    if exited(&pidfd) {
+        return Err(gone());
+    }
+    let gid = cred.gid.as_raw();
+    if !groups.contains(&gid) {
+        groups.insert(0, gid);
+    }
+    Ok(Peer {
+        pid,
+        uid: cred.uid.as_raw(),
+        gid,
+        groups,
+        exe,
+    })
+}
+
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::time::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    !matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(0))
+}
+
+/// The name and primary gid of `uid` in a passwd-format file.
+fn passwd_entry(path: &Path, uid: u32) -> Option<(String, u32)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 4 && f[2].parse() == Ok(uid))
+            .then(|| f[3].parse().ok().map(|g| (f[0].to_string(), g)))
+            .flatten()
+    })
+}
+
+/// Group names by gid from a group-format file.
+fn group_names(path: &Path) -> HashMap<u32, String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            Some((f.get(2)?.parse().ok()?, f.first()?.to_string()))
+        })
+        .collect()
+}
+
+struct Connection<'a> {
+    stream: UnixStream,
+    cred: UCred,
+    accepted: u64,
+    config: &'a Config,
+    audit: &'a Audit,
+    /// Bytes read past the end of the last request.
+    pending: Vec<u8>,
+}
+
+enum Line {
+    Request(Vec<u8>),
+    /// The client closed, or broke a limit (and was told so).
+    Done,
+}
+
+impl<'a> Connection<'a> {
+    fn new(
+        stream: UnixStream,
+        cred: UCred,
+        accepted: u64,
+        config: &'a Config,
+        audit: &'a Audit,
+    ) -> Self {
+        Self {
+            stream,
+            cred,
+            accepted,
+            config,
+            audit,
+            pending: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let _ = self.stream.set_write_timeout(Some(self.config.timeout));
+        let peer = identify(self.cred, self.accepted);
+        while let Line::Request(line) = self.read_line() {
+            let reply = match &peer {
+                Ok(peer) => self.handle(peer, &line),
+                Err(e) => protocol::error(e),
+            };
+            if self.stream.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// One request line, read under the line limit and within the timeout.
+    fn read_line(&mut self) -> Line {
+        let deadline = Instant::now() + self.config.timeout;
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(i) = self.pending.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.pending.drain(..=i).collect();
+                line.pop();
+                return Line::Request(line);
+            }
+            if self.pending.len() >= protocol::MAX_LINE {
+                return self.give_up(&format!(
+                    "request longer than {} bytes; closing the connection",
+                    protocol::MAX_LINE
+                ));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return self.give_up("request not received in time; closing the connection");
+            }
+            let _ = self.stream.set_read_timeout(Some(left));
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Line::Done,
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Line::Done,
+            }
+        }
+    }
+
+    fn give_up(&mut self, why: &str) -> Line {
+        let _ = self.stream.write_all(protocol::error(why).as_bytes());
+        Line::Done
+    }
+
+    fn handle(&self, peer: &Peer, line: &[u8]) -> String {
+        let req = match protocol::parse(line) {
+            Ok(r) => r,
+            Err(e) => return protocol::error(&e),
+        };
+        match &req {
+            Request::Version(_) => protocol::ok(json!({
+                "version": protocol::VERSION,
+                "broker": env!("CARGO_PKG_VERSION"),
+            })),
+            Request::List(_) => self.list(peer),
+            _ => self.decide(peer, &req),
+        }
+    }
+
+    /// Records have no owner yet, so only root sees them; everyone else gets an empty list.
+    fn list(&self, peer: &Peer) -> String {
+        let mounts: Vec<Value> = if peer.uid == 0 {
+            crate::registry::Record::all()
+                .into_iter()
+                .map(|(r, state)| {
+                    json!({
+                        "target": r.target.display().to_string(),
+                        "source": r.source.display().to_string(),
+                        "map": r.map,
+                        "options": r.options,
+                        "mount_id": r.mount_id,
+                        "state": format!("{state:?}").to_lowercase(),
+                    })
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        protocol::ok(json!({ "mounts": mounts }))
+    }
+
+    fn decide(&self, peer: &Peer, req: &Request) -> String {
+        let mut rec = audit::Record {
+            uid: peer.uid,
+            pid: peer.pid,
+            exe: peer.exe.clone(),
+            op: req.op().into(),
+            ..audit::Record::default()
+        };
+        let decision = self.judge(peer, req, &mut rec);
+        rec.allowed = matches!(decision, Decision::Allow(_));
+        if let Decision::Refuse(why) = &decision {
+            rec.reason = Some(why.clone());
+        }
+        if let Err(e) = self.audit.record(&rec) {
+            tracing::error!("{e}");
+            return protocol::error(&format!("refused: the decision could not be audited ({e})"));
+        }
+        tracing::info!(uid = peer.uid, pid = peer.pid, op = req.op(), allowed = rec.allowed, reason = ?rec.reason, "decision");
+        match decision {
+            Decision::Refuse(why) => protocol::error(&why),
+            Decision::Allow(_) => protocol::error(&format!(
+                "{} was allowed, but the broker cannot perform it yet (not implemented yet)",
+                req.op()
+            )),
+        }
+    }
+
+    /// Resolves what the rules need, fills the audit record, and applies the rule.
+    ///
+    /// Paths are opened with the caller's file system credentials (this connection's thread
+    /// only): a caller can name only what it could reach itself, and learns nothing from the
+    /// answers about directories it cannot search.
+    fn judge(&self, peer: &Peer, req: &Request, rec: &mut audit::Record) -> Decision {
+        let caller = match self.caller(peer) {
+            Ok(c) => c,
+            Err(why) => return Decision::Refuse(why),
+        };
+        let _as_caller = if peer.uid == 0 {
+            None
+        } else {
+            match FsCreds::switch_checked(peer.uid, peer.gid, &peer.groups) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    return Decision::Refuse(format!(
+                        "cannot take the caller's credentials to look up its paths: {e}"
+                    ));
+                }
+            }
+        };
+        match req {
+            Request::Mount(m) => {
+                rec.source = Some(m.source.clone());
+                rec.target = m.target.clone();
+                rec.map = Some(m.map.clone());
+                rec.backend = Some(format!("{:?}", m.backend).to_lowercase());
+                match self.mount_request(m) {
+                    Ok(r) => match self.context() {
+                        Ok((policy, db)) => {
+                            // Records carry no owner yet, so no mount counts as the caller's.
+                            rules::decide_mount(&caller, &r, &policy, &db, 0)
+                        }
+                        Err(why) => Decision::Refuse(why),
+                    },
+                    Err(why) => Decision::Refuse(why),
+                }
+            }
+            Request::Umount(u) => {
+                rec.target = Some(u.target.clone());
+                // Records carry no owner yet: every mount counts as root's.
+                rules::decide_umount(&caller, &u.target, None)
+            }
+            Request::MakeImage(p) => {
+                rec.target = Some(p.path.clone());
+                let parent = checked_path(&p.path).and_then(|p| {
+                    p.parent()
+                        .map(Path::to_path_buf)
+                        .ok_or("/ has no parent".into())
+                });
+                match parent.and_then(|dir| open_owner(&dir).map(|(_, uid, _)| (dir, uid))) {
+                    Ok((dir, uid)) => {
+                        rules::decide_make_image(&caller, &dir.display().to_string(), uid)
+                    }
+                    Err(why) => Decision::Refuse(why),
+                }
+            }
+            Request::Adopt(p) => {
+                rec.source = Some(p.path.clone());
+                match checked_path(&p.path).and_then(|p| open_owner(&p)) {
+                    Ok((_, uid, _)) => rules::decide_adopt(&caller, &p.path, uid),
+                    Err(why) => Decision::Refuse(why),
+                }
+            }
+            Request::Version(_) | Request::List(_) => Decision::Allow(Flags::default()),
+        }
+    }
+
+    fn caller(&self, peer: &Peer) -> Result<Caller, String> {
+        let (name, gid) = passwd_entry(&self.config.passwd, peer.uid).ok_or_else(|| {
+            format!(
+                "uid {} has no entry in {}; the broker serves only known users",
+                peer.uid,
+                self.config.passwd.display()
+            )
+        })?;
+        let names = group_names(&self.config.group);
+        Ok(Caller {
+            pid: peer.pid,
+            uid: peer.uid,
+            gid,
+            name,
+            groups: peer
+                .groups
+                .iter()
+                .map(|g| (*g, names.get(g).cloned()))
+                .collect(),
+        })
+    }
+
+    fn context(&self) -> Result<(Policy, subid::Db), String> {
+        let policy = Policy::load(&self.config.policy).map_err(|e| e.to_string())?;
+        let db = subid::Db::read(&self.config.subuid, &self.config.subgid)
+            .map_err(|e| format!("cannot read the subordinate id files: {e}"))?;
+        Ok((policy, db))
+    }
+
+    fn mount_request(&self, m: &protocol::Mount) -> Result<MountRequest, String> {
+        let map = IdMapping::parse(&m.map).map_err(|e| e.to_string())?;
+        let source_path = checked_path(&m.source)?;
+        let parent = source_path
+            .parent()
+            .ok_or_else(|| "source / cannot be shifted".to_string())?;
+        let (_, parent_uid, _) = open_owner(parent)?;
+        let (_, uid, gid) = open_owner(&source_path)?;
+        let target = match (&m.target, m.detached) {
+            (Some(_), true) => {
+                return Err("give a target or ask for a detached mount, not both".into());
+            }
+            (None, false) => return Err("no target; give one or ask for a detached mount".into()),
+            (None, true) => Target::Detached,
+            (Some(t), false) => {
+                let path = checked_path(t)?;
+                let dir = Dir::open(&path).map_err(|e| format!("target {e}"))?;
+                let st = rustix::fs::fstat(dir.as_fd()).map_err(|e| format!("target {t}: {e}"))?;
+                let empty = dir.is_empty().map_err(|e| format!("target {e}"))?;
+                Target::Directory {
+                    path,
+                    uid: st.st_uid,
+                    empty,
+                }
+            }
+        };
+        Ok(MountRequest {
+            source: Source {
+                path: source_path,
+                uid,
+                gid,
+                parent_uid,
+            },
+            target,
+            map,
+            flags: Flags {
+                read_only: m.read_only,
+                suid: m.suid,
+                dev: m.dev,
+            },
+        })
+    }
+}
+
+/// A path from a request: absolute, with no `.` or `..`, so that (opened without following
+/// symlinks) its text is its canonical name.
+fn checked_path(p: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(p);
+    if !path.is_absolute() || p.split('/').any(|c| c == "." || c == "..") {
+        return Err(format!(
+            "{p}: paths sent to the broker must be absolute, without . or .. components"
+        ));
+    }
+    Ok(path.components().collect())
+}
+
+/// Opens a directory without following symlinks; its fd and owner.
+fn open_owner(path: &Path) -> Result<(Dir, u32, u32), String> {
+    let dir = Dir::open(path).map_err(|e| e.to_string())?;
+    let st = rustix::fs::fstat(dir.as_fd()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((dir, st.st_uid, st.st_gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_are_absolute_and_plain() {
+        assert_eq!(checked_path("/a//b/").unwrap(), PathBuf::from("/a/b"));
+        for bad in ["a/b", "/a/../b", "/a/./b", ""] {
+            assert!(checked_path(bad).unwrap_err().contains("absolute"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_passwd_and_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("passwd");
+        std::fs::write(
+            &pw,
+            "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/h:/bin/sh\nbad\n",
+        )
+        .unwrap();
+        assert_eq!(passwd_entry(&pw, 1000), Some(("alice".into(), 1000)));
+        assert_eq!(passwd_entry(&pw, 5), None);
+        let gr = dir.path().join("group");
+        std::fs::write(&gr, "users:x:100:alice\ncontainers:x:500:\n").unwrap();
+        let g = group_names(&gr);
+        assert_eq!(g.get(&500).map(String::as_str), Some("containers"));
+    }
+
+    #[test]
+    fn slots_cap_per_uid_and_in_all() {
+        let config = Config {
+            max_connections: 3,
+            max_per_uid: 2,
+            ..Config::default()
+        };
+        let slots = Arc::new(Mutex::new(Slots::default()));
+        let a1 = take_slot(&slots, 1000, &config).unwrap();
+        let _a2 = take_slot(&slots, 1000, &config).unwrap();
+        assert!(take_slot(&slots, 1000, &config).is_none());
+        let _b = take_slot(&slots, 1001, &config).unwrap();
+        assert!(take_slot(&slots, 1002, &config).is_none());
+        drop(a1);
+        assert!(take_slot(&slots, 1000, &config).is_some());
+    }
+}

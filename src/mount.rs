@@ -1064,13 +1064,14 @@ mod tests {
     #[test]
     fn options_parse_and_round_trip() {
         let mut o = OptionSet::default();
-        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,threads=4,nopassthrough,attr_timeout=0.5,defaults,nofail,x-systemd.automount").unwrap();
+        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,threads=4,nopassthrough,attr_timeout=0.5,sandbox=log,defaults,nofail,x-systemd.automount").unwrap();
         assert!(o.flags.read_only && o.flags.suid && !o.flags.exec && !o.flags.dev);
         assert_eq!(o.map.as_deref(), Some("b:0:100000:65536,u:70000:5:1"));
         assert_eq!(o.backend, Some(Backend::Fuse));
         assert_eq!(o.fuse.threads, 4);
         assert!(!o.fuse.passthrough);
         assert_eq!(o.fuse.attr_timeout, Duration::from_millis(500));
+        assert_eq!(o.fuse.sandbox, crate::sandbox::Mode::Log);
         let m = o.mapping().unwrap();
         assert_eq!(m.uid.ranges().len(), 2);
         assert_eq!(m.gid.ranges().len(), 1);
@@ -1092,7 +1093,7 @@ mod tests {
         let mut back = OptionSet::default();
         back.apply(&req.options_text()).unwrap();
         assert_eq!(back.flags, req.flags);
-        let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout);
+        let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout, f.sandbox);
         assert_eq!(tuning(&back.fuse), tuning(&req.fuse));
         assert!(back.recursive);
     }
@@ -1104,6 +1105,7 @@ mod tests {
         assert!(err("backend=zfs").contains("unknown backend 'zfs'"));
         assert!(err("threads=x").contains("whole number"));
         assert!(err("map=").contains("needs a value"));
+        assert!(err("sandbox=strict").contains("unknown sandbox mode 'strict'"));
         assert!(matches!(OptionSet::default().mapping(), Err(Error::NoMap)));
     }
 

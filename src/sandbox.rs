@@ -33,7 +33,7 @@ use seccompiler::{
     SeccompRule,
 };
 
-use crate::sys::daemon;
+use crate::sys::{daemon, fileattr};
 
 /// How strictly the daemon is confined.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -85,6 +85,8 @@ impl fmt::Display for Mode {
 /// - `SETUID`, `SETGID`: per-request `setfsuid`/`setfsgid`/`setgroups` on the worker
 ///   thread (see `sys::creds`).
 /// - `MKNOD`: device nodes created through a mount with `dev`.
+/// - `LINUX_IMMUTABLE`: `chattr +i`/`+a` through the mount, for callers that hold it on the
+///   host (the daemon raises it only for them, see `FsCreds::switch`).
 /// - `SETFCAP`: `security.capability` xattrs (file capabilities) written through the
 ///   mount.
 /// - `SYS_ADMIN`: `FUSE_DEV_IOC_BACKING_OPEN` for passthrough, and the `trusted.*` xattrs.
@@ -97,8 +99,7 @@ impl fmt::Display for Mode {
 ///   README for what that leaves of the mount namespace.
 ///
 /// Dropped among others: `SYS_RESOURCE` (a container's writes must not use the blocks
-/// ext4 reserves for root, nor pass quota limits), `LINUX_IMMUTABLE` (the daemon does not
-/// pass on the ioctls that set file attributes), `KILL`, `SETPCAP`, `SYS_CHROOT`,
+/// ext4 reserves for root, nor pass quota limits), `KILL`, `SETPCAP`, `SYS_CHROOT`,
 /// `NET_*`, `SYS_MODULE`, `MAC_*`, `BPF`.
 pub const CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::DAC_OVERRIDE)
@@ -108,6 +109,7 @@ pub const CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::SETUID)
     .union(CapabilitySet::SETGID)
     .union(CapabilitySet::MKNOD)
+    .union(CapabilitySet::LINUX_IMMUTABLE)
     .union(CapabilitySet::SETFCAP)
     .union(CapabilitySet::SYS_ADMIN)
     .union(CapabilitySet::SYS_PTRACE);
@@ -253,12 +255,17 @@ const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
 const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
 const FUSE_DEV_IOC_MAGIC: u64 = 229;
-/// The ioctls the daemon makes, all on `/dev/fuse` fds: `FUSE_DEV_IOC_CLONE` (a connection
-/// fd per worker), `FUSE_DEV_IOC_BACKING_OPEN`/`_CLOSE` (passthrough).
-const IOCTLS: [u64; 3] = [
+/// The ioctls the daemon makes: on `/dev/fuse` fds `FUSE_DEV_IOC_CLONE` (a connection fd
+/// per worker) and `FUSE_DEV_IOC_BACKING_OPEN`/`_CLOSE` (passthrough); on files the inode
+/// attribute requests it passes on (`lsattr`/`chattr`, project ids).
+const IOCTLS: [u64; 7] = [
     ioc(IOC_READ, FUSE_DEV_IOC_MAGIC, 0, 4),
     ioc(IOC_WRITE, FUSE_DEV_IOC_MAGIC, 1, 16),
     ioc(IOC_WRITE, FUSE_DEV_IOC_MAGIC, 2, 4),
+    fileattr::FS_IOC_GETFLAGS as u64,
+    fileattr::FS_IOC_SETFLAGS as u64,
+    fileattr::FS_IOC_FSGETXATTR as u64,
+    fileattr::FS_IOC_FSSETXATTR as u64,
 ];
 
 /// The system calls the sandboxed daemon makes, with the argument conditions some of them
@@ -361,9 +368,10 @@ pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
         SYS_umask,
         SYS_geteuid,
     ]);
-    // rustix's `open` (callers' /proc/TID) is open(2) where the architecture has it.
+    // rustix's `open` (callers' /proc/TID) and glibc's `readlink` (names of held fds, for
+    // messages) are the old calls where the architecture has them.
     #[cfg(target_arch = "x86_64")]
-    list.push((SYS_open, Vec::new()));
+    list.extend(any(&[SYS_open, SYS_readlink]));
     // Thread names (std names fuser's threads); nothing else of prctl.
     list.push((SYS_prctl, arg_eq(0, &[PR_SET_NAME as u64])));
     // A private fs_struct for the per-thread umask (sys::creds::set_thread_umask).

@@ -659,14 +659,10 @@ pub fn lstat_mode(path: impl AsRef<Path>) -> u32 {
         .mode()
 }
 
-/// Permission bits (with setuid, setgid and sticky) of `path`, following symlinks.
+/// Permission bits (with setuid, setgid and sticky) of `path` itself.
 #[track_caller]
 pub fn mode_of(path: impl AsRef<Path>) -> u32 {
-    let p = path.as_ref();
-    fs::metadata(p)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
-        .mode()
-        & 0o7777
+    lstat_mode(path) & 0o7777
 }
 
 /// Names in a directory, sorted.

@@ -21,6 +21,18 @@ fn owned_tree(dir: &TestDir) -> PathBuf {
     fill_tree(&dir.dir("src"))
 }
 
+/// The usual start: `b`'s prerequisites, a test dir with `owned_tree` as `src` and an empty
+/// `mnt`; None when the test is skipped.
+fn fixture(b: Backend, name: &str) -> Option<(TestDir, PathBuf, PathBuf)> {
+    if !require(b) {
+        return None;
+    }
+    let dir = TestDir::new(name);
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    Some((dir, src, mnt))
+}
+
 fn fill_tree(src: &Path) -> PathBuf {
     let src = src.to_path_buf();
     file(&src.join("root-file"), b"alpha\n", 0o644, 0, 0);
@@ -85,12 +97,9 @@ fn assert_daemons_exit(pids: &[u32], mnt: &Path) {
 }
 
 fn shows_shifted_owners(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "owners") else {
         return;
-    }
-    let dir = TestDir::new("owners");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let before = snapshot(&src);
     let m = ShiftMount::new(b, MAP, &src, &mnt);
 
@@ -121,12 +130,9 @@ fn shows_shifted_owners(b: Backend) {
 }
 
 fn list_shows_mount(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "list") else {
         return;
-    }
-    let dir = TestDir::new("list");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let m = ShiftMount::new(b, MAP, &src, &mnt);
 
     let out = run(&mut shiftfs(["list"]));
@@ -163,12 +169,9 @@ fn list_shows_mount(b: Backend) {
 }
 
 fn mount_options(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "opts") else {
         return;
-    }
-    let dir = TestDir::new("opts");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
 
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     let e = mount_at(&mnt).expect("mounted");
@@ -284,12 +287,9 @@ fn mount_cmd(b: Backend, map: &str, src: &Path, tgt: &Path) -> Command {
 }
 
 fn refuses_bad_input(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "errors") else {
         return;
-    }
-    let dir = TestDir::new("errors");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
 
     let missing = dir.path().join("no-such-source");
     let out = run(&mut mount_cmd(b, MAP, &missing, &mnt));
@@ -363,12 +363,9 @@ fn world_executable_bin(dir: &TestDir) -> PathBuf {
 }
 
 fn refuses_non_root(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "nonroot") else {
         return;
-    }
-    let dir = TestDir::new("nonroot");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let bin = world_executable_bin(&dir);
     let out = run(
         cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
@@ -428,12 +425,9 @@ fn daemon_pid(mnt: &Path) -> u32 {
 /// `shiftfs umount` removes it, its record and its log, and says what happened.
 #[test]
 fn fuse_umount_cleans_up_after_killed_daemon() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "kill9") else {
         return;
-    }
-    let dir = TestDir::new("kill9");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
     assert_shifted(&mnt);
 
@@ -541,12 +535,9 @@ fn fuse_foreground_sigint_unmounts() {
 /// stdout or stderr open.
 #[test]
 fn fuse_mount_detaches_from_callers_output() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "detach") else {
         return;
-    }
-    let dir = TestDir::new("detach");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let guard = ShiftMount::adopt(&mnt);
     let script = format!(
         "out=$({} mount --backend fuse --map {MAP} {} {} 2>&1); echo \"rc=$? out=$out\"",
@@ -563,12 +554,9 @@ fn fuse_mount_detaches_from_callers_output() {
 }
 
 fn separate_maps_and_map_from_pid(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "maps") else {
         return;
-    }
-    let dir = TestDir::new("maps");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
 
     let m = ShiftMount::with_args(
         b,
@@ -660,12 +648,9 @@ fn list_escapes_control_characters(b: Backend) {
 /// serves; `-l` detaches it at once, a FUSE daemon shows as draining in `list` while it serves
 /// the files still open and exits when the last one is closed.
 fn umount_busy(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "busy") else {
         return;
-    }
-    let dir = TestDir::new("busy");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     let daemons = shiftfs_pids_mentioning(&mnt);
     let open = fs::File::open(mnt.join("user-file")).expect("open through the mount");
@@ -892,12 +877,9 @@ fn target_root_keeps_links_inside(b: Backend) {
 
 /// `shiftfs umount` through a planted symlink must not unmount what it points at.
 fn umount_refuses_symlink(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "umount-symlink") else {
         return;
-    }
-    let dir = TestDir::new("umount-symlink");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let rootfs = dir.dir("rootfs");
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     symlink(&mnt, &rootfs.join("data"), 100000, 100000);
@@ -918,12 +900,9 @@ fn umount_refuses_symlink(b: Backend) {
 /// Issue 12, defect 1: mounts and unmounts of one target raced from 20 processes leave the
 /// mount table, `shiftfs list` and the running daemons in agreement, with at most one mount.
 fn racing_mounts_agree(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "race") else {
         return;
-    }
-    let dir = TestDir::new("race");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let _guard = ShiftMount::adopt(&mnt);
     let mut kids = Children::default();
     for i in 0..20 {
@@ -1035,12 +1014,9 @@ fn draining_daemon_keeps_new_record(b: Backend) {
 /// tool made (issue 12) are "not a shifted mount" and stay.
 #[test]
 fn umount_refuses_what_shiftfs_did_not_mount() {
-    if !require(Backend::Kernel) {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "umount-foreign") else {
         return;
-    }
-    let dir = TestDir::new("umount-foreign");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let umount = |p: &Path| run(&mut shiftfs([OsStr::new("umount"), p.as_os_str()]));
 
     let out = umount(&mnt);
@@ -1339,12 +1315,9 @@ fn doctor_reports_this_machine_ok() {
 /// unmounted.
 #[test]
 fn fuse_daemon_does_not_hold_the_callers_directory() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "cwd") else {
         return;
-    }
-    let dir = TestDir::new("cwd");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let cwd = dir.dir("tmpfs");
     let tmpfs = mount_tmpfs(&cwd);
     let guard = ShiftMount::adopt(&mnt);
@@ -1370,12 +1343,9 @@ fn fuse_daemon_does_not_hold_the_callers_directory() {
 /// the daemon.
 #[test]
 fn fuse_daemon_keeps_no_inherited_descriptor() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "fds") else {
         return;
-    }
-    let dir = TestDir::new("fds");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let leak = dir.path().join("inherited");
     let guard = ShiftMount::adopt(&mnt);
     // The shell opens fd 7 without close-on-exec, as `exec 7>file` in a script would.
@@ -1402,12 +1372,9 @@ fn fuse_daemon_keeps_no_inherited_descriptor() {
 
 #[test]
 fn clean_daemon_exit_removes_its_log() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "log") else {
         return;
-    }
-    let dir = TestDir::new("log");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let log = shiftfs::mount::Record::log_path(&mnt);
     let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
     let daemons = shiftfs_pids_mentioning(&mnt);
@@ -1420,12 +1387,9 @@ fn clean_daemon_exit_removes_its_log() {
 
 #[test]
 fn umount_removes_a_recursive_kernel_mount_with_its_submounts() {
-    if !require(Backend::Kernel) {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "recursive") else {
         return;
-    }
-    let dir = TestDir::new("recursive");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let sub = src.join("sub");
     mkdir(&sub, 0o755, 0, 0);
     let _sub = mount_tmpfs(&sub);

@@ -20,11 +20,14 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A test directory with empty `src` and `tgt` below it.
-fn dirs(name: &str) -> (TestDir, PathBuf, PathBuf) {
+/// A test directory with empty `src` and `tgt` below it; None when the test is skipped.
+fn dirs(name: &str) -> Option<(TestDir, PathBuf, PathBuf)> {
+    if !require(Backend::Kernel) {
+        return None;
+    }
     let dir = TestDir::new(name);
     let (src, tgt) = (dir.dir("src"), dir.dir("tgt"));
-    (dir, src, tgt)
+    Some((dir, src, tgt))
 }
 
 fn map() -> IdMapping {
@@ -103,10 +106,9 @@ fn check_shifting(src: &Path, tgt: &Path) {
 #[test]
 fn shifts_ids_on_ext4() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((base, src, tgt)) = dirs("shifts-ids-on-ext4") else {
         return;
-    }
-    let (base, src, tgt) = dirs("shifts-ids-on-ext4");
+    };
     if !require_fstype(base.path(), "ext4") {
         return;
     }
@@ -116,10 +118,9 @@ fn shifts_ids_on_ext4() {
 #[test]
 fn shifts_ids_on_tmpfs() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((_dir, src, tgt)) = dirs("shifts-ids-on-tmpfs") else {
         return;
-    }
-    let (_dir, src, tgt) = dirs("shifts-ids-on-tmpfs");
+    };
     let _tmpfs = mount_tmpfs(&src);
     assert_eq!(fstype_of(&src), "tmpfs");
     check_shifting(&src, &tgt);
@@ -128,10 +129,9 @@ fn shifts_ids_on_tmpfs() {
 #[test]
 fn read_only_mount_refuses_writes() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((_dir, src, tgt)) = dirs("read-only-mount-refuses-writes") else {
         return;
-    }
-    let (_dir, src, tgt) = dirs("read-only-mount-refuses-writes");
+    };
     fs::write(src.join("f"), "x").expect("fixture");
     let flags = MountFlags {
         read_only: true,
@@ -309,14 +309,13 @@ fn errors_name_the_bad_path() {
 #[test]
 fn leaves_no_process_or_namespace_fd() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((base, src, tgt)) = dirs("leaves-no-process") else {
         return;
-    }
+    };
     become_subreaper();
     // Zombies of processes that earlier tests waited for by polling are reaped first.
     reap_zombies();
     assert_eq!(children(), vec![], "no children before the test");
-    let (base, src, tgt) = dirs("leaves-no-process");
     fs::write(src.join("f"), "x").expect("fixture");
     for _ in 0..5 {
         let _m = shifted_mount(&src, &tgt, MountFlags::default());
@@ -372,13 +371,12 @@ fn has_line(text: &str, line: &str) -> bool {
 #[test]
 fn acl_and_capability_ids_are_translated() {
     let _s = serial();
-    if !require(Backend::Kernel) {
-        return;
-    }
     if !require_tool("setfacl", "acl") || !require_tool("setcap", "libcap2-bin") {
         return;
     }
-    let (base, src, tgt) = dirs("acl-and-capability-ids-are-translated");
+    let Some((base, src, tgt)) = dirs("acl-and-capability-ids-are-translated") else {
+        return;
+    };
     for f in ["acl_in", "acl_out", "cap_v2", "cap_v3", "cap_host"] {
         fs::write(src.join(f), "x").expect("fixture");
     }
@@ -517,10 +515,9 @@ fn recursive_names_the_unsupported_submount() {
 #[test]
 fn separate_multi_range_maps() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((_dir, src, tgt)) = dirs("separate-multi-range-maps") else {
         return;
-    }
-    let (_dir, src, tgt) = dirs("separate-multi-range-maps");
+    };
     fs::write(src.join("f"), "x").expect("fixture");
     chown(src.join("f"), Some(70001), Some(500)).expect("chown");
     let mapping = IdMapping::parse("u:0:100000:65536 u:70000:300:2 g:0:200000:1000").expect("map");

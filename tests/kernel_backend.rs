@@ -160,18 +160,10 @@ fn read_only_mount_refuses_writes() {
 #[test]
 fn recursive_carries_submounts() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((base, src, tgt)) = dirs("recursive-carries-submounts") else {
         return;
-    }
-    let base = TestDir::new("recursive-carries-submounts");
-    let (src, tgt, tgt2) = (
-        base.path().join("src"),
-        base.path().join("tgt"),
-        base.path().join("tgt2"),
-    );
-    mkdir(&src, 0o755, 0, 0);
-    mkdir(&tgt, 0o755, 0, 0);
-    mkdir(&tgt2, 0o755, 0, 0);
+    };
+    let tgt2 = base.dir("tgt2");
     mkdir(&src.join("sub"), 0o755, 0, 0);
     let _tmpfs = mount_tmpfs(&src.join("sub"));
     fs::write(src.join("sub/f"), "x").expect("fixture");
@@ -229,18 +221,13 @@ fn probe_says_yes_for_ext4_and_tmpfs() {
 #[test]
 fn fuse_source_is_refused() {
     let _s = serial();
-    if !require(Backend::Kernel) || !require_bindfs() {
+    if !require_bindfs() {
         return;
     }
-    let base = TestDir::new("fuse-source-is-refused");
-    let (src, fuse, tgt) = (
-        base.path().join("src"),
-        base.path().join("fuse"),
-        base.path().join("tgt"),
-    );
-    mkdir(&src, 0o755, 0, 0);
-    mkdir(&fuse, 0o755, 0, 0);
-    mkdir(&tgt, 0o755, 0, 0);
+    let Some((base, src, tgt)) = dirs("fuse-source-is-refused") else {
+        return;
+    };
+    let fuse = base.dir("fuse");
     let _fuse = Bindfs::start(&src, &fuse);
     // bindfs mounting as root shows as plain `fuse` (as `fuse.bindfs` through fusermount).
     let fstype = fstype_of(&fuse);
@@ -442,18 +429,10 @@ fn acl_and_capability_ids_are_translated() {
 #[test]
 fn idmapped_source_is_refused_by_name() {
     let _s = serial();
-    if !require(Backend::Kernel) {
+    let Some((base, src, tgt)) = dirs("idmapped-source-is-refused-by-name") else {
         return;
-    }
-    let base = TestDir::new("idmapped-source-is-refused-by-name");
-    let (src, tgt, tgt2) = (
-        base.path().join("src"),
-        base.path().join("tgt"),
-        base.path().join("tgt2"),
-    );
-    for d in [&src, &tgt, &tgt2] {
-        mkdir(d, 0o755, 0, 0);
-    }
+    };
+    let tgt2 = base.dir("tgt2");
     let _m = shifted_mount(&src, &tgt, MountFlags::default());
     let p = kernel::probe(&tgt);
     assert!(!p.supported, "{p:?}");
@@ -470,18 +449,13 @@ fn idmapped_source_is_refused_by_name() {
 #[test]
 fn recursive_names_the_unsupported_submount() {
     let _s = serial();
-    if !require(Backend::Kernel) || !require_bindfs() {
+    if !require_bindfs() {
         return;
     }
-    let base = TestDir::new("recursive-names-the-unsupported-submount");
-    let (src, tgt, other) = (
-        base.path().join("src"),
-        base.path().join("tgt"),
-        base.path().join("other"),
-    );
-    for d in [&src, &tgt, &other] {
-        mkdir(d, 0o755, 0, 0);
-    }
+    let Some((base, src, tgt)) = dirs("recursive-names-the-unsupported-submount") else {
+        return;
+    };
+    let other = base.dir("other");
     mkdir(&src.join("ok"), 0o755, 0, 0);
     mkdir(&src.join("fuse"), 0o755, 0, 0);
     let _tmpfs = mount_tmpfs(&src.join("ok"));

@@ -74,7 +74,7 @@ fn assert_shifted(mnt: &Path) {
 
 /// The `shiftfs list` row of `target`, split into columns.
 fn list_row(target: &Path) -> Option<Vec<String>> {
-    let out = run(&mut shiftfs(["list"]));
+    let out = shiftfs_list();
     out.assert_ok();
     out.stdout
         .lines()
@@ -135,7 +135,7 @@ fn list_shows_mount(b: Backend) {
     };
     let m = ShiftMount::new(b, MAP, &src, &mnt);
 
-    let out = run(&mut shiftfs(["list"]));
+    let out = shiftfs_list();
     out.assert_ok();
     let line = out
         .stdout
@@ -159,7 +159,7 @@ fn list_shows_mount(b: Backend) {
     }
 
     m.unmount();
-    let out = run(&mut shiftfs(["list"]));
+    let out = shiftfs_list();
     out.assert_ok();
     assert!(
         !out.stdout.contains(mnt.to_str().expect("utf-8")),
@@ -367,12 +367,24 @@ fn refuses_non_root(b: Backend) {
         return;
     };
     let bin = world_executable_bin(&dir);
-    let out = run(
-        cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
-            .args(["--backend", b.name(), "--map", MAP])
-            .arg(&src)
-            .arg(&mnt),
-    );
+    let try_mount = || {
+        run(
+            cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
+                .args(["--backend", b.name(), "--map", MAP])
+                .arg(&src)
+                .arg(&mnt),
+        )
+    };
+    // A child another test thread forked while the copy was being written holds it open for
+    // writing until that child execs: exec fails with ETXTBSY meanwhile.
+    let mut out = try_mount();
+    for _ in 0..50 {
+        if !out.stderr.contains("Text file busy") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        out = try_mount();
+    }
     assert_one_line_error(&out, "", &mnt);
     assert!(
         out.stderr.contains("root") || out.stderr.contains("permission"),
@@ -591,6 +603,7 @@ fn relative_paths_with_spaces(b: Backend) {
     let mnt = dir.path().join("my mount");
     mkdir(&mnt, 0o755, 0, 0);
     let guard = ShiftMount::adopt(&mnt);
+    let mounting = mounting();
     let out = run(shiftfs([
         "mount",
         "--backend",
@@ -601,10 +614,11 @@ fn relative_paths_with_spaces(b: Backend) {
         "my mount",
     ])
     .current_dir(dir.path()));
+    drop(mounting);
     out.assert_ok();
     assert!(is_mountpoint(&mnt), "not mounted at {}", mnt.display());
     assert_eq!(stat_ids(mnt.join("f")), (101000, 101000));
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     assert!(
         list.stdout.contains(mnt.to_str().expect("utf-8")),
         "list should show the absolute target:\n{list}"
@@ -627,7 +641,7 @@ fn list_escapes_control_characters(b: Backend) {
     let mnt = dir.path().join("two\nlines\x1b[7m");
     mkdir(&mnt, 0o755, 0, 0);
     let m = ShiftMount::new(b, MAP, &src, &mnt);
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     list.assert_ok();
     let shown = format!("{}/two\\x0alines\\x1b[7m", dir.path().display());
     let line = list
@@ -824,6 +838,7 @@ fn target_root_keeps_links_inside(b: Backend) {
     fs::create_dir_all(&inside).expect("mkdir inside rootfs");
     let root = rootfs.to_str().expect("utf-8 path");
     let mount_in_root = |target: &str| {
+        let _m = mounting();
         run_timeout(
             shiftfs([
                 "mount",
@@ -859,7 +874,7 @@ fn target_root_keeps_links_inside(b: Backend) {
         (100000, 100000),
         "{b}: shifted root inside the rootfs"
     );
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     assert!(
         list.stdout.contains(&*inside.to_string_lossy()),
         "{b}: list names the real target:\n{list}"
@@ -904,6 +919,7 @@ fn racing_mounts_agree(b: Backend) {
         return;
     };
     let _guard = ShiftMount::adopt(&mnt);
+    let mounting = mounting();
     let mut kids = Children::default();
     for i in 0..20 {
         let mut c = if i % 3 == 2 {
@@ -919,10 +935,11 @@ fn racing_mounts_agree(b: Backend) {
         kids.push(c.spawn().expect("spawn shiftfs"));
     }
     let outs = kids.wait_all(Duration::from_secs(60));
+    drop(mounting);
     assert_eq!(outs.len(), 20, "{b}: every racer finished");
     let stacked = mountinfo().iter().filter(|m| m.mount_point == mnt).count();
     assert!(stacked <= 1, "{b}: {stacked} mounts stacked on one target");
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     let rows = list
         .stdout
         .lines()
@@ -976,7 +993,7 @@ fn draining_daemon_keeps_new_record(b: Backend) {
     out.assert_ok();
     first.disarm();
     let second = ShiftMount::new(b, "b:0:200000:65536", &src, &mnt);
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     assert!(
         list.stdout.contains("draining"),
         "{b}: the detached mount shows as draining:\n{list}"
@@ -988,14 +1005,14 @@ fn draining_daemon_keeps_new_record(b: Backend) {
     drop(held);
     // The old daemon ends once its last file is closed.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while run(&mut shiftfs(["list"])).stdout.contains("draining") {
+    while shiftfs_list().stdout.contains("draining") {
         assert!(
             std::time::Instant::now() < deadline,
             "{b}: the draining daemon did not end"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     let row = list
         .stdout
         .lines()
@@ -1083,6 +1100,7 @@ fn via_mount8(b: Backend, fstab: bool) {
     let mnt = dir.dir("mnt");
     let options = format!("map={MAP},backend={b}");
     let guard = ShiftMount::adopt(&mnt);
+    let mounting = mounting();
     let out = if fstab {
         let _line = FstabLine::add(format!(
             "{} {} shiftfs {options},noauto 0 0",
@@ -1096,6 +1114,7 @@ fn via_mount8(b: Backend, fstab: bool) {
             .arg(&src)
             .arg(&mnt))
     };
+    drop(mounting);
     out.assert_ok();
     assert_shifted(&mnt);
     let info = mount_at(&mnt).expect("mounted");

@@ -919,7 +919,8 @@ fn racing_mounts_agree(b: Backend) {
         return;
     };
     let _guard = ShiftMount::adopt(&mnt);
-    let mounting = mounting();
+    // The racing umounts of a target not (yet) mounted prune records.
+    let pruning = pruning();
     let mut kids = Children::default();
     for i in 0..20 {
         let mut c = if i % 3 == 2 {
@@ -935,7 +936,7 @@ fn racing_mounts_agree(b: Backend) {
         kids.push(c.spawn().expect("spawn shiftfs"));
     }
     let outs = kids.wait_all(Duration::from_secs(60));
-    drop(mounting);
+    drop(pruning);
     assert_eq!(outs.len(), 20, "{b}: every racer finished");
     let stacked = mountinfo().iter().filter(|m| m.mount_point == mnt).count();
     assert!(stacked <= 1, "{b}: {stacked} mounts stacked on one target");
@@ -1034,7 +1035,10 @@ fn umount_refuses_what_shiftfs_did_not_mount() {
     let Some((dir, src, mnt)) = fixture(Backend::Kernel, "umount-foreign") else {
         return;
     };
-    let umount = |p: &Path| run(&mut shiftfs([OsStr::new("umount"), p.as_os_str()]));
+    let umount = |p: &Path| {
+        let _p = pruning();
+        run(&mut shiftfs([OsStr::new("umount"), p.as_os_str()]))
+    };
 
     let out = umount(&mnt);
     assert_one_line_error(&out, "is not mounted", &mnt);

@@ -854,24 +854,30 @@ pub fn all_shiftfs_pids() -> Vec<u32> {
     shiftfs_pids_mentioning(Path::new(""))
 }
 
-/// Held exclusively by [`shiftfs_list`] and shared by commands that make mounts.
+/// Shared by commands that make mounts, exclusive for commands that prune mount records.
 ///
-/// A workaround, to be removed with its cause: `shiftfs list` prunes records against a mount
-/// table it read before the records (`registry::Record::all`), so a kernel mount that completes
-/// in between loses its record; it drops out of `list` and `shiftfs umount` refuses it (3 of
-/// 40 tries with a `list` loop running beside). Tests in one binary therefore never run
-/// `list` while one of their mount commands runs.
-static LIST_VS_MOUNT: std::sync::RwLock<()> = std::sync::RwLock::new(());
+/// A workaround, to be removed with its cause: `shiftfs list`, and `shiftfs umount` of a
+/// path that is not mounted, prune records against a mount table read before the records
+/// (`registry::Record::all`), so a kernel mount that completes in between loses its record; it
+/// drops out of `list` and `shiftfs umount` refuses it (3 of 40 tries with a `list` loop
+/// running beside). Tests in one binary therefore never prune while one of their mount
+/// commands runs.
+static PRUNE_VS_MOUNT: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-/// Held while a test's own mount command runs (see [`LIST_VS_MOUNT`]).
+/// Held while a test's own mount command runs (see [`PRUNE_VS_MOUNT`]).
 pub fn mounting() -> std::sync::RwLockReadGuard<'static, ()> {
-    LIST_VS_MOUNT.read().unwrap_or_else(|e| e.into_inner())
+    PRUNE_VS_MOUNT.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held while a command that may prune mount records runs (see [`PRUNE_VS_MOUNT`]).
+pub fn pruning() -> std::sync::RwLockWriteGuard<'static, ()> {
+    PRUNE_VS_MOUNT.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `shiftfs list`, never while one of this binary's mount commands runs.
 #[track_caller]
 pub fn shiftfs_list() -> Out {
-    let _l = LIST_VS_MOUNT.write().unwrap_or_else(|e| e.into_inner());
+    let _p = pruning();
     run(&mut shiftfs(["list"]))
 }
 
@@ -968,10 +974,12 @@ impl ShiftMount {
     /// `shiftfs umount`, asserting it succeeds, removes the mount and stops the daemon.
     #[track_caller]
     pub fn unmount(mut self) {
+        let pruning = pruning();
         let out = run_timeout(
             &mut shiftfs([OsStr::new("umount"), self.target.as_os_str()]),
             Duration::from_secs(30),
         );
+        drop(pruning);
         out.assert_ok();
         assert!(
             !is_mountpoint(&self.target),
@@ -994,6 +1002,7 @@ impl Drop for ShiftMount {
             return;
         }
         let umount = |target: &Path| {
+            let _p = pruning();
             let mut c = shiftfs([OsStr::new("umount"), target.as_os_str()]);
             c.stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -334,6 +334,12 @@ fn leaves_no_process_or_namespace_fd() {
     assert!(!list.stdout.contains(&*tgt.to_string_lossy()), "{list}");
 
     assert_eq!(children(), vec![], "child processes left behind");
+    assert_eq!(
+        pids_mentioning(base.path(), false),
+        Vec::<u32>::new(),
+        "processes still working on {}",
+        base.path().display()
+    );
     let ns_fds: Vec<String> = fs::read_dir("/proc/self/fd")
         .expect("fds")
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())

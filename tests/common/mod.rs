@@ -821,6 +821,12 @@ fn is_shiftfs_process(pid: u32, argv0: &str) -> bool {
 
 /// Live (non-zombie) shiftfs processes whose command line names a path under `dir`.
 pub fn shiftfs_pids_mentioning(dir: &Path) -> Vec<u32> {
+    pids_mentioning(dir, true)
+}
+
+/// Live (non-zombie) processes, shiftfs only or any, whose command line names a path under
+/// `dir`; never this process.
+pub fn pids_mentioning(dir: &Path, shiftfs_only: bool) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
     let me = std::process::id();
     let mut pids = Vec::new();
@@ -842,7 +848,9 @@ pub fn shiftfs_pids_mentioning(dir: &Path) -> Vec<u32> {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         let Some(argv0) = args.first() else { continue };
-        if is_shiftfs_process(pid, argv0) && args.iter().any(|a| a.contains(&needle)) {
+        if (!shiftfs_only || is_shiftfs_process(pid, argv0))
+            && args.iter().any(|a| a.contains(&needle))
+        {
             pids.push(pid);
         }
     }

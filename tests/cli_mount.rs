@@ -603,7 +603,6 @@ fn relative_paths_with_spaces(b: Backend) {
     let mnt = dir.path().join("my mount");
     mkdir(&mnt, 0o755, 0, 0);
     let guard = ShiftMount::adopt(&mnt);
-    let mounting = mounting();
     let out = run(shiftfs([
         "mount",
         "--backend",
@@ -614,7 +613,6 @@ fn relative_paths_with_spaces(b: Backend) {
         "my mount",
     ])
     .current_dir(dir.path()));
-    drop(mounting);
     out.assert_ok();
     assert!(is_mountpoint(&mnt), "not mounted at {}", mnt.display());
     assert_eq!(stat_ids(mnt.join("f")), (101000, 101000));
@@ -838,7 +836,6 @@ fn target_root_keeps_links_inside(b: Backend) {
     fs::create_dir_all(&inside).expect("mkdir inside rootfs");
     let root = rootfs.to_str().expect("utf-8 path");
     let mount_in_root = |target: &str| {
-        let _m = mounting();
         run_timeout(
             shiftfs([
                 "mount",
@@ -920,7 +917,6 @@ fn racing_mounts_agree(b: Backend) {
     };
     let _guard = ShiftMount::adopt(&mnt);
     // The racing umounts of a target not (yet) mounted prune records.
-    let pruning = pruning();
     let mut kids = Children::default();
     for i in 0..20 {
         let mut c = if i % 3 == 2 {
@@ -936,7 +932,6 @@ fn racing_mounts_agree(b: Backend) {
         kids.push(c.spawn().expect("spawn shiftfs"));
     }
     let outs = kids.wait_all(Duration::from_secs(60));
-    drop(pruning);
     assert_eq!(outs.len(), 20, "{b}: every racer finished");
     let stacked = mountinfo().iter().filter(|m| m.mount_point == mnt).count();
     assert!(stacked <= 1, "{b}: {stacked} mounts stacked on one target");
@@ -1035,10 +1030,7 @@ fn umount_refuses_what_shiftfs_did_not_mount() {
     let Some((dir, src, mnt)) = fixture(Backend::Kernel, "umount-foreign") else {
         return;
     };
-    let umount = |p: &Path| {
-        let _p = pruning();
-        run(&mut shiftfs([OsStr::new("umount"), p.as_os_str()]))
-    };
+    let umount = |p: &Path| run(&mut shiftfs([OsStr::new("umount"), p.as_os_str()]));
 
     let out = umount(&mnt);
     assert_one_line_error(&out, "is not mounted", &mnt);
@@ -1104,7 +1096,6 @@ fn via_mount8(b: Backend, fstab: bool) {
     let mnt = dir.dir("mnt");
     let options = format!("map={MAP},backend={b}");
     let guard = ShiftMount::adopt(&mnt);
-    let mounting = mounting();
     let out = if fstab {
         let _line = FstabLine::add(format!(
             "{} {} shiftfs {options},noauto 0 0",
@@ -1118,7 +1109,6 @@ fn via_mount8(b: Backend, fstab: bool) {
             .arg(&src)
             .arg(&mnt))
     };
-    drop(mounting);
     out.assert_ok();
     assert_shifted(&mnt);
     let info = mount_at(&mnt).expect("mounted");

@@ -8,6 +8,7 @@ mod common;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -266,7 +267,7 @@ fn mkdirs_after_fill(b: Backend, check: impl FnOnce(&Path, &Path, &UserNs, u64, 
     if !mounted.ok() && skip(&format!("no loop device: {mounted}")) {
         return;
     }
-    let scratch = Scratch(fsdir.clone());
+    let scratch = Detach(fsdir.clone());
     let src = fsdir.join("src");
     mkdir(&src, 0o755, 0, 0);
     let (bfree, bavail) = free_blocks(&fsdir);

@@ -862,30 +862,9 @@ pub fn all_shiftfs_pids() -> Vec<u32> {
     shiftfs_pids_mentioning(Path::new(""))
 }
 
-/// Shared by commands that make mounts, exclusive for commands that prune mount records.
-///
-/// A workaround, to be removed with its cause: `shiftfs list`, and `shiftfs umount` of a
-/// path that is not mounted, prune records against a mount table read before the records
-/// (`registry::Record::all`), so a kernel mount that completes in between loses its record; it
-/// drops out of `list` and `shiftfs umount` refuses it (3 of 40 tries with a `list` loop
-/// running beside). Tests in one binary therefore never prune while one of their mount
-/// commands runs.
-static PRUNE_VS_MOUNT: std::sync::RwLock<()> = std::sync::RwLock::new(());
-
-/// Held while a test's own mount command runs (see [`PRUNE_VS_MOUNT`]).
-pub fn mounting() -> std::sync::RwLockReadGuard<'static, ()> {
-    PRUNE_VS_MOUNT.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Held while a command that may prune mount records runs (see [`PRUNE_VS_MOUNT`]).
-pub fn pruning() -> std::sync::RwLockWriteGuard<'static, ()> {
-    PRUNE_VS_MOUNT.write().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `shiftfs list`, never while one of this binary's mount commands runs.
+/// `shiftfs list`.
 #[track_caller]
 pub fn shiftfs_list() -> Out {
-    let _p = pruning();
     run(&mut shiftfs(["list"]))
 }
 
@@ -958,7 +937,6 @@ impl ShiftMount {
         // The guard exists before the command runs: a mount that half-succeeded or hung is
         // still cleaned up.
         let guard = Self::adopt(tgt);
-        let _m = mounting();
         (run_timeout(&mut c, Duration::from_secs(30)), guard)
     }
 
@@ -982,12 +960,10 @@ impl ShiftMount {
     /// `shiftfs umount`, asserting it succeeds, removes the mount and stops the daemon.
     #[track_caller]
     pub fn unmount(mut self) {
-        let pruning = pruning();
         let out = run_timeout(
             &mut shiftfs([OsStr::new("umount"), self.target.as_os_str()]),
             Duration::from_secs(30),
         );
-        drop(pruning);
         out.assert_ok();
         assert!(
             !is_mountpoint(&self.target),
@@ -1010,7 +986,6 @@ impl Drop for ShiftMount {
             return;
         }
         let umount = |target: &Path| {
-            let _p = pruning();
             let mut c = shiftfs([OsStr::new("umount"), target.as_os_str()]);
             c.stdin(Stdio::null())
                 .stdout(Stdio::null())

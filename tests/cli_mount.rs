@@ -1430,3 +1430,30 @@ fn fuse_mount_on_a_long_target_path() {
     m.unmount();
     dir.finish();
 }
+
+/// Issue 12: a `shiftfs list` run in another mount namespace (a container's, or `unshare -m`)
+/// cannot see our mounts and must not prune their records as gone.
+#[test]
+fn list_in_another_mount_namespace_prunes_nothing() {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "list-ns") else {
+        return;
+    };
+    let m = ShiftMount::new(Backend::Kernel, MAP, &src, &mnt);
+    let bin = env!("CARGO_BIN_EXE_shiftfs");
+    let inside = run(&mut sh(&format!(
+        "unshare -m --propagation private sh -c 'umount -l {t} && {bin} list'",
+        t = q(&mnt)
+    )));
+    inside.assert_ok();
+    assert!(
+        !inside.stdout.contains(&*mnt.to_string_lossy()),
+        "the other namespace does not see the mount:\n{inside}"
+    );
+    let host = shiftfs_list();
+    assert!(
+        host.stdout.contains(&*mnt.to_string_lossy()) && host.stdout.contains("active"),
+        "the record must survive a list in another namespace:\n{host}"
+    );
+    m.unmount();
+    dir.finish();
+}

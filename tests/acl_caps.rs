@@ -237,6 +237,23 @@ fn default_acl_inherited(b: Backend) {
     dir.finish();
 }
 
+/// `getcap -n PATH` as host root.
+#[track_caller]
+fn getcap(path: &Path) -> String {
+    let out = run(Command::new("getcap").arg("-n").arg(path));
+    out.assert_ok();
+    out.stdout
+}
+
+/// A copy of grep at `bin/NAME` in the image: grep reading `/proc/self/status` reports its
+/// own effective capabilities.
+fn grep_copy(src: &Path, name: &str) -> PathBuf {
+    let grep = fs::read("/usr/bin/grep").expect("read /usr/bin/grep");
+    let p = src.join("bin").join(name);
+    file(&p, &grep, 0o755, 0, 0);
+    p
+}
+
 /// `CapEff` of a process running `bin` (a copy of grep reading its own status).
 fn cap_eff(ns: &UserNs, uid: u32, bin: &Path) -> String {
     let out = run(&mut ns.sh_as(uid, uid, &format!("{} CapEff /proc/self/status", q(bin))));
@@ -254,10 +271,8 @@ fn file_capability_root_id(b: Backend) {
     }
     let dir = TestDir::new("caps");
     let src = image(&dir);
-    // grep reading /proc/self/status reports its own effective set.
-    let grep = fs::read("/usr/bin/grep").expect("read /usr/bin/grep");
     for name in ["capgrep", "plaingrep"] {
-        file(&src.join("bin").join(name), &grep, 0o755, 0, 0);
+        grep_copy(&src, name);
     }
     let mnt = dir.dir("mnt");
     // File capabilities are ignored on nosuid mounts.
@@ -287,22 +302,16 @@ fn file_capability_root_id(b: Backend) {
         && hex.len() == 48
         && hex.ends_with("00000000");
     assert!(v2 || v3_root0, "on-disk capability {hex} is not root id 0");
-    let out = run(Command::new("getcap")
-        .arg("-n")
-        .arg(src.join("bin/capgrep")));
-    out.assert_ok();
+    let caps = getcap(&src.join("bin/capgrep"));
     assert!(
-        out.stdout.contains("cap_net_bind_service=ep") && !out.stdout.contains("rootid"),
-        "host view of the source:\n{out}"
+        caps.contains("cap_net_bind_service=ep") && !caps.contains("rootid"),
+        "host view of the source:\n{caps}"
     );
     // Through the mount the host sees it belongs to the namespace whose root is 100000.
-    let out = run(Command::new("getcap")
-        .arg("-n")
-        .arg(mnt.join("bin/capgrep")));
-    out.assert_ok();
+    let caps = getcap(&mnt.join("bin/capgrep"));
     assert!(
-        out.stdout.contains("cap_net_bind_service=ep") && out.stdout.contains("rootid=100000"),
-        "host view through the mount:\n{out}"
+        caps.contains("cap_net_bind_service=ep") && caps.contains("rootid=100000"),
+        "host view through the mount:\n{caps}"
     );
 
     // It works for a non-root user of that namespace (root would have every capability anyway).
@@ -328,23 +337,18 @@ fn image_capability_works_in_container(b: Backend) {
     }
     let dir = TestDir::new("caps-image");
     let src = image(&dir);
-    let grep = fs::read("/usr/bin/grep").expect("read /usr/bin/grep");
-    file(&src.join("bin/capgrep"), &grep, 0o755, 0, 0);
     run(Command::new("setcap")
         .arg("cap_net_bind_service+ep")
-        .arg(src.join("bin/capgrep")))
+        .arg(grep_copy(&src, "capgrep")))
     .assert_ok();
     let mnt = dir.dir("mnt");
     let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid"], &src, &mnt);
     let ns = UserNs::new(NS_MAP);
 
-    let out = run(Command::new("getcap")
-        .arg("-n")
-        .arg(mnt.join("bin/capgrep")));
-    out.assert_ok();
+    let caps = getcap(&mnt.join("bin/capgrep"));
     assert!(
-        out.stdout.contains("cap_net_bind_service=ep") && out.stdout.contains("rootid=100000"),
-        "through the mount the capability belongs to the namespace rooted at 100000:\n{out}"
+        caps.contains("cap_net_bind_service=ep") && caps.contains("rootid=100000"),
+        "through the mount the capability belongs to the namespace rooted at 100000:\n{caps}"
     );
     assert_eq!(
         cap_eff(&ns, 1000, &mnt.join("bin/capgrep")),

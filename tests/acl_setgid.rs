@@ -5,17 +5,11 @@
 
 mod common;
 
-use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::*;
 
 const S_ISGID: u32 = 0o2000;
-
-fn mode_of(p: &Path) -> u32 {
-    fs::metadata(p).expect("stat").mode() & 0o7777
-}
 
 #[track_caller]
 fn setfacl_as(uid: u32, gid: u32, spec: &str, path: &Path) {
@@ -47,13 +41,13 @@ fn setgid_after_acl_change(b: Backend) {
     setfacl_as(101000, 101000, "u:103000:r", &mnt.join("outsider"));
     setfacl_as(101000, 101000, "u:103000:r", &plain.join("outsider"));
     assert_eq!(
-        mode_of(&plain.join("outsider")) & S_ISGID,
+        mode_of(plain.join("outsider")) & S_ISGID,
         0,
         "the kernel's rule"
     );
     assert_eq!(
-        mode_of(&src.join("outsider")),
-        mode_of(&plain.join("outsider")),
+        mode_of(src.join("outsider")),
+        mode_of(plain.join("outsider")),
         "mode after an ACL change by a non-member"
     );
 
@@ -62,8 +56,8 @@ fn setgid_after_acl_change(b: Backend) {
     setfacl_as(101000, 102000, "u:103000:r", &plain.join("member"));
     setfacl_as(101000, 102000, "m::r", &mnt.join("member"));
     setfacl_as(101000, 102000, "m::r", &plain.join("member"));
-    assert_eq!(mode_of(&plain.join("member")), 0o2740, "the kernel's rule");
-    assert_eq!(mode_of(&src.join("member")), mode_of(&plain.join("member")));
+    assert_eq!(mode_of(plain.join("member")), 0o2740, "the kernel's rule");
+    assert_eq!(mode_of(src.join("member")), mode_of(plain.join("member")));
 
     // Root of a user namespace that maps the file's owner and group holds CAP_FSETID over it.
     let ns = UserNs::new(NS_MAP);
@@ -73,7 +67,7 @@ fn setgid_after_acl_change(b: Backend) {
         .arg(mnt.join("nsroot")))
     .assert_ok();
     assert_eq!(
-        mode_of(&src.join("nsroot")) & S_ISGID,
+        mode_of(src.join("nsroot")) & S_ISGID,
         S_ISGID,
         "namespace root keeps setgid"
     );

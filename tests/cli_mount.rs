@@ -1,6 +1,8 @@
-//! Issue 2 from the command line: `shiftfs mount` shows shifted owners, refuses bad input with
-//! one clear line, and `umount`, `list` and `--foreground` manage the mount's life cycle.
-//! Backend-independent cases run for both backends; daemon life-cycle cases are FUSE only.
+//! The mount life cycle from the command line: `shiftfs mount` (and mount(8), fstab) shows
+//! shifted owners, picks a backend and says why, refuses bad input with one clear line;
+//! `umount`, `list`, `doctor` and `--foreground` manage the mount, and nothing (mount, daemon,
+//! log) is left behind. Backend-independent cases run for both backends; daemon life-cycle
+//! cases are FUSE only.
 
 mod common;
 
@@ -10,13 +12,29 @@ use std::io::{Read, Seek};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
 /// A source tree whose owners are 0, 1000 and 70000 (outside the 65536-id map).
 fn owned_tree(dir: &TestDir) -> PathBuf {
-    let src = dir.dir("src");
+    fill_tree(&dir.dir("src"))
+}
+
+/// The usual start: `b`'s prerequisites, a test dir with `owned_tree` as `src` and an empty
+/// `mnt`; None when the test is skipped.
+fn fixture(b: Backend, name: &str) -> Option<(TestDir, PathBuf, PathBuf)> {
+    if !require(b) {
+        return None;
+    }
+    let dir = TestDir::new(name);
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    Some((dir, src, mnt))
+}
+
+fn fill_tree(src: &Path) -> PathBuf {
+    let src = src.to_path_buf();
     file(&src.join("root-file"), b"alpha\n", 0o644, 0, 0);
     file(&src.join("user-file"), b"beta\n", 0o640, 1000, 1000);
     file(&src.join("far-file"), b"gamma\n", 0o600, 70000, 70000);
@@ -25,13 +43,63 @@ fn owned_tree(dir: &TestDir) -> PathBuf {
     src
 }
 
+/// What `owned_tree` holds, seen through a mount shifted by MAP.
+#[track_caller]
+fn assert_shifted(mnt: &Path) {
+    assert_eq!(
+        stat_ids(mnt.join("root-file")),
+        (100000, 100000),
+        "root shifted"
+    );
+    assert_eq!(
+        stat_ids(mnt.join("user-file")),
+        (101000, 101000),
+        "user shifted"
+    );
+    assert_eq!(
+        stat_ids(mnt.join("user-dir")),
+        (101000, 101000),
+        "dir shifted"
+    );
+    assert_eq!(
+        stat_ids(mnt.join("far-file")),
+        (OVERFLOW, OVERFLOW),
+        "overflow id"
+    );
+    assert_eq!(
+        fs::read(mnt.join("user-file")).expect("read through"),
+        b"beta\n"
+    );
+}
+
+/// The `shiftfs list` row of `target`, split into columns.
+fn list_row(target: &Path) -> Option<Vec<String>> {
+    let out = shiftfs_list();
+    out.assert_ok();
+    out.stdout
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .find(|cols| cols.first().is_some_and(|c| Path::new(c) == target))
+}
+
+/// How long a FUSE daemon may take to exit once its mount is gone.
+const DAEMON_EXIT: Duration = Duration::from_secs(10);
+
+/// After an unmount by any means: the daemons `pids` exit and nothing serves `mnt` any more.
+#[track_caller]
+fn assert_daemons_exit(pids: &[u32], mnt: &Path) {
+    assert!(
+        wait_gone(pids, DAEMON_EXIT),
+        "daemon(s) {pids:?} of {} still run {DAEMON_EXIT:?} after unmount",
+        mnt.display()
+    );
+    assert_eq!(shiftfs_pids_mentioning(mnt), Vec::<u32>::new());
+}
+
 fn shows_shifted_owners(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "owners") else {
         return;
-    }
-    let dir = TestDir::new("owners");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let before = snapshot(&src);
     let m = ShiftMount::new(b, MAP, &src, &mnt);
 
@@ -62,15 +130,12 @@ fn shows_shifted_owners(b: Backend) {
 }
 
 fn list_shows_mount(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "list") else {
         return;
-    }
-    let dir = TestDir::new("list");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let m = ShiftMount::new(b, MAP, &src, &mnt);
 
-    let out = run(&mut shiftfs(["list"]));
+    let out = shiftfs_list();
     out.assert_ok();
     let line = out
         .stdout
@@ -94,7 +159,7 @@ fn list_shows_mount(b: Backend) {
     }
 
     m.unmount();
-    let out = run(&mut shiftfs(["list"]));
+    let out = shiftfs_list();
     out.assert_ok();
     assert!(
         !out.stdout.contains(mnt.to_str().expect("utf-8")),
@@ -104,12 +169,9 @@ fn list_shows_mount(b: Backend) {
 }
 
 fn mount_options(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "opts") else {
         return;
-    }
-    let dir = TestDir::new("opts");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
 
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     let e = mount_at(&mnt).expect("mounted");
@@ -119,6 +181,15 @@ fn mount_options(b: Backend) {
             "default mount lacks {opt}: {e:?}"
         );
     }
+    // Host root has no inner id, so the container's root (host 100000) writes.
+    let w = run(&mut sh_as(
+        100000,
+        100000,
+        &format!("echo x > {}", q(mnt.join("new"))),
+    ));
+    assert!(w.ok(), "a rw mount is writable:\n{w}");
+    assert_eq!(stat_ids(src.join("new")), (0, 0), "stored as inner root");
+    fs::remove_file(src.join("new")).expect("rm new");
     m.unmount();
 
     let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "ro,noexec"], &src, &mnt);
@@ -129,10 +200,36 @@ fn mount_options(b: Backend) {
             "-o ro,noexec mount lacks {opt}: {e:?}"
         );
     }
-    let err = fs::write(mnt.join("new"), b"x").expect_err("write on a ro mount");
-    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
-    assert!(!src.join("new").exists());
-    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+    assert_shifted(&mnt);
+    let erofs = |what: &str, e: std::io::Error| {
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+    };
+    erofs(
+        "create",
+        fs::write(mnt.join("new"), b"x").expect_err("create on a ro mount"),
+    );
+    erofs(
+        "overwrite",
+        fs::write(mnt.join("user-file"), b"x").expect_err("write on a ro mount"),
+    );
+    erofs(
+        "mkdir",
+        fs::create_dir(mnt.join("dir")).expect_err("mkdir on a ro mount"),
+    );
+    let w = run(&mut sh_as(
+        100000,
+        100000,
+        &format!("echo x > {}", q(mnt.join("root-file"))),
+    ));
+    assert!(
+        w.stderr.contains("Read-only file system"),
+        "the shell sees EROFS:\n{w}"
+    );
+    assert!(!src.join("new").exists() && !src.join("dir").exists());
+    assert_eq!(
+        fs::read(src.join("user-file")).expect("read src"),
+        b"beta\n"
+    );
     m.unmount();
 
     let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid,dev"], &src, &mnt);
@@ -151,6 +248,18 @@ fn mount_options(b: Backend) {
 /// names `mentions`, and nothing mounted on `tgt`.
 #[track_caller]
 fn assert_one_line_error(out: &Out, mentions: &str, tgt: &Path) {
+    assert_one_line_error_allow_mounted(out, mentions);
+    assert!(
+        !is_mountpoint(tgt),
+        "a refused mount left {} mounted",
+        tgt.display()
+    );
+}
+
+/// The refusal contract for a command on something that stays mounted (a busy mount, another
+/// tool's mount).
+#[track_caller]
+fn assert_one_line_error_allow_mounted(out: &Out, mentions: &str) {
     assert_eq!(out.code(), Some(1), "exit code:\n{out}");
     let lines = out.stderr_lines();
     assert_eq!(lines.len(), 1, "want exactly one line on stderr:\n{out}");
@@ -169,11 +278,6 @@ fn assert_one_line_error(out: &Out, mentions: &str, tgt: &Path) {
             "error line repeats itself (`{c}`):\n{out}"
         );
     }
-    assert!(
-        !is_mountpoint(tgt),
-        "a refused mount left {} mounted",
-        tgt.display()
-    );
 }
 
 fn mount_cmd(b: Backend, map: &str, src: &Path, tgt: &Path) -> Command {
@@ -183,12 +287,9 @@ fn mount_cmd(b: Backend, map: &str, src: &Path, tgt: &Path) -> Command {
 }
 
 fn refuses_bad_input(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "errors") else {
         return;
-    }
-    let dir = TestDir::new("errors");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
 
     let missing = dir.path().join("no-such-source");
     let out = run(&mut mount_cmd(b, MAP, &missing, &mnt));
@@ -250,9 +351,6 @@ fn refuses_bad_input(b: Backend) {
         "missing operands is a usage error:\n{out}"
     );
 
-    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
-    assert_one_line_error(&out, "mnt", &mnt);
-
     dir.finish();
 }
 
@@ -265,19 +363,28 @@ fn world_executable_bin(dir: &TestDir) -> PathBuf {
 }
 
 fn refuses_non_root(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "nonroot") else {
         return;
-    }
-    let dir = TestDir::new("nonroot");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let bin = world_executable_bin(&dir);
-    let out = run(
-        cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
-            .args(["--backend", b.name(), "--map", MAP])
-            .arg(&src)
-            .arg(&mnt),
-    );
+    let try_mount = || {
+        run(
+            cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
+                .args(["--backend", b.name(), "--map", MAP])
+                .arg(&src)
+                .arg(&mnt),
+        )
+    };
+    // A child another test thread forked while the copy was being written holds it open for
+    // writing until that child execs: exec fails with ETXTBSY meanwhile.
+    let mut out = try_mount();
+    for _ in 0..50 {
+        if !out.stderr.contains("Text file busy") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        out = try_mount();
+    }
     assert_one_line_error(&out, "", &mnt);
     assert!(
         out.stderr.contains("root") || out.stderr.contains("permission"),
@@ -326,38 +433,43 @@ fn daemon_pid(mnt: &Path) -> u32 {
     pids[0]
 }
 
+/// A daemon killed with SIGKILL leaves a dead mount (ENOTCONN) that `list` shows as dead;
+/// `shiftfs umount` removes it, its record and its log, and says what happened.
 #[test]
 fn fuse_umount_cleans_up_after_killed_daemon() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "kill9") else {
         return;
-    }
-    let dir = TestDir::new("kill9");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
-    assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
+    assert_shifted(&mnt);
 
     let pid = daemon_pid(&mnt);
-    run(&mut sh(&format!("kill -9 {pid}"))).assert_ok();
-    let gone = (0..500).any(|_| {
-        std::thread::sleep(Duration::from_millis(10));
-        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
-            || fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
-    });
-    assert!(gone, "daemon {pid} survived SIGKILL");
+    kill_and_wait(&[pid]);
+    assert!(
+        wait_gone(&[pid], DAEMON_EXIT),
+        "daemon {pid} survived SIGKILL"
+    );
     let err = fs::metadata(mnt.join("user-file")).expect_err("dead mount must not answer");
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
     assert!(
         is_mountpoint(&mnt),
         "the dead mount is still there before umount"
     );
+    let row = list_row(&mnt).expect("shiftfs list still shows the dead mount");
+    assert!(row.iter().any(|c| c.contains("dead")), "{row:?}");
 
     let log = shiftfs::mount::Record::log_path(&mnt);
     assert!(log.exists(), "the daemon's log {} exists", log.display());
-    m.unmount();
+    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
+    out.assert_ok();
+    assert!(out.stderr.contains("daemon had exited"), "{out}");
+    m.disarm();
+    assert!(!is_mountpoint(&mnt), "dead mount removed");
+    assert!(list_row(&mnt).is_none(), "gone from shiftfs list");
     assert!(ls(&mnt).is_empty());
     // Issue 12, defect 6: the dead daemon's log goes with its mount.
     assert!(!log.exists(), "{} left behind", log.display());
+    assert_eq!(stat_ids(src.join("root-file")), (0, 0), "source untouched");
     // The target can be mounted again.
     let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
     assert_eq!(stat_ids(mnt.join("user-file")), (101000, 101000));
@@ -435,12 +547,9 @@ fn fuse_foreground_sigint_unmounts() {
 /// stdout or stderr open.
 #[test]
 fn fuse_mount_detaches_from_callers_output() {
-    if !require(Backend::Fuse) {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "detach") else {
         return;
-    }
-    let dir = TestDir::new("detach");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let guard = ShiftMount::adopt(&mnt);
     let script = format!(
         "out=$({} mount --backend fuse --map {MAP} {} {} 2>&1); echo \"rc=$? out=$out\"",
@@ -457,12 +566,9 @@ fn fuse_mount_detaches_from_callers_output() {
 }
 
 fn separate_maps_and_map_from_pid(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "maps") else {
         return;
-    }
-    let dir = TestDir::new("maps");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
 
     let m = ShiftMount::with_args(
         b,
@@ -510,7 +616,7 @@ fn relative_paths_with_spaces(b: Backend) {
     out.assert_ok();
     assert!(is_mountpoint(&mnt), "not mounted at {}", mnt.display());
     assert_eq!(stat_ids(mnt.join("f")), (101000, 101000));
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     assert!(
         list.stdout.contains(mnt.to_str().expect("utf-8")),
         "list should show the absolute target:\n{list}"
@@ -533,7 +639,7 @@ fn list_escapes_control_characters(b: Backend) {
     let mnt = dir.path().join("two\nlines\x1b[7m");
     mkdir(&mnt, 0o755, 0, 0);
     let m = ShiftMount::new(b, MAP, &src, &mnt);
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     list.assert_ok();
     let shown = format!("{}/two\\x0alines\\x1b[7m", dir.path().display());
     let line = list
@@ -550,15 +656,16 @@ fn list_escapes_control_characters(b: Backend) {
     dir.finish();
 }
 
-/// A busy mount is not torn away: one clear line, the mount stays; `-l` detaches it.
+/// A busy mount is not torn away: one clear line naming `--lazy`, the mount stays and still
+/// serves; `-l` detaches it at once, a FUSE daemon shows as draining in `list` while it serves
+/// the files still open and exits when the last one is closed.
 fn umount_busy(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "busy") else {
         return;
-    }
-    let dir = TestDir::new("busy");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let daemons = shiftfs_pids_mentioning(&mnt);
+    let open = fs::File::open(mnt.join("user-file")).expect("open through the mount");
     let mut holder = Command::new("sleep")
         .arg("60")
         .current_dir(mnt.join("user-dir"))
@@ -569,6 +676,10 @@ fn umount_busy(b: Backend) {
     let _ = holder.kill();
     let _ = holder.wait();
     assert_one_line_error_allow_mounted(&out, "busy");
+    assert!(
+        out.stderr.contains("--lazy"),
+        "the refusal names --lazy:\n{out}"
+    );
     assert!(still, "a busy mount must stay mounted");
     assert_eq!(
         stat_ids(mnt.join("user-file")),
@@ -576,42 +687,43 @@ fn umount_busy(b: Backend) {
         "still served"
     );
 
-    // This user leaves by itself, so the daemon can finish once it is gone.
-    let mut holder = Command::new("sleep")
-        .arg("2")
-        .current_dir(mnt.join("user-dir"))
-        .spawn()
-        .expect("spawn a process inside the mount");
+    let start = Instant::now();
     let out = run(&mut shiftfs([
         OsStr::new("umount"),
         OsStr::new("-l"),
         mnt.as_os_str(),
     ]));
     out.assert_ok();
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "-l returns at once, took {:?}",
+        start.elapsed()
+    );
     assert!(!is_mountpoint(&mnt), "-l detaches at once");
-    let _ = holder.wait();
-    let start = std::time::Instant::now();
-    while !shiftfs_pids_mentioning(&mnt).is_empty() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     m.disarm();
+    // A FUSE daemon still serves the open file and `list` says so; a kernel mount is gone.
+    let row = list_row(&mnt);
+    match b {
+        Backend::Fuse => assert!(
+            row.as_ref()
+                .is_some_and(|r| r.iter().any(|c| c == "draining")),
+            "listed as draining: {row:?}"
+        ),
+        Backend::Kernel => assert!(row.is_none(), "gone from shiftfs list: {row:?}"),
+    }
+    let mut text = String::new();
+    (&open)
+        .read_to_string(&mut text)
+        .expect("the open file is still readable");
+    assert_eq!(text, "beta\n");
+    drop(open);
+    assert_daemons_exit(&daemons, &mnt);
     dir.finish();
 }
 
-#[track_caller]
-fn assert_one_line_error_allow_mounted(out: &Out, mentions: &str) {
-    assert_eq!(out.code(), Some(1), "exit code:\n{out}");
-    let lines = out.stderr_lines();
-    assert_eq!(lines.len(), 1, "want exactly one line on stderr:\n{out}");
-    assert!(lines[0].starts_with("shiftfs: "), "{out}");
-    assert!(
-        lines[0].contains(mentions),
-        "should say `{mentions}`:\n{out}"
-    );
-}
-
 /// A target inside its own source: shiftfs may refuse it, or serve it, but must not end up
-/// serving itself (a FUSE daemon that follows its own mount point deadlocks on itself).
+/// serving itself (a FUSE daemon that follows its own mount point deadlocks on itself, so
+/// the FUSE backend refuses it).
 fn target_inside_source(b: Backend) {
     if !require(b) {
         return;
@@ -620,7 +732,19 @@ fn target_inside_source(b: Backend) {
     let src = owned_tree(&dir);
     let tgt = src.join("inner-mnt");
     mkdir(&tgt, 0o755, 0, 0);
-    match ShiftMount::try_mount(Some(b), &["--map", MAP], &src, &tgt) {
+    let mounted = ShiftMount::try_mount(Some(b), &["--map", MAP], &src, &tgt);
+    if b == Backend::Fuse {
+        let out = mounted
+            .as_ref()
+            .err()
+            .expect("FUSE must refuse a target inside its source");
+        assert!(out.stderr.contains("inside the source"), "{out}");
+        assert!(
+            shiftfs_pids_mentioning(&tgt).is_empty(),
+            "no daemon started"
+        );
+    }
+    match mounted {
         Err(out) => assert_one_line_error(&out, "inner-mnt", &tgt),
         Ok(m) => {
             let script = format!(
@@ -747,7 +871,7 @@ fn target_root_keeps_links_inside(b: Backend) {
         (100000, 100000),
         "{b}: shifted root inside the rootfs"
     );
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     assert!(
         list.stdout.contains(&*inside.to_string_lossy()),
         "{b}: list names the real target:\n{list}"
@@ -765,12 +889,9 @@ fn target_root_keeps_links_inside(b: Backend) {
 
 /// `shiftfs umount` through a planted symlink must not unmount what it points at.
 fn umount_refuses_symlink(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "umount-symlink") else {
         return;
-    }
-    let dir = TestDir::new("umount-symlink");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let rootfs = dir.dir("rootfs");
     let m = ShiftMount::new(b, MAP, &src, &mnt);
     symlink(&mnt, &rootfs.join("data"), 100000, 100000);
@@ -791,13 +912,11 @@ fn umount_refuses_symlink(b: Backend) {
 /// Issue 12, defect 1: mounts and unmounts of one target raced from 20 processes leave the
 /// mount table, `shiftfs list` and the running daemons in agreement, with at most one mount.
 fn racing_mounts_agree(b: Backend) {
-    if !require(b) {
+    let Some((dir, src, mnt)) = fixture(b, "race") else {
         return;
-    }
-    let dir = TestDir::new("race");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
     let _guard = ShiftMount::adopt(&mnt);
+    // The racing umounts of a target not (yet) mounted prune records.
     let mut kids = Children::default();
     for i in 0..20 {
         let mut c = if i % 3 == 2 {
@@ -816,7 +935,7 @@ fn racing_mounts_agree(b: Backend) {
     assert_eq!(outs.len(), 20, "{b}: every racer finished");
     let stacked = mountinfo().iter().filter(|m| m.mount_point == mnt).count();
     assert!(stacked <= 1, "{b}: {stacked} mounts stacked on one target");
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     let rows = list
         .stdout
         .lines()
@@ -870,7 +989,7 @@ fn draining_daemon_keeps_new_record(b: Backend) {
     out.assert_ok();
     first.disarm();
     let second = ShiftMount::new(b, "b:0:200000:65536", &src, &mnt);
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     assert!(
         list.stdout.contains("draining"),
         "{b}: the detached mount shows as draining:\n{list}"
@@ -882,14 +1001,14 @@ fn draining_daemon_keeps_new_record(b: Backend) {
     drop(held);
     // The old daemon ends once its last file is closed.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while run(&mut shiftfs(["list"])).stdout.contains("draining") {
+    while shiftfs_list().stdout.contains("draining") {
         assert!(
             std::time::Instant::now() < deadline,
             "{b}: the draining daemon did not end"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let list = run(&mut shiftfs(["list"]));
+    let list = shiftfs_list();
     let row = list
         .stdout
         .lines()
@@ -903,22 +1022,145 @@ fn draining_daemon_keeps_new_record(b: Backend) {
     dir.finish();
 }
 
-/// Issue 12: an idmapped mount another tool made is not shiftfs' to unmount.
+/// `shiftfs umount` unmounts only what shiftfs mounted: a plain or missing directory is "not
+/// mounted"; a bind mount, another FUSE file system (bindfs) and an idmapped mount another
+/// tool made (issue 12) are "not a shifted mount" and stay.
 #[test]
-fn umount_leaves_foreign_idmapped_mounts() {
-    if !require(Backend::Kernel) {
+fn umount_refuses_what_shiftfs_did_not_mount() {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "umount-foreign") else {
         return;
-    }
-    let dir = TestDir::new("foreign-idmap");
-    let src = owned_tree(&dir);
-    let mnt = dir.dir("mnt");
+    };
+    let umount = |p: &Path| run(&mut shiftfs([OsStr::new("umount"), p.as_os_str()]));
+
+    let out = umount(&mnt);
+    assert_one_line_error(&out, "is not mounted", &mnt);
+    assert!(
+        out.stderr.contains(&*mnt.to_string_lossy()),
+        "names it:\n{out}"
+    );
+    let missing = dir.path().join("missing");
+    assert_one_line_error(&umount(&missing), "is not mounted", &missing);
+
+    rustix::mount::mount_bind(&src, &mnt).expect("bind mount");
+    let bind = Detach(mnt.clone());
+    assert_one_line_error_allow_mounted(&umount(&mnt), "not a shifted mount");
+    assert!(is_mountpoint(&mnt), "the bind mount is left alone");
+    drop(bind);
+
     let map = shiftfs::idmap::IdMapping::parse(MAP).expect("map");
     shiftfs::kernel::mount(&src, &mnt, &map, Default::default(), false).expect("idmapped mount");
-    let out = run(&mut shiftfs([OsStr::new("umount"), mnt.as_os_str()]));
-    out.assert_fails();
-    assert!(out.stderr.contains("not a shifted mount"), "{out}");
+    let idmapped = Detach(mnt.clone());
+    assert_one_line_error_allow_mounted(&umount(&mnt), "not a shifted mount");
     assert!(is_mountpoint(&mnt), "another tool's mount must stay");
-    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::DETACH).expect("umount2");
+    drop(idmapped);
+
+    if require_bindfs() {
+        let view = dir.path().join("bindfs");
+        let _bindfs = Bindfs::start(&src, &view);
+        assert_one_line_error_allow_mounted(&umount(&view), "not a shifted mount");
+        assert!(is_mountpoint(&view), "the bindfs mount is left alone");
+    }
+    dir.finish();
+}
+
+/// Issue 12: with the same target, a second `shiftfs mount` (letting shiftfs pick) is refused,
+/// even when the shifted mount is empty, and one umount removes the mount.
+fn second_mount_is_refused(b: Backend) {
+    if !require(b) {
+        return;
+    }
+    let dir = TestDir::new("second");
+    // An empty source leaves the target empty, which once let a second mount stack on it.
+    let src = dir.dir("src");
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(b, MAP, &src, &mnt);
+    let daemons = shiftfs_pids_mentioning(&mnt);
+    let (again, again_guard) = ShiftMount::run_mount(None, &["--map", MAP], &src, &mnt);
+    assert_one_line_error_allow_mounted(&again, "already a shifted mount");
+    again_guard.disarm();
+    m.unmount();
+    assert_daemons_exit(&daemons, &mnt);
+    assert!(!is_mountpoint(&mnt), "{b}: one umount removes it");
+    dir.finish();
+}
+
+/// `mount -t shiftfs -o map=..,backend=B SRC TGT`, or the same as an fstab line and
+/// `mount TGT`: shiftfs' mount helper mounts it, `list` shows it and umount(8) removes it
+/// (and stops the daemon).
+fn via_mount8(b: Backend, fstab: bool) {
+    if !require(b) || !install_mount_helper() {
+        return;
+    }
+    let dir = TestDir::new(if fstab { "fstab" } else { "mount8" });
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let options = format!("map={MAP},backend={b}");
+    let guard = ShiftMount::adopt(&mnt);
+    let out = if fstab {
+        let _line = FstabLine::add(format!(
+            "{} {} shiftfs {options},noauto 0 0",
+            src.display(),
+            mnt.display()
+        ));
+        run(Command::new("mount").arg(&mnt))
+    } else {
+        run(Command::new("mount")
+            .args(["-t", "shiftfs", "-o", &options])
+            .arg(&src)
+            .arg(&mnt))
+    };
+    out.assert_ok();
+    assert_shifted(&mnt);
+    let info = mount_at(&mnt).expect("mounted");
+    let daemons = shiftfs_pids_mentioning(&mnt);
+    match b {
+        Backend::Kernel => {
+            assert!(
+                info.mount_options.iter().any(|o| o == "idmapped"),
+                "{info:?}"
+            );
+            assert!(daemons.is_empty(), "no daemon for a kernel mount");
+        }
+        Backend::Fuse => {
+            assert!(info.fstype.starts_with("fuse"), "{info:?}");
+            assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
+        }
+    }
+    let row = list_row(&mnt).expect("shiftfs list shows it");
+    assert_eq!(row[2], b.name(), "{row:?}");
+
+    run(Command::new("umount").arg(&mnt)).assert_ok();
+    assert!(!is_mountpoint(&mnt), "unmounted by umount(8)");
+    guard.disarm();
+    assert_daemons_exit(&daemons, &mnt);
+    assert!(list_row(&mnt).is_none(), "gone from shiftfs list");
+    dir.finish();
+}
+
+fn mount_t_shiftfs(b: Backend) {
+    via_mount8(b, false);
+}
+
+fn fstab(b: Backend) {
+    via_mount8(b, true);
+}
+
+#[test]
+fn mount_t_shiftfs_without_a_map_says_how_to_give_one() {
+    if !require_root() || !install_mount_helper() {
+        return;
+    }
+    let dir = TestDir::new("mount8-nomap");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let _guard = ShiftMount::adopt(&mnt);
+    let out = run(Command::new("mount")
+        .args(["-t", "shiftfs"])
+        .arg(&src)
+        .arg(&mnt));
+    out.assert_fails();
+    assert!(out.stderr.contains("-o map="), "{out}");
+    assert!(!is_mountpoint(&mnt));
     dir.finish();
 }
 
@@ -938,29 +1180,58 @@ backend_tests!(
     umount_refuses_symlink,
     racing_mounts_agree,
     draining_daemon_keeps_new_record,
+    second_mount_is_refused,
+    mount_t_shiftfs,
+    fstab,
 );
 
-/// Without --backend, a source on a filesystem that supports idmapped mounts gets the kernel
-/// backend; a source on a FUSE filesystem falls back to FUSE.
+/// Without --backend, a source on a file system with idmapped mounts gets the kernel backend
+/// and the mount says so and why; `list` shows it column by column.
+fn auto_picks_kernel(src: &Path, mnt: &Path, fstype: &str) {
+    let (out, m) = ShiftMount::run_mount(None, &["--map", MAP], src, mnt);
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("kernel:") && out.stdout.contains(fstype),
+        "auto should say it picked the kernel and why ({fstype}):\n{out}"
+    );
+    assert!(
+        shiftfs_pids_mentioning(mnt).is_empty(),
+        "no daemon for a kernel mount"
+    );
+    assert_shifted(mnt);
+    let e = mount_at(mnt).expect("mounted");
+    assert_eq!(e.fstype, fstype);
+    for opt in ["rw", "nosuid", "nodev", "idmapped"] {
+        assert!(e.mount_options.iter().any(|o| o == opt), "{opt} in {e:?}");
+    }
+    let row = list_row(mnt).expect("shiftfs list shows the mount");
+    assert_eq!(row[1], src.to_string_lossy(), "source column: {row:?}");
+    assert_eq!(row[2], "kernel", "backend column: {row:?}");
+    assert_eq!(row[3], MAP, "map column: {row:?}");
+    assert_eq!(row.last().map(String::as_str), Some("active"), "{row:?}");
+    m.unmount();
+    assert!(list_row(mnt).is_none(), "gone from shiftfs list");
+    assert_eq!(stat_ids(src.join("root-file")), (0, 0), "source untouched");
+}
+
+/// Auto on ext4 picks the kernel; a FUSE mount as the source (the kernel cannot idmap it) falls
+/// back to FUSE, and the two maps compose.
 #[test]
 fn auto_backend_choice() {
     if !require(Backend::Fuse) {
         return;
     }
     let dir = TestDir::new("auto");
+    if !require_fstype(dir.path(), "ext4") {
+        return;
+    }
     let src = owned_tree(&dir);
     let mnt = dir.dir("mnt");
-    let m = ShiftMount::with_args_auto(&["--map", MAP], &src, &mnt);
-    let e = mount_at(&mnt).expect("mounted");
-    assert!(
-        !e.fstype.starts_with("fuse"),
-        "ext4/tmpfs source should get the kernel: {e:?}"
-    );
-    assert!(e.mount_options.iter().any(|o| o == "idmapped"), "{e:?}");
+    auto_picks_kernel(&src, &mnt, "ext4");
 
-    // A FUSE mount as the source: the kernel cannot idmap it.
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
     let mnt2 = dir.dir("mnt2");
-    let m2 = ShiftMount::with_args_auto(&["--map", "b:0:0:4294967295"], &mnt, &mnt2);
+    let m2 = ShiftMount::with_args_auto(&["--map", IDENTITY_MAP], &mnt, &mnt2);
     let e2 = mount_at(&mnt2).expect("mounted");
     assert!(e2.fstype.starts_with("fuse"), "{e2:?}");
     assert_eq!(
@@ -969,6 +1240,220 @@ fn auto_backend_choice() {
         "maps compose"
     );
     m2.unmount();
+    m.unmount();
+    dir.finish();
+}
+
+#[test]
+fn auto_picks_kernel_on_tmpfs() {
+    if !require(Backend::Kernel) {
+        return;
+    }
+    let dir = TestDir::new("auto-tmpfs");
+    let src = dir.dir("src");
+    let _tmpfs = mount_tmpfs(&src);
+    fill_tree(&src);
+    let mnt = dir.dir("mnt");
+    auto_picks_kernel(&src, &mnt, "tmpfs");
+    drop(_tmpfs);
+    dir.finish();
+}
+
+/// A source on a FUSE file system without idmapped mounts (bindfs): `--backend kernel`
+/// refuses, naming `--backend fuse`; auto picks FUSE and says why.
+#[test]
+fn auto_picks_fuse_on_bindfs_and_kernel_refuses() {
+    if !require_bindfs() {
+        return;
+    }
+    let dir = TestDir::new("auto-bindfs");
+    let src = owned_tree(&dir);
+    let mnt = dir.dir("mnt");
+    let view = dir.path().join("bindfs");
+    let _bindfs = Bindfs::start(&src, &view);
+
+    let out = ShiftMount::try_mount(Some(Backend::Kernel), &["--map", MAP], &view, &mnt)
+        .err()
+        .expect("--backend kernel on bindfs must fail");
+    assert_one_line_error(&out, "--backend fuse", &mnt);
+    assert!(
+        out.stderr.contains("does not support idmapped mounts"),
+        "{out}"
+    );
+    assert!(out.stdout.is_empty(), "{out}");
+
+    let (out, m) = ShiftMount::run_mount(None, &["--map", MAP], &view, &mnt);
+    out.assert_ok();
+    assert!(
+        out.stdout.contains("(fuse: ") && out.stdout.contains("idmapped mount not possible"),
+        "auto should say it picked FUSE and why:\n{out}"
+    );
+    let daemon = daemon_pid(&mnt);
+    assert_shifted(&mnt);
+    let row = list_row(&mnt).expect("shiftfs list shows the mount");
+    assert_eq!(row[2], "fuse", "{row:?}");
+    assert_eq!(row[3], MAP, "{row:?}");
+    assert_eq!(row[5], daemon.to_string(), "pid column: {row:?}");
+    assert_eq!(row.last().map(String::as_str), Some("active"), "{row:?}");
+    m.unmount();
+    assert_daemons_exit(&[daemon], &mnt);
+    drop(_bindfs);
+    dir.finish();
+}
+
+#[test]
+fn doctor_reports_this_machine_ok() {
+    if !require_root() {
+        return;
+    }
+    let out = run(&mut shiftfs(["doctor"]));
+    out.assert_ok();
+    for name in ["kernel", "user namespaces", "/dev/fuse", "idmapped mounts"] {
+        assert!(
+            out.stdout.lines().any(|l| {
+                let mut cols = l.splitn(2, "  ");
+                cols.next() == Some("OK")
+                    && cols
+                        .next()
+                        .is_some_and(|rest| rest.trim_start().starts_with(&format!("{name}  ")))
+            }),
+            "doctor: an OK line for {name}:\n{out}"
+        );
+    }
+    assert!(out.stdout.contains("--backend kernel: usable"), "{out}");
+    assert!(out.stdout.contains("--backend fuse: usable"), "{out}");
+}
+
+/// The daemon runs from `/`: the file system the caller ran `shiftfs mount` from can still be
+/// unmounted.
+#[test]
+fn fuse_daemon_does_not_hold_the_callers_directory() {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "cwd") else {
+        return;
+    };
+    let cwd = dir.dir("tmpfs");
+    let tmpfs = mount_tmpfs(&cwd);
+    let guard = ShiftMount::adopt(&mnt);
+    run(shiftfs(["mount", "--backend", "fuse", "--map", MAP])
+        .arg(&src)
+        .arg(&mnt)
+        .current_dir(&cwd))
+    .assert_ok();
+    let daemon_cwd = fs::read_link(format!("/proc/{}/cwd", daemon_pid(&mnt))).expect("daemon cwd");
+    assert_eq!(
+        daemon_cwd,
+        Path::new("/"),
+        "the daemon keeps no directory busy"
+    );
+    rustix::mount::unmount(&cwd, rustix::mount::UnmountFlags::empty())
+        .expect("unmount the caller's file system");
+    drop(tmpfs);
+    guard.unmount();
+    dir.finish();
+}
+
+/// A descriptor the caller leaks into `shiftfs mount` (no close-on-exec) is not kept open by
+/// the daemon.
+#[test]
+fn fuse_daemon_keeps_no_inherited_descriptor() {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "fds") else {
+        return;
+    };
+    let leak = dir.path().join("inherited");
+    let guard = ShiftMount::adopt(&mnt);
+    // The shell opens fd 7 without close-on-exec, as `exec 7>file` in a script would.
+    let script = format!(
+        "exec 7>{}; exec {} mount --backend fuse --map {MAP} {} {}",
+        q(&leak),
+        q(BIN),
+        q(&src),
+        q(&mnt)
+    );
+    run(&mut sh(&script)).assert_ok();
+    let fds: Vec<PathBuf> = fs::read_dir(format!("/proc/{}/fd", daemon_pid(&mnt)))
+        .expect("daemon fds")
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .collect();
+    assert!(
+        !fds.iter().any(|p| p == &leak),
+        "the daemon holds the caller's fd 7: {fds:?}"
+    );
+    guard.unmount();
+    dir.finish();
+}
+
+#[test]
+fn clean_daemon_exit_removes_its_log() {
+    let Some((dir, src, mnt)) = fixture(Backend::Fuse, "log") else {
+        return;
+    };
+    let log = shiftfs::mount::Record::log_path(&mnt);
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &mnt);
+    let daemons = shiftfs_pids_mentioning(&mnt);
+    assert!(log.exists(), "the running daemon logs to {}", log.display());
+    m.unmount();
+    assert_daemons_exit(&daemons, &mnt);
+    assert!(!log.exists(), "{} left behind", log.display());
+    dir.finish();
+}
+
+#[test]
+fn umount_removes_a_recursive_kernel_mount_with_its_submounts() {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "recursive") else {
+        return;
+    };
+    let sub = src.join("sub");
+    mkdir(&sub, 0o755, 0, 0);
+    let _sub = mount_tmpfs(&sub);
+    fs::write(sub.join("f"), "x").expect("write in sub");
+    let m = ShiftMount::with_args(Backend::Kernel, &["--map", MAP, "--recursive"], &src, &mnt);
+    assert_eq!(stat_ids(mnt.join("sub/f")), (100000, 100000));
+    m.unmount();
+    assert!(!is_mountpoint(&mnt.join("sub")), "the submount went too");
+    drop(_sub);
+    dir.finish();
+}
+
+#[test]
+fn fuse_mount_on_a_long_target_path() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("long");
+    let src = owned_tree(&dir);
+    let long = dir.path().join("pod-".repeat(60));
+    mkdir(&long, 0o755, 0, 0);
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src, &long);
+    assert_shifted(&long);
+    assert!(list_row(&long).is_some(), "shiftfs list shows it");
+    m.unmount();
+    dir.finish();
+}
+
+/// Issue 12: a `shiftfs list` run in another mount namespace (a container's, or `unshare -m`)
+/// cannot see our mounts and must not prune their records as gone.
+#[test]
+fn list_in_another_mount_namespace_prunes_nothing() {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "list-ns") else {
+        return;
+    };
+    let m = ShiftMount::new(Backend::Kernel, MAP, &src, &mnt);
+    let bin = env!("CARGO_BIN_EXE_shiftfs");
+    let inside = run(&mut sh(&format!(
+        "unshare -m --propagation private sh -c 'umount -l {t} && {bin} list'",
+        t = q(&mnt)
+    )));
+    inside.assert_ok();
+    assert!(
+        !inside.stdout.contains(&*mnt.to_string_lossy()),
+        "the other namespace does not see the mount:\n{inside}"
+    );
+    let host = shiftfs_list();
+    assert!(
+        host.stdout.contains(&*mnt.to_string_lossy()) && host.stdout.contains("active"),
+        "the record must survive a list in another namespace:\n{host}"
+    );
     m.unmount();
     dir.finish();
 }

@@ -1,93 +1,47 @@
 //! The kernel idmapped-mount backend, mounted for real (needs root; skipped otherwise,
 //! unless CI=true, where a missing prerequisite fails the test).
 
-mod prereq;
-use prereq::prerequisite;
+mod common;
 
 use std::fs;
-use std::io::ErrorKind;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
-use std::os::unix::process::CommandExt;
+use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
 
+use common::*;
 use shiftfs::idmap::IdMapping;
 use shiftfs::kernel;
 use shiftfs::mount::MountFlags;
 use shiftfs::mountinfo;
 
 /// Tests run one at a time: the leak check counts this process's children and fds.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
+fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn is_root() -> bool {
-    prerequisite(rustix::process::geteuid().is_root(), "needs root")
-}
-
-/// Lazily unmounts its path on drop, so a failing test leaves no mount behind.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH) {
-            eprintln!("unmount {}: {e}", self.0.display());
-        }
+/// A test directory with empty `src` and `tgt` below it; None when the test is skipped.
+fn dirs(name: &str) -> Option<(TestDir, PathBuf, PathBuf)> {
+    if !require(Backend::Kernel) {
+        return None;
     }
-}
-
-/// A world-traversable directory on ext4 (so processes with shifted uids reach the target).
-fn ext4_base() -> Option<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("shiftfs-kernel-")
-        .tempdir_in("/var/tmp")
-        .expect("tempdir in /var/tmp");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod base");
-    let fstype = mountinfo::fstype_name(dir.path());
-    prerequisite(fstype == "ext4", &format!("/var/tmp is {fstype}, not ext4")).then_some(dir)
-}
-
-fn mkdir(path: &Path, mode: u32) {
-    fs::create_dir(path).expect("mkdir");
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod dir");
-}
-
-fn mount_tmpfs(dir: &Path) -> Mounted {
-    rustix::mount::mount(
-        "shiftfs-test",
-        dir,
-        "tmpfs",
-        rustix::mount::MountFlags::empty(),
-        c"mode=0755",
-    )
-    .expect("mount tmpfs");
-    Mounted(dir.to_path_buf())
+    let dir = TestDir::new(name);
+    let (src, tgt) = (dir.dir("src"), dir.dir("tgt"));
+    Some((dir, src, tgt))
 }
 
 fn map() -> IdMapping {
     IdMapping::parse("b:0:100000:65536").expect("map")
 }
 
-fn owner(path: &Path) -> (u32, u32) {
-    let m = fs::symlink_metadata(path).expect("stat");
-    (m.uid(), m.gid())
-}
-
-fn run_as(uid: u32, program: &str, args: &[&Path]) -> Output {
-    Command::new(program)
-        .args(args)
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("spawn")
-}
-
-fn shifted_mount(src: &Path, tgt: &Path, flags: MountFlags) -> Mounted {
+fn shifted_mount(src: &Path, tgt: &Path, flags: MountFlags) -> Detach {
     kernel::mount(src, tgt, &map(), flags, false).expect("kernel::mount");
-    Mounted(tgt.to_path_buf())
+    Detach(tgt.to_path_buf())
+}
+
+/// `PROGRAM ARGS...` as host uid and gid `id`.
+fn run_as(id: u32, program: &str, args: &[&Path]) -> Out {
+    run(&mut cmd_as(id, id, program, args))
 }
 
 /// Every owner-id behaviour a user would check, on one source directory.
@@ -96,43 +50,38 @@ fn check_shifting(src: &Path, tgt: &Path) {
         fs::write(src.join(name), name).expect("write fixture");
         chown(src.join(name), Some(id), Some(id)).expect("chown fixture");
     }
-    mkdir(&src.join("home"), 0o755);
+    mkdir(&src.join("home"), 0o755, 0, 0);
     chown(src.join("home"), Some(1000), Some(1000)).expect("chown home");
-    mkdir(&src.join("open"), 0o777);
+    mkdir(&src.join("open"), 0o777, 0, 0);
 
     let _m = shifted_mount(src, tgt, MountFlags::default());
 
-    assert_eq!(owner(&tgt.join("root")), (100000, 100000));
-    assert_eq!(owner(&tgt.join("user")), (101000, 101000));
-    assert_eq!(owner(&tgt.join("unmapped")), (65534, 65534));
+    assert_eq!(lstat_ids(tgt.join("root")), (100000, 100000));
+    assert_eq!(lstat_ids(tgt.join("user")), (101000, 101000));
+    assert_eq!(lstat_ids(tgt.join("unmapped")), (65534, 65534));
     assert_eq!(fs::read(tgt.join("user")).expect("read"), b"user");
 
     // A container process (host uid 101000) creates: stored as its inner id 1000.
-    let out = run_as(101000, "touch", &[&tgt.join("home/new")]);
-    assert!(out.status.success(), "touch as 101000: {out:?}");
-    assert_eq!(owner(&tgt.join("home/new")), (101000, 101000));
-    assert_eq!(owner(&src.join("home/new")), (1000, 1000));
+    run_as(101000, "touch", &[&tgt.join("home/new")]).assert_ok();
+    assert_eq!(lstat_ids(tgt.join("home/new")), (101000, 101000));
+    assert_eq!(lstat_ids(src.join("home/new")), (1000, 1000));
 
     // Host ids outside the map cannot create: EOVERFLOW, nothing written.
     let err = fs::File::create(tgt.join("open/by-root")).expect_err("root is unmapped");
     assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
     assert!(!src.join("open/by-root").exists());
     let out = run_as(5000, "touch", &[&tgt.join("open/by-5000")]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("Value too large"),
-        "touch as 5000: {stderr}"
-    );
+    out.assert_fails();
+    assert!(out.stderr.contains("Value too large"), "{out}");
     assert!(!src.join("open/by-5000").exists());
 
     // chown through the mount stores the inner id; an unmapped target id is refused.
     chown(tgt.join("root"), Some(102000), Some(102000)).expect("chown 102000");
-    assert_eq!(owner(&src.join("root")), (2000, 2000));
-    assert_eq!(owner(&tgt.join("root")), (102000, 102000));
+    assert_eq!(lstat_ids(src.join("root")), (2000, 2000));
+    assert_eq!(lstat_ids(tgt.join("root")), (102000, 102000));
     let err = chown(tgt.join("root"), Some(5000), None).expect_err("5000 is unmapped");
     assert_eq!(err.raw_os_error(), Some(libc::EOVERFLOW), "{err}");
-    assert_eq!(owner(&src.join("root")), (2000, 2000));
+    assert_eq!(lstat_ids(src.join("root")), (2000, 2000));
 
     // The kernel reports the map back (statmount, Linux >= 6.15); the source has none.
     assert_eq!(
@@ -157,41 +106,32 @@ fn check_shifting(src: &Path, tgt: &Path) {
 #[test]
 fn shifts_ids_on_ext4() {
     let _s = serial();
-    if !is_root() {
+    let Some((base, src, tgt)) = dirs("shifts-ids-on-ext4") else {
+        return;
+    };
+    if !require_fstype(base.path(), "ext4") {
         return;
     }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
     check_shifting(&src, &tgt);
 }
 
 #[test]
 fn shifts_ids_on_tmpfs() {
     let _s = serial();
-    if !is_root() {
+    let Some((_dir, src, tgt)) = dirs("shifts-ids-on-tmpfs") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
+    };
     let _tmpfs = mount_tmpfs(&src);
-    assert_eq!(mountinfo::fstype_name(&src), "tmpfs");
+    assert_eq!(fstype_of(&src), "tmpfs");
     check_shifting(&src, &tgt);
 }
 
 #[test]
 fn read_only_mount_refuses_writes() {
     let _s = serial();
-    if !is_root() {
+    let Some((_dir, src, tgt)) = dirs("read-only-mount-refuses-writes") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
+    };
     fs::write(src.join("f"), "x").expect("fixture");
     let flags = MountFlags {
         read_only: true,
@@ -200,9 +140,8 @@ fn read_only_mount_refuses_writes() {
     };
     let _m = shifted_mount(&src, &tgt, flags);
     let out = run_as(100000, "touch", &[&tgt.join("new")]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("Read-only file system"), "{stderr}");
+    out.assert_fails();
+    assert!(out.stderr.contains("Read-only file system"), "{out}");
     let err = fs::OpenOptions::new()
         .write(true)
         .open(tgt.join("f"))
@@ -221,26 +160,18 @@ fn read_only_mount_refuses_writes() {
 #[test]
 fn recursive_carries_submounts() {
     let _s = serial();
-    if !is_root() {
+    let Some((base, src, tgt)) = dirs("recursive-carries-submounts") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt, tgt2) = (
-        base.path().join("src"),
-        base.path().join("tgt"),
-        base.path().join("tgt2"),
-    );
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
-    mkdir(&tgt2, 0o755);
-    mkdir(&src.join("sub"), 0o755);
+    };
+    let tgt2 = base.dir("tgt2");
+    mkdir(&src.join("sub"), 0o755, 0, 0);
     let _tmpfs = mount_tmpfs(&src.join("sub"));
     fs::write(src.join("sub/f"), "x").expect("fixture");
     chown(src.join("sub/f"), Some(1000), Some(1000)).expect("chown");
 
     kernel::mount(&src, &tgt, &map(), MountFlags::default(), true).expect("recursive mount");
-    let _m = Mounted(tgt.clone());
-    assert_eq!(owner(&tgt.join("sub/f")), (101000, 101000));
+    let _m = Detach(tgt.clone());
+    assert_eq!(lstat_ids(tgt.join("sub/f")), (101000, 101000));
     let sub = mountinfo::mount_of(&tgt.join("sub"), Path::new(mountinfo::SELF_MOUNTINFO))
         .expect("mountinfo");
     assert_eq!(sub.fstype, "tmpfs");
@@ -259,10 +190,13 @@ fn recursive_carries_submounts() {
 #[test]
 fn probe_says_yes_for_ext4_and_tmpfs() {
     let _s = serial();
-    if !is_root() {
+    if !require(Backend::Kernel) {
         return;
     }
-    let Some(base) = ext4_base() else { return };
+    let base = TestDir::new("probe-says-yes-for-ext4-and-tmpfs");
+    if !require_fstype(base.path(), "ext4") {
+        return;
+    }
     let p = kernel::probe(base.path());
     assert!(p.supported, "{p:?}");
     assert_eq!(p.fstype, "ext4");
@@ -270,7 +204,7 @@ fn probe_says_yes_for_ext4_and_tmpfs() {
     assert_eq!(p.advice, None);
 
     let src = base.path().join("t");
-    mkdir(&src, 0o755);
+    mkdir(&src, 0o755, 0, 0);
     let _tmpfs = mount_tmpfs(&src);
     let p = kernel::probe(&src);
     assert!(p.supported, "{p:?}");
@@ -287,21 +221,16 @@ fn probe_says_yes_for_ext4_and_tmpfs() {
 #[test]
 fn fuse_source_is_refused() {
     let _s = serial();
-    if !is_root() || !prerequisite(which("bindfs"), "needs bindfs (apt-get install bindfs)") {
+    if !require_bindfs() {
         return;
     }
-    let Some(base) = ext4_base() else { return };
-    let (src, fuse, tgt) = (
-        base.path().join("src"),
-        base.path().join("fuse"),
-        base.path().join("tgt"),
-    );
-    mkdir(&src, 0o755);
-    mkdir(&fuse, 0o755);
-    mkdir(&tgt, 0o755);
-    let _fuse = mount_bindfs(&src, &fuse);
+    let Some((base, src, tgt)) = dirs("fuse-source-is-refused") else {
+        return;
+    };
+    let fuse = base.dir("fuse");
+    let _fuse = Bindfs::start(&src, &fuse);
     // bindfs mounting as root shows as plain `fuse` (as `fuse.bindfs` through fusermount).
-    let fstype = mountinfo::fstype_name(&fuse);
+    let fstype = fstype_of(&fuse);
     assert!(fstype.starts_with("fuse"), "{fstype}");
 
     let p = kernel::probe(&fuse);
@@ -333,10 +262,10 @@ fn fuse_source_is_refused() {
 #[test]
 fn errors_name_the_bad_path() {
     let _s = serial();
-    if !is_root() {
+    if !require(Backend::Kernel) {
         return;
     }
-    let Some(base) = ext4_base() else { return };
+    let base = TestDir::new("errors-name-the-bad-path");
     let missing = base.path().join("missing");
     let err = kernel::mount(&missing, base.path(), &map(), MountFlags::default(), false)
         .expect_err("missing source");
@@ -347,7 +276,7 @@ fn errors_name_the_bad_path() {
     );
 
     let src = base.path().join("src");
-    mkdir(&src, 0o755);
+    mkdir(&src, 0o755, 0, 0);
     let err = kernel::mount(&src, &missing, &map(), MountFlags::default(), false)
         .expect_err("missing target");
     assert!(matches!(err, kernel::Error::Resolve(_)), "{err:?}");
@@ -360,21 +289,57 @@ fn errors_name_the_bad_path() {
     assert!(!p.supported);
 }
 
+/// Kernel mounts and probes, from the library and through the `shiftfs` binary (mount, list,
+/// umount, doctor, mount(8)), leave no process and no user namespace fd behind. This process
+/// is the subreaper of what the binary starts, so a helper that outlives its parent becomes
+/// our child and is seen here.
 #[test]
 fn leaves_no_process_or_namespace_fd() {
     let _s = serial();
-    if !is_root() {
+    let Some((base, src, tgt)) = dirs("leaves-no-process") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
+    };
+    become_subreaper();
+    // Zombies of processes that earlier tests waited for by polling are reaped first.
+    reap_zombies();
+    assert_eq!(children(), vec![], "no children before the test");
+    fs::write(src.join("f"), "x").expect("fixture");
     for _ in 0..5 {
         let _m = shifted_mount(&src, &tgt, MountFlags::default());
         assert!(kernel::probe(&src).supported);
     }
-    assert_eq!(children(), Vec::<u32>::new(), "child processes left behind");
+
+    let m = ShiftMount::new(Backend::Kernel, MAP, &src, &tgt);
+    assert_eq!(lstat_ids(tgt.join("f")), (100000, 100000));
+    run(&mut shiftfs(["list"])).assert_ok();
+    m.unmount();
+    run(&mut shiftfs([
+        std::ffi::OsStr::new("doctor"),
+        src.as_os_str(),
+    ]))
+    .assert_ok();
+    if install_mount_helper() {
+        let guard = ShiftMount::adopt(&tgt);
+        run(std::process::Command::new("mount")
+            .args(["-t", "shiftfs", "-o", &format!("map={MAP},backend=kernel")])
+            .arg(&src)
+            .arg(&tgt))
+        .assert_ok();
+        run(std::process::Command::new("umount").arg(&tgt)).assert_ok();
+        guard.disarm();
+    }
+    // `list` also drops the record that umount(8) could not remove.
+    let list = run(&mut shiftfs(["list"]));
+    list.assert_ok();
+    assert!(!list.stdout.contains(&*tgt.to_string_lossy()), "{list}");
+
+    assert_eq!(children(), vec![], "child processes left behind");
+    assert_eq!(
+        pids_mentioning(base.path(), false),
+        Vec::<u32>::new(),
+        "processes still working on {}",
+        base.path().display()
+    );
     let ns_fds: Vec<String> = fs::read_dir("/proc/self/fd")
         .expect("fds")
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
@@ -382,41 +347,13 @@ fn leaves_no_process_or_namespace_fd() {
         .filter(|l| l.starts_with("user:["))
         .collect();
     assert_eq!(ns_fds, Vec::<String>::new(), "user namespace fds left open");
+    base.finish();
 }
 
-/// Children of every thread of this process.
-fn children() -> Vec<u32> {
-    let mut out = Vec::new();
-    for task in fs::read_dir("/proc/self/task").expect("tasks").flatten() {
-        match fs::read_to_string(task.path().join("children")) {
-            Ok(text) => out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<u32>().ok()),
-            ),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => panic!("read children: {e}"),
-        }
-    }
-    out
-}
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
-
-fn sh(dir: &Path, script: &str) -> String {
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .expect("spawn sh");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// `sh -c SCRIPT` in `dir`: what it printed on stdout and stderr.
+fn sh_in(dir: &Path, script: &str) -> String {
+    let out = run(sh(script).current_dir(dir));
+    format!("{}{}", out.stdout, out.stderr)
 }
 
 fn has_line(text: &str, line: &str) -> bool {
@@ -427,54 +364,46 @@ fn has_line(text: &str, line: &str) -> bool {
 #[test]
 fn acl_and_capability_ids_are_translated() {
     let _s = serial();
-    if !is_root() {
+    if !require_tool("setfacl", "acl") || !require_tool("setcap", "libcap2-bin") {
         return;
     }
-    let tools = ["setfacl", "getfacl", "setcap", "getcap"];
-    if !prerequisite(
-        tools.iter().all(|t| which(t)),
-        "needs setfacl/getfacl (acl) and setcap/getcap (libcap2-bin)",
-    ) {
+    let Some((base, src, tgt)) = dirs("acl-and-capability-ids-are-translated") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
+    };
     for f in ["acl_in", "acl_out", "cap_v2", "cap_v3", "cap_host"] {
         fs::write(src.join(f), "x").expect("fixture");
     }
-    sh(
+    sh_in(
         base.path(),
         "setfacl -m u:2000:rwx,g:3000:r,u:70000:r src/acl_in",
     );
-    sh(base.path(), "setcap cap_net_bind_service=ep src/cap_v2");
-    sh(
+    sh_in(base.path(), "setcap cap_net_bind_service=ep src/cap_v2");
+    sh_in(
         base.path(),
         "setcap -n 1000 cap_net_bind_service=ep src/cap_v3",
     );
     let _m = shifted_mount(&src, &tgt, MountFlags::default());
 
     // Reading: on-disk ACL ids shift; an unmapped one reads as -1, not the overflow id.
-    let out = sh(base.path(), "getfacl -n tgt/acl_in");
+    let out = sh_in(base.path(), "getfacl -n tgt/acl_in");
     for line in ["user:102000:rwx", "group:103000:r--", "user:4294967295:r--"] {
         assert!(has_line(&out, line), "{line} missing in\n{out}");
     }
     // Writing: host ids are stored as inner ids; an unmapped one is refused.
-    sh(
+    sh_in(
         base.path(),
         "setfacl -m u:101000:rwx,g:103000:r tgt/acl_out",
     );
-    let out = sh(base.path(), "getfacl -n src/acl_out");
+    let out = sh_in(base.path(), "getfacl -n src/acl_out");
     for line in ["user:1000:rwx", "group:3000:r--"] {
         assert!(has_line(&out, line), "{line} missing in\n{out}");
     }
-    let out = sh(base.path(), "setfacl -m u:5000:r tgt/acl_out");
+    let out = sh_in(base.path(), "setfacl -m u:5000:r tgt/acl_out");
     assert!(out.contains("Invalid argument"), "{out}");
-    assert!(!sh(base.path(), "getfacl -n src/acl_out").contains("5000"));
+    assert!(!sh_in(base.path(), "getfacl -n src/acl_out").contains("5000"));
 
     // A capability's root id: on-disk v2 (root 0) reads as root 100000, v3 root 1000 as 101000.
-    let out = sh(base.path(), "getcap -n tgt/cap_v2 tgt/cap_v3");
+    let out = sh_in(base.path(), "getcap -n tgt/cap_v2 tgt/cap_v3");
     assert!(
         has_line(&out, "tgt/cap_v2 cap_net_bind_service=ep [rootid=100000]"),
         "{out}"
@@ -484,18 +413,18 @@ fn acl_and_capability_ids_are_translated() {
         "{out}"
     );
     // Writing root id 100000 stores on-disk root 0 (a plain v2 capability) ...
-    sh(
+    sh_in(
         base.path(),
         "setcap -n 100000 cap_net_bind_service=ep tgt/cap_host",
     );
-    let out = sh(base.path(), "getcap -n src/cap_host");
+    let out = sh_in(base.path(), "getcap -n src/cap_host");
     assert!(
         has_line(&out, "src/cap_host cap_net_bind_service=ep"),
         "{out}"
     );
     // ... while host root's own v2 capability (root id 0, unmapped) is refused.
     fs::write(src.join("cap_host"), "x").expect("rewrite drops the capability");
-    let out = sh(
+    let out = sh_in(
         base.path(),
         "setcap cap_net_bind_service=ep tgt/cap_host; getcap src/cap_host",
     );
@@ -506,18 +435,10 @@ fn acl_and_capability_ids_are_translated() {
 #[test]
 fn idmapped_source_is_refused_by_name() {
     let _s = serial();
-    if !is_root() {
+    let Some((base, src, tgt)) = dirs("idmapped-source-is-refused-by-name") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt, tgt2) = (
-        base.path().join("src"),
-        base.path().join("tgt"),
-        base.path().join("tgt2"),
-    );
-    for d in [&src, &tgt, &tgt2] {
-        mkdir(d, 0o755);
-    }
+    };
+    let tgt2 = base.dir("tgt2");
     let _m = shifted_mount(&src, &tgt, MountFlags::default());
     let p = kernel::probe(&tgt);
     assert!(!p.supported, "{p:?}");
@@ -531,35 +452,20 @@ fn idmapped_source_is_refused_by_name() {
     assert_eq!(err.errno(), rustix::io::Errno::PERM);
 }
 
-fn mount_bindfs(src: &Path, dst: &Path) -> Mounted {
-    let out = Command::new("bindfs")
-        .arg(src)
-        .arg(dst)
-        .output()
-        .expect("spawn bindfs");
-    assert!(out.status.success(), "bindfs: {out:?}");
-    Mounted(dst.to_path_buf())
-}
-
 #[test]
 fn recursive_names_the_unsupported_submount() {
     let _s = serial();
-    if !is_root() || !prerequisite(which("bindfs"), "needs bindfs (apt-get install bindfs)") {
+    if !require_bindfs() {
         return;
     }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt, other) = (
-        base.path().join("src"),
-        base.path().join("tgt"),
-        base.path().join("other"),
-    );
-    for d in [&src, &tgt, &other] {
-        mkdir(d, 0o755);
-    }
-    mkdir(&src.join("ok"), 0o755);
-    mkdir(&src.join("fuse"), 0o755);
+    let Some((base, src, tgt)) = dirs("recursive-names-the-unsupported-submount") else {
+        return;
+    };
+    let other = base.dir("other");
+    mkdir(&src.join("ok"), 0o755, 0, 0);
+    mkdir(&src.join("fuse"), 0o755, 0, 0);
     let _tmpfs = mount_tmpfs(&src.join("ok"));
-    let _fuse = mount_bindfs(&other, &src.join("fuse"));
+    let _fuse = Bindfs::start(&other, &src.join("fuse"));
     let err = kernel::mount(&src, &tgt, &map(), MountFlags::default(), true)
         .expect_err("a FUSE submount cannot be idmapped");
     match &err {
@@ -589,21 +495,17 @@ fn recursive_names_the_unsupported_submount() {
 #[test]
 fn separate_multi_range_maps() {
     let _s = serial();
-    if !is_root() {
+    let Some((_dir, src, tgt)) = dirs("separate-multi-range-maps") else {
         return;
-    }
-    let Some(base) = ext4_base() else { return };
-    let (src, tgt) = (base.path().join("src"), base.path().join("tgt"));
-    mkdir(&src, 0o755);
-    mkdir(&tgt, 0o755);
+    };
     fs::write(src.join("f"), "x").expect("fixture");
     chown(src.join("f"), Some(70001), Some(500)).expect("chown");
     let mapping = IdMapping::parse("u:0:100000:65536 u:70000:300:2 g:0:200000:1000").expect("map");
     kernel::mount(&src, &tgt, &mapping, MountFlags::default(), false).expect("mount");
-    let _m = Mounted(tgt.clone());
-    assert_eq!(owner(&tgt.join("f")), (301, 200500));
+    let _m = Detach(tgt.clone());
+    assert_eq!(lstat_ids(tgt.join("f")), (301, 200500));
     chown(tgt.join("f"), Some(300), Some(200999)).expect("chown through the mount");
-    assert_eq!(owner(&src.join("f")), (70000, 999));
+    assert_eq!(lstat_ids(src.join("f")), (70000, 999));
     assert_eq!(
         kernel::mount_idmapping(&tgt).expect("statmount"),
         Some(mapping)

@@ -195,15 +195,6 @@ fn rename_whiteout_belongs_to_the_caller(b: Backend) {
     dir.finish();
 }
 
-/// Unmounts a loop-mounted scratch file system on drop.
-struct Scratch(std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
-    }
-}
-
 fn container_writes_leave_roots_reserve(b: Backend) {
     if !require(b) || !require_tool("mkfs.ext4", "e2fsprogs") {
         return;
@@ -222,7 +213,7 @@ fn container_writes_leave_roots_reserve(b: Backend) {
     if !mounted.ok() && skip(&format!("no loop device: {mounted}")) {
         return;
     }
-    let _scratch = Scratch(fsdir.clone());
+    let _scratch = Detach(fsdir.clone());
     let src = fsdir.join("src");
     mkdir(&src, 0o777, 0, 0);
     let m = ShiftMount::new(b, MAP, &src, &mnt);
@@ -276,7 +267,7 @@ fn mkdirs_after_fill(b: Backend, check: impl FnOnce(&Path, &Path, &UserNs, u64, 
     if !mounted.ok() && skip(&format!("no loop device: {mounted}")) {
         return;
     }
-    let scratch = Scratch(fsdir.clone());
+    let scratch = Detach(fsdir.clone());
     let src = fsdir.join("src");
     mkdir(&src, 0o755, 0, 0);
     let (bfree, bavail) = free_blocks(&fsdir);
@@ -474,13 +465,7 @@ fn fuse_source_without_xattrs() {
         c"mode=0755",
     )
     .expect("mount ramfs");
-    struct Ramfs<'a>(&'a Path);
-    impl Drop for Ramfs<'_> {
-        fn drop(&mut self) {
-            let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-    let _ramfs = Ramfs(&src);
+    let _ramfs = Detach(src.clone());
     file(&src.join("pub"), b"hello\n", 0o644, 0, 0);
     fs::copy("/bin/true", src.join("t")).unwrap();
     let m = ShiftMount::with_args(Backend::Fuse, &["--map", MAP, "-o", "suid"], &src, &mnt);
@@ -580,21 +565,7 @@ fn doctor_warns_of_a_suid_source_users_can_reach() {
     }
     let dir = TestDir::new("doctor-suid");
     let top = dir.dir("fs");
-    rustix::mount::mount(
-        "shiftfs-test",
-        &top,
-        "tmpfs",
-        rustix::mount::MountFlags::empty(),
-        c"mode=0755",
-    )
-    .expect("mount tmpfs");
-    struct Tmpfs<'a>(&'a Path);
-    impl Drop for Tmpfs<'_> {
-        fn drop(&mut self) {
-            let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
-        }
-    }
-    let _tmpfs = Tmpfs(&top);
+    let _tmpfs = mount_tmpfs(&top);
     let src = top.join("src");
     mkdir(&src, 0o755, 0, 0);
     let doctor = || {
@@ -623,11 +594,6 @@ fn doctor_warns_of_a_suid_source_users_can_reach() {
     assert!(line.starts_with("OK"), "nosuid:\n{all}");
     drop(_tmpfs);
     dir.finish();
-}
-
-fn mode_of(p: impl AsRef<Path>) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
 /// Writing or truncating a setuid/setgid file clears the bits for a caller without

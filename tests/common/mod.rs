@@ -501,11 +501,93 @@ pub fn kill_and_wait(pids: &[u32]) {
             let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
         }
     }
+    wait_gone(pids, Duration::from_secs(5));
+}
+
+/// Waits until every pid in `pids` has exited (a zombie counts as exited once its other threads
+/// are gone too, and is reaped when it is our own child); false if one still runs after
+/// `timeout`.
+pub fn wait_gone(pids: &[u32], timeout: Duration) -> bool {
+    let me = std::process::id();
     let start = Instant::now();
-    let alive = |pid: &u32| fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
-    while pids.iter().any(alive) && start.elapsed() < Duration::from_secs(5) {
+    // A killed process's leader turns zombie while its other threads still exit and release
+    // its files (a FUSE daemon's /dev/fuse among them).
+    let threads = |pid: u32| fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    loop {
+        let mut running = false;
+        for &pid in pids {
+            match proc_stat(pid) {
+                None => {}
+                Some(('Z', _)) if threads(pid) > 1 => running = true,
+                Some(('Z', ppid)) if ppid == me => {
+                    if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                        let _ =
+                            rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG);
+                    }
+                }
+                Some(('Z', _)) => {}
+                Some(_) => running = true,
+            }
+        }
+        if !running {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// State letter and parent pid from `/proc/PID/stat`; None once the pid is gone.
+pub fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = text.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// This process's children (of every thread), zombies included: (pid, state, comm).
+pub fn children() -> Vec<(u32, char, String)> {
+    let mut out = Vec::new();
+    for task in fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .flatten()
+    {
+        let Ok(text) = fs::read_to_string(task.path().join("children")) else {
+            continue; // the thread ended meanwhile
+        };
+        for pid in text
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let Some((state, _)) = proc_stat(pid) else {
+                continue;
+            };
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            out.push((pid, state, comm.trim_end().to_owned()));
+        }
+    }
+    out
+}
+
+/// Makes this process the subreaper of its descendants, so a process that a command leaves
+/// behind (a daemon that double-forked, a helper that outlived its parent) becomes our child
+/// and [`children`] sees it. Every process the test binary starts afterwards counts: call it
+/// only where tests run one at a time.
+pub fn become_subreaper() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+            .expect("PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+/// Reaps every child that has already exited.
+pub fn reap_zombies() {
+    while let Ok(Some(_)) = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG) {}
 }
 
 /// Lazily unmounts everything under `dir` (deepest first) and kills shiftfs processes naming it.
@@ -580,6 +662,12 @@ pub fn lstat_mode(path: impl AsRef<Path>) -> u32 {
     fs::symlink_metadata(p)
         .unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
         .mode()
+}
+
+/// Permission bits (with setuid, setgid and sticky) of `path` itself.
+#[track_caller]
+pub fn mode_of(path: impl AsRef<Path>) -> u32 {
+    lstat_mode(path) & 0o7777
 }
 
 /// Names in a directory, sorted.
@@ -733,6 +821,12 @@ fn is_shiftfs_process(pid: u32, argv0: &str) -> bool {
 
 /// Live (non-zombie) shiftfs processes whose command line names a path under `dir`.
 pub fn shiftfs_pids_mentioning(dir: &Path) -> Vec<u32> {
+    pids_mentioning(dir, true)
+}
+
+/// Live (non-zombie) processes, shiftfs only or any, whose command line names a path under
+/// `dir`; never this process.
+pub fn pids_mentioning(dir: &Path, shiftfs_only: bool) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
     let me = std::process::id();
     let mut pids = Vec::new();
@@ -754,7 +848,9 @@ pub fn shiftfs_pids_mentioning(dir: &Path) -> Vec<u32> {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         let Some(argv0) = args.first() else { continue };
-        if is_shiftfs_process(pid, argv0) && args.iter().any(|a| a.contains(&needle)) {
+        if (!shiftfs_only || is_shiftfs_process(pid, argv0))
+            && args.iter().any(|a| a.contains(&needle))
+        {
             pids.push(pid);
         }
     }
@@ -764,6 +860,12 @@ pub fn shiftfs_pids_mentioning(dir: &Path) -> Vec<u32> {
 /// Every live shiftfs process on the machine (for an end-of-suite check).
 pub fn all_shiftfs_pids() -> Vec<u32> {
     shiftfs_pids_mentioning(Path::new(""))
+}
+
+/// `shiftfs list`.
+#[track_caller]
+pub fn shiftfs_list() -> Out {
+    run(&mut shiftfs(["list"]))
 }
 
 /// A mount made with `shiftfs mount`; Drop runs `shiftfs umount` and then a lazy unmount, and
@@ -806,15 +908,7 @@ impl ShiftMount {
         src: &Path,
         tgt: &Path,
     ) -> Result<Self, Out> {
-        let mut c = shiftfs(["mount"]);
-        if let Some(b) = backend {
-            c.args(["--backend", b.name()]);
-        }
-        c.args(extra).arg(src).arg(tgt);
-        // The guard exists before the command runs: a mount that half-succeeded or hung is
-        // still cleaned up.
-        let guard = Self::adopt(tgt);
-        let out = run_timeout(&mut c, Duration::from_secs(30));
+        let (out, guard) = Self::run_mount(backend, extra, src, tgt);
         if !out.ok() {
             return Err(out);
         }
@@ -824,6 +918,26 @@ impl ShiftMount {
             tgt.display()
         );
         Ok(guard)
+    }
+
+    /// `shiftfs mount [--backend B] EXTRA... SRC TGT`: what it printed, and a guard over `tgt`
+    /// whatever it did (for tests that check what a mount says or how it fails).
+    #[track_caller]
+    pub fn run_mount(
+        backend: Option<Backend>,
+        extra: &[&str],
+        src: &Path,
+        tgt: &Path,
+    ) -> (Out, Self) {
+        let mut c = shiftfs(["mount"]);
+        if let Some(b) = backend {
+            c.args(["--backend", b.name()]);
+        }
+        c.args(extra).arg(src).arg(tgt);
+        // The guard exists before the command runs: a mount that half-succeeded or hung is
+        // still cleaned up.
+        let guard = Self::adopt(tgt);
+        (run_timeout(&mut c, Duration::from_secs(30)), guard)
     }
 
     /// Takes charge of whatever gets mounted on `tgt` by other means (e.g. `--foreground`).
@@ -910,4 +1024,193 @@ pub fn compile_c(dir: &Path, name: &str, source: &str) -> Option<PathBuf> {
     .assert_ok();
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).expect("chmod");
     Some(bin)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mounts the test makes itself: tmpfs, bind mounts, bindfs
+
+/// A mount the test made by other means than shiftfs (tmpfs, bind, loop, ramfs): lazily
+/// unmounted on drop.
+pub struct Detach(pub PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if is_mountpoint(&self.0)
+            && let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH)
+        {
+            eprintln!("unmount {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A fresh tmpfs (mode 0755, 16 MiB) on `dir`.
+#[track_caller]
+pub fn mount_tmpfs(dir: &Path) -> Detach {
+    rustix::mount::mount(
+        "shiftfs-test",
+        dir,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755,size=16m",
+    )
+    .unwrap_or_else(|e| panic!("mount tmpfs on {}: {e}", dir.display()));
+    Detach(dir.to_path_buf())
+}
+
+/// The type of the file system `path` lives on (the innermost mount above it).
+pub fn fstype_of(path: &Path) -> String {
+    let path = fs::canonicalize(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    mountinfo()
+        .into_iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .map(|m| m.fstype)
+        .unwrap_or_default()
+}
+
+/// The test's directory must be on `fstype` (e.g. ext4, whose behaviour it checks).
+#[track_caller]
+pub fn require_fstype(dir: &Path, fstype: &str) -> bool {
+    let is = fstype_of(dir);
+    is == fstype || skip(&format!("{} is on {is}, not {fstype}", dir.display()))
+}
+
+pub fn require_bindfs() -> bool {
+    require(Backend::Fuse) && require_tool("bindfs", "bindfs")
+}
+
+/// A bindfs view (FUSE, no idmapped mounts) of `src` at `at`, served in the foreground by our
+/// child, so it is stopped and reaped on drop.
+pub struct Bindfs {
+    at: PathBuf,
+    child: Child,
+}
+
+impl Bindfs {
+    #[track_caller]
+    pub fn start(src: &Path, at: &Path) -> Self {
+        fs::create_dir_all(at).expect("mkdir bindfs mount point");
+        let child = Command::new("bindfs")
+            .arg("-f")
+            .arg(src)
+            .arg(at)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start bindfs");
+        let me = Self {
+            at: at.to_path_buf(),
+            child,
+        };
+        assert!(
+            wait_mounted(at, true, Duration::from_secs(10)),
+            "bindfs did not mount {}",
+            at.display()
+        );
+        me
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        if is_mountpoint(&self.at) {
+            let unmounted = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.at)
+                .stdin(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                let _ = rustix::mount::unmount(&self.at, rustix::mount::UnmountFlags::DETACH);
+            }
+        }
+        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            eprintln!("bindfs on {} hung after unmount, killed", self.at.display());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mount(8) and fstab
+
+/// mount(8) runs `/sbin/mount.shiftfs` for `-t shiftfs`.
+const MOUNT_HELPER: &str = "/sbin/mount.shiftfs";
+
+/// `/sbin/mount.shiftfs -> this build's binary`, replacing only a symlink; false (after
+/// `skip`) when something else is installed there.
+pub fn install_mount_helper() -> bool {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _l = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let link = Path::new(MOUNT_HELPER);
+    match fs::symlink_metadata(link) {
+        Ok(m) if m.file_type().is_symlink() => {
+            if fs::read_link(link).is_ok_and(|t| t == Path::new(BIN)) {
+                return true;
+            }
+            // Atomic replacement: mount(8) in a parallel test never sees it missing.
+            let tmp = link.with_file_name(format!(".mount.shiftfs.{}", std::process::id()));
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(BIN, &tmp).expect("symlink helper");
+            fs::rename(&tmp, link).expect("replace helper symlink");
+            true
+        }
+        Ok(_) => skip(&format!(
+            "{MOUNT_HELPER} exists and is not a symlink; not replacing it"
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::os::unix::fs::symlink(BIN, link).expect("symlink helper");
+            true
+        }
+        Err(e) => panic!("stat {MOUNT_HELPER}: {e}"),
+    }
+}
+
+/// Serialises edits of /etc/fstab across threads and processes (flock on its own file).
+fn fstab_edit(edit: impl FnOnce(&str) -> String) {
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/lock/shiftfs-tests-fstab.lock")
+        .expect("open fstab lock");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+    let text = fs::read_to_string("/etc/fstab").unwrap_or_default();
+    let new = edit(&text);
+    // Replace atomically, so mount(8) in a parallel test never reads half a file.
+    let tmp = PathBuf::from(format!(
+        "/etc/.fstab.shiftfs-test.{}.{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    fs::write(&tmp, new).expect("write fstab copy");
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).expect("chmod fstab copy");
+    fs::rename(&tmp, "/etc/fstab").expect("replace /etc/fstab");
+}
+
+/// One line added to /etc/fstab, removed again on drop.
+pub struct FstabLine(String);
+
+impl FstabLine {
+    pub fn add(line: String) -> Self {
+        fstab_edit(|text| {
+            let mut t = text.to_string();
+            if !t.is_empty() && !t.ends_with('\n') {
+                t.push('\n');
+            }
+            t.push_str(&line);
+            t.push('\n');
+            t
+        });
+        Self(line)
+    }
+}
+
+impl Drop for FstabLine {
+    fn drop(&mut self) {
+        fstab_edit(|text| {
+            text.lines()
+                .filter(|l| *l != self.0)
+                .map(|l| format!("{l}\n"))
+                .collect()
+        });
+    }
 }

@@ -16,8 +16,8 @@ use rustix::io::Errno;
 use rustix::mount::{MountAttrFlags, MoveMountFlags, OpenTreeFlags};
 
 use crate::idmap::IdMapping;
-use crate::mount::MountFlags;
 use crate::mountinfo::fstype_name;
+use crate::options::MountFlags;
 use crate::resolve::Dir;
 use crate::sys::mount::{AT_RECURSIVE, MountAttr, mount_setattr};
 use crate::sys::userns::UsernsChild;

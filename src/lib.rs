@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod broker;
+pub mod daemon;
 pub mod doctor;
 pub mod fuse;
 pub mod idmap;
@@ -13,6 +14,7 @@ pub mod kernel;
 pub mod mount;
 pub mod mountinfo;
 pub mod offline;
+pub mod options;
 pub mod pathtext;
 pub mod registry;
 pub mod resolve;

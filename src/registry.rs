@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::mount::Backend;
 use crate::mountinfo::{self, MountInfo};
+use crate::options::Backend;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use common::*;
 use shiftfs::idmap::IdMapping;
 use shiftfs::kernel;
-use shiftfs::mount::MountFlags;
 use shiftfs::mountinfo;
+use shiftfs::options::MountFlags;
 
 /// Tests run one at a time: the leak check counts this process's children and fds.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

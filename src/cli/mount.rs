@@ -1,14 +1,12 @@
 //! `shiftfs mount`: validate, pick a backend, and either make a kernel idmapped mount or
 //! start the FUSE daemon (backgrounded once the mount is ready, unless --foreground).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 use shiftfs::idmap::IdMapping;
-use shiftfs::mount::{self, Backend, OptionSet, Request};
+use shiftfs::mount;
+use shiftfs::options::{Backend, OptionSet, Request};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -135,7 +133,7 @@ pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
         _ => {
             mount::check_fuse_device()?;
             if foreground {
-                mount::serve_fuse(&req, dirs, |r| {
+                shiftfs::daemon::serve_fuse(&req, dirs, |r| {
                     drop(lock);
                     if r.is_ok() {
                         println!("mounted {what}; serving in the foreground, Ctrl-C unmounts");
@@ -143,61 +141,10 @@ pub fn mount_request(mut req: Request, foreground: bool) -> anyhow::Result<()> {
                 })?;
                 Ok(())
             } else {
-                spawn_daemon(&req, &dirs)?;
+                shiftfs::daemon::spawn(&req, &dirs)?;
                 println!("mounted {what}");
                 Ok(())
             }
-        }
-    }
-}
-
-/// Starts the FUSE daemon as a detached copy of this binary, handing it the checked SOURCE
-/// and TARGET fds, and waits until it says the mount is in place (or why not).
-fn spawn_daemon(req: &Request, dirs: &mount::Resolved) -> anyhow::Result<()> {
-    use shiftfs::sys::inherit::pass_on;
-    use std::os::fd::{AsFd, AsRawFd};
-    let exe =
-        std::env::current_exe().context("cannot find the shiftfs binary to start the daemon")?;
-    let log_path = mount::Record::log_path(&req.target);
-    let log = mount::open_log(&log_path)
-        .with_context(|| format!("cannot open the daemon log {}", log_path.display()))?;
-    let what = "cannot hand the checked directories to the daemon";
-    let _src = pass_on(dirs.source.as_fd()).context(what)?;
-    let _tgt = pass_on(dirs.target.as_fd()).context(what)?;
-    let mut child = Command::new(&exe)
-        .arg0("shiftfs")
-        .arg("mount")
-        .arg("--daemon-child")
-        .arg(format!("--source-fd={}", dirs.source.as_fd().as_raw_fd()))
-        .arg(format!("--target-fd={}", dirs.target.as_fd().as_raw_fd()))
-        .args(["--backend", "fuse"])
-        .args(["--map", &req.mapping.to_string()])
-        .args(["-o", &req.options_text()])
-        .arg("--")
-        .arg(&req.source)
-        .arg(&req.target)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start the daemon {}", exe.display()))?;
-    drop((_src, _tgt));
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    match line.trim_end().split_once(' ') {
-        _ if line.trim_end() == "ready" => Ok(()),
-        Some(("error", msg)) => {
-            let _ = child.wait();
-            bail!("{msg}")
-        }
-        _ => {
-            let status = child.wait()?;
-            bail!(
-                "the daemon exited ({status}) before the mount was ready; see {}",
-                log_path.display()
-            )
         }
     }
 }
@@ -223,21 +170,6 @@ fn daemon_child(req: Request, source_fd: i32, target_fd: i32) -> anyhow::Result<
         source: shiftfs::resolve::Dir::from_fd(source, req.source.clone())?,
         target: shiftfs::resolve::Dir::from_fd(target, req.target.clone())?,
     };
-    let _ = rustix::process::setsid();
-    // The caller's working directory would stay busy as long as the mount lives; the paths
-    // handed over are absolute.
-    std::env::set_current_dir("/").context("cannot change to /")?;
-    mount::serve_fuse(&req, dirs, |r| {
-        let mut out = std::io::stdout().lock();
-        let _ = match r {
-            Ok(()) => writeln!(out, "ready"),
-            Err(e) => writeln!(out, "error {}", e.to_string().replace('\n', " ")),
-        };
-        let _ = out.flush();
-        drop(out);
-        if let Ok(null) = std::fs::File::open("/dev/null") {
-            let _ = rustix::stdio::dup2_stdout(&null);
-        }
-    })?;
+    shiftfs::daemon::serve_child(&req, dirs)?;
     Ok(())
 }

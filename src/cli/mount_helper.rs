@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use std::path::Path;
 
-use shiftfs::mount::{self, OptionSet, Request};
+use shiftfs::mount;
+use shiftfs::options::{OptionSet, Request};
 
 pub fn run(args: Vec<OsString>) -> anyhow::Result<()> {
     let mut positional = Vec::new();
@@ -44,7 +45,7 @@ pub fn run(args: Vec<OsString>) -> anyhow::Result<()> {
         target_root: None,
         mapping: match opts.mapping() {
             // The library's advice names the `shiftfs mount` flags, which mount(8) has not.
-            Err(shiftfs::mount::Error::NoMap) => {
+            Err(shiftfs::options::Error::NoMap) => {
                 bail!(
                     "no map given: add -o map=MAP (e.g. map=b:0:100000:65536), or uidmap= and gidmap="
                 )

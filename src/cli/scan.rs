@@ -31,7 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(super::shift::parse_map)
         .transpose()?;
-    super::shift::raise_open_file_limit();
+    shiftfs::sys::process::raise_nofile_limit();
     let bar = super::shift::Bar::new();
     bar.phase("scanning", None);
     let report = scan::scan(

@@ -135,22 +135,6 @@ impl Progress for Bar {
     }
 }
 
-/// Raises this process's soft open-file limit to the hard one, so the walk's fd budget
-/// (half the soft limit, see `shiftfs::offline::walk`) keeps every directory of a deep
-/// tree open rather than re-opening some; the walk is correct at any limit. Process-wide
-/// state, so it is set here at the edge and never by the library.
-pub fn raise_open_file_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut limit = getrlimit(Resource::Nofile);
-    // The soft limit never exceeds the hard one (None = unlimited).
-    if limit.current != limit.maximum {
-        limit.current = limit.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, limit) {
-            tracing::debug!("cannot raise the open-file limit: {e}");
-        }
-    }
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Changing owners and trusted.* xattrs needs root; find out before a journal is written.
     if !args.dry_run && !rustix::process::geteuid().is_root() {
@@ -190,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         allow_external_links: args.allow_external_links,
     };
-    raise_open_file_limit();
+    shiftfs::sys::process::raise_nofile_limit();
     let out = shift::shift(&args.tree, &opts, &Bar::new())
         .with_context(|| format!("shift {}", args.tree.display()))?;
     let (f, t) = (shift::map_name(&opts.from), shift::map_name(&opts.to));

@@ -44,7 +44,7 @@
 //!   daemon, so device nodes there are not served (lookup EACCES, mknod EPERM).
 //!
 //! File descriptors: the daemon runs with RLIMIT_NOFILE at its hard limit
-//! (`raise_nofile_limit`). A reserve is kept for the fds requests use briefly (lookups,
+//! (raised by the daemon at start, `sys::process::raise_nofile_limit`). A reserve is kept for the fds requests use briefly (lookups,
 //! reopens) and the session's own; files and directories callers hold open are capped
 //! (`Options::max_open`: past it the opener gets ENFILE, and one caller uid gets at most
 //! three quarters of it); what is left anchors inodes by fd, past which they are anchored by
@@ -68,16 +68,10 @@ use std::time::Duration;
 use rustix::fs::OFlags;
 
 use crate::idmap::IdMapping;
-use crate::mount::MountFlags;
+use crate::options::MountFlags;
 use crate::resolve::Dir;
 use crate::sys::fusedev::{self, FuseMount};
 use crate::sys::procfd::ProcFd;
-
-/// How long the kernel trusts entries, attributes and listings by default: a day, as
-/// virtiofsd's `cache=always`. Right for the normal case, a source changed only through the
-/// mount (the kernel then drops what each change makes stale); `attr_timeout=0` serves a
-/// source changed underneath.
-pub const DEFAULT_ATTR_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// How a FUSE shifted mount is set up.
 #[derive(Clone, Debug)]
@@ -114,7 +108,7 @@ impl Options {
             flags: MountFlags::default(),
             threads: 0,
             passthrough: true,
-            attr_timeout: crate::fuse::DEFAULT_ATTR_TIMEOUT,
+            attr_timeout: crate::options::DEFAULT_ATTR_TIMEOUT,
             fsname: "shiftfs".to_owned(),
             max_inode_fds: 0,
             max_open: 0,
@@ -229,35 +223,12 @@ fn default_threads() -> usize {
     (cpus.max(2) * 2).max(4)
 }
 
-/// A tree of a million entries walked twice holds an fd per remembered inode: raises
-/// RLIMIT_NOFILE as far as allowed and returns the soft limit in force.
-///
-/// Process-wide: meant for the daemon's start. `mount` calls it too (it is idempotent), so
-/// library users need not.
-pub fn raise_nofile_limit() -> u64 {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let cur = getrlimit(Resource::Nofile);
-    let soft = cur.current.unwrap_or(u64::MAX);
-    let hard = cur.maximum.unwrap_or(u64::MAX);
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    // As root we may raise the hard limit up to fs.nr_open; else up to the hard limit.
-    for max in nr_open.into_iter().chain([hard]) {
-        if soft >= max {
-            return soft;
-        }
-        let want = rustix::process::Rlimit {
-            current: Some(max),
-            maximum: Some(max.max(hard)),
-        };
-        if setrlimit(Resource::Nofile, want).is_ok() {
-            tracing::debug!("RLIMIT_NOFILE raised to {max}");
-            return max;
-        }
-    }
-    tracing::warn!("cannot raise RLIMIT_NOFILE above {soft}");
-    soft
+/// The soft RLIMIT_NOFILE in force; the daemon raises it at start
+/// (`sys::process::raise_nofile_limit`), library users may.
+fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
 }
 
 /// How the daemon's fds are shared out.
@@ -382,12 +353,7 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
     } else {
         opts.threads
     };
-    let plan = fd_plan(
-        raise_nofile_limit(),
-        threads,
-        opts.max_open,
-        opts.max_inode_fds,
-    );
+    let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
     tracing::debug!("fd plan: {plan:?}");
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     let fs = fs::ShiftFs::new(

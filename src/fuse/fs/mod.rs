@@ -33,7 +33,7 @@ use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable, OpenLimit, S
 use super::inode::{Inode, InodeTable, Key};
 use super::pool::Pool;
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
-use crate::mount::MountFlags;
+use crate::options::MountFlags;
 use crate::sys::creds::{FsCreds, set_thread_umask};
 use crate::sys::fileattr::{self, FsXattr, IFlags};
 use crate::sys::procfd::{self, ProcFd};

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
             "usage: mountfuse SOURCE TARGET MAP [--no-passthrough] [--ttl SECS] [--threads N]"
         );
     };
-    let mut opts = shiftfs::fuse::Options::new(shiftfs::idmap::IdMapping::parse(map)?);
+    let mut opts = shiftfs::backend::fuse::Options::new(shiftfs::idmap::IdMapping::parse(map)?);
     opts.fsname = source.clone();
     let mut it = rest.iter();
     while let Some(a) = it.next() {
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )?;
-    let session = shiftfs::fuse::mount(fd, std::path::Path::new(target), opts)?;
+    let session = shiftfs::backend::fuse::mount(fd, std::path::Path::new(target), opts)?;
     eprintln!("mounted {source} at {target}; unmount it to stop");
     session.wait()?;
     eprintln!("unmounted");

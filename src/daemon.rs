@@ -142,7 +142,7 @@ pub fn serve_fuse(
     crate::sys::process::raise_nofile_limit();
     let started = (|| {
         let Resolved { source, target } = dirs;
-        let mut opts = crate::fuse::Options::new(req.mapping.clone());
+        let mut opts = crate::backend::fuse::Options::new(req.mapping.clone());
         opts.flags = req.flags;
         opts.threads = req.fuse.threads;
         opts.passthrough = req.fuse.passthrough;
@@ -150,7 +150,7 @@ pub fn serve_fuse(
         opts.max_open = req.fuse.max_open;
         opts.recursive = req.recursive;
         opts.fsname = req.source.to_string_lossy().into_owned();
-        let mounted = crate::fuse::attach(source.into_fd(), &target, opts)?;
+        let mounted = crate::backend::fuse::attach(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(mounted)
     })();
     let mounted = match started {

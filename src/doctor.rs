@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::kernel::{self, MIN_KERNEL, Probe};
+use crate::backend::kernel::{self, MIN_KERNEL, Probe};
 use crate::sys::userns::UsernsChild;
 
 /// The first kernel with FUSE passthrough (`FUSE_PASSTHROUGH`, `FUSE_DEV_IOC_BACKING_OPEN`).

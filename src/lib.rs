@@ -1,16 +1,17 @@
 //! shiftfs: shifting bind mounts for user-namespaced containers.
 //!
-//! Layout (see `../shared/ARCHITECTURE.md`): `idmap` and `xattr` are pure; `fuse` and
-//! `kernel` are the two backends; `mount` picks one and runs the daemon life cycle;
-//! `offline` shifts and scans trees on disk; `sys` is the only home of `unsafe`.
+//! Layout (see the README's Layout section): `options` is what a request says; `idmap` and
+//! `xattr` are pure; `backend::{kernel, fuse}` are the two backends; `mount` resolves, checks
+//! and picks one; `daemon` runs the FUSE daemon's life cycle inside `sandbox`; `registry`
+//! remembers mounts; `offline` shifts and scans trees on disk; `broker` is the privileged
+//! service for unprivileged users; `sys` is the only home of `unsafe`.
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod broker;
 pub mod daemon;
 pub mod doctor;
-pub mod fuse;
 pub mod idmap;
-pub mod kernel;
 pub mod mount;
 pub mod mountinfo;
 pub mod offline;

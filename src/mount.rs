@@ -33,9 +33,9 @@ pub enum Error {
     )]
     KernelUnsupported { path: PathBuf, reason: String },
     #[error(transparent)]
-    Kernel(#[from] crate::kernel::Error),
+    Kernel(#[from] crate::backend::kernel::Error),
     #[error(transparent)]
-    Fuse(#[from] crate::fuse::Error),
+    Fuse(#[from] crate::backend::fuse::Error),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::Error),
     /// What the serving process reported to its supervisor.
@@ -186,7 +186,7 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
     match req.backend {
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
-            let p = crate::kernel::probe_dir(&dirs.source, req.recursive);
+            let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -197,13 +197,13 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
             }
         }
         Backend::Auto => {
-            if let Some(reason) = crate::kernel::map_unfit(&req.mapping) {
+            if let Some(reason) = crate::backend::kernel::map_unfit(&req.mapping) {
                 return Ok((
                     Backend::Fuse,
                     format!("kernel idmapped mount not possible: {reason}"),
                 ));
             }
-            let p = crate::kernel::probe_dir(&dirs.source, req.recursive);
+            let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
             } else {
@@ -235,8 +235,8 @@ pub(crate) fn record(
 
 /// Makes a kernel idmapped mount and records it.
 pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
-    let id = crate::kernel::mount_at(
-        &crate::kernel::Syscalls,
+    let id = crate::backend::kernel::mount_at(
+        &crate::backend::kernel::Syscalls,
         &dirs.source,
         &dirs.target,
         &req.mapping,

@@ -1048,7 +1048,8 @@ fn umount_refuses_what_shiftfs_did_not_mount() {
     drop(bind);
 
     let map = shiftfs::idmap::IdMapping::parse(MAP).expect("map");
-    shiftfs::kernel::mount(&src, &mnt, &map, Default::default(), false).expect("idmapped mount");
+    shiftfs::backend::kernel::mount(&src, &mnt, &map, Default::default(), false)
+        .expect("idmapped mount");
     let idmapped = Detach(mnt.clone());
     assert_one_line_error_allow_mounted(&umount(&mnt), "not a shifted mount");
     assert!(is_mountpoint(&mnt), "another tool's mount must stay");

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use shiftfs::fuse::{Options, Session};
+use shiftfs::backend::fuse::{Options, Session};
 use shiftfs::idmap::IdMapping;
 
 const MAP: &str = "b:0:100000:65536";
@@ -67,7 +67,7 @@ impl Mounted {
             rustix::fs::Mode::empty(),
         )
         .unwrap();
-        let session = shiftfs::fuse::mount(fd, &mnt, opts).unwrap();
+        let session = shiftfs::backend::fuse::mount(fd, &mnt, opts).unwrap();
         Self {
             _dir: dir,
             src,

@@ -8,8 +8,8 @@ use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use shiftfs::backend::kernel;
 use shiftfs::idmap::IdMapping;
-use shiftfs::kernel;
 use shiftfs::mountinfo;
 use shiftfs::options::MountFlags;
 

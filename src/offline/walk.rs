@@ -291,17 +291,7 @@ fn id_xattrs(src: Source<'_>, rel: &[u8]) -> Result<Vec<(xattr::Kind, Vec<u8>)>,
     Ok(out)
 }
 
-/// `/proc/self/fd/FD/NAME` (or `/proc/self/fd/FD` for an empty name): short whatever the
-/// depth, and resolved from the held fd.
-pub(crate) fn proc_path(fd: BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
-    use std::os::fd::AsRawFd;
-    let mut p = format!("/proc/self/fd/{}", fd.as_raw_fd()).into_bytes();
-    if !name.is_empty() {
-        p.push(b'/');
-        p.extend_from_slice(name);
-    }
-    p
-}
+pub(crate) use crate::sys::procfd::link as proc_path;
 
 pub(crate) fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = Vec::with_capacity(dir.len() + 1 + name.len());

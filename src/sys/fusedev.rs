@@ -82,7 +82,10 @@ pub fn mount_fuse(target: BorrowedFd<'_>, m: &FuseMount<'_>) -> io::Result<Owned
 /// away when its last user leaves. Through the fd's `/proc/self/fd` link, so the mount
 /// unmounted is this one, not whatever a path names by now.
 pub fn detach_fd(mnt: BorrowedFd<'_>) -> io::Result<()> {
-    detach(Path::new(&format!("/proc/self/fd/{}", mnt.as_raw_fd())))
+    use std::os::unix::ffi::OsStrExt;
+    detach(Path::new(std::ffi::OsStr::from_bytes(
+        &super::procfd::link(mnt, b""),
+    )))
 }
 
 /// Lazy unmount of the mount at `target`; a symlink there is not followed.

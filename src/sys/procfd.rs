@@ -61,9 +61,8 @@ impl ProcFd {
 
     /// The `/proc/self/fd/N` path, for the path-only xattr syscalls.
     pub fn path(&self, fd: BorrowedFd<'_>) -> CString {
-        let mut p = b"/proc/self/fd/".to_vec();
-        p.extend_from_slice(Self::name(fd).as_bytes());
-        CString::new(p).unwrap_or_default()
+        // A decimal number and a fixed prefix have no NUL byte.
+        CString::new(link(fd, b"")).unwrap_or_default()
     }
 }
 
@@ -90,7 +89,19 @@ pub fn listxattr(path: &CStr) -> io::Result<Vec<u8>> {
 /// The kernel's name for the object behind `fd` (`readlink /proc/self/fd/N`), for messages
 /// and records; `None` when it has none a path could reach (deleted, or outside our root).
 pub fn fd_path(fd: BorrowedFd<'_>) -> Option<std::path::PathBuf> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    use std::os::unix::ffi::OsStrExt;
+    let link = std::fs::read_link(std::ffi::OsStr::from_bytes(&link(fd, b""))).ok()?;
     let text = link.as_os_str().as_encoded_bytes();
     (text.starts_with(b"/") && !text.ends_with(b" (deleted)")).then_some(link)
+}
+
+/// `/proc/self/fd/FD/NAME` (or `/proc/self/fd/FD` for an empty name): short whatever the
+/// depth, and resolved from the held fd.
+pub fn link(fd: BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
+    let mut p = format!("/proc/self/fd/{}", fd.as_raw_fd()).into_bytes();
+    if !name.is_empty() {
+        p.push(b'/');
+        p.extend_from_slice(name);
+    }
+    p
 }

@@ -17,15 +17,15 @@ macro_rules! id_type {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(pub u32);
+        pub struct $name(u32);
         impl $name {
-            pub fn get(self) -> u32 {
-                self.0
-            }
-        }
-        impl From<u32> for $name {
-            fn from(v: u32) -> Self {
+            /// Says which side of the map a raw id is on: at the edge only, where it is read
+            /// from a stat, a request or a value.
+            pub const fn new(v: u32) -> Self {
                 Self(v)
+            }
+            pub const fn get(self) -> u32 {
+                self.0
             }
         }
         impl fmt::Display for $name {
@@ -55,11 +55,13 @@ id_type!(
 
 /// Which id space a map is for; ties the inner and outer newtypes together.
 pub trait Kind: Copy + fmt::Debug + Send + Sync + 'static {
-    type Inner: Copy + From<u32> + fmt::Debug;
-    type Outer: Copy + From<u32> + fmt::Debug;
+    type Inner: Copy + fmt::Debug;
+    type Outer: Copy + fmt::Debug;
     const NAME: &'static str;
     fn inner_raw(id: Self::Inner) -> u32;
     fn outer_raw(id: Self::Outer) -> u32;
+    fn inner(raw: u32) -> Self::Inner;
+    fn outer(raw: u32) -> Self::Outer;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +79,12 @@ impl Kind for Uids {
     fn outer_raw(id: OuterUid) -> u32 {
         id.0
     }
+    fn inner(raw: u32) -> InnerUid {
+        InnerUid(raw)
+    }
+    fn outer(raw: u32) -> OuterUid {
+        OuterUid(raw)
+    }
 }
 
 impl Kind for Gids {
@@ -88,6 +96,12 @@ impl Kind for Gids {
     }
     fn outer_raw(id: OuterGid) -> u32 {
         id.0
+    }
+    fn inner(raw: u32) -> InnerGid {
+        InnerGid(raw)
+    }
+    fn outer(raw: u32) -> OuterGid {
+        OuterGid(raw)
     }
 }
 
@@ -265,7 +279,7 @@ impl<K: Kind> IdMap<K> {
         let id = K::inner_raw(id);
         let i = self.by_inner.partition_point(|r| r.inner <= id);
         let r = self.by_inner.get(i.checked_sub(1)?)?;
-        (u64::from(id) < r.inner_end()).then(|| K::Outer::from(r.outer + (id - r.inner)))
+        (u64::from(id) < r.inner_end()).then(|| K::outer(r.outer + (id - r.inner)))
     }
 
     /// The on-disk id for a host id, if mapped.
@@ -273,13 +287,7 @@ impl<K: Kind> IdMap<K> {
         let id = K::outer_raw(id);
         let i = self.by_outer.partition_point(|r| r.outer <= id);
         let r = self.by_outer.get(i.checked_sub(1)?)?;
-        (u64::from(id) < r.outer_end()).then(|| K::Inner::from(r.inner + (id - r.outer)))
-    }
-
-    /// What a stat shows for an on-disk id: the outer id, or the overflow id.
-    pub fn to_outer_or_overflow(&self, id: K::Inner) -> K::Outer {
-        self.to_outer(id)
-            .unwrap_or_else(|| K::Outer::from(OVERFLOW_ID))
+        (u64::from(id) < r.outer_end()).then(|| K::inner(r.inner + (id - r.outer)))
     }
 
     /// `/proc/PID/uid_map` text (first column = on disk, as the kernel's idmapped mounts use it).
@@ -634,10 +642,6 @@ mod tests {
         assert_eq!(m.to_outer(InnerUid(0)), Some(OuterUid(100000)));
         assert_eq!(m.to_outer(InnerUid(65535)), Some(OuterUid(165535)));
         assert_eq!(m.to_outer(InnerUid(65536)), None);
-        assert_eq!(
-            m.to_outer_or_overflow(InnerUid(65536)),
-            OuterUid(OVERFLOW_ID)
-        );
         assert_eq!(m.to_outer(InnerUid(70001)), Some(OuterUid(6)));
         assert_eq!(m.to_inner(OuterUid(6)), Some(InnerUid(70001)));
         assert_eq!(m.to_inner(OuterUid(99999)), None);

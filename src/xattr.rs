@@ -77,10 +77,10 @@ pub struct ToOuter<'a>(pub &'a IdMapping);
 
 impl IdTranslate for ToOuter<'_> {
     fn uid(&self, id: u32) -> Option<u32> {
-        self.0.uid.to_outer(InnerUid(id)).map(|o| o.0)
+        self.0.uid.to_outer(InnerUid::new(id)).map(|o| o.get())
     }
     fn gid(&self, id: u32) -> Option<u32> {
-        self.0.gid.to_outer(InnerGid(id)).map(|o| o.0)
+        self.0.gid.to_outer(InnerGid::new(id)).map(|o| o.get())
     }
 }
 
@@ -90,10 +90,10 @@ pub struct ToInner<'a>(pub &'a IdMapping);
 
 impl IdTranslate for ToInner<'_> {
     fn uid(&self, id: u32) -> Option<u32> {
-        self.0.uid.to_inner(OuterUid(id)).map(|i| i.0)
+        self.0.uid.to_inner(OuterUid::new(id)).map(|i| i.get())
     }
     fn gid(&self, id: u32) -> Option<u32> {
-        self.0.gid.to_inner(OuterGid(id)).map(|i| i.0)
+        self.0.gid.to_inner(OuterGid::new(id)).map(|i| i.get())
     }
 }
 
@@ -107,12 +107,12 @@ pub struct Reshift<'a> {
 
 impl IdTranslate for Reshift<'_> {
     fn uid(&self, id: u32) -> Option<u32> {
-        let inner = self.from.uid.to_inner(OuterUid(id))?;
-        self.to.uid.to_outer(inner).map(|o| o.0)
+        let inner = self.from.uid.to_inner(OuterUid::new(id))?;
+        self.to.uid.to_outer(inner).map(|o| o.get())
     }
     fn gid(&self, id: u32) -> Option<u32> {
-        let inner = self.from.gid.to_inner(OuterGid(id))?;
-        self.to.gid.to_outer(inner).map(|o| o.0)
+        let inner = self.from.gid.to_inner(OuterGid::new(id))?;
+        self.to.gid.to_outer(inner).map(|o| o.get())
     }
 }
 
@@ -863,7 +863,7 @@ mod tests {
             // The stored form for root 0 is v2.
             let v = if three && root != 0 { v3(flags, p, i, root) } else { v2(flags, p, i) };
             let out = translate(CAPABILITY, &v, &ToOuter(&m), Unmapped::Fail).unwrap().unwrap();
-            prop_assert_eq!(capability_root(&out).unwrap(), (3, m.uid.to_outer(InnerUid(capability_root(&v).unwrap().1)).unwrap().0));
+            prop_assert_eq!(capability_root(&out).unwrap(), (3, m.uid.to_outer(InnerUid::new(capability_root(&v).unwrap().1)).unwrap().get()));
             let back = translate(CAPABILITY, &out, &ToInner(&m), Unmapped::Fail).unwrap().unwrap();
             prop_assert_eq!(back, v);
         }

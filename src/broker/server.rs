@@ -28,9 +28,9 @@ use super::policy::{self, Policy};
 use super::protocol::{self, Request};
 use super::rules::{self, Caller, Decision, Flags, MountRequest, Source, Target};
 use super::subid;
-use crate::idmap::IdMapping;
+use crate::idmap::{IdMapping, OuterGid, OuterUid};
 use crate::resolve::Dir;
-use crate::sys::creds::FsCreds;
+use crate::sys::creds::{FsCreds, FsIds};
 
 pub const DEFAULT_SOCKET: &str = "/run/shiftfs/broker.sock";
 
@@ -467,7 +467,10 @@ impl<'a> Connection<'a> {
         let _as_caller = if peer.uid == 0 {
             None
         } else {
-            match FsCreds::switch_checked(peer.uid, peer.gid, &peer.groups) {
+            match FsCreds::switch_checked(
+                FsIds::Host(OuterUid::new(peer.uid), OuterGid::new(peer.gid)),
+                &peer.groups,
+            ) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     return Decision::Refuse(format!(

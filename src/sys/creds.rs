@@ -13,6 +13,8 @@ use rustix::thread::{
     CapabilitySet, CapabilitySets, UnshareFlags, capabilities, set_capabilities, set_thread_groups,
 };
 
+use crate::idmap::{InnerGid, InnerUid, OuterGid, OuterUid};
+
 /// Any id the kernel rejects: `setfsuid(-1)` changes nothing and returns the current fsuid.
 const QUERY: u32 = u32::MAX;
 
@@ -66,6 +68,25 @@ pub struct FsCreds {
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
+/// Which ids a thread acts with. `Disk`: the caller's ids on disk, so what it creates is
+/// theirs in the image. `Host`: the caller's ids on the host, for what only checks or charges
+/// the acting ids (ext4's reserve for `resuid`, inode flags), so a container's root, which is
+/// 0 on disk, is not taken for the host's root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsIds {
+    Disk(InnerUid, InnerGid),
+    Host(OuterUid, OuterGid),
+}
+
+impl FsIds {
+    fn raw(self) -> (u32, u32) {
+        match self {
+            FsIds::Disk(u, g) => (u.get(), g.get()),
+            FsIds::Host(u, g) => (u.get(), g.get()),
+        }
+    }
+}
+
 impl FsCreds {
     /// Switches the calling thread's fsgid then fsuid, with every effective capability but
     /// `without`. Fails with EPERM when the kernel refuses either id (the daemon lacks
@@ -74,7 +95,8 @@ impl FsCreds {
     /// Whatever allocates space on a caller's behalf (creates, data writes, xattrs, links)
     /// goes without CAP_SYS_RESOURCE unless the caller holds it on the host: with it ext4
     /// hands out the blocks reserved for root and quotas pass their hard limits.
-    pub fn switch(uid: u32, gid: u32, without: CapabilitySet) -> io::Result<Self> {
+    pub fn switch(ids: FsIds, without: CapabilitySet) -> io::Result<Self> {
+        let (uid, gid) = ids.raw();
         let caps = capabilities(None)?;
         let guard = Self::set(uid, gid, caps, None)?;
         let mut now = caps;
@@ -85,8 +107,10 @@ impl FsCreds {
 
     /// Like `switch`, but the backing filesystem checks permissions for real: the thread
     /// keeps only the capabilities the kernel leaves after the fsuid change (none of the
-    /// filesystem ones unless `uid` is 0) and has `groups` as supplementary groups.
-    pub fn switch_checked(uid: u32, gid: u32, groups: &[u32]) -> io::Result<Self> {
+    /// filesystem ones unless `uid` is 0) and has `groups` (on the same side of the map as
+    /// `ids`) as supplementary groups.
+    pub fn switch_checked(ids: FsIds, groups: &[u32]) -> io::Result<Self> {
+        let (uid, gid) = ids.raw();
         let caps = capabilities(None)?;
         let saved = rustix::process::getgroups()?;
         let groups: Vec<Gid> = groups.iter().map(|&g| Gid::from_raw_unchecked(g)).collect();
@@ -194,6 +218,10 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    fn disk(uid: u32, gid: u32) -> FsIds {
+        FsIds::Disk(InnerUid::new(uid), InnerGid::new(gid))
+    }
+
     fn is_root() -> bool {
         rustix::process::geteuid().is_root()
     }
@@ -217,14 +245,15 @@ mod tests {
             move || {
                 let before = (fsuid(), fsgid());
                 {
-                    let _g = FsCreds::switch(4321, 8765, CapabilitySet::empty()).unwrap();
+                    let _g = FsCreds::switch(disk(4321, 8765), CapabilitySet::empty()).unwrap();
                     assert_eq!((fsuid(), fsgid()), (4321, 8765));
                     std::fs::File::create(&p).unwrap();
                 }
                 assert_eq!((fsuid(), fsgid()), before);
                 let had = capabilities(None).unwrap();
                 {
-                    let _g = FsCreds::switch(4321, 8765, CapabilitySet::SYS_RESOURCE).unwrap();
+                    let _g =
+                        FsCreds::switch(disk(4321, 8765), CapabilitySet::SYS_RESOURCE).unwrap();
                     let caps = capabilities(None).unwrap();
                     assert!(!caps.effective.contains(CapabilitySet::SYS_RESOURCE));
                     assert!(caps.effective.contains(CapabilitySet::DAC_OVERRIDE));
@@ -258,7 +287,7 @@ mod tests {
         std::thread::spawn(move || {
             let groups = rustix::process::getgroups().unwrap();
             {
-                let _g = FsCreds::switch_checked(4321, 8765, &[]).unwrap();
+                let _g = FsCreds::switch_checked(disk(4321, 8765), &[]).unwrap();
                 let e = std::fs::File::open(&secret).unwrap_err();
                 assert_eq!(e.raw_os_error(), Some(libc::EACCES));
             }
@@ -267,7 +296,7 @@ mod tests {
             std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640))
                 .unwrap();
             {
-                let _g = FsCreds::switch_checked(4321, 8765, &[5555]).unwrap();
+                let _g = FsCreds::switch_checked(disk(4321, 8765), &[5555]).unwrap();
                 std::fs::File::open(&secret).unwrap();
             }
             // Everything is back: root reads it again.

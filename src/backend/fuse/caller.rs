@@ -204,8 +204,8 @@ impl Caller {
         // group are mapped in the caller's user namespace.
         self.cap_eff & (1 << CAP_FSETID) != 0
             && self.userns.as_ref().is_some_and(|ns| {
-                ns.uid.to_inner(OuterUid(file_uid)).is_some()
-                    && ns.gid.to_inner(OuterGid(file_gid)).is_some()
+                ns.uid.to_inner(OuterUid::new(file_uid)).is_some()
+                    && ns.gid.to_inner(OuterGid::new(file_gid)).is_some()
             })
     }
 }

@@ -8,8 +8,7 @@ use super::*;
 fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<T> {
     let (pid, uid, gid) = ids;
     limited(
-        uid,
-        gid,
+        FsIds::Host(OuterUid::new(uid), OuterGid::new(gid)),
         || Caller::read(Path::new("/proc"), pid, uid, gid),
         f,
     )
@@ -19,7 +18,8 @@ fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<
 /// passthrough write to the inode, by whichever opener, so they never include
 /// CAP_SYS_RESOURCE, whoever opened first.
 fn register_creds(req: &Request) -> std::io::Result<FsCreds> {
-    FsCreds::switch(req.uid(), req.gid(), CapabilitySet::SYS_RESOURCE)
+    let (uid, gid) = host_ids(req);
+    FsCreds::switch(FsIds::Host(uid, gid), CapabilitySet::SYS_RESOURCE)
 }
 
 /// Bytes one COPY_FILE_RANGE request copies at most: the copy then holds a data thread for

@@ -34,11 +34,21 @@ impl ShiftFs {
         let ifd = ifd.as_fd();
         // Translate everything first: an unmapped target changes nothing on disk.
         let uid = match uid {
-            Some(u) => Some(self.map.uid.to_inner(OuterUid(u)).ok_or(Errno::EOVERFLOW)?),
+            Some(u) => Some(
+                self.map
+                    .uid
+                    .to_inner(OuterUid::new(u))
+                    .ok_or(Errno::EOVERFLOW)?,
+            ),
             None => None,
         };
         let gid = match gid {
-            Some(g) => Some(self.map.gid.to_inner(OuterGid(g)).ok_or(Errno::EOVERFLOW)?),
+            Some(g) => Some(
+                self.map
+                    .gid
+                    .to_inner(OuterGid::new(g))
+                    .ok_or(Errno::EOVERFLOW)?,
+            ),
             None => None,
         };
         // As notify_change on an idmapped mount: no change to an object with an unmapped
@@ -72,8 +82,8 @@ impl ShiftFs {
             rustix::fs::chownat(
                 ifd,
                 "",
-                uid.map(|u| rustix::fs::Uid::from_raw_unchecked(u.0)),
-                gid.map(|g| rustix::fs::Gid::from_raw_unchecked(g.0)),
+                uid.map(|u| rustix::fs::Uid::from_raw_unchecked(u.get())),
+                gid.map(|g| rustix::fs::Gid::from_raw_unchecked(g.get())),
                 AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
             )
             .map_err(sys)?;

@@ -225,15 +225,15 @@ impl ShiftFs {
         name: &OsStr,
         flags: i32,
     ) -> Result<OwnedFd> {
-        let (uid, gid) = self.inner_caller(req)?;
+        let ids = self.inner_caller(req)?;
         // The caller's supplementary groups as the filesystem knows them (unmapped ones
         // cannot match any on-disk group).
         let groups: Vec<u32> = Caller::of(req)
             .groups
             .into_iter()
-            .filter_map(|g| self.map.gid.to_inner(OuterGid(g)).map(|g| g.0))
+            .filter_map(|g| self.map.gid.to_inner(OuterGid::new(g)).map(InnerGid::get))
             .collect();
-        let _creds = FsCreds::switch_checked(uid, gid, &groups).map_err(io)?;
+        let _creds = FsCreds::switch_checked(ids, &groups).map_err(io)?;
         // Look before opening: opening a FIFO or a device has effects of its own (a blocked
         // writer goes on, a tape rewinds), so only a regular file is opened for real.
         let path_fd = open_beneath(dir, name, OFlags::PATH, 0)?;

@@ -70,12 +70,16 @@ impl ShiftFs {
                             return Err(Errno::EINVAL);
                         }
                     }
-                    let _creds = FsCreds::switch(req.uid(), req.gid(), without).map_err(io)?;
+                    let _creds =
+                        FsCreds::switch(FsIds::Host(host_ids(req).0, host_ids(req).1), without)
+                            .map_err(io)?;
                     fileattr::fssetxattr(&fd, new).map_err(io)?;
                 } else {
                     let raw = in_data.get(..4).ok_or(Errno::EINVAL)?;
                     let flags = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
-                    let _creds = FsCreds::switch(req.uid(), req.gid(), without).map_err(io)?;
+                    let _creds =
+                        FsCreds::switch(FsIds::Host(host_ids(req).0, host_ids(req).1), without)
+                            .map_err(io)?;
                     fileattr::setflags(&fd, IFlags::from_bits_retain(flags)).map_err(io)?;
                 }
                 // The kernel's own requests want nothing back; a caller's want their bytes.

@@ -34,7 +34,7 @@ use super::inode::{Inode, InodeTable, Key};
 use super::pool::Pool;
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::options::MountFlags;
-use crate::sys::creds::{FsCreds, set_thread_umask};
+use crate::sys::creds::{FsCreds, FsIds, set_thread_umask};
 use crate::sys::fileattr::{self, FsXattr, IFlags};
 use crate::sys::procfd::{self, ProcFd};
 use crate::xattr;
@@ -368,23 +368,24 @@ impl ShiftFs {
             kind: file_type(st.st_mode),
             perm: perm as u16,
             nlink: st.st_nlink as u32,
-            // (uid_t)-1 is INVALID_UID to the kernel: it matches no caller in permission checks
-            // (65534 would make host `nobody` the owner), and stat shows it as the overflow
-            // id, exactly as on an idmapped mount.
-            uid: self
-                .map
-                .uid
-                .to_outer(InnerUid(st.st_uid))
-                .map_or(u32::MAX, |o| o.0),
-            gid: self
-                .map
-                .gid
-                .to_outer(InnerGid(st.st_gid))
-                .map_or(u32::MAX, |o| o.0),
+            uid: self.owner_out(st).0,
+            gid: self.owner_out(st).1,
             rdev: encode_dev(st.st_rdev),
             blksize: st.st_blksize as u32,
             flags: 0,
         }
+    }
+
+    /// The owner of `st` as the host sees it. An unmapped id is (uid_t)-1, INVALID_UID to
+    /// the kernel: it matches no caller in permission checks (65534 would make host `nobody`
+    /// the owner), and stat shows it as the overflow id, exactly as on an idmapped mount.
+    fn owner_out(&self, st: &Stat) -> (u32, u32) {
+        let uid = self.map.uid.to_outer(InnerUid::new(st.st_uid));
+        let gid = self.map.gid.to_outer(InnerGid::new(st.st_gid));
+        (
+            uid.map_or(u32::MAX, OuterUid::get),
+            gid.map_or(u32::MAX, OuterGid::get),
+        )
     }
 
     fn stat_attr(&self, inode: &Inode) -> Result<FileAttr> {
@@ -410,19 +411,19 @@ impl ShiftFs {
 
     /// The on-disk owner for an object created by `req`'s caller; EOVERFLOW when the
     /// caller's fsuid or fsgid has no inner id (nothing may be created then).
-    fn inner_caller(&self, req: &Request) -> Result<(u32, u32)> {
-        let uid = self.map.uid.to_inner(OuterUid(req.uid()));
-        let gid = self.map.gid.to_inner(OuterGid(req.gid()));
+    fn inner_caller(&self, req: &Request) -> Result<FsIds> {
+        let uid = self.map.uid.to_inner(host_ids(req).0);
+        let gid = self.map.gid.to_inner(host_ids(req).1);
         match (uid, gid) {
-            (Some(u), Some(g)) => Ok((u.0, g.0)),
+            (Some(u), Some(g)) => Ok(FsIds::Disk(u, g)),
             _ => Err(Errno::EOVERFLOW),
         }
     }
 
     fn owner_mapped(&self, st: &Stat) -> (bool, bool) {
         (
-            self.map.uid.to_outer(InnerUid(st.st_uid)).is_some(),
-            self.map.gid.to_outer(InnerGid(st.st_gid)).is_some(),
+            self.map.uid.to_outer(InnerUid::new(st.st_uid)).is_some(),
+            self.map.gid.to_outer(InnerGid::new(st.st_gid)).is_some(),
         )
     }
 
@@ -458,11 +459,11 @@ impl ShiftFs {
         umask: Option<u32>,
         f: impl Fn() -> Result<T>,
     ) -> Result<T> {
-        let (uid, gid) = self.inner_caller(req)?;
+        let ids = self.inner_caller(req)?;
         if let Some(mask) = umask {
             set_thread_umask(mask).map_err(io)?;
         }
-        limited(uid, gid, || Caller::of(req), f)
+        limited(ids, || Caller::of(req), f)
     }
 
     /// `as_caller` for a syscall that makes `name` in `dir`, undone (ENOSPC) when it took
@@ -507,7 +508,8 @@ impl ShiftFs {
     /// Runs a change that may take space but gives no object an owner (write, link, rename,
     /// xattrs) with the caller's host ids, as the kernel would, limited as `limited` says.
     fn as_writer<T>(&self, req: &Request, f: impl Fn() -> Result<T>) -> Result<T> {
-        limited(req.uid(), req.gid(), || Caller::of(req), f)
+        let (uid, gid) = host_ids(req);
+        limited(FsIds::Host(uid, gid), || Caller::of(req), f)
     }
 
     /// Records a kernel lookup of the object `fd` refers to.
@@ -670,22 +672,22 @@ impl ShiftFs {
     // ---- operations -------------------------------------------------------------------
 }
 
-/// Runs `f` as fsuid/fsgid `uid`/`gid` without CAP_SYS_RESOURCE (ext4's blocks reserved
+/// The caller's fsuid and fsgid as the host sees them (FUSE requests carry host ids).
+fn host_ids(req: &Request) -> (OuterUid, OuterGid) {
+    (OuterUid::new(req.uid()), OuterGid::new(req.gid()))
+}
+
+/// Runs `f` as fsuid/fsgid `ids` without CAP_SYS_RESOURCE (ext4's blocks reserved
 /// for root, quota hard limits); when that runs out of space or quota, once more with it if
 /// the caller (`who`) holds it on the host, as the kernel would have let them.
-fn limited<T>(
-    uid: u32,
-    gid: u32,
-    who: impl FnOnce() -> Caller,
-    f: impl Fn() -> Result<T>,
-) -> Result<T> {
+fn limited<T>(ids: FsIds, who: impl FnOnce() -> Caller, f: impl Fn() -> Result<T>) -> Result<T> {
     let r = {
-        let _creds = FsCreds::switch(uid, gid, CapabilitySet::SYS_RESOURCE).map_err(io)?;
+        let _creds = FsCreds::switch(ids, CapabilitySet::SYS_RESOURCE).map_err(io)?;
         f()
     };
     match r {
         Err(e) if (e == Errno::ENOSPC || e == Errno::EDQUOT) && who().is_host_resource() => {
-            let _creds = FsCreds::switch(uid, gid, CapabilitySet::empty()).map_err(io)?;
+            let _creds = FsCreds::switch(ids, CapabilitySet::empty()).map_err(io)?;
             f()
         }
         r => r,

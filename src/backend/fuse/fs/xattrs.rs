@@ -85,8 +85,7 @@ impl ShiftFs {
         if st.st_mode & libc::S_ISGID == 0 {
             return Ok(());
         }
-        let file_uid = self.map.uid.to_outer_or_overflow(InnerUid(st.st_uid)).0;
-        let file_gid = self.map.gid.to_outer_or_overflow(InnerGid(st.st_gid)).0;
+        let (file_uid, file_gid) = self.owner_out(&st);
         let who = Caller::of(req);
         if !who.may_keep_setgid(req.gid(), file_uid, file_gid) {
             self.proc

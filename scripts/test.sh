@@ -12,5 +12,5 @@ trap 'rm -f "$log"' EXIT
 cargo test --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 scripts/check-leaks.sh || status=1
 # One closing line for the whole run (cargo's own last line is the doc tests' "0 passed").
-awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "all tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit $status

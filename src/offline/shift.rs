@@ -482,58 +482,17 @@ struct Plan {
 }
 
 fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Error> {
-    let strict = Reshift {
-        from: &opts.from,
-        to: &opts.to,
-    };
-    // (kind, id) -> (uses, an example path)
-    let mut unmapped: BTreeMap<(IdKind, u32), (u64, String)> = BTreeMap::new();
-    let mut note = |kind: IdKind, id: u32, path: &[u8]| {
-        if strict.id(kind, id).is_none() {
-            unmapped
-                .entry((kind, id))
-                .or_insert_with(|| (0, display(path)))
-                .0 += 1;
-        }
-    };
+    let mut unmapped = UnmappedUses::new(opts);
     let mut records = Vec::new();
     let mut prev_path: &[u8] = b"";
     let mut changes = Vec::new();
     let mut external_links = (Vec::new(), 0);
     for e in entries {
-        note(IdKind::Uid, e.uid, &e.path);
-        note(IdKind::Gid, e.gid, &e.path);
+        unmapped.note(IdKind::Uid, e.uid, &e.path);
+        unmapped.note(IdKind::Gid, e.gid, &e.path);
         let uid = t.uid(e.uid);
         let gid = t.gid(e.gid);
-        let mut x = Vec::new();
-        let mut xchanges = Vec::new();
-        for (kind, value) in &e.xattrs {
-            if e.file_type() == FileType::Symlink {
-                return Err(Error::SymlinkXattr {
-                    path: display(&e.path),
-                    name: kind.name(),
-                });
-            }
-            let xerr = |source| Error::Xattr {
-                path: display(&e.path),
-                source,
-            };
-            let name = kind.name().as_bytes();
-            let ids = xattr::ids(name, value).map_err(xerr)?;
-            for &(k, id) in &ids {
-                note(k, id, &e.path);
-            }
-            let new = match xattr::translate(name, value, t, xattr::Unmapped::Fail) {
-                Ok(n) => n,
-                // Already noted as unmapped above.
-                Err(xattr::Error::Unmapped { .. }) => None,
-                Err(err) => return Err(xerr(err)),
-            };
-            if let Some(new) = &new {
-                xchanges.push((kind.name(), ids, xattr::ids(name, new).map_err(xerr)?));
-            }
-            x.push((kind.name().to_string(), hex(value)));
-        }
+        let (x, xchanges) = plan_xattrs(e, t, &mut unmapped)?;
         let (Some(uid), Some(gid)) = (uid, gid) else {
             continue;
         };
@@ -567,33 +526,112 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
             });
         }
     }
-    let skipped_unmapped = unmapped.values().map(|(n, _)| n).sum();
-    if !unmapped.is_empty() && opts.unmapped == OnUnmapped::Fail {
-        let count = unmapped.len();
-        let mut list: Vec<String> = unmapped
-            .iter()
-            .take(10)
-            .map(|((k, id), (n, p))| format!("{k} {id} ({n} use(s), e.g. {p})"))
-            .collect();
-        if count > 10 {
-            list.push(format!(
-                "and {} more (see `shiftfs scan --map`)",
-                count - 10
-            ));
-        }
-        return Err(Error::Unmapped {
-            count,
-            from: map_name(&opts.from),
-            to: map_name(&opts.to),
-            list: list.join(", "),
-        });
-    }
+    let skipped_unmapped = unmapped.check(opts)?;
     Ok(Plan {
         records,
         external_links,
         changes,
         skipped_unmapped,
     })
+}
+
+/// (name, hex value), as a journal record holds an xattr.
+type RecordedXattr = (String, String);
+
+/// The journal's copy of each id-bearing xattr of `e`, and the id changes its translation
+/// makes (none: the xattr needs no rewrite).
+fn plan_xattrs(
+    e: &Entry,
+    t: &Translate<'_>,
+    unmapped: &mut UnmappedUses<'_>,
+) -> Result<(Vec<RecordedXattr>, Vec<XattrChange>), Error> {
+    let mut x = Vec::new();
+    let mut xchanges = Vec::new();
+    for (kind, value) in &e.xattrs {
+        if e.file_type() == FileType::Symlink {
+            return Err(Error::SymlinkXattr {
+                path: display(&e.path),
+                name: kind.name(),
+            });
+        }
+        let xerr = |source| Error::Xattr {
+            path: display(&e.path),
+            source,
+        };
+        let name = kind.name().as_bytes();
+        let ids = xattr::ids(name, value).map_err(xerr)?;
+        for &(k, id) in &ids {
+            unmapped.note(k, id, &e.path);
+        }
+        let new = match xattr::translate(name, value, t, xattr::Unmapped::Fail) {
+            Ok(n) => n,
+            // Already noted as unmapped above.
+            Err(xattr::Error::Unmapped { .. }) => None,
+            Err(err) => return Err(xerr(err)),
+        };
+        if let Some(new) = &new {
+            xchanges.push((kind.name(), ids, xattr::ids(name, new).map_err(xerr)?));
+        }
+        x.push((kind.name().to_string(), hex(value)));
+    }
+    Ok((x, xchanges))
+}
+
+/// Ids the maps leave unmapped, counted under the strict translation whatever the policy:
+/// the policy only decides whether they stop the shift.
+struct UnmappedUses<'a> {
+    strict: Reshift<'a>,
+    /// (kind, id) -> (uses, an example path)
+    seen: BTreeMap<(IdKind, u32), (u64, String)>,
+}
+
+impl<'a> UnmappedUses<'a> {
+    fn new(opts: &'a Options) -> Self {
+        Self {
+            strict: Reshift {
+                from: &opts.from,
+                to: &opts.to,
+            },
+            seen: BTreeMap::new(),
+        }
+    }
+
+    fn note(&mut self, kind: IdKind, id: u32, path: &[u8]) {
+        if self.strict.id(kind, id).is_none() {
+            self.seen
+                .entry((kind, id))
+                .or_insert_with(|| (0, display(path)))
+                .0 += 1;
+        }
+    }
+
+    /// The number of uses the shift leaves as they are, or, under `--skip-unmapped=fail`,
+    /// the error that stops it before anything is written.
+    fn check(self, opts: &Options) -> Result<u64, Error> {
+        let skipped = self.seen.values().map(|(n, _)| n).sum();
+        if !self.seen.is_empty() && opts.unmapped == OnUnmapped::Fail {
+            let count = self.seen.len();
+            let mut list: Vec<String> = self
+                .seen
+                .iter()
+                .take(10)
+                .map(|((k, id), (n, p))| format!("{k} {id} ({n} use(s), e.g. {p})"))
+                .collect();
+            if count > 10 {
+                list.push(format!(
+                    "and {} more (see `shiftfs scan --map`)",
+                    count - 10
+                ));
+            }
+            return Err(Error::Unmapped {
+                count,
+                from: map_name(&opts.from),
+                to: map_name(&opts.to),
+                list: list.join(", "),
+            });
+        }
+        Ok(skipped)
+    }
 }
 
 /// A journal without the marker is left by a crash before the shift began: nothing was

@@ -6,8 +6,9 @@ use std::sync::Mutex;
 
 use anyhow::Context;
 use shiftfs::idmap::IdMapping;
-use shiftfs::offline::shift::{self, OnUnmapped, Options, Progress};
+use shiftfs::offline::shift::{self, Change, OnUnmapped, Options, Outcome, Progress};
 use shiftfs::offline::walk::WalkOptions;
+use shiftfs::xattr::IdKind;
 
 #[derive(clap::Args)]
 #[command(after_help = "\
@@ -142,6 +143,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "shifting a tree needs root (CAP_CHOWN, CAP_SYS_ADMIN); run it as root, or use --dry-run"
         );
     }
+    let opts = options(&args)?;
+    shiftfs::sys::process::raise_nofile_limit();
+    let out = shift::shift(&args.tree, &opts, &Bar::new())
+        .with_context(|| format!("shift {}", args.tree.display()))?;
+    report(&args, &opts, &out);
+    Ok(())
+}
+
+fn options(args: &Args) -> anyhow::Result<Options> {
     let (from, to) = match &args.map {
         Some(m) => {
             let m = parse_map(m)?;
@@ -164,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(IdMapping::identity),
         ),
     };
-    let opts = Options {
+    Ok(Options {
         from,
         to,
         unmapped: args.skip_unmapped.unwrap_or_default(),
@@ -173,63 +183,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         dry_run: args.dry_run,
         allow_external_links: args.allow_external_links,
-    };
-    shiftfs::sys::process::raise_nofile_limit();
-    let out = shift::shift(&args.tree, &opts, &Bar::new())
-        .with_context(|| format!("shift {}", args.tree.display()))?;
+    })
+}
+
+fn report(args: &Args, opts: &Options, out: &Outcome) {
     let (f, t) = (shift::map_name(&opts.from), shift::map_name(&opts.to));
     if out.nothing_to_do {
         println!(
             "{}: already laid out for {t}; nothing to do",
             args.tree.display()
         );
-        return Ok(());
+        return;
     }
-    for p in &out.mount_points_skipped {
-        eprintln!("shiftfs: skipped mount point {p} (use --cross-file-systems to shift it too)");
-    }
-    if out.external_links.1 > 0 {
-        eprintln!(
-            "shiftfs: warning: {} inode(s) also have names outside the tree and {} there too: {}",
-            out.external_links.1,
-            if args.dry_run {
-                "would change"
-            } else {
-                "changed"
-            },
-            out.external_links.0.join(", ")
-        );
-    }
-    if out.skipped_unmapped > 0 {
-        eprintln!(
-            "shiftfs: {} use(s) of unmapped ids were {}",
-            out.skipped_unmapped,
-            match opts.unmapped {
-                OnUnmapped::Overflow => "written as 65534",
-                _ => "left as they are",
-            }
-        );
-    }
+    warn(args.dry_run, opts, out);
     if args.dry_run {
-        for c in &out.changes {
-            let mut parts = Vec::new();
-            if c.uid.0 != c.uid.1 {
-                parts.push(format!("uid {} -> {}", c.uid.0, c.uid.1));
-            }
-            if c.gid.0 != c.gid.1 {
-                parts.push(format!("gid {} -> {}", c.gid.0, c.gid.1));
-            }
-            for (name, before, after) in &c.xattrs {
-                let ids = |v: &Vec<(shiftfs::xattr::IdKind, u32)>| {
-                    v.iter()
-                        .map(|(k, id)| format!("{k}:{id}"))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                };
-                parts.push(format!("{name} [{}] -> [{}]", ids(before), ids(after)));
-            }
-            println!("{}: {}", c.path, parts.join("; "));
-        }
+        print_changes(&out.changes);
         if out.resumed {
             println!(
                 "dry run: would finish the interrupted shift from {f} to {t} ({} inodes journaled)",
@@ -241,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 out.changed, out.inodes
             );
         }
-        return Ok(());
+        return;
     }
     if out.resumed {
         println!(
@@ -257,5 +225,52 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out.inodes
         );
     }
-    Ok(())
+}
+
+/// What the shift left out or reached beyond the tree: on stderr, so that a dry run's
+/// list of changes on stdout stays clean.
+fn warn(dry_run: bool, opts: &Options, out: &Outcome) {
+    for p in &out.mount_points_skipped {
+        eprintln!("shiftfs: skipped mount point {p} (use --cross-file-systems to shift it too)");
+    }
+    if out.external_links.1 > 0 {
+        eprintln!(
+            "shiftfs: warning: {} inode(s) also have names outside the tree and {} there too: {}",
+            out.external_links.1,
+            if dry_run { "would change" } else { "changed" },
+            out.external_links.0.join(", ")
+        );
+    }
+    if out.skipped_unmapped > 0 {
+        eprintln!(
+            "shiftfs: {} use(s) of unmapped ids were {}",
+            out.skipped_unmapped,
+            match opts.unmapped {
+                OnUnmapped::Overflow => "written as 65534",
+                _ => "left as they are",
+            }
+        );
+    }
+}
+
+fn print_changes(changes: &[Change]) {
+    let ids = |v: &Vec<(IdKind, u32)>| {
+        v.iter()
+            .map(|(k, id)| format!("{k}:{id}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for c in changes {
+        let mut parts = Vec::new();
+        if c.uid.0 != c.uid.1 {
+            parts.push(format!("uid {} -> {}", c.uid.0, c.uid.1));
+        }
+        if c.gid.0 != c.gid.1 {
+            parts.push(format!("gid {} -> {}", c.gid.0, c.gid.1));
+        }
+        for (name, before, after) in &c.xattrs {
+            parts.push(format!("{name} [{}] -> [{}]", ids(before), ids(after)));
+        }
+        println!("{}: {}", c.path, parts.join("; "));
+    }
 }

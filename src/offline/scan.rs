@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FileType;
 use serde::Serialize;
 
-use super::walk::{self, Tree, WalkOptions, display, fget, io_err, open_root};
+use super::walk::{self, Entry, Tree, WalkOptions, display, fget, io_err, open_root};
 use crate::idmap::IdMapping;
 use crate::xattr::{self, IdKind, IdTranslate};
 
@@ -134,93 +134,124 @@ pub fn scan(
 /// With `map = Some((from, to))`, also lists the ids `shift --from FROM --to TO` has no
 /// mapping for.
 pub fn summarize(tree: &Tree, map: Option<(&IdMapping, &IdMapping)>) -> Report {
-    let mut uids: BTreeMap<u32, IdUse> = BTreeMap::new();
-    let mut gids: BTreeMap<u32, IdUse> = BTreeMap::new();
+    let mut ids = IdCounts::default();
     let mut h = Hazards::default();
-    fn slot(m: &mut BTreeMap<u32, IdUse>, id: u32) -> &mut IdUse {
-        m.entry(id).or_insert_with(|| IdUse {
-            id,
-            ..IdUse::default()
-        })
-    }
     for e in &tree.entries {
         let path = display(&e.path);
-        slot(&mut uids, e.uid).owners += 1;
-        slot(&mut gids, e.gid).owners += 1;
-        let ft = e.file_type();
-        let is_dir = ft == FileType::Directory;
-        if !is_dir && e.mode & 0o4000 != 0 {
-            h.setuid.push(path.clone());
-        }
-        if !is_dir && e.mode & 0o2000 != 0 {
-            h.setgid.push(path.clone());
-        }
-        if matches!(ft, FileType::CharacterDevice | FileType::BlockDevice) {
-            h.devices.push(path.clone());
-        }
-        if is_dir && e.mode & 0o002 != 0 && e.mode & 0o1000 == 0 {
-            h.world_writable_dirs_without_sticky.push(path.clone());
-        }
-        if !is_dir && e.nlink > e.links_in_tree {
-            h.hard_links_leaving_tree.push(ExternalLink {
-                path: path.clone(),
-                nlink: e.nlink,
-                links_in_tree: e.links_in_tree,
-            });
-        }
-        for (kind, value) in &e.xattrs {
-            match kind {
-                xattr::Kind::Capability => match xattr::parse_capability(value) {
-                    Ok(c) => {
-                        slot(&mut uids, c.root_id()).capability_roots += 1;
-                        h.capabilities.push(CapabilityFile {
-                            path: path.clone(),
-                            version: c.version,
-                            root_id: c.root_id(),
-                        });
-                    }
-                    Err(err) => h.malformed_xattrs.push(format!("{path}: {err}")),
-                },
-                _ => match xattr::parse_acl(kind.name(), value) {
-                    Ok(entries) => {
-                        for (k, id) in entries.iter().filter_map(xattr::AclEntry::id) {
-                            match k {
-                                IdKind::Uid => slot(&mut uids, id).acl_entries += 1,
-                                IdKind::Gid => slot(&mut gids, id).acl_entries += 1,
-                            }
-                        }
-                    }
-                    Err(err) => h.malformed_xattrs.push(format!("{path}: {err}")),
-                },
-            }
-        }
+        ids.uid(e.uid).owners += 1;
+        ids.gid(e.gid).owners += 1;
+        note_hazards(e, &path, &mut h);
+        count_xattr_ids(e, &path, &mut ids, &mut h);
     }
-    let unmapped = map.map(|(from, to)| {
-        let r = xattr::Reshift { from, to };
-        UnmappedIds {
-            map: to.to_string(),
-            uids: uids
-                .values()
-                .filter(|u| r.uid(u.id).is_none())
-                .cloned()
-                .collect(),
-            gids: gids
-                .values()
-                .filter(|g| r.gid(g.id).is_none())
-                .cloned()
-                .collect(),
-        }
-    });
+    let unmapped = map.map(|(from, to)| ids.unmapped(from, to));
     Report {
         root: String::new(),
         recorded_map: None,
         interrupted_shift: None,
         inodes: tree.entries.len() as u64,
-        uids: uids.into_values().collect(),
-        gids: gids.into_values().collect(),
+        uids: ids.uids.into_values().collect(),
+        gids: ids.gids.into_values().collect(),
         unmapped,
         hazards: h,
         mount_points_skipped: tree.mount_points.iter().map(|p| display(p)).collect(),
+    }
+}
+
+/// Keyed by id so that the report lists each id once, in order.
+#[derive(Default)]
+struct IdCounts {
+    uids: BTreeMap<u32, IdUse>,
+    gids: BTreeMap<u32, IdUse>,
+}
+
+impl IdCounts {
+    fn uid(&mut self, id: u32) -> &mut IdUse {
+        slot(&mut self.uids, id)
+    }
+
+    fn gid(&mut self, id: u32) -> &mut IdUse {
+        slot(&mut self.gids, id)
+    }
+
+    fn unmapped(&self, from: &IdMapping, to: &IdMapping) -> UnmappedIds {
+        let r = xattr::Reshift { from, to };
+        UnmappedIds {
+            map: to.to_string(),
+            uids: self
+                .uids
+                .values()
+                .filter(|u| r.uid(u.id).is_none())
+                .cloned()
+                .collect(),
+            gids: self
+                .gids
+                .values()
+                .filter(|g| r.gid(g.id).is_none())
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+fn slot(m: &mut BTreeMap<u32, IdUse>, id: u32) -> &mut IdUse {
+    m.entry(id).or_insert_with(|| IdUse {
+        id,
+        ..IdUse::default()
+    })
+}
+
+/// Hazards that the mode, type and link count show.
+fn note_hazards(e: &Entry, path: &str, h: &mut Hazards) {
+    let ft = e.file_type();
+    let is_dir = ft == FileType::Directory;
+    if !is_dir && e.mode & 0o4000 != 0 {
+        h.setuid.push(path.to_string());
+    }
+    if !is_dir && e.mode & 0o2000 != 0 {
+        h.setgid.push(path.to_string());
+    }
+    if matches!(ft, FileType::CharacterDevice | FileType::BlockDevice) {
+        h.devices.push(path.to_string());
+    }
+    if is_dir && e.mode & 0o002 != 0 && e.mode & 0o1000 == 0 {
+        h.world_writable_dirs_without_sticky.push(path.to_string());
+    }
+    if !is_dir && e.nlink > e.links_in_tree {
+        h.hard_links_leaving_tree.push(ExternalLink {
+            path: path.to_string(),
+            nlink: e.nlink,
+            links_in_tree: e.links_in_tree,
+        });
+    }
+}
+
+/// Ids inside capabilities and ACLs move with a shift too, so they count as uses.
+fn count_xattr_ids(e: &Entry, path: &str, ids: &mut IdCounts, h: &mut Hazards) {
+    for (kind, value) in &e.xattrs {
+        match kind {
+            xattr::Kind::Capability => match xattr::parse_capability(value) {
+                Ok(c) => {
+                    ids.uid(c.root_id()).capability_roots += 1;
+                    h.capabilities.push(CapabilityFile {
+                        path: path.to_string(),
+                        version: c.version,
+                        root_id: c.root_id(),
+                    });
+                }
+                Err(err) => h.malformed_xattrs.push(format!("{path}: {err}")),
+            },
+            _ => match xattr::parse_acl(kind.name(), value) {
+                Ok(entries) => {
+                    for (k, id) in entries.iter().filter_map(xattr::AclEntry::id) {
+                        match k {
+                            IdKind::Uid => ids.uid(id).acl_entries += 1,
+                            IdKind::Gid => ids.gid(id).acl_entries += 1,
+                        }
+                    }
+                }
+                Err(err) => h.malformed_xattrs.push(format!("{path}: {err}")),
+            },
+        }
     }
 }
 

@@ -482,58 +482,17 @@ struct Plan {
 }
 
 fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Error> {
-    let strict = Reshift {
-        from: &opts.from,
-        to: &opts.to,
-    };
-    // (kind, id) -> (uses, an example path)
-    let mut unmapped: BTreeMap<(IdKind, u32), (u64, String)> = BTreeMap::new();
-    let mut note = |kind: IdKind, id: u32, path: &[u8]| {
-        if strict.id(kind, id).is_none() {
-            unmapped
-                .entry((kind, id))
-                .or_insert_with(|| (0, display(path)))
-                .0 += 1;
-        }
-    };
+    let mut unmapped = UnmappedUses::new(opts);
     let mut records = Vec::new();
     let mut prev_path: &[u8] = b"";
     let mut changes = Vec::new();
     let mut external_links = (Vec::new(), 0);
     for e in entries {
-        note(IdKind::Uid, e.uid, &e.path);
-        note(IdKind::Gid, e.gid, &e.path);
+        unmapped.note(IdKind::Uid, e.uid, &e.path);
+        unmapped.note(IdKind::Gid, e.gid, &e.path);
         let uid = t.uid(e.uid);
         let gid = t.gid(e.gid);
-        let mut x = Vec::new();
-        let mut xchanges = Vec::new();
-        for (kind, value) in &e.xattrs {
-            if e.file_type() == FileType::Symlink {
-                return Err(Error::SymlinkXattr {
-                    path: display(&e.path),
-                    name: kind.name(),
-                });
-            }
-            let xerr = |source| Error::Xattr {
-                path: display(&e.path),
-                source,
-            };
-            let name = kind.name().as_bytes();
-            let ids = xattr::ids(name, value).map_err(xerr)?;
-            for &(k, id) in &ids {
-                note(k, id, &e.path);
-            }
-            let new = match xattr::translate(name, value, t, xattr::Unmapped::Fail) {
-                Ok(n) => n,
-                // Already noted as unmapped above.
-                Err(xattr::Error::Unmapped { .. }) => None,
-                Err(err) => return Err(xerr(err)),
-            };
-            if let Some(new) = &new {
-                xchanges.push((kind.name(), ids, xattr::ids(name, new).map_err(xerr)?));
-            }
-            x.push((kind.name().to_string(), hex(value)));
-        }
+        let (x, xchanges) = plan_xattrs(e, t, &mut unmapped)?;
         let (Some(uid), Some(gid)) = (uid, gid) else {
             continue;
         };
@@ -567,33 +526,112 @@ fn plan(entries: &[Entry], t: &Translate<'_>, opts: &Options) -> Result<Plan, Er
             });
         }
     }
-    let skipped_unmapped = unmapped.values().map(|(n, _)| n).sum();
-    if !unmapped.is_empty() && opts.unmapped == OnUnmapped::Fail {
-        let count = unmapped.len();
-        let mut list: Vec<String> = unmapped
-            .iter()
-            .take(10)
-            .map(|((k, id), (n, p))| format!("{k} {id} ({n} use(s), e.g. {p})"))
-            .collect();
-        if count > 10 {
-            list.push(format!(
-                "and {} more (see `shiftfs scan --map`)",
-                count - 10
-            ));
-        }
-        return Err(Error::Unmapped {
-            count,
-            from: map_name(&opts.from),
-            to: map_name(&opts.to),
-            list: list.join(", "),
-        });
-    }
+    let skipped_unmapped = unmapped.check(opts)?;
     Ok(Plan {
         records,
         external_links,
         changes,
         skipped_unmapped,
     })
+}
+
+/// (name, hex value), as a journal record holds an xattr.
+type RecordedXattr = (String, String);
+
+/// The journal's copy of each id-bearing xattr of `e`, and the id changes its translation
+/// makes (none: the xattr needs no rewrite).
+fn plan_xattrs(
+    e: &Entry,
+    t: &Translate<'_>,
+    unmapped: &mut UnmappedUses<'_>,
+) -> Result<(Vec<RecordedXattr>, Vec<XattrChange>), Error> {
+    let mut x = Vec::new();
+    let mut xchanges = Vec::new();
+    for (kind, value) in &e.xattrs {
+        if e.file_type() == FileType::Symlink {
+            return Err(Error::SymlinkXattr {
+                path: display(&e.path),
+                name: kind.name(),
+            });
+        }
+        let xerr = |source| Error::Xattr {
+            path: display(&e.path),
+            source,
+        };
+        let name = kind.name().as_bytes();
+        let ids = xattr::ids(name, value).map_err(xerr)?;
+        for &(k, id) in &ids {
+            unmapped.note(k, id, &e.path);
+        }
+        let new = match xattr::translate(name, value, t, xattr::Unmapped::Fail) {
+            Ok(n) => n,
+            // Already noted as unmapped above.
+            Err(xattr::Error::Unmapped { .. }) => None,
+            Err(err) => return Err(xerr(err)),
+        };
+        if let Some(new) = &new {
+            xchanges.push((kind.name(), ids, xattr::ids(name, new).map_err(xerr)?));
+        }
+        x.push((kind.name().to_string(), hex(value)));
+    }
+    Ok((x, xchanges))
+}
+
+/// Ids the maps leave unmapped, counted under the strict translation whatever the policy:
+/// the policy only decides whether they stop the shift.
+struct UnmappedUses<'a> {
+    strict: Reshift<'a>,
+    /// (kind, id) -> (uses, an example path)
+    seen: BTreeMap<(IdKind, u32), (u64, String)>,
+}
+
+impl<'a> UnmappedUses<'a> {
+    fn new(opts: &'a Options) -> Self {
+        Self {
+            strict: Reshift {
+                from: &opts.from,
+                to: &opts.to,
+            },
+            seen: BTreeMap::new(),
+        }
+    }
+
+    fn note(&mut self, kind: IdKind, id: u32, path: &[u8]) {
+        if self.strict.id(kind, id).is_none() {
+            self.seen
+                .entry((kind, id))
+                .or_insert_with(|| (0, display(path)))
+                .0 += 1;
+        }
+    }
+
+    /// The number of uses the shift leaves as they are, or, under `--skip-unmapped=fail`,
+    /// the error that stops it before anything is written.
+    fn check(self, opts: &Options) -> Result<u64, Error> {
+        let skipped = self.seen.values().map(|(n, _)| n).sum();
+        if !self.seen.is_empty() && opts.unmapped == OnUnmapped::Fail {
+            let count = self.seen.len();
+            let mut list: Vec<String> = self
+                .seen
+                .iter()
+                .take(10)
+                .map(|((k, id), (n, p))| format!("{k} {id} ({n} use(s), e.g. {p})"))
+                .collect();
+            if count > 10 {
+                list.push(format!(
+                    "and {} more (see `shiftfs scan --map`)",
+                    count - 10
+                ));
+            }
+            return Err(Error::Unmapped {
+                count,
+                from: map_name(&opts.from),
+                to: map_name(&opts.to),
+                list: list.join(", "),
+            });
+        }
+        Ok(skipped)
+    }
 }
 
 /// A journal without the marker is left by a crash before the shift began: nothing was
@@ -848,52 +886,86 @@ fn apply(
     let fd = if path.is_empty() {
         root
     } else {
-        let name = match path.iter().rposition(|&c| c == b'/') {
-            Some(i) => &path[i + 1..],
-            None => path,
-        };
-        owned = rustix::fs::openat2(
-            dir,
-            OsStr::from_bytes(name),
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            resolve,
-        )
-        .map_err(|e| io_err(path, "open", e))?;
+        owned = open_member(dir, resolve, path)?;
         owned.as_fd()
     };
-    let stat = |fd| {
-        rustix::fs::statx(
-            fd,
-            "",
-            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::BASIC_STATS,
-        )
-        .map_err(|e| io_err(path, "stat", e))
-    };
-    let stx = stat(fd)?;
+    let stx = statx(fd, path)?;
     let dev = rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor);
     if (dev, stx.stx_ino) != (r.d, r.i) {
-        return Err(Error::Changed {
-            path: display(path),
-            what: "the inode at this path".into(),
-        });
+        return Err(changed(path, "the inode at this path"));
     }
     let is_link = FileType::from_raw_mode(u32::from(stx.stx_mode)) == FileType::Symlink;
     let proc = walk::proc_path(fd, b"");
     let proc = OsStr::from_bytes(&proc);
-    let changed = |what: &str| Error::Changed {
+    let cap = shift_acls(proc, path, r, t, is_link)?;
+    let chowned = shift_owner(fd, path, r, t, &stx)?;
+    if is_link {
+        return Ok(());
+    }
+    restore_mode(fd, proc, path, r, &stx, chowned)?;
+    // chown drops the capability too: put the new one (back) after it.
+    if let Some((old, new)) = cap {
+        restore_capability(proc, path, old, new)?;
+    }
+    Ok(())
+}
+
+/// Opens `path`'s last component beneath `dir`, its parent directory.
+fn open_member(
+    dir: BorrowedFd<'_>,
+    resolve: rustix::fs::ResolveFlags,
+    path: &[u8],
+) -> Result<OwnedFd, Error> {
+    let name = match path.iter().rposition(|&c| c == b'/') {
+        Some(i) => &path[i + 1..],
+        None => path,
+    };
+    rustix::fs::openat2(
+        dir,
+        OsStr::from_bytes(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        resolve,
+    )
+    .map_err(|e| io_err(path, "open", e))
+}
+
+fn statx(fd: BorrowedFd<'_>, path: &[u8]) -> Result<rustix::fs::Statx, Error> {
+    rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    )
+    .map_err(|e| io_err(path, "stat", e))
+}
+
+fn changed(path: &[u8], what: &str) -> Error {
+    Error::Changed {
         path: display(path),
         what: what.to_string(),
-    };
+    }
+}
+
+/// A capability's value before and after the shift.
+type CapabilityChange = (Vec<u8>, Vec<u8>);
+
+/// Rewrites the ACLs. The capability is only translated and handed back: the chown that
+/// follows would drop it again.
+fn shift_acls(
+    proc: &OsStr,
+    path: &[u8],
+    r: &Record,
+    t: &Translate<'_>,
+    is_link: bool,
+) -> Result<Option<CapabilityChange>, Error> {
     let xerr = |source| Error::Xattr {
         path: display(path),
         source,
     };
-
     let mut cap = None;
     for (name, old) in &r.x {
-        let old = unhex(old).ok_or_else(|| changed("the journal record"))?;
+        let old = unhex(old).ok_or_else(|| changed(path, "the journal record"))?;
         let new = xattr::translate(name.as_bytes(), &old, t, xattr::Unmapped::Fail)
             .map_err(xerr)?
             .unwrap_or_else(|| old.clone());
@@ -909,42 +981,59 @@ fn apply(
             continue;
         }
         if cur.as_deref() != Some(&old[..]) {
-            return Err(changed(name));
+            return Err(changed(path, name));
         }
         rustix::fs::setxattr(proc, name.as_str(), &new, XattrFlags::REPLACE)
             .map_err(|e| io_err(path, "set xattr", e))?;
     }
+    Ok(cap)
+}
 
+/// Returns whether it chowned: that is what may have cleared setuid/setgid.
+fn shift_owner(
+    fd: BorrowedFd<'_>,
+    path: &[u8],
+    r: &Record,
+    t: &Translate<'_>,
+    stx: &rustix::fs::Statx,
+) -> Result<bool, Error> {
     let uid = t
         .uid(r.u)
-        .ok_or_else(|| changed("the map coverage of its uid"))?;
+        .ok_or_else(|| changed(path, "the map coverage of its uid"))?;
     let gid = t
         .gid(r.g)
-        .ok_or_else(|| changed("the map coverage of its gid"))?;
+        .ok_or_else(|| changed(path, "the map coverage of its gid"))?;
     let cur = (stx.stx_uid, stx.stx_gid);
-    let mut chowned = false;
-    if cur != (uid, gid) {
-        if cur != (r.u, r.g) {
-            return Err(changed("the owner"));
-        }
-        rustix::fs::chownat(
-            fd,
-            "",
-            Some(rustix::fs::Uid::from_raw(uid)),
-            Some(rustix::fs::Gid::from_raw(gid)),
-            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| io_err(path, "chown", e))?;
-        chowned = true;
+    if cur == (uid, gid) {
+        return Ok(false);
     }
-    if is_link {
-        return Ok(());
+    if cur != (r.u, r.g) {
+        return Err(changed(path, "the owner"));
     }
+    rustix::fs::chownat(
+        fd,
+        "",
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| io_err(path, "chown", e))?;
+    Ok(true)
+}
+
+fn restore_mode(
+    fd: BorrowedFd<'_>,
+    proc: &OsStr,
+    path: &[u8],
+    r: &Record,
+    stx: &rustix::fs::Statx,
+    chowned: bool,
+) -> Result<(), Error> {
     // chown clears setuid/setgid on non-directories (also on the run a crash cut short);
     // it changes no other mode bit.
     let mode = match (r.m & 0o6000 != 0, chowned) {
         (false, _) => r.m,
-        (true, true) => u32::from(stat(fd)?.stx_mode),
+        (true, true) => u32::from(statx(fd, path)?.stx_mode),
         (true, false) => u32::from(stx.stx_mode),
     };
     if mode & 0o7777 != r.m & 0o7777 {
@@ -956,15 +1045,16 @@ fn apply(
         )
         .map_err(|e| io_err(path, "chmod", e))?;
     }
-    // chown drops the capability too: put the new one (back) after it.
-    if let Some((old, new)) = cap {
-        let cur = walk::get(proc, xattr::CAPABILITY).map_err(|e| io_err(path, "read xattr", e))?;
-        match cur {
-            Some(c) if c == new => {}
-            Some(c) if c != old => return Err(changed("security.capability")),
-            _ => rustix::fs::setxattr(proc, "security.capability", &new, XattrFlags::empty())
-                .map_err(|e| io_err(path, "set capability", e))?,
-        }
+    Ok(())
+}
+
+fn restore_capability(proc: &OsStr, path: &[u8], old: Vec<u8>, new: Vec<u8>) -> Result<(), Error> {
+    let cur = walk::get(proc, xattr::CAPABILITY).map_err(|e| io_err(path, "read xattr", e))?;
+    match cur {
+        Some(c) if c == new => {}
+        Some(c) if c != old => return Err(changed(path, "security.capability")),
+        _ => rustix::fs::setxattr(proc, "security.capability", &new, XattrFlags::empty())
+            .map_err(|e| io_err(path, "set capability", e))?,
     }
     Ok(())
 }

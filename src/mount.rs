@@ -233,8 +233,14 @@ pub(crate) fn record(
     )
 }
 
-/// Makes a kernel idmapped mount and records it.
+/// Makes a kernel idmapped mount and records it, owned by this process's real uid.
 pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    mount_kernel_for(req, dirs, rustix::process::getuid().as_raw()).map(drop)
+}
+
+/// [`mount_kernel`] for the user `owner` (the broker mounting for a caller); the mount id,
+/// if the kernel tells it.
+pub fn mount_kernel_for(req: &Request, dirs: &Resolved, owner: u32) -> Result<Option<u64>, Error> {
     let id = crate::backend::kernel::mount_at(
         &crate::backend::kernel::Syscalls,
         &dirs.source,
@@ -245,13 +251,16 @@ pub fn mount_kernel(req: &Request, dirs: &Resolved) -> Result<(), Error> {
     )?;
     match id {
         Some(id) => {
-            if let Err(e) = record(req, Backend::Kernel, id, None).save() {
+            if let Err(e) = record(req, Backend::Kernel, id, None)
+                .owned_by(owner)
+                .save()
+            {
                 tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
             }
         }
         None => tracing::warn!("mounted, but cannot learn the mount id to record it"),
     }
-    Ok(())
+    Ok(id)
 }
 
 /// The topmost mount at `target`, if any.

@@ -60,6 +60,10 @@ pub struct Record {
     /// The mount namespace the mount was made in (inode of `/proc/self/ns/mnt`): only a
     /// process in that namespace can see the mount, so only it may judge it gone.
     pub mnt_ns: Option<u64>,
+    /// The uid of whoever asked for the mount (root = 0): only it, or root, may unmount it
+    /// through the broker. Records written before owners existed have none (root's).
+    #[serde(default)]
+    pub owner: Option<u32>,
 }
 
 /// How a recorded mount stands.
@@ -73,7 +77,8 @@ pub enum State {
 }
 
 impl Record {
-    /// A record of the mount `mount_id` served by this process (FUSE) or by the kernel.
+    /// A record of the mount `mount_id` served by this process (FUSE) or by the kernel,
+    /// owned by this process's real uid (the user who ran `shiftfs`; root under sudo).
     pub fn new(
         target: &Path,
         source: &Path,
@@ -93,6 +98,15 @@ impl Record {
             pid: daemon,
             pid_start: daemon.and_then(start_time),
             mnt_ns: own_mnt_ns(),
+            owner: Some(rustix::process::getuid().as_raw()),
+        }
+    }
+
+    /// The same record, owned by `uid` (the broker mounts for its callers).
+    pub fn owned_by(self, uid: u32) -> Self {
+        Self {
+            owner: Some(uid),
+            ..self
         }
     }
 
@@ -332,9 +346,29 @@ mod tests {
             pid: Some(7),
             pid_start: Some(99),
             mnt_ns: Some(4026531841),
+            owner: Some(1000),
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);
+    }
+
+    #[test]
+    fn old_records_without_an_owner_still_load() {
+        let text = r#"{"target":"/t","source":"/s","backend":"kernel","map":"b:0:1:1",
+            "options":"rw","mount_id":3,"pid":null,"pid_start":null,"mnt_ns":null}"#;
+        let rec: Record = serde_json::from_str(text).unwrap();
+        assert_eq!((rec.mount_id, rec.owner), (3, None));
+        let mine = Record::new(
+            Path::new("/t"),
+            Path::new("/s"),
+            Backend::Kernel,
+            String::new(),
+            String::new(),
+            3,
+            None,
+        );
+        assert_eq!(mine.owner, Some(rustix::process::getuid().as_raw()));
+        assert_eq!(mine.owned_by(61001).owner, Some(61001));
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! real unprivileged processes (uids 61001 "alice" and 61002 "bob", switched to with
 //! `setpriv`) talk to it. The broker knows them only by `SO_PEERCRED`; their names come from
 //! a passwd file in the test directory, so the machine's user database is never touched.
-//! Mounting through the broker is not wired yet: an allowed mount is answered "not
-//! implemented yet", after the decision is audited.
+//! Kernel-backend mounts onto a target directory, unmounts and lists are performed; FUSE
+//! and detached mounts are not wired yet and are answered "not implemented yet", after the
+//! decision is audited.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -196,6 +198,9 @@ fn mount(source: &Path, target: Option<&Path>, map: &str, extra: &str) -> String
     )
 }
 
+/// Extra request fields asking for the FUSE backend, which the broker does not serve yet.
+const FUSE: &str = ",\"backend\":\"fuse\"";
+
 fn error_of(v: &serde_json::Value) -> String {
     assert_eq!(v["ok"], false, "{v}");
     v["error"].as_str().unwrap().to_string()
@@ -225,8 +230,8 @@ fn judges_the_peer_not_the_request() {
     let bobs_owner = format!("owned by uid {BOB}, not by alice");
 
     let cases: Vec<(String, Option<&str>)> = vec![
-        // Allowed by every rule: reaches the (unwired) mount step.
-        (mount(&src, Some(&mnt), &rw, ""), None),
+        // Allowed by every rule: reaches the (unwired) FUSE mount step.
+        (mount(&src, Some(&mnt), &rw, FUSE), None),
         (
             mount(&src, None, "b:0:100000:65536", ",\"read_only\":true"),
             None,
@@ -334,7 +339,7 @@ fn judges_the_peer_not_the_request() {
         BOB,
         &[CONTAINERS_GID],
         &broker.socket,
-        &[mount(&src, Some(&bobs), &bob_rw, "")],
+        &[mount(&src, Some(&bobs), &bob_rw, FUSE)],
     );
     assert!(
         error_of(&bob_member[0]).contains("not implemented yet"),
@@ -345,7 +350,12 @@ fn judges_the_peer_not_the_request() {
     // Root may ask for anything; the same request alice was refused is allowed.
     let root = ask(
         &broker.socket,
-        &mount(&src, Some(&mnt), "b:0:0:1", ",\"suid\":true"),
+        &mount(
+            &src,
+            Some(&mnt),
+            "b:0:0:1",
+            ",\"suid\":true,\"backend\":\"fuse\"",
+        ),
     );
     assert!(error_of(&root).contains("not implemented yet"), "{root}");
 
@@ -380,8 +390,117 @@ fn nothing_mounted_under(dir: &Path) -> bool {
     mounts_under(dir).is_empty()
 }
 
+fn umount_line(target: &Path) -> String {
+    format!(
+        "{{\"version\":1,\"op\":\"umount\",\"target\":\"{}\"}}",
+        target.display()
+    )
+}
+
+const LIST: &str = r#"{"version":1,"op":"list"}"#;
+
+/// Alice mounts an allowed source through the broker with a map inside her delegation and
+/// the image range on inner side: the target shows the shifted owners, `list` shows the
+/// mount to her (and root) but not to bob, bob cannot unmount it, she can.
 #[test]
-fn list_shows_nothing_to_users_yet() {
+fn mounts_lists_and_unmounts_for_its_owner() {
+    if !require(Backend::Kernel) || !require_tool("setpriv", "util-linux") {
+        return;
+    }
+    let dir = TestDir::new("broker-mount");
+    let broker = Broker::start(&dir);
+    let src = broker.shared.join("img");
+    mkdir(&src, 0o755, BASE, BASE);
+    let file = src.join("f");
+    std::fs::write(&file, "image\n").unwrap();
+    std::os::unix::fs::chown(&file, Some(BASE + 5), Some(BASE + 7)).unwrap();
+    let mnt = dir.path().join("mnt-alice");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let rw = format!("b:{BASE}:100000:65536");
+
+    let line = mount(&src, Some(&mnt), &rw, ",\"backend\":\"kernel\"");
+    let reply = &ask_as(ALICE, &[], &broker.socket, &[line])[0];
+    // Unmounts the target lazily if anything below fails.
+    let _guard = Detach(mnt.clone());
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["target"], mnt.display().to_string(), "{reply}");
+    let id = reply["mount_id"].as_u64().expect("a mount id");
+
+    let m = mount_at(&mnt).expect("the target is a mount");
+    for opt in ["idmapped", "nosuid", "nodev"] {
+        assert!(m.mount_options.iter().any(|o| o == opt), "{opt}: {m:?}");
+    }
+    let root = std::fs::metadata(&mnt).unwrap();
+    assert_eq!((root.uid(), root.gid()), (100000, 100000));
+    let f = std::fs::metadata(mnt.join("f")).unwrap();
+    assert_eq!((f.uid(), f.gid()), (100005, 100007));
+    assert_eq!(std::fs::read_to_string(mnt.join("f")).unwrap(), "image\n");
+
+    let alice = &ask_as(ALICE, &[], &broker.socket, &[LIST.into()])[0];
+    let mounts = alice["mounts"].as_array().expect("mounts");
+    assert_eq!(mounts.len(), 1, "{alice}");
+    assert_eq!(mounts[0]["target"], mnt.display().to_string());
+    assert_eq!(mounts[0]["owner"], ALICE);
+    assert_eq!(mounts[0]["mount_id"], id);
+    let bob = &ask_as(BOB, &[], &broker.socket, &[LIST.into()])[0];
+    assert_eq!(*bob, serde_json::json!({"ok": true, "mounts": []}));
+    let root_list = ask(&broker.socket, LIST);
+    assert_eq!(root_list["mounts"][0]["owner"], ALICE, "{root_list}");
+
+    let bob = &ask_as(BOB, &[], &broker.socket, &[umount_line(&mnt)])[0];
+    let err = error_of(bob);
+    assert!(
+        err.contains("was not mounted by bob") && err.contains("only its owner or root"),
+        "{err}"
+    );
+    assert!(
+        mount_at(&mnt).is_some(),
+        "bob's refused umount unmounted it"
+    );
+
+    let alice = &ask_as(
+        ALICE,
+        &[],
+        &broker.socket,
+        &[umount_line(&mnt), LIST.into()],
+    );
+    assert_eq!(alice[0]["ok"], true, "{}", alice[0]);
+    assert_eq!(alice[1]["mounts"], serde_json::json!([]), "{}", alice[1]);
+    assert!(nothing_mounted_under(dir.path()));
+
+    // One audit line per decision: alice's mount, bob's umount, alice's umount.
+    let audit = broker.audit_lines();
+    let seen: Vec<(u64, &str, bool)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["uid"].as_u64().unwrap(),
+                a["op"].as_str().unwrap(),
+                a["allowed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (u64::from(ALICE), "mount", true),
+            (u64::from(BOB), "umount", false),
+            (u64::from(ALICE), "umount", true),
+        ],
+        "{audit:#?}"
+    );
+    assert!(
+        audit[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("only its owner")
+    );
+    drop(broker);
+    dir.finish();
+}
+
+#[test]
+fn list_shows_users_nothing_of_others() {
     if !require_root() || !require_tool("setpriv", "util-linux") {
         return;
     }

@@ -7,9 +7,12 @@
 //! are capped in total and per uid: one user opening connections and sending nothing uses
 //! up its own share and is answered "busy", while other users are still served.
 //!
-//! Not wired yet: the mount itself. An allowed `mount` (and every `umount`, `make-image`,
-//! `adopt` that passes its rule) is audited as allowed and then answered with an error
-//! saying it is not implemented yet; nothing is faked.
+//! What is performed: an allowed kernel-backend `mount` onto a target directory (on the
+//! fds opened as the caller, recorded with the caller as owner), `umount` of the caller's
+//! own mounts (root: any), and `list` of the caller's own mounts (root: all). Not wired
+//! yet: FUSE mounts, detached mount fds, `make-image` and `adopt`; those are audited as
+//! allowed and then answered with an error saying they are not implemented yet; nothing
+//! is faked.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -29,6 +32,9 @@ use super::protocol::{self, Request};
 use super::rules::{self, Caller, Decision, Flags, MountRequest, Source, Target};
 use super::subid;
 use crate::idmap::{IdMapping, OuterGid, OuterUid};
+use crate::mount::Resolved;
+use crate::options::{self, MountFlags};
+use crate::registry::{Record, TargetLock};
 use crate::resolve::Dir;
 use crate::sys::creds::{FsCreds, FsIds};
 
@@ -405,25 +411,24 @@ impl<'a> Connection<'a> {
         }
     }
 
-    /// Records have no owner yet, so only root sees them; everyone else gets an empty list.
+    /// The caller's own mounts; root sees all (a record with no owner is root's).
     fn list(&self, peer: &Peer) -> String {
-        let mounts: Vec<Value> = if peer.uid == 0 {
-            crate::registry::Record::all()
-                .into_iter()
-                .map(|(r, state)| {
-                    json!({
-                        "target": r.target.display().to_string(),
-                        "source": r.source.display().to_string(),
-                        "map": r.map,
-                        "options": r.options,
-                        "mount_id": r.mount_id,
-                        "state": format!("{state:?}").to_lowercase(),
-                    })
+        let mounts: Vec<Value> = Record::all()
+            .into_iter()
+            .filter(|(r, _)| peer.uid == 0 || r.owner == Some(peer.uid))
+            .map(|(r, state)| {
+                json!({
+                    "target": r.target.display().to_string(),
+                    "source": r.source.display().to_string(),
+                    "backend": r.backend.to_string(),
+                    "map": r.map,
+                    "options": r.options,
+                    "mount_id": r.mount_id,
+                    "owner": r.owner.unwrap_or(0),
+                    "state": format!("{state:?}").to_lowercase(),
                 })
-                .collect()
-        } else {
-            Vec::new()
-        };
+            })
+            .collect();
         protocol::ok(json!({ "mounts": mounts }))
     }
 
@@ -435,7 +440,8 @@ impl<'a> Connection<'a> {
             op: req.op().into(),
             ..audit::Record::default()
         };
-        let decision = self.judge(peer, req, &mut rec);
+        let mut opened = None;
+        let decision = self.judge(peer, req, &mut rec, &mut opened);
         rec.allowed = matches!(decision, Decision::Allow(_));
         if let Decision::Refuse(why) = &decision {
             rec.reason = Some(why.clone());
@@ -445,12 +451,85 @@ impl<'a> Connection<'a> {
             return protocol::error(&format!("refused: the decision could not be audited ({e})"));
         }
         tracing::info!(uid = peer.uid, pid = peer.pid, op = req.op(), allowed = rec.allowed, reason = ?rec.reason, "decision");
-        match decision {
-            Decision::Refuse(why) => protocol::error(&why),
-            Decision::Allow(_) => protocol::error(&format!(
+        match (decision, req) {
+            (Decision::Refuse(why), _) => protocol::error(&why),
+            (Decision::Allow(flags), Request::Mount(m)) => self.mount(peer, m, opened, flags),
+            (Decision::Allow(_), Request::Umount(u)) => unmount(peer, &u.target),
+            (Decision::Allow(_), _) => protocol::error(&format!(
                 "{} was allowed, but the broker cannot perform it yet (not implemented yet)",
                 req.op()
             )),
+        }
+    }
+
+    /// Performs an allowed mount on the SOURCE and TARGET fds opened as the caller, with
+    /// the flags the rules decided (nosuid and nodev forced for non-root callers).
+    fn mount(
+        &self,
+        peer: &Peer,
+        m: &protocol::Mount,
+        opened: Option<Resolved>,
+        flags: Flags,
+    ) -> String {
+        let not_yet = |what: &str| {
+            protocol::error(&format!(
+                "mount was allowed, but {what} through the broker is not implemented yet; \
+                 use the kernel backend onto a target directory"
+            ))
+        };
+        if m.detached {
+            return not_yet("a detached mount fd");
+        }
+        if m.backend == protocol::Backend::Fuse {
+            return not_yet("the FUSE backend");
+        }
+        let (Some(dirs), Ok(mapping)) = (opened, IdMapping::parse(&m.map)) else {
+            return protocol::error("mount was allowed, but its source or target was not kept");
+        };
+        let mut req = options::Request {
+            source: dirs.source.path().to_path_buf(),
+            target: dirs.target.path().to_path_buf(),
+            target_root: None,
+            mapping,
+            flags: MountFlags {
+                read_only: flags.read_only,
+                suid: flags.suid,
+                dev: flags.dev,
+                exec: true,
+            },
+            backend: match m.backend {
+                protocol::Backend::Kernel => options::Backend::Kernel,
+                _ => options::Backend::Auto,
+            },
+            recursive: false,
+            fuse: options::FuseTuning::default(),
+        };
+        let fail = |e: crate::mount::Error| protocol::error(&format!("mount failed: {e}"));
+        let _lock = match TargetLock::take(&req.target) {
+            Ok(l) => l,
+            Err(e) => return fail(e.into()),
+        };
+        if let Err(e) = crate::mount::check(&req, &dirs) {
+            return fail(e);
+        }
+        match crate::mount::choose_backend(&req, &dirs) {
+            Ok((options::Backend::Kernel, _)) => {}
+            Ok((_, why)) => return not_yet(&format!("the FUSE backend (chosen: {why})")),
+            Err(e) => return fail(e),
+        }
+        req.backend = options::Backend::Kernel;
+        match crate::mount::mount_kernel_for(&req, &dirs, peer.uid) {
+            Ok(id) => {
+                tracing::info!(uid = peer.uid, target = %req.target.display(), "mounted");
+                protocol::ok(json!({
+                    "target": req.target.display().to_string(),
+                    "source": req.source.display().to_string(),
+                    "backend": "kernel",
+                    "options": req.flags.to_string(),
+                    "mount_id": id,
+                }))
+            }
+            Err(e) => fail(e),
         }
     }
 
@@ -459,10 +538,32 @@ impl<'a> Connection<'a> {
     /// Paths are opened with the caller's file system credentials (this connection's thread
     /// only): a caller can name only what it could reach itself, and learns nothing from the
     /// answers about directories it cannot search.
-    fn judge(&self, peer: &Peer, req: &Request, rec: &mut audit::Record) -> Decision {
+    fn judge(
+        &self,
+        peer: &Peer,
+        req: &Request,
+        rec: &mut audit::Record,
+        opened: &mut Option<Resolved>,
+    ) -> Decision {
         let caller = match self.caller(peer) {
             Ok(c) => c,
             Err(why) => return Decision::Refuse(why),
+        };
+        // Records are read as root, before taking the caller's credentials.
+        let owner = match req {
+            Request::Umount(u) => checked_path(&u.target)
+                .ok()
+                .and_then(|t| crate::mount::mounted_at(&t))
+                .and_then(|m| Record::of(&m))
+                .and_then(|r| r.owner),
+            _ => None,
+        };
+        let held = match req {
+            Request::Mount(_) => Record::all()
+                .iter()
+                .filter(|(r, _)| r.owner == Some(peer.uid))
+                .count(),
+            _ => 0,
         };
         let _as_caller = if peer.uid == 0 {
             None
@@ -486,10 +587,10 @@ impl<'a> Connection<'a> {
                 rec.map = Some(m.map.clone());
                 rec.backend = Some(format!("{:?}", m.backend).to_lowercase());
                 match self.mount_request(m) {
-                    Ok(r) => match self.context() {
+                    Ok((r, dirs)) => match self.context() {
                         Ok((policy, db)) => {
-                            // Records carry no owner yet, so no mount counts as the caller's.
-                            rules::decide_mount(&caller, &r, &policy, &db, 0)
+                            *opened = dirs;
+                            rules::decide_mount(&caller, &r, &policy, &db, held)
                         }
                         Err(why) => Decision::Refuse(why),
                     },
@@ -498,8 +599,7 @@ impl<'a> Connection<'a> {
             }
             Request::Umount(u) => {
                 rec.target = Some(u.target.clone());
-                // Records carry no owner yet: every mount counts as root's.
-                rules::decide_umount(&caller, &u.target, None)
+                rules::decide_umount(&caller, &u.target, owner)
             }
             Request::MakeImage(p) => {
                 rec.target = Some(p.path.clone());
@@ -555,14 +655,20 @@ impl<'a> Connection<'a> {
         Ok((policy, db))
     }
 
-    fn mount_request(&self, m: &protocol::Mount) -> Result<MountRequest, String> {
+    /// The facts the rules need, and SOURCE and TARGET opened (as the caller, without
+    /// following symlinks) for the mount itself.
+    fn mount_request(
+        &self,
+        m: &protocol::Mount,
+    ) -> Result<(MountRequest, Option<Resolved>), String> {
         let map = IdMapping::parse(&m.map).map_err(|e| e.to_string())?;
         let source_path = checked_path(&m.source)?;
         let parent = source_path
             .parent()
             .ok_or_else(|| "source / cannot be shifted".to_string())?;
         let (_, parent_uid, _) = open_owner(parent)?;
-        let (_, uid, gid) = open_owner(&source_path)?;
+        let (source, uid, gid) = open_owner(&source_path)?;
+        let mut target_dir = None;
         let target = match (&m.target, m.detached) {
             (Some(_), true) => {
                 return Err("give a target or ask for a detached mount, not both".into());
@@ -574,6 +680,7 @@ impl<'a> Connection<'a> {
                 let dir = Dir::open(&path).map_err(|e| format!("target {e}"))?;
                 let st = rustix::fs::fstat(dir.as_fd()).map_err(|e| format!("target {t}: {e}"))?;
                 let empty = dir.is_empty().map_err(|e| format!("target {e}"))?;
+                target_dir = Some(dir);
                 Target::Directory {
                     path,
                     uid: st.st_uid,
@@ -581,7 +688,8 @@ impl<'a> Connection<'a> {
                 }
             }
         };
-        Ok(MountRequest {
+        let opened = target_dir.map(|target| Resolved { source, target });
+        let req = MountRequest {
             source: Source {
                 path: source_path,
                 uid,
@@ -595,7 +703,23 @@ impl<'a> Connection<'a> {
                 suid: m.suid,
                 dev: m.dev,
             },
-        })
+        };
+        Ok((req, opened))
+    }
+}
+
+/// Performs an allowed unmount (never through a symlink; see [`crate::mount::unmount`]).
+fn unmount(peer: &Peer, target: &str) -> String {
+    let path = match checked_path(target) {
+        Ok(p) => p,
+        Err(e) => return protocol::error(&e),
+    };
+    match crate::mount::unmount(&path, false) {
+        Ok(_) => {
+            tracing::info!(uid = peer.uid, target, "unmounted");
+            protocol::ok(json!({ "target": path.display().to_string() }))
+        }
+        Err(e) => protocol::error(&format!("umount failed: {e}")),
     }
 }
 

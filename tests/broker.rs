@@ -49,14 +49,14 @@ impl Broker {
             format!("containers:x:{CONTAINERS_GID}:\n"),
         )
         .unwrap();
-        // Alice has 10 ids more than the policy lets one map use.
+        // Alice has 10 ids more than the policy lets one map use; one mount at once each.
         let sub = "alice:100000:65536\nalice:165536:10\nbob:200000:65536\n";
         std::fs::write(etc.join("subuid"), sub).unwrap();
         std::fs::write(etc.join("subgid"), sub).unwrap();
         std::fs::write(
             etc.join("policy.toml"),
             format!(
-                "[limits]\nmax_map_ids = 65536\n\
+                "[limits]\nmax_map_ids = 65536\nmounts_per_user = 1\n\
                  [[source]]\npath = \"{}\"\nusers = [\"alice\"]\ngroups = [\"containers\"]\naccess = \"rw\"\n",
                 shared.display()
             ),
@@ -430,6 +430,18 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     for opt in ["idmapped", "nosuid", "nodev"] {
         assert!(m.mount_options.iter().any(|o| o == opt), "{opt}: {m:?}");
     }
+    // Her one mount is the most the policy allows her at once.
+    let mnt2 = dir.path().join("mnt-alice-2");
+    mkdir(&mnt2, 0o755, ALICE, ALICE);
+    let line = mount(&src, Some(&mnt2), &rw, ",\"backend\":\"kernel\"");
+    let second = &ask_as(ALICE, &[], &broker.socket, &[line])[0];
+    let _guard2 = Detach(mnt2.clone());
+    assert!(
+        error_of(second).contains("the most the policy allows per user (1)"),
+        "{second}"
+    );
+    assert!(mount_at(&mnt2).is_none(), "a refused mount was made");
+
     let root = std::fs::metadata(&mnt).unwrap();
     assert_eq!((root.uid(), root.gid()), (100000, 100000));
     let f = std::fs::metadata(mnt.join("f")).unwrap();
@@ -468,7 +480,7 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     assert_eq!(alice[1]["mounts"], serde_json::json!([]), "{}", alice[1]);
     assert!(nothing_mounted_under(dir.path()));
 
-    // One audit line per decision: alice's mount, bob's umount, alice's umount.
+    // One audit line per decision: alice's mounts, bob's umount, alice's umount.
     let audit = broker.audit_lines();
     let seen: Vec<(u64, &str, bool)> = audit
         .iter()
@@ -484,6 +496,7 @@ fn mounts_lists_and_unmounts_for_its_owner() {
         seen,
         [
             (u64::from(ALICE), "mount", true),
+            (u64::from(ALICE), "mount", false),
             (u64::from(BOB), "umount", false),
             (u64::from(ALICE), "umount", true),
         ],
@@ -491,6 +504,12 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     );
     assert!(
         audit[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("per user (1)")
+    );
+    assert!(
+        audit[2]["reason"]
             .as_str()
             .unwrap()
             .contains("only its owner")

@@ -1294,7 +1294,8 @@ fn auto_picks_fuse_on_bindfs_and_kernel_refuses() {
     let row = list_row(&mnt).expect("shiftfs list shows the mount");
     assert_eq!(row[2], "fuse", "{row:?}");
     assert_eq!(row[3], MAP, "{row:?}");
-    assert_eq!(row[5], daemon.to_string(), "pid column: {row:?}");
+    assert_eq!(row[5], "root", "owner column: {row:?}");
+    assert_eq!(row[6], daemon.to_string(), "pid column: {row:?}");
     assert_eq!(row.last().map(String::as_str), Some("active"), "{row:?}");
     m.unmount();
     assert_daemons_exit(&[daemon], &mnt);

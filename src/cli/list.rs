@@ -12,7 +12,8 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         println!("no shifted mounts");
         return Ok(());
     }
-    let rows: Vec<[String; 7]> = recs
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let rows: Vec<[String; 8]> = recs
         .iter()
         .map(|(r, state)| {
             let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
@@ -27,13 +28,15 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 r.backend.to_string(),
                 r.map.clone(),
                 r.options.clone(),
+                r.owner
+                    .map_or_else(|| "-".into(), |uid| user_name(&passwd, uid)),
                 pid,
                 state.to_string(),
             ]
         })
         .collect();
     let head = [
-        "TARGET", "SOURCE", "BACKEND", "MAP", "OPTIONS", "PID", "STATE",
+        "TARGET", "SOURCE", "BACKEND", "MAP", "OPTIONS", "OWNER", "PID", "STATE",
     ];
     let mut width = head.map(str::len);
     for row in &rows {
@@ -57,4 +60,31 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         line(row.iter().map(String::as_str).collect());
     }
     Ok(())
+}
+
+/// The name `/etc/passwd` gives `uid`, else the number.
+fn user_name(passwd: &str, uid: u32) -> String {
+    passwd
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            f.nth(1)?.parse::<u32>().ok().filter(|&u| u == uid)?;
+            Some(name.to_string())
+        })
+        .next()
+        .unwrap_or_else(|| uid.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_named_from_passwd() {
+        let passwd = "root:x:0:0::/root:/bin/sh\nalice:x:61001:61001::/home/a:/bin/sh\n";
+        assert_eq!(user_name(passwd, 0), "root");
+        assert_eq!(user_name(passwd, 61001), "alice");
+        assert_eq!(user_name(passwd, 42), "42");
+    }
 }

@@ -202,14 +202,16 @@ impl ShiftFs {
         let created = self.create_as_caller(req, Some(umask), pfd, name, || {
             open_beneath(pfd, name, oflags, mode & 0o7777)
         });
-        let fd = match created {
+        // A file this request made is on the parent's mount; one that existed may be a
+        // file bind-mounted there.
+        let (fd, mnt) = match created {
             Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
-                self.open_existing_as_caller(req, pfd, name, flags)?
+                (self.open_existing_as_caller(req, pfd, name, flags)?, None)
             }
-            r => r?,
+            r => (r?, Some(p.key.mnt)),
         };
         let path_fd = self.proc.reopen(fd.as_fd(), OFlags::PATH).map_err(io)?;
-        let (inode, attr) = self.remember(path_fd)?;
+        let (inode, attr) = self.remember(path_fd, mnt)?;
         let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags), register);
         let (fh, fl, backing) = self.open_handle(inode, fd, mode, slot);
         Ok((attr, fh, fl, backing))

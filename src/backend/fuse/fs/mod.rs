@@ -207,14 +207,11 @@ fn blank_attr(mode: u32) -> FileAttr {
     }
 }
 
-/// `STATX_MNT_ID_UNIQUE` (Linux 6.8): a mount id never reused while the system runs.
-const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
-
-/// The id of the mount `fd` is on: the unique one where the kernel has it, else the old
-/// one (unique among mounts alive; ours stay alive while we hold fds on them).
+/// The id of the mount `fd` is on: the unique one where the kernel has it (Linux 6.8), else
+/// the old one (unique among mounts alive; ours stay alive while we hold fds on them).
 fn mount_id(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     let want = rustix::fs::StatxFlags::MNT_ID
-        | rustix::fs::StatxFlags::from_bits_retain(STATX_MNT_ID_UNIQUE);
+        | rustix::fs::StatxFlags::from_bits_retain(crate::sys::statmount::STATX_MNT_ID_UNIQUE);
     let stx = rustix::fs::statx(
         fd,
         "",
@@ -224,10 +221,14 @@ fn mount_id(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     Ok(stx.stx_mnt_id)
 }
 
-/// The identity of the object `fd` (whose `fstat` is `st`) as reached through its mount.
-fn key(fd: BorrowedFd<'_>, st: &Stat) -> Result<Key> {
+/// The identity of the object `fd` (whose `fstat` is `st`) as reached through its mount,
+/// `mnt` when already known.
+fn key(fd: BorrowedFd<'_>, st: &Stat, mnt: Option<u64>) -> Result<Key> {
     Ok(Key {
-        mnt: mount_id(fd).map_err(io)?,
+        mnt: match mnt {
+            Some(m) => m,
+            None => mount_id(fd).map_err(io)?,
+        },
         dev: st.st_dev,
         ino: st.st_ino,
     })
@@ -248,7 +249,28 @@ fn cstr(s: &OsStr) -> Result<CString> {
 
 /// `openat2` confined beneath `dir`, never following a symlink or magic link.
 fn open_beneath(dir: BorrowedFd<'_>, name: &OsStr, flags: OFlags, mode: u32) -> Result<OwnedFd> {
-    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS;
+    open_resolving(dir, name, flags, mode, ResolveFlags::empty())
+}
+
+/// An `O_PATH` fd of `name` in `dir`, and whether it is on `dir`'s own mount (then the
+/// child's mount id is the parent's, and the lookup needs no `statx` to learn it). Only a
+/// mount point is not: `RESOLVE_NO_XDEV` refuses it, and it is opened again across.
+fn open_child(dir: BorrowedFd<'_>, name: &OsStr) -> Result<(OwnedFd, bool)> {
+    match open_resolving(dir, name, OFlags::PATH, 0, ResolveFlags::NO_XDEV) {
+        Err(Errno::EXDEV) => Ok((open_beneath(dir, name, OFlags::PATH, 0)?, false)),
+        r => r.map(|fd| (fd, true)),
+    }
+}
+
+fn open_resolving(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: OFlags,
+    mode: u32,
+    extra: ResolveFlags,
+) -> Result<OwnedFd> {
+    let resolve =
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_SYMLINKS | extra;
     let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let mut tries = 0;
     loop {
@@ -442,9 +464,10 @@ impl ShiftFs {
     /// checked permissions on (it looked it up, so it is in the table; one swapped in on
     /// the source side since is not) and its owner must be mapped.
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
-        let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
+        let (fd, same_mount) = open_child(parent.fd().map_err(io)?.as_fd(), name)?;
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        if !self.inodes.knows(key(fd.as_fd(), &st)?, fd.as_fd()) {
+        let key = key(fd.as_fd(), &st, same_mount.then_some(parent.key.mnt))?;
+        if !self.inodes.knows(key, fd.as_fd()) {
             return Err(stale);
         }
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
@@ -513,9 +536,10 @@ impl ShiftFs {
     }
 
     /// Records a kernel lookup of the object `fd` refers to.
-    fn remember(&self, fd: OwnedFd) -> Result<(Arc<Inode>, FileAttr)> {
+    /// Takes `fd` into the inode table; `mnt` is its mount id when the caller knows it.
+    fn remember(&self, fd: OwnedFd, mnt: Option<u64>) -> Result<(Arc<Inode>, FileAttr)> {
         let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        let key = key(fd.as_fd(), &st)?;
+        let key = key(fd.as_fd(), &st, mnt)?;
         let kind = st.st_mode & libc::S_IFMT;
         if (kind == libc::S_IFCHR || kind == libc::S_IFBLK) && st.st_rdev != 0 {
             // The kernel opens device nodes itself, without asking us: a device on a `nodev`
@@ -532,8 +556,8 @@ impl ShiftFs {
 
     fn lookup_child(&self, parent: &Inode, name: &OsStr) -> Result<(Arc<Inode>, FileAttr)> {
         check_name(name)?;
-        let fd = open_beneath(parent.fd().map_err(io)?.as_fd(), name, OFlags::PATH, 0)?;
-        self.remember(fd)
+        let (fd, same_mount) = open_child(parent.fd().map_err(io)?.as_fd(), name)?;
+        self.remember(fd, same_mount.then_some(parent.key.mnt))
     }
 
     /// Ids inside ACL entries and a capability's root id, on-disk to host; an ACL entry

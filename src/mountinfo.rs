@@ -150,6 +150,18 @@ pub fn read(mountinfo: &Path) -> Result<Vec<MountInfo>, Error> {
     Ok(parse(text))
 }
 
+/// The id (as in mountinfo) of the mount `fd` is on.
+pub fn mount_id_of(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    rustix::fs::statx(
+        fd,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .ok()
+    .map(|st| st.stx_mnt_id)
+}
+
 /// The mount id of the mount `path` is on (symlinks followed).
 pub fn mount_id(path: &Path) -> Result<u64, Error> {
     let st = rustix::fs::statx(

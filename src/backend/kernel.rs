@@ -184,14 +184,7 @@ pub fn mount_at(
         %mapping,
         "idmapped mount attached"
     );
-    Ok(rustix::fs::statx(
-        &tree,
-        "",
-        AtFlags::EMPTY_PATH,
-        rustix::fs::StatxFlags::MNT_ID,
-    )
-    .ok()
-    .map(|st| st.stx_mnt_id))
+    Ok(crate::mountinfo::mount_id_of(tree.as_fd()))
 }
 
 /// The system calls of the kernel backend.

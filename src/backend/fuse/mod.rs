@@ -408,14 +408,7 @@ impl Mounted {
 
     /// The id of the mount (as in mountinfo), to tell it from one stacked at the path later.
     pub fn mount_id(&self) -> Option<u64> {
-        rustix::fs::statx(
-            &self.root,
-            "",
-            rustix::fs::AtFlags::EMPTY_PATH,
-            rustix::fs::StatxFlags::MNT_ID,
-        )
-        .ok()
-        .map(|st| st.stx_mnt_id)
+        crate::mountinfo::mount_id_of(self.root.as_fd())
     }
 
     /// Detaches the mount, unserved (for a caller that cannot go on to serve it).

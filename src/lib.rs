@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod idmap;
 pub mod mount;
 pub mod mountinfo;
+pub mod oci;
 pub mod offline;
 pub mod options;
 pub mod pathtext;

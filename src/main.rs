@@ -36,16 +36,27 @@ enum Command {
     Scan(cli::scan::Args),
     /// Report what this machine supports and what to do about what is missing.
     Doctor(cli::doctor::Args),
+    /// Unmount the shifted mounts of containers that are gone (never one in use).
+    Gc(cli::gc::Args),
+    /// Act as an OCI runtime wrapper (what `shiftfs-runtime`, a link to this binary, does).
+    Runtime(cli::runtime::Args),
 }
 
 fn main() -> ExitCode {
     // Invoked as mount(8)'s helper: `mount.shiftfs SOURCE TARGET [-o OPTS] ...`.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     // The FUSE daemon is this binary started again with --daemon-child, whatever its name.
-    let as_helper = std::path::Path::new(&argv0)
+    let name = std::path::Path::new(&argv0)
         .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with("mount."))
-        && !std::env::args_os().any(|a| a == "--daemon-child");
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let as_helper =
+        name.starts_with("mount.") && !std::env::args_os().any(|a| a == "--daemon-child");
+    // Invoked by a container engine as its runtime: `shiftfs-runtime [runc arguments]`.
+    if name == "shiftfs-runtime" {
+        cli::init_logging(0);
+        return cli::runtime::run(std::env::args_os().skip(1).collect());
+    }
     // Die quietly on a closed pipe (`shiftfs list | head`), as Unix tools do.
     shiftfs::sys::process::default_sigpipe();
     if as_helper {
@@ -63,6 +74,8 @@ fn main() -> ExitCode {
         Command::Shift(a) => cli::shift::run(a),
         Command::Scan(a) => cli::scan::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
+        Command::Gc(a) => cli::gc::run(a),
+        Command::Runtime(a) => return cli::runtime::run(a.args),
     };
     cli::finish(result)
 }

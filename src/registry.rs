@@ -64,7 +64,15 @@ pub struct Record {
     /// through the broker. Records written before owners existed have none (root's).
     #[serde(default)]
     pub owner: Option<u32>,
+    /// The OCI container the mount was made for (by `shiftfs-runtime`), so `list` shows it
+    /// and `gc` unmounts it once the container is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
+
+/// Set by `shiftfs-runtime` for the `shiftfs mount` it runs (and so for the FUSE daemon
+/// that mount starts): the container id that goes into the record.
+pub const CONTAINER_ENV: &str = "SHIFTFS_CONTAINER";
 
 /// How a recorded mount stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +107,13 @@ impl Record {
             pid_start: daemon.and_then(start_time),
             mnt_ns: own_mnt_ns(),
             owner: Some(rustix::process::getuid().as_raw()),
+            container: std::env::var(CONTAINER_ENV).ok().filter(|c| !c.is_empty()),
         }
+    }
+
+    /// The container the mount belongs to, if a runtime made it for one.
+    pub fn container(&self) -> Option<&str> {
+        self.container.as_deref()
     }
 
     /// The same record, owned by `uid` (the broker mounts for its callers).
@@ -259,7 +273,7 @@ fn own_mnt_ns() -> Option<u64> {
 }
 
 /// The process's start time in clock ticks after boot; `None` if it is gone or a zombie.
-fn start_time(pid: u32) -> Option<u64> {
+pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
@@ -347,6 +361,7 @@ mod tests {
             pid_start: Some(99),
             mnt_ns: Some(4026531841),
             owner: Some(1000),
+            container: Some("c1".into()),
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);

@@ -13,7 +13,7 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let rows: Vec<[String; 8]> = recs
+    let rows: Vec<[String; 9]> = recs
         .iter()
         .map(|(r, state)| {
             let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
@@ -30,13 +30,22 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 r.options.clone(),
                 r.owner
                     .map_or_else(|| "-".into(), |uid| user_name(&passwd, uid)),
+                r.container().unwrap_or("-").to_string(),
                 pid,
                 state.to_string(),
             ]
         })
         .collect();
     let head = [
-        "TARGET", "SOURCE", "BACKEND", "MAP", "OPTIONS", "OWNER", "PID", "STATE",
+        "TARGET",
+        "SOURCE",
+        "BACKEND",
+        "MAP",
+        "OPTIONS",
+        "OWNER",
+        "CONTAINER",
+        "PID",
+        "STATE",
     ];
     let mut width = head.map(str::len);
     for row in &rows {

@@ -1,9 +1,11 @@
 //! One file per subcommand: clap argument structs and a `run` that calls the library.
 
 pub mod doctor;
+pub mod gc;
 pub mod list;
 pub mod mount;
 pub mod mount_helper;
+pub mod runtime;
 pub mod scan;
 pub mod shift;
 pub mod umount;

@@ -1,0 +1,516 @@
+//! OCI runtime integration: `shiftfs-runtime`, a wrapper that an engine (podman, a
+//! hand-run bundle, containerd) calls instead of runc or crun. On `create` and `run` it
+//! gives a user-namespaced container whose root is a canonical image (owned by 0) a shifted
+//! root, and shifts the idmapped bind mounts the runtime cannot idmap itself; it then runs
+//! the real runtime on a private copy of the bundle whose config points at those mounts.
+//! `delete` unmounts them; `gc` cleans up after containers that died without a `delete`.
+//!
+//! The mounts are made by running this binary's `shiftfs mount` (one code path for every
+//! mount, the FUSE daemon included), with the container id in its environment so the
+//! records name the container.
+
+pub mod args;
+pub mod spec;
+pub mod state;
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use args::Invocation;
+pub use spec::Spec;
+pub use state::{Container, Lock};
+
+use crate::idmap::{IdMapping, InnerUid};
+use crate::registry::{CONTAINER_ENV, Record};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error(
+        "the real runtime '{0}' was not found; install runc (apt-get install runc), or name it with --runtime-path, SHIFTFS_RUNTIME or `runtime = \"...\"` in /etc/shiftfs/runtime.toml"
+    )]
+    NoRuntime(String),
+    #[error(
+        "the real runtime {0} is shiftfs-runtime itself; point --runtime-path or SHIFTFS_RUNTIME at runc or crun"
+    )]
+    RuntimeIsSelf(PathBuf),
+    #[error("container id '{0}' is not valid (letters, digits, _ + - . only)")]
+    BadId(String),
+    #[error(
+        "container {0} already has shifted mounts from an earlier create; delete it first (shiftfs-runtime delete --force {0}, or shiftfs gc)"
+    )]
+    Exists(String),
+    #[error("container {id}: cannot mount {source_path} shifted on {target}: {message}")]
+    Mount {
+        id: String,
+        source_path: PathBuf,
+        target: PathBuf,
+        message: String,
+    },
+    #[error("container {id}: {errors}")]
+    Release { id: String, errors: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The configuration file naming the real runtime (`runtime = "/usr/bin/crun"`).
+const CONFIG_FILE: &str = "/etc/shiftfs/runtime.toml";
+
+/// The real runtime: `--runtime-path`, else `SHIFTFS_RUNTIME`, else the configuration file
+/// (`SHIFTFS_RUNTIME_CONFIG` names another), else `runc` from PATH.
+pub fn real_runtime(inv: &Invocation) -> Result<PathBuf, Error> {
+    let config = || -> Option<PathBuf> {
+        let path = std::env::var_os("SHIFTFS_RUNTIME_CONFIG")
+            .map_or_else(|| PathBuf::from(CONFIG_FILE), PathBuf::from);
+        let text = std::fs::read_to_string(path).ok()?;
+        let v: toml::Value = toml::from_str(&text).ok()?;
+        v.get("runtime")?.as_str().map(PathBuf::from)
+    };
+    let name = inv
+        .runtime_path
+        .clone()
+        .or_else(|| std::env::var_os("SHIFTFS_RUNTIME").map(PathBuf::from))
+        .or_else(config)
+        .unwrap_or_else(|| PathBuf::from("runc"));
+    let found = if name.components().count() > 1 {
+        Some(name.clone()).filter(|p| p.is_file())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(&name))
+                .find(|p| p.is_file())
+        })
+    };
+    let found = found.ok_or_else(|| Error::NoRuntime(name.display().to_string()))?;
+    let found = crate::resolve::absolute(&found);
+    let same = |a: &Path, b: &Path| {
+        matches!((std::fs::metadata(a), std::fs::metadata(b)),
+            (Ok(x), Ok(y)) if (x.dev(), x.ino()) == (y.dev(), y.ino()))
+    };
+    if let Ok(me) = std::env::current_exe()
+        && same(&found, &me)
+    {
+        return Err(Error::RuntimeIsSelf(found));
+    }
+    Ok(found)
+}
+
+/// Runs the wrapper for one runtime command line; returns the exit code to leave with.
+pub fn main(argv: &[OsString]) -> Result<i32, Error> {
+    let inv = Invocation::parse(argv)?;
+    let runtime = real_runtime(&inv)?;
+    match inv.command.as_deref() {
+        Some("create" | "run") => create(&inv, &runtime),
+        Some("delete") => delete(&inv, &runtime),
+        _ => Err(exec(&runtime, &inv.passthrough())),
+    }
+}
+
+/// Replaces this process with the runtime; returns only on failure.
+fn exec(runtime: &Path, args: &[OsString]) -> Error {
+    let source = Command::new(runtime).args(args).exec();
+    Error::Io {
+        what: "cannot run the runtime",
+        path: runtime.to_path_buf(),
+        source,
+    }
+}
+
+fn run_runtime(runtime: &Path, args: &[OsString]) -> Result<i32, Error> {
+    let status = Command::new(runtime)
+        .args(args)
+        .status()
+        .map_err(|source| Error::Io {
+            what: "cannot run the runtime",
+            path: runtime.to_path_buf(),
+            source,
+        })?;
+    // Killed by a signal: the shell's convention.
+    Ok(status.code().unwrap_or_else(|| {
+        128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
+    }))
+}
+
+fn globals_text(inv: &Invocation) -> Vec<String> {
+    inv.globals
+        .iter()
+        .map(|g| g.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Whether the runtime says (`features`, runtime-spec 1.1) that it makes idmapped mounts.
+fn runtime_idmaps(runtime: &Path, globals: &[String]) -> bool {
+    let Ok(out) = Command::new(runtime)
+        .args(globals)
+        .arg("features")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+    else {
+        return false;
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    out.status.success() && v["linux"]["mountExtensions"]["idmap"]["enabled"] == true
+}
+
+/// `create` and `run`: shift what needs it, run the runtime on the rewritten bundle.
+fn create(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
+    let Some(id) = inv.container_id() else {
+        return Err(exec(runtime, &inv.passthrough()));
+    };
+    if !state::valid_id(&id) {
+        return Err(Error::BadId(id));
+    }
+    let cwd = std::env::current_dir().map_err(|source| Error::Io {
+        what: "cannot read the working directory",
+        path: ".".into(),
+        source,
+    })?;
+    let bundle = inv.bundle().map_or_else(|| cwd.clone(), |b| cwd.join(b));
+    let config = inv
+        .config_file()
+        .map_or_else(|| bundle.join("config.json"), |f| cwd.join(f));
+    let mut spec = Spec::load(&config)?;
+    let globals = globals_text(inv);
+
+    let user = spec.user_mapping()?;
+    let root = spec.root_path(&bundle)?;
+    let shift_root = match &user {
+        Some(_) => std::fs::metadata(&root).is_ok_and(|m| m.uid() == 0),
+        None => false,
+    };
+    let mut volumes = spec.idmap_mounts(&bundle)?;
+    if !volumes.is_empty() && runtime_idmaps(runtime, &globals) {
+        // The runtime idmaps these itself; only sources the kernel cannot idmap need us.
+        volumes.retain(|v| !crate::backend::kernel::probe(&v.source).supported);
+    }
+    if !shift_root && volumes.is_empty() {
+        tracing::info!("container {id}: nothing to shift; running the runtime unchanged");
+        return Err(exec(runtime, &inv.passthrough()));
+    }
+
+    for (gone, why) in gc(Some(&id)).kept {
+        tracing::debug!("gc: kept {gone}: {why}");
+    }
+    let dir = Container::dir_of(&id);
+    make_private_dir(&state::oci_dir(), 0o711, 0)?;
+    if dir.exists() && Container::load(&id).is_some() {
+        return Err(Error::Exists(id));
+    }
+    // Only the container's root (and host root) may reach the mounts: a setuid file of the
+    // image must not serve other host users.
+    let owner = user
+        .as_ref()
+        .and_then(|m| m.uid.to_outer(InnerUid::new(0)))
+        .map_or(0, |o| o.get());
+    make_private_dir(&dir, 0o700, owner)?;
+    let _lock = Lock::take(&id)?;
+    let mut c = Container {
+        id: id.clone(),
+        runtime: runtime.to_path_buf(),
+        runtime_globals: globals.clone(),
+        bundle: bundle.clone(),
+        pid: None,
+        pid_start: None,
+        mounts: Vec::new(),
+    };
+    c.save()?;
+
+    let prepared = (|| -> Result<PathBuf, Error> {
+        if let (true, Some(map)) = (shift_root, &user) {
+            let target = dir.join("rootfs");
+            // Setuid files in the image are the container's: its namespace bounds them.
+            shift_mount(&mut c, &root, &target, map, "suid")?;
+            spec.set_root_path(&target);
+        }
+        for v in &volumes {
+            let target = dir.join(format!("vol-{}", v.index));
+            let opts = if v.read_only { "ro" } else { "rw" };
+            shift_mount(&mut c, &v.source, &target, &v.mapping, opts)?;
+            spec.replace_mount_source(v.index, &target);
+        }
+        spec.absolute_bind_sources(&bundle);
+        let new_bundle = dir.join("bundle");
+        make_private_dir(&new_bundle, 0o700, 0)?;
+        let path = new_bundle.join("config.json");
+        std::fs::write(&path, spec.to_json()).map_err(|source| Error::Io {
+            what: "cannot write the rewritten config",
+            path,
+            source,
+        })?;
+        Ok(new_bundle)
+    })();
+    let new_bundle = match prepared {
+        Ok(b) => b,
+        Err(e) => {
+            if let Err(r) = release(&c) {
+                tracing::warn!("{r}");
+            }
+            return Err(e);
+        }
+    };
+
+    let code = run_runtime(runtime, &inv.with_bundle(&new_bundle))?;
+    match c.runtime_state() {
+        Ok(Some(pid)) if pid > 0 => {
+            c.set_init(pid);
+            c.save()?;
+        }
+        Ok(Some(_)) => {}
+        // Failed, or `run` ended and the runtime deleted the container: nothing uses the mounts.
+        Ok(None) => release(&c)?,
+        Err(e) => tracing::warn!("container {id}: {e}; `shiftfs gc` will clean up later"),
+    }
+    Ok(code)
+}
+
+/// Creates `path` (mode `mode`, owned by `uid`) if missing; never follows a symlink there.
+fn make_private_dir(path: &Path, mode: u32, uid: u32) -> Result<(), Error> {
+    let err = |source| Error::Io {
+        what: "cannot create",
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(err)?;
+        }
+        Err(e) => return Err(err(e)),
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(err)?;
+    if !meta.is_dir() {
+        return Err(err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+    }
+    std::os::unix::fs::lchown(path, Some(uid), Some(0)).map_err(err)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(err)
+}
+
+/// Runs `shiftfs mount` for the container (its id in the environment, for the record) and
+/// remembers the target before mounting, so a wrapper killed right after still leaves a
+/// record `gc` can follow.
+fn shift_mount(
+    c: &mut Container,
+    source: &Path,
+    target: &Path,
+    map: &IdMapping,
+    opts: &str,
+) -> Result<(), Error> {
+    make_private_dir(target, 0o755, 0)?;
+    c.mounts.push(target.to_path_buf());
+    c.save()?;
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "cannot find the shiftfs binary",
+        path: "/proc/self/exe".into(),
+        source,
+    })?;
+    let out = Command::new(exe)
+        .arg0("shiftfs")
+        .args(["mount", "--map", &map.to_string(), "-o", opts, "--"])
+        .arg(source)
+        .arg(target)
+        .env(CONTAINER_ENV, &c.id)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Io {
+            what: "cannot run",
+            path: "shiftfs mount".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        return Err(Error::Mount {
+            id: c.id.clone(),
+            source_path: source.to_path_buf(),
+            target: target.to_path_buf(),
+            message: msg.trim().trim_start_matches("shiftfs: ").to_string(),
+        });
+    }
+    tracing::info!(
+        "container {}: {}",
+        c.id,
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    Ok(())
+}
+
+/// `delete`: the runtime's delete, then the container's mounts once the runtime no longer
+/// knows it and its init is gone.
+fn delete(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
+    let code = run_runtime(runtime, &inv.passthrough())?;
+    let Some(id) = inv.container_id().filter(|id| state::valid_id(id)) else {
+        return Ok(code);
+    };
+    if Container::load(&id).is_some() {
+        let _lock = Lock::take(&id)?;
+        if let Some(c) = Container::load(&id)
+            && let Some(why) = in_use(&c)
+        {
+            tracing::warn!("container {id}: mounts kept: {why}");
+        } else if let Some(c) = Container::load(&id) {
+            release(&c)?;
+        }
+    }
+    for (id, why) in gc(Some(&id)).kept {
+        tracing::debug!("gc: kept {id}: {why}");
+    }
+    Ok(code)
+}
+
+/// Why the container's mounts must stay, if they must.
+fn in_use(c: &Container) -> Option<String> {
+    if c.init_alive() {
+        return Some(format!(
+            "its init process {} still runs",
+            c.pid.unwrap_or(0)
+        ));
+    }
+    match c.runtime_state() {
+        Ok(None) => None,
+        Ok(Some(_)) => Some(format!(
+            "{} still knows it; run its delete",
+            c.runtime.display()
+        )),
+        Err(e) => Some(format!("cannot ask the runtime whether it is gone: {e}")),
+    }
+}
+
+/// Unmounts every mount of the container (never lazily: a mount still in use stays, and the
+/// error says so) and removes its directory, file by file.
+pub fn release(c: &Container) -> Result<(), Error> {
+    let mut targets: Vec<PathBuf> = Record::all()
+        .into_iter()
+        .filter(|(r, _)| r.container() == Some(c.id.as_str()))
+        .map(|(r, _)| r.target)
+        .collect();
+    for t in c.mounts.iter().rev() {
+        if !targets.contains(t) {
+            targets.push(t.clone());
+        }
+    }
+    let mut errors = Vec::new();
+    for t in &targets {
+        if let Err(e) = unmount_patiently(t) {
+            errors.push(format!("{}: {e}", t.display()));
+        }
+    }
+    // Never a recursive removal: a directory that is still a mount point would take the
+    // image with it. Only what the wrapper made, one name at a time.
+    if errors.is_empty() {
+        let dir = c.dir();
+        let dirs = c.mounts.iter().cloned().chain([dir.join("bundle")]);
+        let files = ["bundle/config.json", "state.json", "lock"].map(|f| dir.join(f));
+        let results = files
+            .into_iter()
+            .map(|f| (std::fs::remove_file(&f), f))
+            .chain(dirs.chain([dir]).map(|d| (std::fs::remove_dir(&d), d)));
+        for (r, p) in results {
+            if let Err(e) = r
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                errors.push(format!("cannot remove {}: {e}", p.display()));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Release {
+            id: c.id.clone(),
+            errors: errors.join("; "),
+        })
+    }
+}
+
+/// A container's mount namespace goes away just after its init is reaped; until then its
+/// copy of a shifted mount may keep ours busy for a moment.
+fn unmount_patiently(target: &Path) -> Result<(), crate::mount::Error> {
+    let start = Instant::now();
+    loop {
+        match crate::mount::unmount(target, false) {
+            Ok(_) | Err(crate::mount::Error::NotMounted { .. }) => return Ok(()),
+            Err(crate::mount::Error::Busy { .. }) if start.elapsed() < Duration::from_secs(2) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What [`gc`] did.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    /// Containers whose mounts were unmounted.
+    pub cleaned: Vec<String>,
+    /// Containers (or mounts) left alone, and why.
+    pub kept: Vec<(String, String)>,
+}
+
+/// Unmounts the mounts of every container that is gone (its init dead, the runtime no
+/// longer knowing it, no wrapper call working on it); `skip` is the caller's own.
+pub fn gc(skip: Option<&str>) -> GcReport {
+    let mut report = GcReport::default();
+    for id in Container::ids() {
+        if Some(id.as_str()) == skip {
+            continue;
+        }
+        let lock = match Lock::try_take(&id) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                report
+                    .kept
+                    .push((id, "a shiftfs-runtime call is working on it".into()));
+                continue;
+            }
+            Err(e) => {
+                report.kept.push((id, e.to_string()));
+                continue;
+            }
+        };
+        let Some(c) = Container::load(&id) else {
+            // Killed before it mounted anything: only the directory and the lock are there.
+            let dir = Container::dir_of(&id);
+            let _ = std::fs::remove_file(dir.join("lock"));
+            let _ = std::fs::remove_dir(&dir);
+            continue;
+        };
+        if let Some(why) = in_use(&c) {
+            report.kept.push((id, why));
+            continue;
+        }
+        match release(&c) {
+            Ok(()) => report.cleaned.push(id),
+            Err(e) => report.kept.push((id, e.to_string())),
+        }
+        drop(lock);
+    }
+    let known = Container::ids();
+    for (r, _) in Record::all() {
+        if let Some(id) = r.container()
+            && !known.iter().any(|k| k == id)
+        {
+            report.kept.push((
+                id.to_string(),
+                format!(
+                    "{} has no container state; unmount it with shiftfs umount if it is unused",
+                    r.target.display()
+                ),
+            ));
+        }
+    }
+    report
+}

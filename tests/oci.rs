@@ -1,0 +1,594 @@
+//! Container runtimes through `shiftfs-runtime`: real runc and crun from Debian, a canonical
+//! busybox image, user-namespaced containers. Each test has its own run directory
+//! (`SHIFTFS_RUN_DIR`) and runtime state root, so tests never see each other's containers.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runtime {
+    Runc,
+    Crun,
+}
+
+/// Where the image lives: ext4 (the kernel can idmap it) or ramfs (it cannot: FUSE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageFs {
+    Ext4,
+    Ramfs,
+}
+
+fn require_runtime(rt: Runtime) -> bool {
+    require_root()
+        && match rt {
+            Runtime::Runc => require_tool("runc", "runc"),
+            Runtime::Crun => require_tool("crun", "crun") && require_tool("unshare", "util-linux"),
+        }
+        && require_tool("mkfs.ext4", "e2fsprogs")
+        && busybox_static().is_some()
+}
+
+/// Debian's busybox-static (a dynamic busybox would need a libc in the image).
+fn busybox_static() -> Option<PathBuf> {
+    let installed = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "busybox-static"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"));
+    if !installed {
+        skip("needs a static busybox for the image (apt-get install busybox-static)");
+        return None;
+    }
+    Some(PathBuf::from("/bin/busybox"))
+}
+
+/// A file system mounted for a test; Drop unmounts it (lazily, so a failing test still cleans up).
+struct FsMount(PathBuf);
+
+impl FsMount {
+    #[track_caller]
+    fn new(kind: ImageFs, at: &Path, scratch: &Path) -> Self {
+        fs::create_dir_all(at).unwrap();
+        match kind {
+            ImageFs::Ext4 => {
+                let img = scratch.join("image.ext4");
+                run(&mut sh(&format!(
+                    "truncate -s 64M {0} && mkfs.ext4 -q -F {0}",
+                    q(&img)
+                )))
+                .assert_ok();
+                run(Command::new("mount")
+                    .arg("-o")
+                    .arg("loop")
+                    .arg(&img)
+                    .arg(at))
+                .assert_ok();
+            }
+            ImageFs::Ramfs => {
+                run(Command::new("mount").args(["-t", "ramfs", "ramfs"]).arg(at)).assert_ok();
+            }
+        }
+        fs::set_permissions(at, fs::Permissions::from_mode(0o755)).unwrap();
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A canonical image: busybox and the directories a runtime needs, all owned by 0:0.
+fn build_image(root: &Path) {
+    for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "root"] {
+        mkdir(&root.join(d), 0o755, 0, 0);
+    }
+    fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    // Every applet as a link, so the container's shell finds `stat`, `touch` and the rest.
+    let list = run(Command::new("/bin/busybox").arg("--list"));
+    list.assert_ok();
+    for applet in list.stdout.lines().filter(|a| *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::os::unix::fs::chown(root, Some(0), Some(0)).unwrap();
+}
+
+/// Everything one test needs: its directory, run dir, runtime state root and image.
+struct Env {
+    dir: TestDir,
+    rt: Runtime,
+    run_dir: PathBuf,
+    state_root: PathBuf,
+    /// A script that runs crun the way it works on this machine (see `crun_wrapper`).
+    crun_script: Option<PathBuf>,
+}
+
+impl Env {
+    fn new(name: &str, rt: Runtime) -> Self {
+        let dir = TestDir::new(name);
+        let run_dir = dir.path().join("run");
+        let state_root = dir.path().join("runtime-state");
+        let crun_script = (rt == Runtime::Crun).then(|| crun_wrapper(dir.path()));
+        Self {
+            dir,
+            rt,
+            run_dir,
+            state_root,
+            crun_script,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The real runtime the wrapper is to run.
+    fn real_runtime(&self) -> PathBuf {
+        match &self.crun_script {
+            Some(s) => s.clone(),
+            None => PathBuf::from("/usr/sbin/runc"),
+        }
+    }
+
+    /// `shiftfs-runtime --root STATE ARGS...` (as an engine calls it), with this test's run dir.
+    fn wrapper<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, args: I) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg0("shiftfs-runtime")
+            .arg("--root")
+            .arg(&self.state_root)
+            .args(args)
+            .env("SHIFTFS_RUN_DIR", &self.run_dir)
+            .env("SHIFTFS_RUNTIME", self.real_runtime())
+            .current_dir("/");
+        c
+    }
+
+    /// `shiftfs ARGS` with this test's run dir.
+    fn shiftfs<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, args: I) -> Command {
+        let mut c = shiftfs(args);
+        c.env("SHIFTFS_RUN_DIR", &self.run_dir);
+        c
+    }
+
+    /// A bundle for `id` whose container runs `script` as its root, in a user namespace
+    /// mapped `0 HOST 65536`.
+    fn bundle(&self, id: &str, image: &Path, host: u32, script: &str) -> PathBuf {
+        let b = self.path().join(format!("bundle-{id}"));
+        fs::create_dir(&b).unwrap();
+        let spec_cmd = match self.rt {
+            Runtime::Runc => "runc",
+            Runtime::Crun => "crun",
+        };
+        run(Command::new(spec_cmd).arg("spec").current_dir(&b)).assert_ok();
+        let path = b.join("config.json");
+        let mut c: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        c["root"] = json!({"path": image, "readonly": false});
+        c["process"]["terminal"] = json!(false);
+        c["process"]["args"] = json!(["/bin/busybox", "sh", "-c", script]);
+        c["process"]["env"] = json!(["PATH=/bin"]);
+        // `spec` grants almost nothing; a container's root normally may chown (podman's set).
+        let caps = json!([
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FOWNER",
+            "CAP_FSETID",
+            "CAP_KILL",
+            "CAP_SETGID",
+            "CAP_SETUID",
+            "CAP_SETPCAP",
+            "CAP_NET_BIND_SERVICE",
+            "CAP_SYS_CHROOT",
+            "CAP_SETFCAP",
+            "CAP_AUDIT_WRITE",
+            "CAP_MKNOD"
+        ]);
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set] = caps.clone();
+        }
+        let ns = c["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "user" && n["type"] != "cgroup");
+        ns.push(json!({"type": "user"}));
+        let map = json!([{"containerID": 0, "hostID": host, "size": 65536}]);
+        c["linux"]["uidMappings"] = map.clone();
+        c["linux"]["gidMappings"] = map;
+        fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+        b
+    }
+
+    /// Adds an OCI idmapped bind mount of `source` at `dest` to a bundle.
+    fn add_idmapped_volume(&self, bundle: &Path, source: &Path, dest: &str, host: u32) {
+        let path = bundle.join("config.json");
+        let mut c: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        let map = json!([{"containerID": 0, "hostID": host, "size": 65536}]);
+        c["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": dest, "type": "bind", "source": source,
+            "options": ["rbind", "rw", "idmap"],
+            "uidMappings": map, "gidMappings": map,
+        }));
+        fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    }
+
+    /// The container's init pid, from the real runtime.
+    fn init_pid(&self, id: &str) -> u32 {
+        let out = run(Command::new(self.real_runtime())
+            .arg("--root")
+            .arg(&self.state_root)
+            .args(["state", id]));
+        out.assert_ok();
+        let v: Value = serde_json::from_str(&out.stdout).unwrap();
+        v["pid"].as_u64().unwrap() as u32
+    }
+
+    /// Nothing of this test mounted or running, and no container directory left.
+    #[track_caller]
+    fn assert_clean(&self) {
+        assert_no_leaks(self.path());
+        let left: Vec<_> = fs::read_dir(self.run_dir.join("oci"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "container directories left: {left:?}");
+    }
+}
+
+/// crun 1.8.1 refuses this machine's hybrid cgroup layout ("cgroups in hybrid mode not
+/// supported, drop all controllers from cgroupv2": the v2 hierarchy holds hugetlb). In a
+/// private mount namespace with a cgroup2 mounted over /sys/fs/cgroup, and without cgroup
+/// management, it runs: the script every crun call goes through.
+fn crun_wrapper(dir: &Path) -> PathBuf {
+    let path = dir.join("crun-private-cgroup2");
+    fs::write(
+        &path,
+        "#!/bin/sh\nexec unshare -m sh -c 'mount -t cgroup2 none /sys/fs/cgroup && exec crun --cgroup-manager=disabled \"$@\"' crun \"$@\"\n",
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Waits until `path` exists (written by a container).
+#[track_caller]
+fn wait_for_file(path: &Path, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return s;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The uid a process runs as on the host.
+fn host_uid(pid: u32) -> u32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two containers from one image
+
+/// What each container does: write a file as its root and one as its user 1000, then stay.
+fn container_script(me: &str) -> String {
+    format!(
+        "cd /tmp && touch {me} && touch {me}-user && chown 1000:1000 {me}-user && \
+         echo done > {me}.done && exec sleep 600"
+    )
+}
+
+fn two_containers(rt: Runtime, image_fs: ImageFs) {
+    if !require_runtime(rt) {
+        return;
+    }
+    let env = Env::new("oci-two", rt);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(image_fs, &src, env.path());
+    build_image(&src);
+    let a = env.bundle("a", &src, 100000, &container_script("a"));
+    let b = env.bundle("b", &src, 200000, &container_script("b"));
+
+    for (id, bundle) in [("a", &a), ("b", &b)] {
+        run(env.wrapper(["create", "--bundle"]).arg(bundle).arg(id)).assert_ok();
+    }
+    // Both are created before either starts: they run at the same time.
+    for id in ["a", "b"] {
+        run(&mut env.wrapper(["start", id])).assert_ok();
+    }
+    let list = run(&mut env.shiftfs(["list"]));
+    list.assert_ok();
+    let want_backend = match image_fs {
+        ImageFs::Ext4 => "kernel",
+        ImageFs::Ramfs => "fuse",
+    };
+    for id in ["a", "b"] {
+        let line = list
+            .stdout
+            .lines()
+            .find(|l| l.contains(&format!("/oci/{id}/rootfs")))
+            .unwrap_or_else(|| panic!("no mount of container {id} listed:\n{list}"));
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert!(cells.contains(&id), "CONTAINER column names {id}: {line}");
+        assert!(
+            cells.contains(&want_backend),
+            "backend {want_backend}: {line}"
+        );
+    }
+
+    for id in ["a", "b"] {
+        wait_for_file(&src.join(format!("tmp/{id}.done")), Duration::from_secs(30));
+    }
+    // Asked only now that both wrote: the other container's files are new names to it (a
+    // FUSE mount caches lookups, and two mounts of one source do not invalidate each other).
+    for (me, other, host) in [("a", "b", 100000), ("b", "a", 200000)] {
+        let mut exec = env.wrapper(["exec", me, "/bin/busybox", "stat", "-c", "%n %u %g"]);
+        exec.args(["/", "/tmp"]).args(
+            [me, &format!("{me}-user"), other, &format!("{other}-user")]
+                .map(|f| format!("/tmp/{f}")),
+        );
+        let out = run(&mut exec);
+        out.assert_ok();
+        assert_eq!(
+            out.stdout,
+            format!(
+                "/ 0 0\n/tmp 0 0\n/tmp/{me} 0 0\n/tmp/{me}-user 1000 1000\n\
+                 /tmp/{other} 0 0\n/tmp/{other}-user 1000 1000\n"
+            ),
+            "container {me} sees its root as its own and the other's files with image ids"
+        );
+        assert_eq!(
+            host_uid(env.init_pid(me)),
+            host,
+            "container {me} runs as host {host}"
+        );
+        // On disk: canonical ids, whichever container wrote them.
+        assert_eq!(stat_ids(src.join(format!("tmp/{me}"))), (0, 0));
+        assert_eq!(stat_ids(src.join(format!("tmp/{me}-user"))), (1000, 1000));
+    }
+    // The host sees each container's root under that container's ids.
+    assert_eq!(stat_ids(env.run_dir.join("oci/a/rootfs")), (100000, 100000));
+    assert_eq!(stat_ids(env.run_dir.join("oci/b/rootfs")), (200000, 200000));
+
+    // A running container's mounts are never collected.
+    let gc = run(&mut env.shiftfs(["gc"]));
+    gc.assert_ok();
+    assert!(
+        !gc.stdout.contains("cleaned"),
+        "gc took a live container:\n{gc}"
+    );
+    assert_eq!(
+        mounts_under(&env.run_dir).len(),
+        2,
+        "both roots still mounted"
+    );
+
+    for id in ["a", "b"] {
+        run(&mut env.wrapper(["delete", "--force", id])).assert_ok();
+    }
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}
+
+#[test]
+fn runc_two_containers_one_image_on_ext4_kernel() {
+    two_containers(Runtime::Runc, ImageFs::Ext4);
+}
+
+#[test]
+fn runc_two_containers_one_image_on_ramfs_fuse() {
+    two_containers(Runtime::Runc, ImageFs::Ramfs);
+}
+
+#[test]
+fn crun_two_containers_one_image_on_ext4_kernel() {
+    two_containers(Runtime::Crun, ImageFs::Ext4);
+}
+
+#[test]
+fn crun_two_containers_one_image_on_ramfs_fuse() {
+    two_containers(Runtime::Crun, ImageFs::Ramfs);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A volume the kernel cannot idmap
+
+fn idmapped_volume_on_ramfs(rt: Runtime) {
+    if !require_runtime(rt) {
+        return;
+    }
+    let env = Env::new("oci-volume", rt);
+    let src = env.path().join("image");
+    let _img = FsMount::new(ImageFs::Ext4, &src, env.path());
+    build_image(&src);
+    mkdir(&src.join("data"), 0o755, 0, 0);
+    let vol = env.path().join("volume");
+    let _vol = FsMount::new(ImageFs::Ramfs, &vol, env.path());
+    file(&vol.join("by-root"), b"r\n", 0o644, 0, 0);
+    file(&vol.join("by-user"), b"u\n", 0o644, 1000, 1000);
+    let b = env.bundle(
+        "v",
+        &src,
+        100000,
+        "stat -c '%n %u %g' /data/by-root /data/by-user && echo hi > /data/new && \
+         chown 1000:1000 /data/by-user && stat -c '%n %u %g' /data/new",
+    );
+    env.add_idmapped_volume(&b, &vol, "/data", 100000);
+
+    // `run` in the foreground: the runtime deletes the container when it ends.
+    let out = run(env.wrapper(["run", "--bundle"]).arg(&b).arg("v"));
+    out.assert_ok();
+    assert_eq!(
+        out.stdout, "/data/by-root 0 0\n/data/by-user 1000 1000\n/data/new 0 0\n",
+        "the volume shows image ids inside the container:\n{out}"
+    );
+    assert_eq!(stat_ids(vol.join("new")), (0, 0), "written with image ids");
+    assert_eq!(fs::read(vol.join("new")).unwrap(), b"hi\n");
+    assert_eq!(stat_ids(vol.join("by-user")), (1000, 1000));
+    // Nothing was written through the image's mount point on the way.
+    assert!(fs::read_dir(src.join("data")).unwrap().next().is_none());
+    drop((_img, _vol));
+    env.assert_clean();
+    env.dir.finish();
+}
+
+#[test]
+fn runc_idmapped_volume_on_ramfs() {
+    idmapped_volume_on_ramfs(Runtime::Runc);
+}
+
+#[test]
+fn crun_idmapped_volume_on_ramfs() {
+    idmapped_volume_on_ramfs(Runtime::Crun);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Killed containers and a killed wrapper
+
+#[test]
+fn runc_sigkilled_container_then_delete_leaves_nothing() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-kill", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle("k", &src, 100000, "exec sleep 600");
+    run(env
+        .wrapper(["run", "--detach", "--bundle"])
+        .arg(&b)
+        .arg("k"))
+    .assert_ok();
+    let pid = env.init_pid("k");
+    assert_eq!(host_uid(pid), 100000);
+    assert_eq!(mounts_under(&env.run_dir).len(), 1);
+    assert_eq!(
+        shiftfs_pids_mentioning(&env.run_dir).len(),
+        1,
+        "one FUSE daemon"
+    );
+    kill_and_wait(&[pid]);
+    // Stopped, but the runtime still knows it: gc leaves it to `delete`.
+    let gc = run(&mut env.shiftfs(["gc"]));
+    assert!(gc.stdout.contains("kept container k"), "{gc}");
+    assert_eq!(mounts_under(&env.run_dir).len(), 1);
+    run(&mut env.wrapper(["delete", "k"])).assert_ok();
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}
+
+#[test]
+fn runc_killed_wrapper_is_cleaned_up_by_gc() {
+    if !require_runtime(Runtime::Runc) || !require_tool("setsid", "util-linux") {
+        return;
+    }
+    let env = Env::new("oci-gc", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle("w", &src, 100000, "exec sleep 600");
+    // A runtime that hangs in `create`: the wrapper is killed while it waits.
+    let slow = env.path().join("slow-runc");
+    let started = env.path().join("create-started");
+    fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\ncase \" $* \" in *\" create \"*) touch {}; exec sleep 600;; esac\n\
+             exec runc \"$@\"\n",
+            q(&started)
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&slow, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = env.wrapper(["create", "--bundle"]);
+    cmd.arg(&b)
+        .arg("w")
+        .env("SHIFTFS_RUNTIME", &slow)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut children = Children::default();
+    children.push(cmd.spawn().unwrap());
+    let wrapper = children.0[0].id();
+    let start = Instant::now();
+    while !started.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the slow runtime never ran"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        mounts_under(&env.run_dir).len(),
+        1,
+        "root mounted before the runtime ran"
+    );
+    // While the wrapper works on it, gc keeps it.
+    let gc = run(&mut env.shiftfs(["gc"]));
+    assert!(
+        gc.stdout
+            .contains("kept container w: a shiftfs-runtime call is working on it"),
+        "{gc}"
+    );
+
+    // SIGKILL the wrapper and the runtime it started (its process group).
+    rustix::process::kill_process_group(
+        rustix::process::Pid::from_raw(wrapper as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    drop(children);
+    assert_eq!(
+        mounts_under(&env.run_dir).len(),
+        1,
+        "left mounted by the killed wrapper"
+    );
+    let gc = run(&mut env.shiftfs(["gc"]));
+    gc.assert_ok();
+    assert!(gc.stdout.contains("cleaned up container w"), "{gc}");
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}
+
+#[test]
+fn runc_delete_force_of_a_running_container_leaves_nothing() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-force", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle("f", &src, 100000, "exec sleep 600");
+    run(env.wrapper(["run", "-d", "--bundle"]).arg(&b).arg("f")).assert_ok();
+    let pid = env.init_pid("f");
+    // `delete` without --force refuses a running container, and its mounts stay.
+    run(&mut env.wrapper(["delete", "f"])).assert_fails();
+    assert_eq!(mounts_under(&env.run_dir).len(), 1);
+    run(&mut env.wrapper(["delete", "--force", "f"])).assert_ok();
+    assert!(wait_gone(&[pid], Duration::from_secs(5)));
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

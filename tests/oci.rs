@@ -592,3 +592,109 @@ fn runc_delete_force_of_a_running_container_leaves_nothing() {
     env.assert_clean();
     env.dir.finish();
 }
+
+// ---------------------------------------------------------------------------------------------
+// podman
+
+/// The hard limit `name` (a row of /proc/self/limits) of this process: podman asks the runtime
+/// for far higher open-file and process limits than this VM grants (no CAP_SYS_RESOURCE), and
+/// runc then fails with "error setting rlimit type 7: operation not permitted".
+fn hard_limit(name: &str) -> String {
+    let limits = fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+    line[name.len()..]
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string()
+}
+
+/// `podman rm -f NAME` on Drop, so a failing test leaves no container.
+struct PodmanContainer(String);
+
+impl Drop for PodmanContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "-f", "-t", "0", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn podman_runs_a_shifted_rootfs_through_the_wrapper() {
+    if !require_runtime(Runtime::Runc) || !require_tool("podman", "podman") {
+        return;
+    }
+    let env = Env::new("oci-podman", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    // Engines call the runtime by path; the wrapper is this binary under its runtime name.
+    let link = env.path().join("shiftfs-runtime");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let name = format!("shiftfs-test-{}", std::process::id());
+    let guard = PodmanContainer(name.clone());
+    let nofile = hard_limit("Max open files");
+    // Seen here: podman runs conmon and the runtime with a process limit of 32768, below ours.
+    let nproc = hard_limit("Max processes")
+        .parse::<u64>()
+        .map_or(32768, |n| n.min(32768));
+    // podman does not hand its environment to the runtime: this uses the default run dir.
+    let out = run(Command::new("podman")
+        .arg("--runtime")
+        .arg(&link)
+        .args(["run", "-d", "--name", &name, "--network", "none"])
+        .args(["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"])
+        .arg(format!("--ulimit=nofile={nofile}:{nofile}"))
+        .arg(format!("--ulimit=nproc={nproc}:{nproc}"))
+        .arg("--rootfs")
+        .arg(&src)
+        .args([
+            "/bin/sh",
+            "-c",
+            "touch /tmp/p && chown 1000:1000 /tmp/p && echo > /tmp/p.done && exec sleep 600",
+        ]));
+    out.assert_ok();
+    let cid = out.stdout.trim().to_string();
+    wait_for_file(&src.join("tmp/p.done"), Duration::from_secs(30));
+    let rootfs = PathBuf::from(format!("/run/shiftfs/oci/{cid}/rootfs"));
+    let list = run(&mut shiftfs(["list"]));
+    let line = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(rootfs.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("no shifted root for podman's container {cid}:\n{list}"));
+    assert!(line.contains(&cid) && line.contains("fuse"), "{line}");
+
+    let exec =
+        run(Command::new("podman").args(["exec", &name, "stat", "-c", "%n %u %g", "/", "/tmp/p"]));
+    exec.assert_ok();
+    assert_eq!(exec.stdout, "/ 0 0\n/tmp/p 1000 1000\n", "{exec}");
+    assert_eq!(
+        stat_ids(src.join("tmp/p")),
+        (1000, 1000),
+        "image ids on disk"
+    );
+    let pid = run(Command::new("podman").args(["inspect", "-f", "{{.State.Pid}}", &name]));
+    assert_eq!(host_uid(pid.stdout.trim().parse().unwrap()), 100000);
+
+    // SIGKILL: podman's cleanup calls the runtime's delete, which unmounts.
+    run(Command::new("podman").args(["kill", "-s", "KILL", &name])).assert_ok();
+    run(Command::new("podman").args(["wait", &name])).assert_ok();
+    run(Command::new("podman").args(["rm", &name])).assert_ok();
+    drop(guard);
+    assert!(
+        !rootfs.parent().unwrap().exists(),
+        "container directory left behind"
+    );
+    assert!(mount_at(&rootfs).is_none(), "root still mounted");
+    assert!(
+        shiftfs_pids_mentioning(rootfs.parent().unwrap()).is_empty(),
+        "daemon left behind"
+    );
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

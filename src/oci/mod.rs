@@ -69,6 +69,16 @@ pub enum Error {
 /// The configuration file naming the real runtime (`runtime = "/usr/bin/crun"`).
 const CONFIG_FILE: &str = "/etc/shiftfs/runtime.toml";
 
+/// Searched after PATH for a runtime named without a directory.
+const FALLBACK_PATH: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+
 /// The real runtime: `--runtime-path`, else `SHIFTFS_RUNTIME`, else the configuration file
 /// (`SHIFTFS_RUNTIME_CONFIG` names another), else `runc` from PATH.
 pub fn real_runtime(inv: &Invocation) -> Result<PathBuf, Error> {
@@ -88,11 +98,13 @@ pub fn real_runtime(inv: &Invocation) -> Result<PathBuf, Error> {
     let found = if name.components().count() > 1 {
         Some(name.clone()).filter(|p| p.is_file())
     } else {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(&name))
-                .find(|p| p.is_file())
-        })
+        // Engines do not always pass a PATH with the sbin directories (podman's cleanup
+        // does not), where Debian installs runc.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(FALLBACK_PATH.iter().map(PathBuf::from))
+            .map(|d| d.join(&name))
+            .find(|p| p.is_file())
     };
     let found = found.ok_or_else(|| Error::NoRuntime(name.display().to_string()))?;
     let found = crate::resolve::absolute(&found);

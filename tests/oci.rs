@@ -698,3 +698,66 @@ fn podman_runs_a_shifted_rootfs_through_the_wrapper() {
     env.assert_clean();
     env.dir.finish();
 }
+
+#[test]
+fn runc_a_root_not_owned_by_0_is_left_to_the_runtime() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-shifted", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ext4, &src, env.path());
+    build_image(&src);
+    // An image already shifted on disk for this container (what `shiftfs shift` makes).
+    run(Command::new("chown")
+        .args(["-hR", "100000:100000"])
+        .arg(&src))
+    .assert_ok();
+    let b = env.bundle("s", &src, 100000, "stat -c '%u %g' /");
+    let out = run(env.wrapper(["run", "--bundle"]).arg(&b).arg("s"));
+    out.assert_ok();
+    assert_eq!(out.stdout, "0 0\n", "{out}");
+    assert!(
+        !env.run_dir.join("oci").exists(),
+        "nothing prepared for a root that needs no shift"
+    );
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}
+
+#[test]
+fn runc_the_next_create_cleans_up_after_a_container_deleted_behind_its_back() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-reuse", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle("r", &src, 100000, "exec sleep 600");
+    run(env.wrapper(["run", "-d", "--bundle"]).arg(&b).arg("r")).assert_ok();
+    let first = env.init_pid("r");
+    let daemons = shiftfs_pids_mentioning(&env.run_dir);
+    assert_eq!(daemons.len(), 1);
+    // runc itself, not the wrapper: the mounts stay behind, for a dead container.
+    run(Command::new("runc")
+        .arg("--root")
+        .arg(&env.state_root)
+        .args(["delete", "--force", "r"]))
+    .assert_ok();
+    assert!(wait_gone(&[first], Duration::from_secs(5)));
+    assert_eq!(mounts_under(&env.run_dir).len(), 1, "left behind by runc");
+    // The same id again: the wrapper sees the old one is gone, cleans up, and starts afresh.
+    run(env.wrapper(["run", "-d", "--bundle"]).arg(&b).arg("r")).assert_ok();
+    assert!(
+        wait_gone(&daemons, Duration::from_secs(5)),
+        "old daemon stopped"
+    );
+    assert_eq!(mounts_under(&env.run_dir).len(), 1, "one root, the new one");
+    assert_ne!(env.init_pid("r"), first);
+    run(&mut env.wrapper(["delete", "--force", "r"])).assert_ok();
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

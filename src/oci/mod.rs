@@ -214,12 +214,13 @@ fn create(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
         return Err(exec(runtime, &inv.passthrough()));
     }
 
-    for (gone, why) in gc(Some(&id)).kept {
-        tracing::debug!("gc: kept {gone}: {why}");
+    // Also this id: a container of the same name that died without a delete is gone now.
+    for (kept, why) in gc(None).kept {
+        tracing::debug!("gc: kept {kept}: {why}");
     }
     let dir = Container::dir_of(&id);
     make_private_dir(&state::oci_dir(), 0o711, 0)?;
-    if dir.exists() && Container::load(&id).is_some() {
+    if Container::load(&id).is_some() {
         return Err(Error::Exists(id));
     }
     // Only the container's root (and host root) may reach the mounts: a setuid file of the
@@ -525,4 +526,43 @@ pub fn gc(skip: Option<&str>) -> GcReport {
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(args: &[&str]) -> Invocation {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        Invocation::parse(&args).unwrap()
+    }
+
+    #[test]
+    fn the_wrapper_never_runs_itself_as_the_runtime() {
+        let me = std::env::current_exe().unwrap();
+        let e = real_runtime(&inv(&[
+            "--runtime-path",
+            me.to_str().unwrap(),
+            "state",
+            "c",
+        ]));
+        assert!(matches!(e, Err(Error::RuntimeIsSelf(_))), "{e:?}");
+    }
+
+    #[test]
+    fn a_missing_runtime_is_named_with_what_to_do() {
+        let e = real_runtime(&inv(&["--runtime-path", "/nonexistent/runc", "state", "c"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/runc") && e.contains("apt-get install runc"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_runtime_named_without_a_directory_is_searched_for() {
+        let found = real_runtime(&inv(&["--runtime-path", "sh", "state", "c"])).unwrap();
+        assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
+    }
 }

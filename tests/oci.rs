@@ -761,3 +761,59 @@ fn runc_the_next_create_cleans_up_after_a_container_deleted_behind_its_back() {
     env.assert_clean();
     env.dir.finish();
 }
+
+#[test]
+fn runc_gc_never_unmounts_a_root_a_process_still_uses() {
+    if !require_runtime(Runtime::Runc) || !require_tool("unshare", "util-linux") {
+        return;
+    }
+    let env = Env::new("oci-busy", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle("u", &src, 100000, "exec sleep 600");
+    run(env.wrapper(["create", "--bundle"]).arg(&b).arg("u")).assert_ok();
+    let rootfs = env.run_dir.join("oci/u/rootfs");
+    // A process that lives in the shifted root through its own mount namespace's copy, as a
+    // container process outliving its init would: unmounting ours would not be refused as busy.
+    let mut children = Children::default();
+    children.push(
+        Command::new("unshare")
+            .args(["-m", "--propagation", "private", "chroot"])
+            .arg(&rootfs)
+            .args(["/bin/sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let user = children.0[0].id();
+    let start = Instant::now();
+    while fs::read_link(format!("/proc/{user}/exe")).is_ok_and(|e| !e.ends_with("busybox")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "chroot never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The runtime forgets the container (its init dies with it).
+    run(Command::new("runc")
+        .arg("--root")
+        .arg(&env.state_root)
+        .args(["delete", "--force", "u"]))
+    .assert_ok();
+    let gc = run(&mut env.shiftfs(["gc"]));
+    assert!(
+        gc.stdout.contains("kept container u") && gc.stdout.contains("still works in it"),
+        "{gc}"
+    );
+    assert!(
+        mount_at(&rootfs).is_some(),
+        "the root stays while it is used"
+    );
+    drop(children);
+    let gc = run(&mut env.shiftfs(["gc"]));
+    assert!(gc.stdout.contains("cleaned up container u"), "{gc}");
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

@@ -405,11 +405,15 @@ fn in_use(c: &Container) -> Option<String> {
 /// Unmounts every mount of the container (never lazily: a mount still in use stays, and the
 /// error says so) and removes its directory, file by file.
 pub fn release(c: &Container) -> Result<(), Error> {
-    let mut targets: Vec<PathBuf> = Record::all()
+    let dir = c.dir();
+    // Only mounts in the container's own directory: a record naming the container elsewhere
+    // was not made by the wrapper.
+    let records: Vec<Record> = Record::all()
         .into_iter()
-        .filter(|(r, _)| r.container() == Some(c.id.as_str()))
-        .map(|(r, _)| r.target)
+        .map(|(r, _)| r)
+        .filter(|r| r.container() == Some(c.id.as_str()) && r.target.starts_with(&dir))
         .collect();
+    let mut targets: Vec<PathBuf> = records.iter().map(|r| r.target.clone()).collect();
     for t in c.mounts.iter().rev() {
         if !targets.contains(t) {
             targets.push(t.clone());
@@ -417,6 +421,13 @@ pub fn release(c: &Container) -> Result<(), Error> {
     }
     let mut errors = Vec::new();
     for t in &targets {
+        let fuse = records
+            .iter()
+            .any(|r| &r.target == t && r.backend == crate::options::Backend::Fuse);
+        if let Some(pid) = fuse.then(|| process_inside(t)).flatten() {
+            errors.push(format!("{}: process {pid} still works in it", t.display()));
+            continue;
+        }
         if let Err(e) = unmount_patiently(t) {
             errors.push(format!("{}: {e}", t.display()));
         }
@@ -424,7 +435,6 @@ pub fn release(c: &Container) -> Result<(), Error> {
     // Never a recursive removal: a directory that is still a mount point would take the
     // image with it. Only what the wrapper made, one name at a time.
     if errors.is_empty() {
-        let dir = c.dir();
         let dirs = c.mounts.iter().cloned().chain([dir.join("bundle")]);
         let files = ["bundle/config.json", "state.json", "lock"].map(|f| dir.join(f));
         let results = files
@@ -447,6 +457,27 @@ pub fn release(c: &Container) -> Result<(), Error> {
             errors: errors.join("; "),
         })
     }
+}
+
+/// A process whose root or working directory is on the FUSE mount at `target`, in any mount
+/// namespace: a container's processes outliving its init (no pid namespace of its own) still
+/// use its root through their own copy of the mount, which our unmount would not notice. The
+/// device number identifies a FUSE mount's file system; a kernel idmapped mount shares the
+/// source's, which says nothing, so this is for FUSE mounts only.
+fn process_inside(target: &Path) -> Option<u32> {
+    let dev = rustix::fs::stat(target).ok()?.st_dev;
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .find(|pid| {
+            ["root", "cwd"].iter().any(|link| {
+                rustix::fs::stat(format!("/proc/{pid}/{link}").as_str())
+                    .is_ok_and(|st| st.st_dev == dev)
+            })
+        })
 }
 
 /// A container's mount namespace goes away just after its init is reaped; until then its

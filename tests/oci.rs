@@ -817,3 +817,34 @@ fn runc_gc_never_unmounts_a_root_a_process_still_uses() {
     env.assert_clean();
     env.dir.finish();
 }
+
+#[test]
+fn runc_a_read_only_root_is_shifted_read_only() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-ro", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ext4, &src, env.path());
+    build_image(&src);
+    let b = env.bundle(
+        "ro",
+        &src,
+        100000,
+        "touch /x 2>/dev/null && echo wrote || echo refused",
+    );
+    let path = b.join("config.json");
+    let mut c: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    c["root"]["readonly"] = json!(true);
+    fs::write(&path, serde_json::to_vec(&c).unwrap()).unwrap();
+    run(env.wrapper(["create", "--bundle"]).arg(&b).arg("ro")).assert_ok();
+    let mount = mount_at(&env.run_dir.join("oci/ro/rootfs")).expect("root mounted");
+    assert!(mount.mount_options.contains(&"ro".to_string()), "{mount:?}");
+    run(&mut env.wrapper(["delete", "ro"])).assert_ok();
+    let out = run(env.wrapper(["run", "--bundle"]).arg(&b).arg("ro"));
+    assert_eq!(out.stdout, "refused\n", "{out}");
+    assert!(!src.join("x").exists());
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

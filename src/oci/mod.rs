@@ -246,7 +246,12 @@ fn create(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
         if let (true, Some(map)) = (shift_root, &user) {
             let target = dir.join("rootfs");
             // Setuid files in the image are the container's: its namespace bounds them.
-            shift_mount(&mut c, &root, &target, map, "suid")?;
+            let opts = if spec.root_read_only() {
+                "suid,ro"
+            } else {
+                "suid"
+            };
+            shift_mount(&mut c, &root, &target, map, opts)?;
             spec.set_root_path(&target);
         }
         for v in &volumes {

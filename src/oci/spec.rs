@@ -118,6 +118,11 @@ impl Spec {
         Ok(bundle.join(p))
     }
 
+    /// `root.readonly`.
+    pub fn root_read_only(&self) -> bool {
+        self.value["root"]["readonly"] == true
+    }
+
     pub fn set_root_path(&mut self, path: &Path) {
         self.value["root"]["path"] = Value::String(path.to_string_lossy().into_owned());
     }
@@ -279,6 +284,14 @@ mod tests {
         assert_eq!(v["root"]["path"], "/run/shiftfs/oci/c/rootfs");
         assert_eq!(v["x-unknown"]["kept"], true);
         assert!(s.idmap_mounts(Path::new("/b")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_read_only_root_is_seen() {
+        assert!(!spec(CONFIG).root_read_only());
+        assert!(
+            spec(&CONFIG.replace(r#""readonly": false"#, r#""readonly": true"#)).root_read_only()
+        );
     }
 
     #[test]

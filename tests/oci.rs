@@ -106,8 +106,33 @@ fn build_image(root: &Path) {
     std::os::unix::fs::chown(root, Some(0), Some(0)).unwrap();
 }
 
+/// Force-deletes, on Drop, every container left in a runtime state root (a failing test's
+/// containers would otherwise keep running); the test directory's own cleanup then removes
+/// the mounts. Declared before the directory in [`Env`], so it runs first.
+struct Containers {
+    runtime: PathBuf,
+    root: PathBuf,
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        // runc and crun keep one directory per container in their state root.
+        for e in fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let _ = Command::new(&self.runtime)
+                .arg("--root")
+                .arg(&self.root)
+                .args(["delete", "--force"])
+                .arg(e.file_name())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// Everything one test needs: its directory, run dir, runtime state root and image.
 struct Env {
+    _containers: Containers,
     dir: TestDir,
     rt: Runtime,
     run_dir: PathBuf,
@@ -122,7 +147,14 @@ impl Env {
         let run_dir = dir.path().join("run");
         let state_root = dir.path().join("runtime-state");
         let crun_script = (rt == Runtime::Crun).then(|| crun_wrapper(dir.path()));
+        let _containers = Containers {
+            runtime: crun_script
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/usr/sbin/runc")),
+            root: state_root.clone(),
+        };
         Self {
+            _containers,
             dir,
             rt,
             run_dir,
@@ -152,6 +184,9 @@ impl Env {
             .args(args)
             .env("SHIFTFS_RUN_DIR", &self.run_dir)
             .env("SHIFTFS_RUNTIME", self.real_runtime())
+            // The machine's /etc/shiftfs/runtime.toml is not this test's: only a file the
+            // test writes here counts.
+            .env("SHIFTFS_RUNTIME_CONFIG", self.path().join("runtime.toml"))
             .current_dir("/");
         c
     }
@@ -844,6 +879,45 @@ fn runc_a_read_only_root_is_shifted_read_only() {
     let out = run(env.wrapper(["run", "--bundle"]).arg(&b).arg("ro"));
     assert_eq!(out.stdout, "refused\n", "{out}");
     assert!(!src.join("x").exists());
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}
+
+#[test]
+fn runc_fuse_options_from_the_config_file_let_containers_see_each_others_changes() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-coherent", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    // Without it each FUSE root caches the miss of the name it polls for a day (the test
+    // `runc_two_containers_..._fuse` asks only after both wrote for that reason).
+    fs::write(
+        env.path().join("runtime.toml"),
+        "fuse_options = \"attr_timeout=0\"\n",
+    )
+    .unwrap();
+    let script = |me: &str, other: &str| {
+        format!(
+            "touch /tmp/{me} && while [ ! -e /tmp/{other} ]; do sleep 0.1; done && \
+             stat -c '%n %u %g' /tmp/{other} > /tmp/{me}.out && exec sleep 600"
+        )
+    };
+    let a = env.bundle("a", &src, 100000, &script("a", "b"));
+    let b = env.bundle("b", &src, 200000, &script("b", "a"));
+    for (id, bundle) in [("a", &a), ("b", &b)] {
+        run(env.wrapper(["run", "-d", "--bundle"]).arg(bundle).arg(id)).assert_ok();
+    }
+    for (me, other) in [("a", "b"), ("b", "a")] {
+        let out = wait_for_file(&src.join(format!("tmp/{me}.out")), Duration::from_secs(30));
+        assert_eq!(out, format!("/tmp/{other} 0 0\n"));
+    }
+    for id in ["a", "b"] {
+        run(&mut env.wrapper(["delete", "--force", id])).assert_ok();
+    }
     drop(_fs);
     env.assert_clean();
     env.dir.finish();

@@ -66,8 +66,39 @@ pub enum Error {
     },
 }
 
-/// The configuration file naming the real runtime (`runtime = "/usr/bin/crun"`).
+/// The wrapper's configuration file; `SHIFTFS_RUNTIME_CONFIG` names another.
 const CONFIG_FILE: &str = "/etc/shiftfs/runtime.toml";
+
+/// What the configuration file says (engines do not pass the environment on).
+#[derive(Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The real runtime (`runtime = "/usr/bin/crun"`).
+    pub runtime: Option<PathBuf>,
+    /// `-o` options for the mounts the FUSE backend serves, e.g. `attr_timeout=0` when
+    /// containers share one image and must see each other's changes at once.
+    pub fuse_options: Option<String>,
+}
+
+impl Settings {
+    /// The configuration file, or the defaults when there is none.
+    pub fn load() -> Result<Self, Error> {
+        let path = std::env::var_os("SHIFTFS_RUNTIME_CONFIG")
+            .map_or_else(|| PathBuf::from(CONFIG_FILE), PathBuf::from);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| Error::BadConfig {
+                path,
+                reason: e.to_string().trim().replace('\n', " "),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(Error::Io {
+                what: "cannot read",
+                path,
+                source,
+            }),
+        }
+    }
+}
 
 /// Searched after PATH for a runtime named without a directory.
 const FALLBACK_PATH: &[&str] = &[
@@ -79,21 +110,14 @@ const FALLBACK_PATH: &[&str] = &[
     "/bin",
 ];
 
-/// The real runtime: `--runtime-path`, else `SHIFTFS_RUNTIME`, else the configuration file
-/// (`SHIFTFS_RUNTIME_CONFIG` names another), else `runc` from PATH.
-pub fn real_runtime(inv: &Invocation) -> Result<PathBuf, Error> {
-    let config = || -> Option<PathBuf> {
-        let path = std::env::var_os("SHIFTFS_RUNTIME_CONFIG")
-            .map_or_else(|| PathBuf::from(CONFIG_FILE), PathBuf::from);
-        let text = std::fs::read_to_string(path).ok()?;
-        let v: toml::Value = toml::from_str(&text).ok()?;
-        v.get("runtime")?.as_str().map(PathBuf::from)
-    };
+/// The real runtime: `--runtime-path`, else `SHIFTFS_RUNTIME`, else the configuration file,
+/// else `runc` from PATH.
+pub fn real_runtime(inv: &Invocation, settings: &Settings) -> Result<PathBuf, Error> {
     let name = inv
         .runtime_path
         .clone()
         .or_else(|| std::env::var_os("SHIFTFS_RUNTIME").map(PathBuf::from))
-        .or_else(config)
+        .or_else(|| settings.runtime.clone())
         .unwrap_or_else(|| PathBuf::from("runc"));
     let found = if name.components().count() > 1 {
         Some(name.clone()).filter(|p| p.is_file())
@@ -123,9 +147,10 @@ pub fn real_runtime(inv: &Invocation) -> Result<PathBuf, Error> {
 /// Runs the wrapper for one runtime command line; returns the exit code to leave with.
 pub fn main(argv: &[OsString]) -> Result<i32, Error> {
     let inv = Invocation::parse(argv)?;
-    let runtime = real_runtime(&inv)?;
+    let settings = Settings::load()?;
+    let runtime = real_runtime(&inv, &settings)?;
     match inv.command.as_deref() {
-        Some("create" | "run") => create(&inv, &runtime),
+        Some("create" | "run") => create(&inv, &runtime, &settings),
         Some("delete") => delete(&inv, &runtime),
         _ => Err(exec(&runtime, &inv.passthrough())),
     }
@@ -179,7 +204,7 @@ fn runtime_idmaps(runtime: &Path, globals: &[String]) -> bool {
 }
 
 /// `create` and `run`: shift what needs it, run the runtime on the rewritten bundle.
-fn create(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
+fn create(inv: &Invocation, runtime: &Path, settings: &Settings) -> Result<i32, Error> {
     let Some(id) = inv.container_id() else {
         return Err(exec(runtime, &inv.passthrough()));
     };
@@ -251,13 +276,15 @@ fn create(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
             } else {
                 "suid"
             };
-            shift_mount(&mut c, &root, &target, map, opts)?;
+            let opts = with_fuse_options(opts, &root, settings);
+            shift_mount(&mut c, &root, &target, map, &opts)?;
             spec.set_root_path(&target);
         }
         for v in &volumes {
             let target = dir.join(format!("vol-{}", v.index));
             let opts = if v.read_only { "ro" } else { "rw" };
-            shift_mount(&mut c, &v.source, &target, &v.mapping, opts)?;
+            let opts = with_fuse_options(opts, &v.source, settings);
+            shift_mount(&mut c, &v.source, &target, &v.mapping, &opts)?;
             spec.replace_mount_source(v.index, &target);
         }
         spec.absolute_bind_sources(&bundle);
@@ -293,6 +320,15 @@ fn create(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
         Err(e) => tracing::warn!("container {id}: {e}; `shiftfs gc` will clean up later"),
     }
     Ok(code)
+}
+
+/// `opts`, plus the configured FUSE options when the FUSE backend will serve `source` (the
+/// kernel backend refuses options it would ignore).
+fn with_fuse_options(opts: &str, source: &Path, settings: &Settings) -> String {
+    match &settings.fuse_options {
+        Some(fuse) if !crate::backend::kernel::probe(source).supported => format!("{opts},{fuse}"),
+        _ => opts.to_string(),
+    }
 }
 
 /// Creates `path` (mode `mode`, owned by `uid`) if missing; never follows a symlink there.
@@ -576,20 +612,32 @@ mod tests {
     #[test]
     fn the_wrapper_never_runs_itself_as_the_runtime() {
         let me = std::env::current_exe().unwrap();
-        let e = real_runtime(&inv(&[
-            "--runtime-path",
-            me.to_str().unwrap(),
-            "state",
-            "c",
-        ]));
+        let inv = inv(&["--runtime-path", me.to_str().unwrap(), "state", "c"]);
+        let e = real_runtime(&inv, &Settings::default());
         assert!(matches!(e, Err(Error::RuntimeIsSelf(_))), "{e:?}");
     }
 
     #[test]
+    fn the_configuration_file_is_read_and_checked() {
+        let s: Settings =
+            toml::from_str("runtime = \"/usr/bin/crun\"\nfuse_options = \"attr_timeout=0\"")
+                .unwrap();
+        assert_eq!(s.runtime, Some(PathBuf::from("/usr/bin/crun")));
+        assert_eq!(s.fuse_options.as_deref(), Some("attr_timeout=0"));
+        assert!(
+            toml::from_str::<Settings>("runtme = \"x\"").is_err(),
+            "a typo is an error"
+        );
+    }
+
+    #[test]
     fn a_missing_runtime_is_named_with_what_to_do() {
-        let e = real_runtime(&inv(&["--runtime-path", "/nonexistent/runc", "state", "c"]))
-            .unwrap_err()
-            .to_string();
+        let e = real_runtime(
+            &inv(&["--runtime-path", "/nonexistent/runc", "state", "c"]),
+            &Settings::default(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("/nonexistent/runc") && e.contains("apt-get install runc"),
             "{e}"
@@ -598,7 +646,11 @@ mod tests {
 
     #[test]
     fn a_runtime_named_without_a_directory_is_searched_for() {
-        let found = real_runtime(&inv(&["--runtime-path", "sh", "state", "c"])).unwrap();
+        let found = real_runtime(
+            &inv(&["--runtime-path", "sh", "state", "c"]),
+            &Settings::default(),
+        )
+        .unwrap();
         assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
     }
 }

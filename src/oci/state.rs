@@ -129,7 +129,15 @@ pub fn runtime_state(runtime: &Path, globals: &[String], id: &str) -> Result<Opt
     if !out.status.success() {
         return Ok(None);
     }
+    // Success without the container's state document says nothing either way.
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if v["id"] != id {
+        return Err(Error::Io {
+            what: "the runtime's `state` answered without the container's state",
+            path: runtime.to_path_buf(),
+            source: io::Error::from(io::ErrorKind::InvalidData),
+        });
+    }
     Ok(Some(
         v["pid"]
             .as_u64()
@@ -233,5 +241,7 @@ mod tests {
             None
         );
         assert!(runtime_state(Path::new("/nonexistent/runtime"), &[], "c").is_err());
+        // `runc -v state c` prints the version and succeeds: no answer about the container.
+        assert!(runtime_state(Path::new("/bin/echo"), &[], "c").is_err());
     }
 }

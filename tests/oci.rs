@@ -498,12 +498,11 @@ fn crun_idmapped_volume_on_ramfs() {
 // ---------------------------------------------------------------------------------------------
 // Killed containers and a killed wrapper
 
-#[test]
-fn runc_sigkilled_container_then_delete_leaves_nothing() {
-    if !require_runtime(Runtime::Runc) {
+fn sigkilled_container_then_delete_leaves_nothing(rt: Runtime) {
+    if !require_runtime(rt) {
         return;
     }
-    let env = Env::new("oci-kill", Runtime::Runc);
+    let env = Env::new("oci-kill", rt);
     let src = env.path().join("image");
     let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
     build_image(&src);
@@ -530,6 +529,16 @@ fn runc_sigkilled_container_then_delete_leaves_nothing() {
     drop(_fs);
     env.assert_clean();
     env.dir.finish();
+}
+
+#[test]
+fn runc_sigkilled_container_then_delete_leaves_nothing() {
+    sigkilled_container_then_delete_leaves_nothing(Runtime::Runc);
+}
+
+#[test]
+fn crun_sigkilled_container_then_delete_leaves_nothing() {
+    sigkilled_container_then_delete_leaves_nothing(Runtime::Crun);
 }
 
 #[test]
@@ -606,12 +615,11 @@ fn runc_killed_wrapper_is_cleaned_up_by_gc() {
     env.dir.finish();
 }
 
-#[test]
-fn runc_delete_force_of_a_running_container_leaves_nothing() {
-    if !require_runtime(Runtime::Runc) {
+fn delete_force_of_a_running_container_leaves_nothing(rt: Runtime) {
+    if !require_runtime(rt) {
         return;
     }
-    let env = Env::new("oci-force", Runtime::Runc);
+    let env = Env::new("oci-force", rt);
     let src = env.path().join("image");
     let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
     build_image(&src);
@@ -626,6 +634,16 @@ fn runc_delete_force_of_a_running_container_leaves_nothing() {
     drop(_fs);
     env.assert_clean();
     env.dir.finish();
+}
+
+#[test]
+fn runc_delete_force_of_a_running_container_leaves_nothing() {
+    delete_force_of_a_running_container_leaves_nothing(Runtime::Runc);
+}
+
+#[test]
+fn crun_delete_force_of_a_running_container_leaves_nothing() {
+    delete_force_of_a_running_container_leaves_nothing(Runtime::Crun);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -411,12 +411,16 @@ fn delete(inv: &Invocation, runtime: &Path) -> Result<i32, Error> {
     };
     if Container::load(&id).is_some() {
         let _lock = Lock::take(&id)?;
-        if let Some(c) = Container::load(&id)
-            && let Some(why) = in_use(&c)
-        {
-            tracing::warn!("container {id}: mounts kept: {why}");
-        } else if let Some(c) = Container::load(&id) {
-            release(&c)?;
+        if let Some(c) = Container::load(&id) {
+            // crun returns from `delete --force` before the init it killed is gone.
+            let start = Instant::now();
+            while code == 0 && c.init_alive() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            match in_use(&c) {
+                Some(why) => tracing::warn!("container {id}: mounts kept: {why}"),
+                None => release(&c)?,
+            }
         }
     }
     for (id, why) in gc(Some(&id)).kept {

@@ -256,6 +256,10 @@ fn create(inv: &Invocation, runtime: &Path, settings: &Settings) -> Result<i32, 
         .map_or(0, |o| o.get());
     make_private_dir(&dir, 0o700, owner)?;
     let _lock = Lock::take(&id)?;
+    // Another create of this id may have won the lock.
+    if Container::load(&id).is_some() {
+        return Err(Error::Exists(id));
+    }
     let mut c = Container {
         id: id.clone(),
         runtime: runtime.to_path_buf(),

@@ -30,8 +30,8 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 r.options.clone(),
                 r.owner
                     .map_or_else(|| "-".into(), |uid| user_name(&passwd, uid)),
-                r.container().unwrap_or("-").to_string(),
                 pid,
+                r.container().unwrap_or("-").to_string(),
                 state.to_string(),
             ]
         })
@@ -43,8 +43,8 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         "MAP",
         "OPTIONS",
         "OWNER",
-        "CONTAINER",
         "PID",
+        "CONTAINER",
         "STATE",
     ];
     let mut width = head.map(str::len);

@@ -940,3 +940,69 @@ fn runc_fuse_options_from_the_config_file_let_containers_see_each_others_changes
     env.assert_clean();
     env.dir.finish();
 }
+
+/// `podman rmi -f IMAGE` on Drop.
+struct PodmanImage(String);
+
+impl Drop for PodmanImage {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rmi", "-f", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn podman_imported_image_with_uidmap_goes_to_the_runtime_unchanged() {
+    if !require_runtime(Runtime::Runc) || !require_tool("podman", "podman") {
+        return;
+    }
+    let env = Env::new("oci-podman-import", Runtime::Runc);
+    let src = env.dir.dir("image");
+    build_image(&src);
+    let tar = env.path().join("image.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."))
+    .assert_ok();
+    let image = format!("localhost/shiftfs-test-{}:latest", std::process::id());
+    let _image = PodmanImage(image.clone());
+    run(Command::new("podman")
+        .args(["import", "-q"])
+        .arg(&tar)
+        .arg(&image))
+    .assert_ok();
+    let link = env.path().join("shiftfs-runtime");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let name = format!("shiftfs-test-import-{}", std::process::id());
+    let _guard = PodmanContainer(name.clone());
+    let nofile = hard_limit("Max open files");
+    let nproc = hard_limit("Max processes")
+        .parse::<u64>()
+        .map_or(32768, |n| n.min(32768));
+    let out = run(Command::new("podman")
+        .arg("--runtime")
+        .arg(&link)
+        .args(["run", "-d", "--name", &name, "--network", "none"])
+        .args(["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"])
+        .arg(format!("--ulimit=nofile={nofile}:{nofile}"))
+        .arg(format!("--ulimit=nproc={nproc}:{nproc}"))
+        .args([&image, "/bin/sleep", "600"]));
+    out.assert_ok();
+    let cid = out.stdout.trim().to_string();
+    // containers/storage gave the container a copy chowned for its map: nothing to shift.
+    let exec = run(Command::new("podman").args(["exec", &name, "stat", "-c", "%u %g", "/"]));
+    assert_eq!(exec.stdout, "0 0\n", "{exec}");
+    assert!(
+        !Path::new(&format!("/run/shiftfs/oci/{cid}")).exists(),
+        "the wrapper shifted a root podman had shifted already"
+    );
+    run(Command::new("podman").args(["rm", "-f", "-t", "0", &name])).assert_ok();
+    env.assert_clean();
+    env.dir.finish();
+}

@@ -1006,3 +1006,43 @@ fn podman_imported_image_with_uidmap_goes_to_the_runtime_unchanged() {
     env.assert_clean();
     env.dir.finish();
 }
+
+#[test]
+fn runc_ctrl_c_on_a_foreground_run_still_cleans_up() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-ctrlc", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle(
+        "i",
+        &src,
+        100000,
+        "trap 'exit 0' INT; echo > /tmp/ready; while true; do sleep 0.1; done",
+    );
+    let mut cmd = env.wrapper(["run", "--bundle"]);
+    cmd.arg(&b)
+        .arg("i")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0);
+    let mut children = Children::default();
+    children.push(cmd.spawn().unwrap());
+    wait_for_file(&src.join("tmp/ready"), Duration::from_secs(30));
+    assert_eq!(mounts_under(&env.run_dir).len(), 1);
+    // What a terminal does on Ctrl-C: SIGINT to the whole foreground process group.
+    let wrapper = children.0[0].id();
+    rustix::process::kill_process_group(
+        rustix::process::Pid::from_raw(wrapper as i32).unwrap(),
+        rustix::process::Signal::INT,
+    )
+    .unwrap();
+    let status = wait_timeout(&mut children.0[0], Duration::from_secs(30)).expect("wrapper hung");
+    assert!(status.success(), "the container's exit status: {status}");
+    drop(children);
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

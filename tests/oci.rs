@@ -1046,3 +1046,31 @@ fn runc_ctrl_c_on_a_foreground_run_still_cleans_up() {
     env.assert_clean();
     env.dir.finish();
 }
+
+#[test]
+fn a_runtime_that_cannot_run_leaves_nothing_mounted() {
+    if !require_runtime(Runtime::Runc) {
+        return;
+    }
+    let env = Env::new("oci-norun", Runtime::Runc);
+    let src = env.path().join("image");
+    let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
+    build_image(&src);
+    let b = env.bundle("n", &src, 100000, "true");
+    let broken = env.path().join("not-executable");
+    fs::write(&broken, "#!/bin/sh\n").unwrap();
+    fs::set_permissions(&broken, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(env
+        .wrapper(["create", "--bundle"])
+        .arg(&b)
+        .arg("n")
+        .env("SHIFTFS_RUNTIME", &broken));
+    out.assert_fails();
+    assert!(
+        out.stderr.contains("cannot run the runtime") && out.stderr.contains("not-executable"),
+        "{out}"
+    );
+    drop(_fs);
+    env.assert_clean();
+    env.dir.finish();
+}

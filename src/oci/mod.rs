@@ -312,7 +312,15 @@ fn create(inv: &Invocation, runtime: &Path, settings: &Settings) -> Result<i32, 
         }
     };
 
-    let code = run_runtime(runtime, &inv.with_bundle(&new_bundle))?;
+    let code = match run_runtime(runtime, &inv.with_bundle(&new_bundle)) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Err(r) = release(&c) {
+                tracing::warn!("{r}");
+            }
+            return Err(e);
+        }
+    };
     match c.runtime_state() {
         Ok(Some(pid)) if pid > 0 => {
             c.set_init(pid);

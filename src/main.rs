@@ -36,6 +36,8 @@ enum Command {
     Scan(cli::scan::Args),
     /// Report what this machine supports and what to do about what is missing.
     Doctor(cli::doctor::Args),
+    /// Make or adopt an image for mounts through the broker (for users who are not root).
+    Image(cli::image::Args),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
         Command::Shift(a) => cli::shift::run(a),
         Command::Scan(a) => cli::scan::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
+        Command::Image(a) => cli::image::run(a),
     };
     cli::finish(result)
 }

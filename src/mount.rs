@@ -291,17 +291,28 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    // Never through a symlink: one planted by a container in its rootfs must not make us
-    // unmount something of the host's.
-    let target = match Dir::open(target) {
-        Ok(dir) => dir.path().to_path_buf(),
+    let target = unmount_name(target)?;
+    let lock = TargetLock::take(&target)?;
+    unmount_locked(&target, lazy, &lock)
+}
+
+/// The name to unmount and to lock for `target`: never reached through a symlink, since one
+/// planted by a container in its rootfs must not make us unmount something of the host's.
+pub fn unmount_name(target: &Path) -> Result<PathBuf, Error> {
+    match Dir::open(target) {
+        Ok(dir) => Ok(dir.path().to_path_buf()),
         Err(e @ crate::resolve::Error::Symlink { .. }) => {
-            return Err(Error::Target(absolute(target), e.reason()));
+            Err(Error::Target(absolute(target), e.reason()))
         }
         // A dead FUSE mount cannot be opened; its name is still what the table shows.
-        Err(_) => absolute(target),
-    };
-    let _lock = TargetLock::take(&target)?;
+        Err(_) => Ok(absolute(target)),
+    }
+}
+
+/// [`unmount`] of a name from [`unmount_name`], by a caller already holding its lock (the
+/// broker checks the mount's owner under the same lock).
+pub fn unmount_locked(target: &Path, lazy: bool, _lock: &TargetLock) -> Result<Unmounted, Error> {
+    let target = target.to_path_buf();
     let Some(info) = mounted_at(&target) else {
         // Prunes records of mounts gone by other means.
         let _ = Record::all();

@@ -50,7 +50,7 @@ impl Broker {
         )
         .unwrap();
         // Alice has 10 ids more than the policy lets one map use; one mount at once each.
-        let sub = "alice:100000:65536\nalice:165536:10\nbob:200000:65536\n";
+        let sub = "alice:300000:65536\nalice:365536:10\nbob:400000:65536\n";
         std::fs::write(etc.join("subuid"), sub).unwrap();
         std::fs::write(etc.join("subgid"), sub).unwrap();
         std::fs::write(
@@ -198,7 +198,7 @@ fn mount(source: &Path, target: Option<&Path>, map: &str, extra: &str) -> String
     )
 }
 
-/// Extra request fields asking for the FUSE backend, which the broker does not serve yet.
+/// Extra request fields asking for the FUSE backend.
 const FUSE: &str = ",\"backend\":\"fuse\"";
 
 fn error_of(v: &serde_json::Value) -> String {
@@ -226,23 +226,17 @@ fn judges_the_peer_not_the_request() {
     let private = broker.shared.join("private");
     mkdir(&private, 0o700, 0, 0);
     mkdir(&private.join("img"), 0o755, 0, 0);
-    let rw = format!("b:{BASE}:100000:65536");
+    let rw = format!("b:{BASE}:300000:65536");
     let bobs_owner = format!("owned by uid {BOB}, not by alice");
 
     let cases: Vec<(String, Option<&str>)> = vec![
-        // Allowed by every rule: reaches the (unwired) FUSE mount step.
-        (mount(&src, Some(&mnt), &rw, FUSE), None),
-        (
-            mount(&src, None, "b:0:100000:65536", ",\"read_only\":true"),
-            None,
-        ),
         // A request claiming another identity is not a request the broker reads.
         (
             r#"{"version":1,"op":"list","uid":0}"#.into(),
             Some("unknown field `uid`"),
         ),
         (
-            mount(&src, Some(&mnt), &format!("b:{BASE}:200000:10"), ""),
+            mount(&src, Some(&mnt), &format!("b:{BASE}:400000:10"), ""),
             Some("delegated to bob"),
         ),
         (
@@ -253,20 +247,20 @@ fn judges_the_peer_not_the_request() {
             mount(
                 &src,
                 Some(&mnt),
-                "b:0:100000:65536,b:70000:1000000:1",
+                "b:0:300000:65536,b:70000:3000000:1",
                 ",\"read_only\":true",
             ),
             Some("neither alice's own uid 61001"),
         ),
         (
-            mount(&src, Some(&mnt), "b:0:100000:65536", ""),
+            mount(&src, Some(&mnt), "b:0:300000:65536", ""),
             Some("inner ids 0-65535 are real host ids"),
         ),
         (
             mount(
                 &src,
                 Some(&mnt),
-                &format!("{rw},b:{}:165536:10", BASE + 65536),
+                &format!("{rw},b:{}:365536:10", BASE + 65536),
                 "",
             ),
             Some("covers 65546 ids; the policy allows at most 65536"),
@@ -308,14 +302,34 @@ fn judges_the_peer_not_the_request() {
     let replies = ask_as(ALICE, &[], &broker.socket, &lines);
     for ((line, want), reply) in cases.iter().zip(&replies) {
         let err = error_of(reply);
-        match want {
-            None => assert!(err.contains("not implemented yet"), "{line}: {err}"),
-            Some(w) => assert!(err.contains(w), "{line}: {err}"),
-        }
+        let want = want.expect("every case here is refused");
+        assert!(err.contains(want), "{line}: {err}");
     }
+    assert!(nothing_mounted_under(dir.path()));
+    // Allowed by every rule: a detached read-only tree (handed over, and closed with the
+    // helper's connection), and a FUSE mount on her own target.
+    let _guards = [Detach(mnt.clone()), Detach(bobs.clone())];
+    let alice = ask_as(
+        ALICE,
+        &[],
+        &broker.socket,
+        &[
+            mount(&src, None, "b:0:300000:65536", ",\"read_only\":true"),
+            mount(&src, Some(&mnt), &rw, FUSE),
+        ],
+    );
+    assert_eq!(
+        (&alice[0]["ok"], &alice[0]["detached"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{}",
+        alice[0]
+    );
+    assert_eq!(alice[1]["ok"], true, "{}", alice[1]);
+    assert_eq!(alice[1]["backend"], "fuse", "{}", alice[1]);
+    assert!(mount_at(&mnt).expect("mounted").fstype.starts_with("fuse"));
     // Bob is judged as bob: alice's map is not his, and the policy names alice, not bob,
     // unless he is in the containers group.
-    let bob_rw = format!("b:{BASE}:200000:65536");
+    let bob_rw = format!("b:{BASE}:400000:65536");
     let bob = ask_as(
         BOB,
         &[],
@@ -341,46 +355,59 @@ fn judges_the_peer_not_the_request() {
         &broker.socket,
         &[mount(&src, Some(&bobs), &bob_rw, FUSE)],
     );
-    assert!(
-        error_of(&bob_member[0]).contains("not implemented yet"),
-        "{}",
-        bob_member[0]
-    );
+    assert_eq!(bob_member[0]["ok"], true, "{}", bob_member[0]);
 
-    // Root may ask for anything; the same request alice was refused is allowed.
+    // Root may ask for anything; a request alice would be refused (her target is taken now,
+    // so root's own) is allowed, suid included.
+    let roots = dir.dir("mnt-root");
+    let _root_guard = Detach(roots.clone());
     let root = ask(
         &broker.socket,
         &mount(
             &src,
-            Some(&mnt),
+            Some(&roots),
             "b:0:0:1",
             ",\"suid\":true,\"backend\":\"fuse\"",
         ),
     );
-    assert!(error_of(&root).contains("not implemented yet"), "{root}");
+    assert_eq!(root["ok"], true, "{root}");
+    assert!(
+        root["options"].as_str().unwrap().contains(",suid"),
+        "{root}"
+    );
+    for t in [&mnt, &bobs, &roots] {
+        let v = ask(&broker.socket, &umount_line(t));
+        assert_eq!(v["ok"], true, "{v}");
+    }
 
-    // One audit line per decision (not for `list`'s parse error), with the real uid.
+    // One audit line per decision (not for `list`'s parse error), with the real uid, and
+    // one more with the result of each allowed operation.
     let audit = broker.audit_lines();
-    let decisions = cases.len() - 1 + 2 + 1 + 1;
-    assert_eq!(audit.len(), decisions, "{audit:#?}");
+    let refusals = cases.len() - 1 + 2;
+    let allowed = 2 + 1 + 1 + 3;
+    assert_eq!(audit.len(), refusals + 2 * allowed, "{audit:#?}");
     let first = &audit[0];
-    assert_eq!(first["uid"], ALICE);
-    assert_eq!(first["allowed"], true);
-    assert_eq!(first["op"], "mount");
-    assert_eq!(first["map"], rw);
-    assert!(first["exe"].as_str().unwrap().contains("broker"), "{first}");
-    let refused = &audit[2];
     assert_eq!(
-        (refused["uid"].as_u64(), &refused["allowed"]),
+        (first["uid"].as_u64(), &first["allowed"]),
         (Some(u64::from(ALICE)), &serde_json::json!(false))
     );
+    assert!(first["exe"].as_str().unwrap().contains("broker"), "{first}");
     assert!(
-        refused["reason"]
+        first["reason"]
             .as_str()
             .unwrap()
             .contains("delegated to bob")
     );
+    let fuse = audit
+        .iter()
+        .position(|a| a["backend"] == "fuse" && a["uid"] == ALICE)
+        .expect("alice's FUSE mount is audited");
+    assert_eq!(audit[fuse]["allowed"], true);
+    assert_eq!(audit[fuse]["map"], rw);
+    assert!(audit[fuse]["result"].is_null(), "decided before mounting");
+    assert_eq!(audit[fuse + 1]["result"], "ok");
     assert_eq!(audit.last().unwrap()["uid"], 0);
+    assert_eq!(audit.last().unwrap()["op"], "umount");
     assert!(nothing_mounted_under(dir.path()));
     drop(broker);
     dir.finish();
@@ -416,7 +443,7 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     std::os::unix::fs::chown(&file, Some(BASE + 5), Some(BASE + 7)).unwrap();
     let mnt = dir.path().join("mnt-alice");
     mkdir(&mnt, 0o755, ALICE, ALICE);
-    let rw = format!("b:{BASE}:100000:65536");
+    let rw = format!("b:{BASE}:300000:65536");
 
     let line = mount(&src, Some(&mnt), &rw, ",\"backend\":\"kernel\"");
     let reply = &ask_as(ALICE, &[], &broker.socket, &[line])[0];
@@ -443,9 +470,9 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     assert!(mount_at(&mnt2).is_none(), "a refused mount was made");
 
     let root = std::fs::metadata(&mnt).unwrap();
-    assert_eq!((root.uid(), root.gid()), (100000, 100000));
+    assert_eq!((root.uid(), root.gid()), (300000, 300000));
     let f = std::fs::metadata(mnt.join("f")).unwrap();
-    assert_eq!((f.uid(), f.gid()), (100005, 100007));
+    assert_eq!((f.uid(), f.gid()), (300005, 300007));
     assert_eq!(std::fs::read_to_string(mnt.join("f")).unwrap(), "image\n");
 
     let alice = &ask_as(ALICE, &[], &broker.socket, &[LIST.into()])[0];
@@ -480,36 +507,41 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     assert_eq!(alice[1]["mounts"], serde_json::json!([]), "{}", alice[1]);
     assert!(nothing_mounted_under(dir.path()));
 
-    // One audit line per decision: alice's mounts, bob's umount, alice's umount.
+    // One audit line per decision, written before acting, and one with the result of each
+    // allowed operation: alice's mounts, bob's umount, alice's umount.
     let audit = broker.audit_lines();
-    let seen: Vec<(u64, &str, bool)> = audit
+    let seen: Vec<(u64, &str, bool, Option<&str>)> = audit
         .iter()
         .map(|a| {
             (
                 a["uid"].as_u64().unwrap(),
                 a["op"].as_str().unwrap(),
                 a["allowed"].as_bool().unwrap(),
+                a["result"].as_str(),
             )
         })
         .collect();
+    let (a, b) = (u64::from(ALICE), u64::from(BOB));
     assert_eq!(
         seen,
         [
-            (u64::from(ALICE), "mount", true),
-            (u64::from(ALICE), "mount", false),
-            (u64::from(BOB), "umount", false),
-            (u64::from(ALICE), "umount", true),
+            (a, "mount", true, None),
+            (a, "mount", true, Some("ok")),
+            (a, "mount", false, None),
+            (b, "umount", false, None),
+            (a, "umount", true, None),
+            (a, "umount", true, Some("ok")),
         ],
         "{audit:#?}"
     );
     assert!(
-        audit[1]["reason"]
+        audit[2]["reason"]
             .as_str()
             .unwrap()
             .contains("per user (1)")
     );
     assert!(
-        audit[2]["reason"]
+        audit[3]["reason"]
             .as_str()
             .unwrap()
             .contains("only its owner")

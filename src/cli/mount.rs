@@ -50,8 +50,12 @@ pub struct Args {
     /// COMMAND there.
     #[arg(long, conflicts_with_all = ["foreground", "daemon_child"])]
     pub detached: bool,
-    /// With --detached: the command to run with the mount attached.
-    #[arg(last = true, value_name = "COMMAND")]
+    /// With --detached: the command to run with the mount attached (after `--`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<std::ffi::OsString>,
     /// Internal: this process is the backgrounded daemon; report readiness on stdout.
     #[arg(long, hide = true, requires_all = ["source_fd", "target_fd"])]

@@ -1,13 +1,13 @@
 //! The broker as users meet it: `shiftfsd` runs as root on a socket in a test directory, and
 //! real unprivileged processes (uids 61001 "alice" and 61002 "bob", switched to with
-//! `setpriv`) talk to it. The broker knows them only by `SO_PEERCRED`; their names come from
-//! a passwd file in the test directory, so the machine's user database is never touched.
-//! Kernel-backend mounts onto a target directory, unmounts and lists are performed; FUSE
-//! and detached mounts are not wired yet and are answered "not implemented yet", after the
-//! decision is audited.
+//! `setpriv`) talk to it, as raw protocol lines or through the `shiftfs` CLI. The broker
+//! knows them only by `SO_PEERCRED`; their names and subordinate ranges come from files in
+//! the test directory. The tests that need `newuidmap` also make them real accounts
+//! (`shiftfs-alice`, `shiftfs-bob`, with the same ranges in /etc/subuid and /etc/subgid).
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -770,3 +770,278 @@ fn shipped_units_verify() {
         .arg(dir.path().join("shiftfsd.service")));
     assert!(out.ok() && out.stderr.trim().is_empty(), "{}", out.stderr);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The project's own client: `shiftfs` run as alice or bob goes through the broker.
+
+/// The test users as real accounts: `newuidmap` (used by `unshare --map-users`) wants a
+/// passwd entry for its caller and its range in the real /etc/subuid and /etc/subgid. The
+/// ranges are the ones the broker's own files in the test directory give them. Created once,
+/// left in place (as scripts/setup.sh's `tests` user).
+fn real_users() -> bool {
+    static MADE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let made = MADE.get_or_init(|| {
+        for (name, uid, first) in [
+            ("shiftfs-alice", ALICE, 300000),
+            ("shiftfs-bob", BOB, 400000),
+        ] {
+            let exists = |db: &str, key: &str| run(Command::new("getent").args([db, key])).ok();
+            if !exists("group", &uid.to_string()) {
+                run(Command::new("groupadd").args(["-g", &uid.to_string(), name])).assert_ok();
+            }
+            if !exists("passwd", &uid.to_string()) {
+                run(Command::new("useradd").args([
+                    "-M",
+                    "-N",
+                    "-u",
+                    &uid.to_string(),
+                    "-g",
+                    &uid.to_string(),
+                    "-s",
+                    "/usr/sbin/nologin",
+                    name,
+                ]))
+                .assert_ok();
+            }
+            let range = format!("{first}-{}", first + 65535);
+            for (file, flag) in [
+                ("/etc/subuid", "--add-subuids"),
+                ("/etc/subgid", "--add-subgids"),
+            ] {
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                if !text
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}:{first}:")))
+                {
+                    run(Command::new("usermod").args([flag, &range, name])).assert_ok();
+                }
+            }
+        }
+        Ok(())
+    });
+    match made {
+        Ok(()) => true,
+        Err(e) => skip(e),
+    }
+}
+
+/// `shiftfs ARGS` as `uid` (its own gid, no other groups), talking to `broker`.
+fn shiftfs_as<I, S>(uid: u32, broker: &Broker, args: I) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = cmd_as(uid, uid, BIN, args);
+    c.env("SHIFTFS_BROKER", &broker.socket);
+    run_timeout(&mut c, Duration::from_secs(60))
+}
+
+const VIA_BROKER: &str = "not root here: asking the shiftfs broker";
+
+/// A directory owned by `uid`, as a home directory would be.
+fn home(dir: &TestDir, name: &str, uid: u32) -> PathBuf {
+    let p = dir.path().join(name);
+    mkdir(&p, 0o755, uid, uid);
+    p
+}
+
+/// Alice makes an image with `shiftfs image make`, asks `shiftfs mount --detached` for it
+/// inside her own `unshare -Urm`, and reads and writes through it there: as her namespace's
+/// root she is the image's root, and what she writes lands on disk as the image range's
+/// first id. Nothing is mounted in the host's namespace; without a namespace of her own the
+/// attach is refused with advice.
+#[test]
+fn detached_mount_is_attached_in_the_callers_namespace() {
+    if !require(Backend::Kernel) || !require_tool("unshare", "util-linux") {
+        return;
+    }
+    let dir = TestDir::new("broker-detached");
+    let broker = Broker::start(&dir);
+    let home = home(&dir, "home-alice", ALICE);
+    let img = home.join("img");
+    let made = shiftfs_as(
+        ALICE,
+        &broker,
+        [OsStr::new("image"), OsStr::new("make"), img.as_os_str()],
+    );
+    made.assert_ok();
+    assert!(made.stderr.contains(VIA_BROKER), "{made}");
+    assert_eq!(stat_ids(&img), (BASE, BASE));
+    assert_eq!(mode_of(&img) & 0o7777, 0o755);
+    file(&img.join("old"), b"from the image\n", 0o644, BASE, BASE);
+    let mnt = home.join("mnt");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let map = format!("b:{BASE}:{ALICE}:1");
+
+    let script = format!(
+        "set -e; id -u; stat -c '%u %g' {m} {m}/old; cat {m}/old; echo new > {m}/new; \
+         mkdir {m}/d; stat -c '%u %g' {m}/new; grep -c ' {m} ' /proc/self/mountinfo",
+        m = q(&mnt)
+    );
+    let mut c = cmd_as(
+        ALICE,
+        ALICE,
+        "unshare",
+        ["-Urm", BIN, "mount", "--detached", "--map", &map],
+    );
+    c.arg(&img).arg(&mnt).args(["--", "sh", "-c", &script]);
+    c.env("SHIFTFS_BROKER", &broker.socket);
+    let out = run_timeout(&mut c, Duration::from_secs(60));
+    out.assert_ok();
+    assert!(out.stderr.contains(VIA_BROKER), "{out}");
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["0", "0 0", "0 0", "from the image", "0 0", "1"],
+        "{out}"
+    );
+    // On disk: the image range's root, not alice's uid.
+    assert_eq!(stat_ids(img.join("new")), (BASE, BASE));
+    assert_eq!(stat_ids(img.join("d")), (BASE, BASE));
+    assert_eq!(std::fs::read_to_string(img.join("new")).unwrap(), "new\n");
+    assert!(
+        nothing_mounted_under(dir.path()),
+        "the mount leaked into the host namespace"
+    );
+
+    // Without a mount namespace of her own she cannot attach it.
+    let mut c = cmd_as(ALICE, ALICE, BIN, ["mount", "--detached", "--map", &map]);
+    c.arg(&img).arg(&mnt).env("SHIFTFS_BROKER", &broker.socket);
+    let out = run_timeout(&mut c, Duration::from_secs(60));
+    out.assert_fails();
+    assert!(out.stderr.contains("unshare -Urm"), "{out}");
+    assert!(nothing_mounted_under(dir.path()));
+    // make-image and both mounts were decided and done, and audited as such.
+    let audit = broker.audit_lines();
+    let ops: Vec<(&str, Option<&str>)> = audit
+        .iter()
+        .map(|a| (a["op"].as_str().unwrap(), a["result"].as_str()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("make-image", None),
+            ("make-image", Some("ok")),
+            ("mount", None),
+            ("mount", Some("ok")),
+            ("mount", None),
+            ("mount", Some("ok")),
+        ],
+        "{audit:#?}"
+    );
+    drop(broker);
+    dir.finish();
+}
+
+/// Alice's whole day with the CLI, on each backend: `shiftfs image make`, `shiftfs mount`
+/// (the transparent CLI says it asks the broker), `shiftfs list` (her mount, owned by her),
+/// a process of hers in `unshare --user --map-users` (via newuidmap, her subordinate range)
+/// reading and writing the image, with what it writes landing on disk as image-range ids;
+/// then her container root writes a setuid-root binary, which on disk belongs to the image
+/// range, and which gains bob nothing; `shiftfs umount`.
+fn users_container_writes_image_range_ids(backend: Backend) {
+    if !require(backend) || !require_tool("newuidmap", "uidmap") || !real_users() {
+        return;
+    }
+    let dir = TestDir::new(&format!("broker-userns-{backend}"));
+    let broker = Broker::start(&dir);
+    let home = home(&dir, "home-alice", ALICE);
+    let img = home.join("img");
+    let mnt = home.join("mnt");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let s = |p: &Path| p.display().to_string();
+    shiftfs_as(ALICE, &broker, ["image".into(), "make".into(), s(&img)]).assert_ok();
+    file(&img.join("old"), b"image file\n", 0o644, BASE + 5, BASE + 6);
+    let map = format!("b:{BASE}:300000:65536");
+    let _guard = Detach(mnt.clone());
+    let out = shiftfs_as(
+        ALICE,
+        &broker,
+        [
+            "mount".into(),
+            "--backend".into(),
+            backend.name().into(),
+            "--map".into(),
+            map.clone(),
+            s(&img),
+            s(&mnt),
+        ],
+    );
+    out.assert_ok();
+    assert!(out.stderr.contains(VIA_BROKER), "{out}");
+    assert!(
+        out.stdout.contains(&format!("on {}", mnt.display())),
+        "{out}"
+    );
+    let m = mount_at(&mnt).expect("mounted");
+    match backend {
+        Backend::Kernel => assert!(m.mount_options.iter().any(|o| o == "idmapped"), "{m:?}"),
+        Backend::Fuse => assert!(m.fstype.starts_with("fuse"), "{m:?}"),
+    }
+    let list = shiftfs_as(ALICE, &broker, ["list"]);
+    list.assert_ok();
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&s(&mnt)))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        row.contains("shiftfs-alice") && row.contains(backend.name()),
+        "{row}"
+    );
+    // Bob sees none of it.
+    let bobs = shiftfs_as(BOB, &broker, ["list"]);
+    assert_eq!(bobs.stdout.trim(), "no shifted mounts", "{bobs}");
+
+    let script = format!(
+        "set -e; id -u; stat -c '%u %g' {m}/old; cat {m}/old; echo data > {m}/f; \
+         mkdir {m}/d; chown 5:6 {m}/d; stat -c '%u %g' {m}/f {m}/d; \
+         cp /usr/bin/id {m}/id; chmod 4755 {m}/id; stat -c '%u %a' {m}/id",
+        m = q(&mnt)
+    );
+    let out = run_timeout(
+        &mut cmd_as(
+            ALICE,
+            ALICE,
+            "unshare",
+            [
+                "--user",
+                "--map-users=300000,0,65536",
+                "--map-groups=300000,0,65536",
+                "--setuid=0",
+                "--setgid=0",
+                "sh",
+                "-c",
+                &script,
+            ],
+        ),
+        Duration::from_secs(60),
+    );
+    out.assert_ok();
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["0", "5 6", "image file", "0 0", "5 6", "0 4755"],
+        "{out}"
+    );
+    // On disk, image-range ids only: the container's root is the range's first id.
+    assert_eq!(stat_ids(img.join("f")), (BASE, BASE));
+    assert_eq!(stat_ids(img.join("d")), (BASE + 5, BASE + 6));
+    assert_eq!(std::fs::read(img.join("f")).unwrap(), b"data\n");
+    // The setuid-root binary of the container is setuid to the range's root on the host.
+    assert_eq!(stat_ids(img.join("id")), (BASE, BASE));
+    assert_eq!(mode_of(img.join("id")) & 0o7777, 0o4755);
+    // Bob runs it: through the (nosuid) mount it runs as bob; straight from disk it runs as
+    // the image range's root, an id that is no one on this host. Root never.
+    let via_mount = run(&mut cmd_as(BOB, BOB, &s(&mnt.join("id")), ["-u"]));
+    assert_eq!(via_mount.assert_ok().stdout.trim(), BOB.to_string());
+    let from_disk = run(&mut cmd_as(BOB, BOB, &s(&img.join("id")), ["-u"]));
+    assert_eq!(from_disk.assert_ok().stdout.trim(), BASE.to_string());
+
+    let out = shiftfs_as(ALICE, &broker, ["umount".into(), s(&mnt)]);
+    out.assert_ok();
+    assert!(out.stderr.contains(VIA_BROKER), "{out}");
+    assert!(nothing_mounted_under(dir.path()));
+    drop(broker);
+    dir.finish();
+}
+
+backend_tests!(users_container_writes_image_range_ids);

@@ -1045,3 +1045,194 @@ fn users_container_writes_image_range_ids(backend: Backend) {
 }
 
 backend_tests!(users_container_writes_image_range_ids);
+
+/// `shiftfs image make` only in a directory of one's own and never over an existing name;
+/// `shiftfs image adopt` shifts a tree alice owns (her uid and her subordinate ids) into the
+/// image range, which she can then mount read-write; a tree with one inode of bob's, a tree
+/// of bob's, or a map reaching bob's range are refused, each with a reason, an audit line,
+/// and nothing changed.
+#[test]
+fn make_image_and_adopt() {
+    if !require(Backend::Kernel) {
+        return;
+    }
+    let dir = TestDir::new("broker-adopt");
+    let broker = Broker::start(&dir);
+    let home = home(&dir, "home-alice", ALICE);
+    let s = |p: &Path| p.display().to_string();
+    let image = |uid, args: &[String]| {
+        let mut a = vec!["image".to_string()];
+        a.extend_from_slice(args);
+        shiftfs_as(uid, &broker, a)
+    };
+
+    let out = image(ALICE, &["make".into(), s(&dir.path().join("img"))]);
+    out.assert_fails();
+    assert!(
+        out.stderr.contains("is owned by uid 0, not by alice"),
+        "{out}"
+    );
+    assert!(!dir.path().join("img").exists());
+    let taken = home.join("taken");
+    mkdir(&taken, 0o755, ALICE, ALICE);
+    let out = image(ALICE, &["make".into(), s(&taken)]);
+    assert!(
+        out.assert_fails().stderr.contains("already exists"),
+        "{out}"
+    );
+    assert_eq!(stat_ids(&taken), (ALICE, ALICE));
+
+    // A rootless-container tree: her uid is the container's root, 300000 + n - 1 its uid n.
+    let tree = home.join("tree");
+    mkdir(&tree, 0o755, ALICE, ALICE);
+    file(&tree.join("a"), b"a\n", 0o644, ALICE, ALICE);
+    mkdir(&tree.join("sub"), 0o755, 300004, 300004);
+    file(&tree.join("sub/b"), b"b\n", 0o4755, 300009, 300009);
+    symlink("a", &tree.join("link"), ALICE, ALICE);
+    let map = format!("b:0:{ALICE}:1,b:1:300000:65535");
+    let adopt = |uid, path: &Path, map: &str| {
+        image(uid, &["adopt".into(), s(path), "--map".into(), map.into()])
+    };
+
+    // One inode of bob's: refused by the shift itself, before anything is written.
+    let mixed = home.join("mixed");
+    mkdir(&mixed, 0o755, ALICE, ALICE);
+    file(&mixed.join("mine"), b"", 0o644, ALICE, ALICE);
+    file(&mixed.join("bobs"), b"", 0o644, BOB, BOB);
+    let before = snapshot(&mixed);
+    let out = adopt(ALICE, &mixed, &map);
+    assert!(
+        out.assert_fails().stderr.contains("have no mapping"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert_eq!(snapshot(&mixed), before);
+    assert_eq!(stat_ids(&mixed), (ALICE, ALICE));
+    // Bob's tree, and a map into bob's range.
+    let bobs = home.join("bobs");
+    mkdir(&bobs, 0o755, BOB, BOB);
+    let out = adopt(ALICE, &bobs, &map);
+    assert!(
+        out.assert_fails()
+            .stderr
+            .contains(&format!("owned by uid {BOB}, not by alice")),
+        "{out}"
+    );
+    let before = snapshot(&tree);
+    let out = adopt(ALICE, &tree, "b:0:400000:10");
+    assert!(
+        out.assert_fails().stderr.contains("delegated to bob"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&tree), before);
+
+    let out = adopt(ALICE, &tree, &map);
+    out.assert_ok();
+    assert!(out.stdout.contains("5 inodes, 5 changed"), "{out}");
+    assert_eq!(stat_ids(&tree), (BASE, BASE));
+    assert_eq!(stat_ids(tree.join("a")), (BASE, BASE));
+    assert_eq!(lstat_ids(tree.join("link")), (BASE, BASE));
+    assert_eq!(stat_ids(tree.join("sub")), (BASE + 5, BASE + 5));
+    assert_eq!(stat_ids(tree.join("sub/b")), (BASE + 10, BASE + 10));
+    assert_eq!(mode_of(tree.join("sub/b")) & 0o7777, 0o4755);
+
+    // Now it is her image: she mounts it read-write, and sees her container's ids.
+    let mnt = home.join("mnt");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let _guard = Detach(mnt.clone());
+    let rw = format!("b:{BASE}:300000:65536");
+    let args = [
+        "mount",
+        "--backend",
+        "kernel",
+        "--map",
+        &rw,
+        &s(&tree),
+        &s(&mnt),
+    ];
+    shiftfs_as(ALICE, &broker, args).assert_ok();
+    assert_eq!(stat_ids(mnt.join("sub/b")), (300010, 300010));
+    assert_eq!(std::fs::read(mnt.join("a")).unwrap(), b"a\n");
+    shiftfs_as(ALICE, &broker, ["umount".into(), s(&mnt)]).assert_ok();
+
+    let audit = broker.audit_lines();
+    let seen: Vec<(&str, bool, Option<&str>)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["op"].as_str().unwrap(),
+                a["allowed"].as_bool().unwrap(),
+                a["result"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen[..9],
+        [
+            ("make-image", false, None),
+            ("make-image", true, None),
+            ("make-image", true, Some("failed")),
+            ("adopt", true, None),
+            ("adopt", true, Some("failed")),
+            ("adopt", false, None),
+            ("adopt", false, None),
+            ("adopt", true, None),
+            ("adopt", true, Some("ok")),
+        ],
+        "{audit:#?}"
+    );
+    assert!(audit[4]["error"].as_str().unwrap().contains("no mapping"));
+    assert!(
+        audit[6]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("delegated to bob")
+    );
+    assert_eq!(audit[8]["map"], map);
+    drop(broker);
+    dir.finish();
+}
+
+/// The mount limit holds under concurrent requests: alice asks for four mounts at once, on
+/// four targets, with a limit of one; the count is taken under her lock, so exactly one is
+/// made and three are refused.
+#[test]
+fn the_limit_holds_under_concurrent_requests() {
+    if !require(Backend::Kernel) || !require_tool("setpriv", "util-linux") {
+        return;
+    }
+    let dir = TestDir::new("broker-race");
+    let broker = Broker::start(&dir);
+    let src = broker.shared.join("img");
+    mkdir(&src, 0o755, BASE, BASE);
+    let rw = format!("b:{BASE}:300000:65536");
+    let targets: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let t = dir.path().join(format!("mnt-{i}"));
+            mkdir(&t, 0o755, ALICE, ALICE);
+            t
+        })
+        .collect();
+    let _guards: Vec<Detach> = targets.iter().cloned().map(Detach).collect();
+    let replies: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let asks: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let line = mount(&src, Some(t), &rw, ",\"backend\":\"kernel\"");
+                let socket = &broker.socket;
+                scope.spawn(move || ask_as(ALICE, &[], socket, &[line]).remove(0))
+            })
+            .collect();
+        asks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let made = replies.iter().filter(|r| r["ok"] == true).count();
+    assert_eq!(made, 1, "{replies:#?}");
+    for r in replies.iter().filter(|r| r["ok"] != true) {
+        assert!(error_of(r).contains("per user (1)"), "{r}");
+    }
+    assert_eq!(mounts_under(dir.path()).len(), 1);
+    let mounted = targets.iter().find(|t| mount_at(t).is_some()).unwrap();
+    assert_eq!(ask(&broker.socket, &umount_line(mounted))["ok"], true);
+    drop(broker);
+    dir.finish();
+}

@@ -100,6 +100,21 @@ impl Broker {
         }
     }
 
+    /// The broker's child processes (pid, state), from /proc.
+    fn children(&self) -> Vec<(u32, char)> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let mut out = Vec::new();
+        for t in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for pid in list.split_whitespace().filter_map(|p| p.parse().ok()) {
+                if let Some((state, _)) = proc_stat(pid) {
+                    out.push((pid, state));
+                }
+            }
+        }
+        out
+    }
+
     fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
@@ -1040,6 +1055,16 @@ fn users_container_writes_image_range_ids(backend: Backend) {
     out.assert_ok();
     assert!(out.stderr.contains(VIA_BROKER), "{out}");
     assert!(nothing_mounted_under(dir.path()));
+    // The broker waited for its daemon: no zombie left behind.
+    let end = Instant::now() + Duration::from_secs(5);
+    while !broker.children().is_empty() {
+        assert!(
+            Instant::now() < end,
+            "children left: {:?}",
+            broker.children()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(broker);
     dir.finish();
 }

@@ -592,6 +592,9 @@ impl<'a> Connection<'a> {
             Some(r) => r.clone().owned_by(peer.uid).save()?,
             None => tracing::warn!("mounted, but the daemon left no record to give the caller"),
         }
+        if let Some(pid) = rec.as_ref().and_then(|r| r.pid) {
+            reap_when_done(pid);
+        }
         Ok(rec.map(|r| r.mount_id))
     }
 
@@ -870,6 +873,22 @@ impl Locks {
             Request::Version(_) | Request::List(_) => {}
         }
         Ok(locks)
+    }
+}
+
+/// The daemon (recorded as the process serving, which is the child started) is a child of
+/// the broker's for as long as it serves: wait for it, so that it leaves no zombie.
+fn reap_when_done(pid: u32) {
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name(format!("reap-{pid:?}"))
+        .spawn(move || {
+            let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to wait for the daemon {pid:?}: {e}");
     }
 }
 

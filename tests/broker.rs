@@ -312,6 +312,7 @@ fn judges_the_peer_not_the_request() {
             ),
             Some("only its owner or root may unmount it"),
         ),
+        (umount_line(&link), Some("is a symbolic link")),
     ];
     let lines: Vec<String> = cases.iter().map(|(l, _)| l.clone()).collect();
     let replies = ask_as(ALICE, &[], &broker.socket, &lines);
@@ -890,7 +891,8 @@ fn detached_mount_is_attached_in_the_callers_namespace() {
 
     let script = format!(
         "set -e; id -u; stat -c '%u %g' {m} {m}/old; cat {m}/old; echo new > {m}/new; \
-         mkdir {m}/d; stat -c '%u %g' {m}/new; grep -c ' {m} ' /proc/self/mountinfo",
+         mkdir {m}/d; stat -c '%u %g' {m}/new; grep ' {m} ' /proc/self/mountinfo | wc -l; \
+         grep ' {m} ' /proc/self/mountinfo | cut -d' ' -f6",
         m = q(&mnt)
     );
     let mut c = cmd_as(
@@ -905,10 +907,14 @@ fn detached_mount_is_attached_in_the_callers_namespace() {
     out.assert_ok();
     assert!(out.stderr.contains(VIA_BROKER), "{out}");
     assert_eq!(
-        out.stdout.lines().collect::<Vec<_>>(),
+        out.stdout.lines().take(6).collect::<Vec<_>>(),
         ["0", "0 0", "0 0", "from the image", "0 0", "1"],
         "{out}"
     );
+    let options = out.stdout.lines().nth(6).unwrap_or_default();
+    for opt in ["rw", "nosuid", "nodev", "idmapped"] {
+        assert!(options.split(',').any(|o| o == opt), "{opt}: {out}");
+    }
     // On disk: the image range's root, not alice's uid.
     assert_eq!(stat_ids(img.join("new")), (BASE, BASE));
     assert_eq!(stat_ids(img.join("d")), (BASE, BASE));

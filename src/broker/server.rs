@@ -461,12 +461,16 @@ impl<'a> Connection<'a> {
             op: req.op().into(),
             ..audit::Record::default()
         };
-        let locks = match Locks::take(peer, req) {
-            Ok(l) => l,
-            Err(e) => return Reply::error(&e),
-        };
+        describe(req, &mut rec);
         let mut held = Held::default();
-        let decision = self.judge(peer, req, &locks, &mut rec, &mut held);
+        // A name that cannot even be locked (a symlink to unmount, say) is refused, audited.
+        let (locks, decision) = match Locks::take(peer, req) {
+            Ok(locks) => {
+                let decision = self.judge(peer, req, &locks, &mut held);
+                (locks, decision)
+            }
+            Err(why) => (Locks::default(), Decision::Refuse(why)),
+        };
         rec.allowed = matches!(decision, Decision::Allow(_));
         if let Decision::Refuse(why) = &decision {
             rec.reason = Some(why.clone());
@@ -603,14 +607,7 @@ impl<'a> Connection<'a> {
     /// Paths are opened with the caller's file system credentials (this connection's thread
     /// only): a caller can name only what it could reach itself, and learns nothing from the
     /// answers about directories it cannot search.
-    fn judge(
-        &self,
-        peer: &Peer,
-        req: &Request,
-        locks: &Locks,
-        rec: &mut audit::Record,
-        held: &mut Held,
-    ) -> Decision {
+    fn judge(&self, peer: &Peer, req: &Request, locks: &Locks, held: &mut Held) -> Decision {
         let caller = match self.caller(peer) {
             Ok(c) => c,
             Err(why) => return Decision::Refuse(why),
@@ -645,25 +642,15 @@ impl<'a> Connection<'a> {
             }
         };
         match req {
-            Request::Mount(m) => {
-                rec.source = Some(m.source.clone());
-                rec.target = m.target.clone();
-                rec.map = Some(m.map.clone());
-                rec.backend = Some(format!("{:?}", m.backend).to_lowercase());
-                match self.mount_request(m, held) {
-                    Ok(r) => match self.context() {
-                        Ok((policy, db)) => rules::decide_mount(&caller, &r, &policy, &db, mounts),
-                        Err(why) => Decision::Refuse(why),
-                    },
+            Request::Mount(m) => match self.mount_request(m, held) {
+                Ok(r) => match self.context() {
+                    Ok((policy, db)) => rules::decide_mount(&caller, &r, &policy, &db, mounts),
                     Err(why) => Decision::Refuse(why),
-                }
-            }
-            Request::Umount(u) => {
-                rec.target = Some(u.target.clone());
-                rules::decide_umount(&caller, &u.target, owner)
-            }
+                },
+                Err(why) => Decision::Refuse(why),
+            },
+            Request::Umount(u) => rules::decide_umount(&caller, &u.target, owner),
             Request::MakeImage(p) => {
-                rec.target = Some(p.path.clone());
                 let parent = checked_path(&p.path).and_then(|path| {
                     let parent = path.parent().ok_or("/ has no parent")?.to_path_buf();
                     let name = path.file_name().ok_or("no name")?.to_os_string();
@@ -684,8 +671,6 @@ impl<'a> Connection<'a> {
                 }
             }
             Request::Adopt(a) => {
-                rec.source = Some(a.path.clone());
-                rec.map = Some(a.map.clone());
                 let judged = (|| {
                     let map = IdMapping::parse(&a.map).map_err(|e| e.to_string())?;
                     let (dir, uid, _) = checked_path(&a.path).and_then(|p| open_owner(&p))?;
@@ -821,6 +806,25 @@ impl Reply {
     }
 }
 
+/// What the request names, for its audit lines.
+fn describe(req: &Request, rec: &mut audit::Record) {
+    match req {
+        Request::Mount(m) => {
+            rec.source = Some(m.source.clone());
+            rec.target = m.target.clone();
+            rec.map = Some(m.map.clone());
+            rec.backend = Some(format!("{:?}", m.backend).to_lowercase());
+        }
+        Request::Umount(u) => rec.target = Some(u.target.clone()),
+        Request::MakeImage(p) => rec.target = Some(p.path.clone()),
+        Request::Adopt(a) => {
+            rec.source = Some(a.path.clone());
+            rec.map = Some(a.map.clone());
+        }
+        Request::Version(_) | Request::List(_) => {}
+    }
+}
+
 /// What the judging opened and the operation uses: no name is looked up twice.
 #[derive(Default)]
 struct Held {
@@ -834,6 +838,7 @@ struct Held {
 /// The locks an operation holds from before it is judged until it is done: the caller's own
 /// (mounts and counts its mounts), and the target's (the same [`TargetLock`] `shiftfs mount`
 /// and `umount` take), always in that order.
+#[derive(Default)]
 struct Locks {
     _user: Option<TargetLock>,
     _target: Option<TargetLock>,
@@ -844,11 +849,7 @@ struct Locks {
 impl Locks {
     fn take(peer: &Peer, req: &Request) -> Result<Self, String> {
         let lock = |p: &Path| TargetLock::take(p).map_err(|e| e.to_string());
-        let mut locks = Locks {
-            _user: None,
-            _target: None,
-            name: None,
-        };
+        let mut locks = Locks::default();
         match req {
             Request::Mount(m) => {
                 // Not a real path: the name of the per-user lock of the mount count.

@@ -56,6 +56,16 @@ fn main() -> ExitCode {
             std::env::args_os().skip(1).collect(),
         ));
     }
+    // The broker's helper that locks a detached mount's flags (see broker::lock).
+    if let Some(fd) = std::env::args().nth(1).and_then(|a| {
+        a.strip_prefix(shiftfs::broker::lock::HELPER_ARG)?
+            .strip_prefix('=')?
+            .parse()
+            .ok()
+    }) {
+        cli::init_logging(0);
+        return cli::finish(cli::broker::lock_helper(fd, std::env::args_os().nth(2)));
+    }
     let args = Cli::parse();
     cli::init_logging(args.verbose);
     let result = match args.command {

@@ -924,6 +924,45 @@ fn detached_mount_is_attached_in_the_callers_namespace() {
         "the mount leaked into the host namespace"
     );
 
+    // The flags are locked: her namespace's root cannot remount a read-only tree read-write,
+    // nor drop nosuid or nodev.
+    let script = format!(
+        "mount -o remount,bind,rw,suid,dev {m} || echo refused; \
+         mount -o remount,bind,rw {m} || echo refused; \
+         grep ' {m} ' /proc/self/mountinfo | cut -d' ' -f6; touch {m}/x || echo read-only",
+        m = q(&mnt)
+    );
+    let mut c = cmd_as(
+        ALICE,
+        ALICE,
+        "unshare",
+        [
+            "-Urm",
+            BIN,
+            "mount",
+            "--detached",
+            "-o",
+            "ro",
+            "--map",
+            &map,
+        ],
+    );
+    c.arg(&img).arg(&mnt).args(["--", "sh", "-c", &script]);
+    c.env("SHIFTFS_BROKER", &broker.socket);
+    let out = run_timeout(&mut c, Duration::from_secs(60));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(
+        (lines.len(), lines[0], lines[1], lines[3]),
+        (4, "refused", "refused", "read-only"),
+        "{out}"
+    );
+    for opt in ["ro", "nosuid", "nodev", "idmapped"] {
+        assert!(lines[2].split(',').any(|o| o == opt), "{opt}: {out}");
+    }
+    assert!(!img.join("x").exists());
+
     // Without a mount namespace of her own she cannot attach it.
     let mut c = cmd_as(ALICE, ALICE, BIN, ["mount", "--detached", "--map", &map]);
     c.arg(&img).arg(&mnt).env("SHIFTFS_BROKER", &broker.socket);
@@ -942,6 +981,8 @@ fn detached_mount_is_attached_in_the_callers_namespace() {
         [
             ("make-image", None),
             ("make-image", Some("ok")),
+            ("mount", None),
+            ("mount", Some("ok")),
             ("mount", None),
             ("mount", Some("ok")),
             ("mount", None),

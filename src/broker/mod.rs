@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod lock;
 pub mod policy;
 pub mod protocol;
 pub mod rules;

@@ -135,6 +135,11 @@ pub fn default_shiftfs() -> PathBuf {
         .unwrap_or_else(|| "shiftfs".into())
 }
 
+/// Held while starting a child that is handed fds: handing them over clears their
+/// close-on-exec flag for a moment, and no other child may be started meanwhile and inherit
+/// them.
+static SPAWNING: Mutex<()> = Mutex::new(());
+
 /// Counts of connections being served, in all and per uid.
 #[derive(Default)]
 struct Slots {
@@ -524,6 +529,14 @@ impl<'a> Connection<'a> {
         if m.detached {
             let tree = detached_tree(&source, &mapping, mount_flags)
                 .map_err(|e| format!("mount failed: {e}"))?;
+            let scratch = crate::registry::run_dir();
+            std::fs::create_dir_all(&scratch)
+                .map_err(|e| format!("mount failed: {}: {e}", scratch.display()))?;
+            let tree = {
+                let _one = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+                super::lock::locked(&self.config.shiftfs, tree, &scratch)
+            }
+            .map_err(|e| format!("mount failed: cannot lock its flags: {e}"))?;
             tracing::info!(uid = peer.uid, source = %source.path().display(), "detached mount handed over");
             return Ok(Reply {
                 line: protocol::ok(json!({
@@ -583,9 +596,6 @@ impl<'a> Connection<'a> {
     ) -> Result<Option<u64>, crate::mount::Error> {
         crate::mount::check_fuse_device()?;
         {
-            // Handing the fds to the daemon clears their close-on-exec flag for a moment: no
-            // other connection's daemon may be started meanwhile and inherit them.
-            static SPAWNING: Mutex<()> = Mutex::new(());
             let _one = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
             crate::daemon::spawn_exe(&self.config.shiftfs, req, dirs)?;
         }

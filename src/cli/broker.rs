@@ -219,3 +219,12 @@ fn text(v: &Value) -> String {
         v => v.to_string(),
     }
 }
+
+/// `shiftfs --lock-mount-helper-fd=N SCRATCH`, started by the broker only.
+pub fn lock_helper(fd: i32, scratch: Option<OsString>) -> anyhow::Result<()> {
+    let scratch = scratch.context("no scratch directory given")?;
+    // SAFETY: the number comes from our parent's command line, at start-up, before anything
+    // in this process opened a file: nothing else owns it.
+    let sock = unsafe { shiftfs::sys::inherit::take(fd) }?;
+    shiftfs::broker::lock::helper(sock, Path::new(&scratch)).map_err(anyhow::Error::msg)
+}

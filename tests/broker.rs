@@ -427,6 +427,12 @@ fn judges_the_peer_not_the_request() {
     assert_eq!(audit[fuse + 1]["result"], "ok");
     assert_eq!(audit.last().unwrap()["uid"], 0);
     assert_eq!(audit.last().unwrap()["op"], "umount");
+    // Lock files only for the three users' mount counts and the three mounted targets: the
+    // refused requests' paths left none behind.
+    let locks = std::fs::read_dir(dir.path().join("records/locks"))
+        .unwrap()
+        .count();
+    assert_eq!(locks, 3 + 3, "{:?}", ls(dir.path().join("records/locks")));
     assert!(nothing_mounted_under(dir.path()));
     drop(broker);
     dir.finish();

@@ -29,7 +29,7 @@ use rustix::fs::{Mode, OFlags};
 
 use super::audit::{self, Audit};
 use super::policy::{self, ImageRange, Policy};
-use super::protocol::{self, PathArg, Request};
+use super::protocol::{self, Request};
 use super::rules::{self, Caller, Decision, Flags, MountRequest, Source, Target};
 use super::subid;
 use crate::backend::kernel;
@@ -567,6 +567,8 @@ impl<'a> Connection<'a> {
             fuse: options::FuseTuning::default(),
         };
         let fail = |e: crate::mount::Error| format!("mount failed: {e}");
+        // Held until the mount is in place: no other mount lands on the target meanwhile.
+        let _target = TargetLock::take(&req.target).map_err(|e| fail(e.into()))?;
         crate::mount::check(&req, &dirs).map_err(fail)?;
         let (backend, _) = crate::mount::choose_backend(&req, &dirs).map_err(fail)?;
         req.backend = backend;
@@ -845,14 +847,17 @@ struct Held {
     image: Option<ImageRange>,
 }
 
-/// The locks an operation holds from before it is judged until it is done: the caller's own
-/// (mounts and counts its mounts), and the target's (the same [`TargetLock`] `shiftfs mount`
-/// and `umount` take), always in that order.
+/// The locks held from before a request is judged until it is done, so that what was judged
+/// still holds when it is performed: for `mount`, the caller's own (its mount count); for
+/// `umount` of a mount point, the target's (its owner; the same [`TargetLock`] `shiftfs
+/// mount` and `umount` take). A mount takes its target's lock once allowed, before the
+/// target is checked again and mounted on. Lock files are made only for the caller's uid
+/// and for mount points, so requests cannot fill the run directory with them.
 #[derive(Default)]
 struct Locks {
     _user: Option<TargetLock>,
-    _target: Option<TargetLock>,
-    /// The target's name as locked; for `umount`, the name to unmount.
+    target: Option<TargetLock>,
+    /// For `umount`, the name to unmount.
     name: Option<PathBuf>,
 }
 
@@ -861,27 +866,20 @@ impl Locks {
         let lock = |p: &Path| TargetLock::take(p).map_err(|e| e.to_string());
         let mut locks = Locks::default();
         match req {
-            Request::Mount(m) => {
+            Request::Mount(_) => {
                 // Not a real path: the name of the per-user lock of the mount count.
                 let user = PathBuf::from(format!("/.shiftfsd-user-{}", peer.uid));
                 locks._user = Some(lock(&user)?);
-                if let Some(t) = m.target.as_deref().and_then(|t| checked_path(t).ok()) {
-                    locks._target = Some(lock(&t)?);
-                    locks.name = Some(t);
-                }
             }
             Request::Umount(u) => {
                 let path = checked_path(&u.target)?;
                 let name = crate::mount::unmount_name(&path).map_err(|e| e.to_string())?;
-                locks._target = Some(lock(&name)?);
+                if crate::mount::mounted_at(&name).is_some() {
+                    locks.target = Some(lock(&name)?);
+                }
                 locks.name = Some(name);
             }
-            Request::MakeImage(PathArg { path }) | Request::Adopt(protocol::Adopt { path, .. }) => {
-                if let Ok(p) = checked_path(path) {
-                    locks._target = Some(lock(&p)?);
-                }
-            }
-            Request::Version(_) | Request::List(_) => {}
+            Request::MakeImage(_) | Request::Adopt(_) | Request::Version(_) | Request::List(_) => {}
         }
         Ok(locks)
     }
@@ -920,10 +918,20 @@ fn detached_tree(
 /// Performs an allowed unmount of the name locked (never through a symlink; see
 /// [`crate::mount::unmount_name`]), under the lock the owner was checked under.
 fn unmount(peer: &Peer, locks: &Locks) -> Result<Reply, String> {
-    let (Some(name), Some(lock)) = (&locks.name, &locks._target) else {
+    let Some(name) = &locks.name else {
         return Err("umount was allowed, but its target was not kept".into());
     };
-    crate::mount::unmount_locked(name, false, lock).map_err(|e| format!("umount failed: {e}"))?;
+    let fail = |e: crate::mount::Error| format!("umount failed: {e}");
+    // Only root gets here for a name that was no mount point when judged.
+    let taken;
+    let lock = match &locks.target {
+        Some(l) => l,
+        None => {
+            taken = TargetLock::take(name).map_err(|e| fail(e.into()))?;
+            &taken
+        }
+    };
+    crate::mount::unmount_locked(name, false, lock).map_err(fail)?;
     tracing::info!(uid = peer.uid, target = %name.display(), "unmounted");
     Ok(Reply::ok(json!({ "target": name.display().to_string() })))
 }

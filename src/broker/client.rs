@@ -96,3 +96,59 @@ pub fn ask(socket: &Path, req: &Request) -> Result<Answer, Error> {
         fd: fds.into_iter().next(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::protocol::Empty;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    /// A one-shot server that checks the request line and answers with `reply` (and a file).
+    fn serve(reply: &'static str, with_fd: bool) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert_eq!(line, "{\"op\":\"list\",\"version\":1}\n");
+            if with_fd {
+                let f = tempfile::tempfile().unwrap();
+                let n = crate::sys::fdpass::send_with_fd(s.as_fd(), reply.as_bytes(), f.as_fd())
+                    .unwrap();
+                (&s).write_all(&reply.as_bytes()[n..]).unwrap();
+            } else {
+                (&s).write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn reads_the_reply_and_its_fd() {
+        let (_d, path) = serve("{\"ok\":true,\"detached\":true}\n", true);
+        let a = ask(&path, &Request::List(Empty {})).unwrap();
+        assert_eq!(a.fields["detached"], true);
+        assert!(a.fd.is_some());
+    }
+
+    #[test]
+    fn a_refusal_is_an_error_with_the_brokers_words() {
+        let (_d, path) = serve("{\"ok\":false,\"error\":\"no way\"}\n", false);
+        let e = ask(&path, &Request::List(Empty {})).unwrap_err();
+        assert_eq!(e.to_string(), "the broker says: no way");
+    }
+
+    #[test]
+    fn says_what_to_do_when_no_broker_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ask(&dir.path().join("none"), &Request::List(Empty {})).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("shiftfsd must be running") && text.contains(SOCKET_ENV),
+            "{text}"
+        );
+    }
+}

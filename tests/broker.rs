@@ -9,7 +9,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,6 +62,11 @@ impl Broker {
             ),
         )
         .unwrap();
+        // The administrator's files need not be readable by users: the broker reads them as
+        // root, not with the caller's credentials it takes to open the caller's paths.
+        for f in ["policy.toml", "subuid", "subgid", "passwd", "group"] {
+            std::fs::set_permissions(etc.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let socket = dir.path().join("run/broker.sock");
         let audit = dir.path().join("log/audit.log");
         let mut cmd = Command::new(SHIFTFSD);

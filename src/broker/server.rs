@@ -638,6 +638,12 @@ impl<'a> Connection<'a> {
                 .count(),
             _ => 0,
         };
+        // The policy and subid files are the administrator's, read as root (they need not be
+        // readable by users).
+        let context = match req {
+            Request::Mount(_) | Request::MakeImage(_) | Request::Adopt(_) => self.context(),
+            _ => Err(String::new()),
+        };
         let _as_caller = if peer.uid == 0 {
             None
         } else {
@@ -654,12 +660,9 @@ impl<'a> Connection<'a> {
             }
         };
         match req {
-            Request::Mount(m) => match self.mount_request(m, held) {
-                Ok(r) => match self.context() {
-                    Ok((policy, db)) => rules::decide_mount(&caller, &r, &policy, &db, mounts),
-                    Err(why) => Decision::Refuse(why),
-                },
-                Err(why) => Decision::Refuse(why),
+            Request::Mount(m) => match (self.mount_request(m, held), context) {
+                (Ok(r), Ok((policy, db))) => rules::decide_mount(&caller, &r, &policy, &db, mounts),
+                (Err(why), _) | (_, Err(why)) => Decision::Refuse(why),
             },
             Request::Umount(u) => rules::decide_umount(&caller, &u.target, owner),
             Request::MakeImage(p) => {
@@ -670,7 +673,7 @@ impl<'a> Connection<'a> {
                 });
                 let judged = parent.and_then(|(dir, name)| {
                     let (fd, uid, _) = open_owner(&dir)?;
-                    let (policy, _) = self.context()?;
+                    let (policy, _) = context?;
                     Ok((dir, name, fd, uid, policy.image_range))
                 });
                 match judged {
@@ -686,7 +689,7 @@ impl<'a> Connection<'a> {
                 let judged = (|| {
                     let map = IdMapping::parse(&a.map).map_err(|e| e.to_string())?;
                     let (dir, uid, _) = checked_path(&a.path).and_then(|p| open_owner(&p))?;
-                    let (policy, db) = self.context()?;
+                    let (policy, db) = context?;
                     Ok::<_, String>((map, dir, uid, policy, db))
                 })();
                 match judged {

@@ -766,7 +766,8 @@ fn takes_a_socket_from_socket_activation() {
     }
     let guard = Kill(&mut child);
     let end = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    // The socket file appears at bind(2), a moment before listen(2): wait until it accepts.
+    while UnixStream::connect(&sock).is_err() {
         assert!(
             Instant::now() < end,
             "systemd-socket-activate did not listen"

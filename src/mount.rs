@@ -184,6 +184,10 @@ pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String
 
 fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     match req.backend {
+        Backend::Fuse if req.fuse.idmappable => Ok((
+            Backend::Fuse,
+            "idmappable: unshifted, for an idmapped mount on top".into(),
+        )),
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
             let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);

@@ -261,8 +261,10 @@ impl Filesystem for ShiftFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // The kernel keeps the credentials of the registration for every passthrough write.
-        match self.do_open(self.opener(req), ino, flags, |fd| {
-            let _writer = register_creds(self.host_ids(req))?;
+        // One look at the caller's ids (on an idmappable mount a read of /proc) for both.
+        let host = self.host_ids(req);
+        match self.do_open(host.0.get(), ino, flags, |fd| {
+            let _writer = register_creds(host)?;
             reply.open_backing(fd)
         }) {
             Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
@@ -362,7 +364,7 @@ impl Filesystem for ShiftFs {
         } else {
             FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
         };
-        match self.do_opendir(self.opener(req), ino) {
+        match self.do_opendir(self.host_ids(req).0.get(), ino) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
@@ -492,8 +494,9 @@ impl Filesystem for ShiftFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent, name, mode, umask, flags, |fd| {
-            let _writer = register_creds(self.host_ids(req))?;
+        let host = self.host_ids(req);
+        match self.do_create(req, parent, name, mode, umask, flags, host.0, |fd| {
+            let _writer = register_creds(host)?;
             reply.open_backing(fd)
         }) {
             Ok((attr, fh, fl, Some(b))) => {

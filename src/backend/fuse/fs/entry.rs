@@ -193,11 +193,12 @@ impl ShiftFs {
         mode: u32,
         umask: u32,
         flags: i32,
+        opener: OuterUid,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(FileAttr, u64, FopenFlags, Option<Arc<BackingId>>)> {
         let p = self.inode(parent)?;
         self.check_writable(&p)?;
-        let slot = self.open_slot(self.opener(req))?;
+        let slot = self.open_slot(opener.get())?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;

@@ -394,17 +394,13 @@ impl ShiftFs {
         (OuterUid::new(uid), OuterGid::new(gid))
     }
 
-    /// The key of the open-file share: the caller's host uid, whatever the request carries.
-    fn opener(&self, req: &Request) -> u32 {
-        self.host_ids(req).0.get()
-    }
-
     fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>> {
         self.inodes.get(ino.0).ok_or(Errno::ESTALE)
     }
 
-    /// A place under the open-file cap for a file or directory `uid` opens: ENFILE past it
-    /// (the opener is refused, not the daemon's other work).
+    /// A place under the open-file cap for a file or directory `uid` (the caller's host uid,
+    /// whatever the request carries) opens: ENFILE past it (the opener is refused, not the
+    /// daemon's other work).
     fn open_slot(&self, uid: u32) -> Result<Slot> {
         self.open_limit.acquire(uid).ok_or(Errno::ENFILE)
     }

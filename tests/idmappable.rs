@@ -455,3 +455,55 @@ fn idmapped_tmpfs_is_reidmapped() {
     drop(_tmpfs);
     dir.finish();
 }
+
+/// Whether an access ACL change keeps setgid, for a container's callers through the stack,
+/// as the kernel decides on its own idmapped mount of a copy: the daemon, which is told no
+/// caller ids, takes the callers' ids as their namespace sees them.
+#[test]
+fn setgid_after_acl_change_for_container_callers() {
+    if !require(Backend::Stack) || !require_tool("setfacl", "acl") {
+        return;
+    }
+    let dir = TestDir::new("idm-acl-sgid");
+    let (src, copy) = (dir.dir("src"), dir.dir("copy"));
+    let names = ["outsider", "member", "nsroot"];
+    for name in names {
+        file(&src.join(name), b"x\n", 0o2770, 1000, 2000);
+        file(&copy.join(name), b"x\n", 0o2770, 1000, 2000);
+    }
+    let (mnt, kmnt) = (dir.dir("mnt"), dir.dir("kmnt"));
+    let m = ShiftMount::new(Backend::Stack, MAP, &src, &mnt);
+    let k = ShiftMount::new(Backend::Kernel, MAP, &copy, &kmnt);
+    let ns = UserNs::new(NS_MAP);
+    for root in [&mnt, &kmnt] {
+        let setfacl = |uid, gid, name: &str| {
+            run(&mut ns.sh_as(
+                uid,
+                gid,
+                &format!("setfacl -m u:3000:r {}", q(root.join(name))),
+            ))
+            .assert_ok();
+        };
+        setfacl(1000, 1000, "outsider");
+        setfacl(1000, 2000, "member");
+        setfacl(0, 0, "nsroot");
+    }
+    for name in names {
+        assert_eq!(
+            mode_of(src.join(name)),
+            mode_of(copy.join(name)),
+            "{name}: mode after the ACL change, through the stack vs the kernel's own"
+        );
+    }
+    assert_eq!(
+        mode_of(src.join("outsider")) & 0o2000,
+        0,
+        "not in the group"
+    );
+    assert_eq!(mode_of(src.join("member")) & 0o2000, 0o2000, "in the group");
+    assert_eq!(mode_of(src.join("nsroot")) & 0o2000, 0o2000, "CAP_FSETID");
+    drop(ns);
+    k.unmount();
+    m.unmount();
+    dir.finish();
+}

@@ -225,6 +225,17 @@ impl Caller {
     /// user namespace sees them. That is exact when the stacked mount's map is that
     /// namespace's (a container's rootfs or volume) or there is no idmapped mount in between
     /// (the host directly); otherwise setgid may go where the kernel would keep it.
+    /// The caller's fsuid and fsgid as its own user namespace sees them; `None` when unknown
+    /// or unmapped there. Stands for the ids a request through an idmapped mount would carry,
+    /// under the assumption `may_keep_setgid_in_own_ns` explains.
+    pub fn fs_ids_in_own_ns(&self) -> Option<(u32, u32)> {
+        let (ns, (uid, gid)) = (self.userns.as_ref()?, self.fs_ids?);
+        Some((
+            ns.uid.to_inner(OuterUid::new(uid))?.get(),
+            ns.gid.to_inner(OuterGid::new(gid))?.get(),
+        ))
+    }
+
     pub fn may_keep_setgid_in_own_ns(&self, file_uid: u32, file_gid: u32) -> bool {
         let (Some(ns), Some((_, fsgid))) = (&self.userns, self.fs_ids) else {
             return false;
@@ -277,6 +288,7 @@ mod tests {
             ..Caller::default()
         };
         // fsgid 102000 is the namespace's 2000, the file's group on the filesystem.
+        assert_eq!(ns(vec![], 0).fs_ids_in_own_ns(), Some((1000, 2000)));
         assert!(ns(vec![], 0).may_keep_setgid_in_own_ns(1000, 2000));
         assert!(!ns(vec![], 0).may_keep_setgid_in_own_ns(1000, 3000));
         assert!(ns(vec![103000], 0).may_keep_setgid_in_own_ns(1000, 3000));

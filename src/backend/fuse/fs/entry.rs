@@ -169,9 +169,12 @@ impl ShiftFs {
         if flags.contains(rustix::fs::RenameFlags::WHITEOUT) {
             // The whiteout left at the old name is a new object: it must belong to the
             // caller, as on the plain file system, not to the daemon. A RENAME on an
-            // idmappable mount carries no caller: the whiteout is the filesystem root's.
+            // idmappable mount carries no caller ids: the caller's ids in its own user
+            // namespace stand for them (see `Caller::may_keep_setgid_in_own_ns`), else the
+            // filesystem root's.
             let ids = if self.idmappable {
-                FsIds::Disk(InnerUid::new(0), InnerGid::new(0))
+                let (uid, gid) = self.caller(req).fs_ids_in_own_ns().unwrap_or((0, 0));
+                FsIds::Disk(InnerUid::new(uid), InnerGid::new(gid))
             } else {
                 self.inner_caller(req)?
             };

@@ -507,3 +507,81 @@ fn setgid_after_acl_change_for_container_callers() {
     m.unmount();
     dir.finish();
 }
+
+/// crun's `idmap` mount option (the OCI runtime spec's idmapped mounts, as Kubernetes user
+/// namespaces use them) on an idmappable mount of a ramfs, which crun refuses to idmap by
+/// itself (`mount_setattr ... Invalid argument`). crun runs in a private mount namespace with
+/// a plain cgroup2 at /sys/fs/cgroup: 1.8 refuses this machine's hybrid cgroup layout.
+#[test]
+fn crun_idmap_option_on_an_idmappable_mount() {
+    if !require(Backend::Fuse) || !require_tool("crun", "crun") {
+        return;
+    }
+    let busybox = Path::new("/usr/bin/busybox");
+    let is_static = busybox.exists()
+        && Command::new("ldd")
+            .arg(busybox)
+            .output()
+            .is_ok_and(|o| !o.status.success() || o.stdout.is_empty());
+    if !is_static {
+        skip("needs a static /usr/bin/busybox (apt-get install busybox)");
+        return;
+    }
+    let dir = TestDir::new("idm-crun");
+    let src = ramfs(&dir);
+    file(&src.path.join("imgfile"), b"img\n", 0o644, 1000, 1000);
+    let low = dir.dir("idmappable");
+    let m = ShiftMount::with_args(Backend::Fuse, &["--idmappable"], &src.path, &low);
+
+    let bundle = dir.dir("bundle");
+    let rootfs = bundle.join("rootfs");
+    mkdir(&rootfs, 0o755, 100000, 100000);
+    for d in ["bin", "dev", "proc", "sys", "tmp", "vol"] {
+        mkdir(&rootfs.join(d), 0o755, 100000, 100000);
+    }
+    file(
+        &rootfs.join("bin/busybox"),
+        &fs::read(busybox).expect("read busybox"),
+        0o755,
+        100000,
+        100000,
+    );
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).expect("symlink sh");
+    run(Command::new("crun").arg("spec").current_dir(&bundle)).assert_ok();
+    let path = bundle.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_slice(&fs::read(&path).expect("read config")).expect("config is JSON");
+    let map = serde_json::json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    c["process"]["terminal"] = false.into();
+    c["process"]["args"] = serde_json::json!([
+        "/bin/sh",
+        "-c",
+        "busybox stat -c %u:%g /vol/imgfile && busybox touch /vol/made && busybox stat -c %u:%g /vol/made"
+    ]);
+    c["root"]["readonly"] = false.into();
+    c["linux"]["namespaces"]
+        .as_array_mut()
+        .expect("namespaces")
+        .push(serde_json::json!({"type": "user"}));
+    c["linux"]["uidMappings"] = map.clone();
+    c["linux"]["gidMappings"] = map;
+    c["mounts"] = serde_json::json!([
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/vol", "type": "bind", "source": low, "options": ["bind", "rw", "idmap"]}
+    ]);
+    fs::write(&path, serde_json::to_vec_pretty(&c).expect("JSON")).expect("write config");
+    let id = format!("shiftfs-test-{}", std::process::id());
+    let out = run(Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t cgroup2 none /sys/fs/cgroup && exec crun --cgroup-manager=disabled run {id}"
+        ))
+        .current_dir(&bundle));
+    out.assert_ok();
+    // The container sees the image's ids as its own, and what its root makes is image root's.
+    assert_eq!(out.stdout, "1000:1000\n0:0\n", "{out}");
+    assert_eq!(lstat_ids(src.path.join("made")), (0, 0));
+    m.unmount();
+    drop(src);
+    dir.finish();
+}

@@ -64,7 +64,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("filesystem {fstype} on {path} does not support idmapped mounts; use --backend fuse")]
+    #[error(
+        "filesystem {fstype} on {path} does not support idmapped mounts; use --backend fuse, or \
+         idmap a `shiftfs mount --idmappable` mount of it"
+    )]
     Unsupported {
         fstype: String,
         path: PathBuf,
@@ -621,7 +624,7 @@ pub fn probe_dir(source: &Dir, recursive: bool) -> Probe {
         ),
         Err(Error::Unsupported { .. }) => no(
             format!("{fstype} does not support idmapped mounts"),
-            "use --backend fuse",
+            "use --backend fuse, or idmap a `shiftfs mount --idmappable` mount of it",
         ),
         Err(e @ Error::NotPermitted { .. }) => no(
             with_causes(&e),

@@ -49,6 +49,15 @@ pub enum Error {
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
+    #[error(
+        "{path} has idmapped mounts stacked on it ({}), which stop working with its daemon; \
+         unmount them first, or use --lazy to leave the daemon serving them",
+        .stacked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    Stacked {
+        path: PathBuf,
+        stacked: Vec<PathBuf>,
+    },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -334,6 +343,13 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             }
         };
     if !lazy && !was_dead {
+        let stacked = stacked_on(&info, &target);
+        if !stacked.is_empty() {
+            return Err(Error::Stacked {
+                path: target,
+                stacked,
+            });
+        }
         unmount_submounts(&target)?;
     }
     let flags = if lazy || was_dead {
@@ -357,6 +373,35 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         r.remove();
     }
     Ok(Unmounted { record, was_dead })
+}
+
+/// The idmapped mounts of the FUSE mount `info` at `target` elsewhere (its filesystem, so its
+/// daemon, serves them too): unmounting it does not fail, but stopping its daemon kills them.
+fn stacked_on(info: &MountInfo, target: &Path) -> Vec<PathBuf> {
+    if !served_by_daemon(info) {
+        return Vec::new();
+    }
+    // Cached attributes are enough for the device, and ask nothing of a daemon.
+    let dev = |p: &Path| {
+        rustix::fs::statx(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::AtFlags::STATX_DONT_SYNC | rustix::fs::AtFlags::NO_AUTOMOUNT,
+            rustix::fs::StatxFlags::empty(),
+        )
+        .ok()
+        .map(|st| (st.stx_dev_major, st.stx_dev_minor))
+    };
+    let Some(own) = dev(target) else {
+        return Vec::new();
+    };
+    mountinfo::own_table()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.fstype == FUSE_TYPE && m.has_option("idmapped") && m.mount_point != target)
+        .map(|m| m.mount_point)
+        .filter(|p| dev(p) == Some(own))
+        .collect()
 }
 
 fn unmount_error(path: PathBuf, e: rustix::io::Errno) -> Error {

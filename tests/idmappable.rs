@@ -585,3 +585,32 @@ fn crun_idmap_option_on_an_idmappable_mount() {
     drop(src);
     dir.finish();
 }
+
+/// Unmounting the idmappable mount would stop the daemon that also serves the idmapped
+/// mounts stacked on it: refused while they are there, naming them.
+#[test]
+fn idmappable_mount_under_a_stack_is_not_unmounted() {
+    if !require(Backend::Stack) {
+        return;
+    }
+    let dir = TestDir::new("idm-umount");
+    let src = dir.dir("src");
+    file(&src.join("f"), b"still here\n", 0o644, 0, 0);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(Backend::Stack, MAP, &src, &mnt);
+    let low = dir.path().join("idmappable-mnt");
+    let out = run(shiftfs(["umount"]).arg(&low));
+    out.assert_fails();
+    assert!(
+        out.stderr.contains("idmapped mounts stacked on it")
+            && out.stderr.contains(&*mnt.to_string_lossy()),
+        "{out}"
+    );
+    assert!(is_mountpoint(&low), "still mounted");
+    assert_eq!(
+        fs::read(mnt.join("f")).expect("the stack still works"),
+        b"still here\n"
+    );
+    m.unmount();
+    dir.finish();
+}

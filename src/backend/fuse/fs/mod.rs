@@ -343,6 +343,13 @@ pub(super) struct ShiftFs {
 
 impl ShiftFs {
     pub fn new(root: OwnedFd, proc: ProcFd, cfg: Config) -> std::io::Result<Self> {
+        // Creating requests then carry ids mapped by the kernel, stored as they come.
+        if cfg.idmappable && cfg.mapping != IdMapping::identity() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an idmappable mount serves SOURCE unshifted: its map must be the identity",
+            ));
+        }
         let st = rustix::fs::fstat(&root)?;
         let mnt = mount_id(root.as_fd())?;
         Ok(Self {

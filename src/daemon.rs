@@ -155,6 +155,7 @@ pub fn serve_fuse(
         opts.attr_timeout = req.fuse.attr_timeout;
         opts.max_open = req.fuse.max_open;
         opts.recursive = req.recursive;
+        opts.idmappable = req.fuse.idmappable;
         opts.fsname = req.source.to_string_lossy().into_owned();
         let mounted = crate::backend::fuse::attach(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(mounted)

@@ -1053,6 +1053,7 @@ fn users_container_writes_image_range_ids(backend: Backend) {
     match backend {
         Backend::Kernel => assert!(m.mount_options.iter().any(|o| o == "idmapped"), "{m:?}"),
         Backend::Fuse => assert!(m.fstype.starts_with("fuse"), "{m:?}"),
+        Backend::Stack => unreachable!("the broker makes no stacks"),
     }
     let list = shiftfs_as(ALICE, &broker, ["list"]);
     list.assert_ok();

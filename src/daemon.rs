@@ -21,20 +21,26 @@ use crate::sys::inherit::pass_on;
 /// Starts the FUSE daemon as a detached copy of this binary, handing it the checked SOURCE
 /// and TARGET fds, and waits until it says the mount is in place (or why not).
 pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "cannot find the shiftfs binary to start the daemon for",
+        path: req.target.clone(),
+        source,
+    })?;
+    spawn_exe(&exe, req, dirs)
+}
+
+/// [`spawn`] with the `shiftfs` binary at `exe` (the broker is another binary).
+pub fn spawn_exe(exe: &Path, req: &Request, dirs: &Resolved) -> Result<(), Error> {
     let io_err = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source: io::Error| Error::Io { what, path, source }
     };
-    let exe = std::env::current_exe().map_err(io_err(
-        "cannot find the shiftfs binary to start the daemon for",
-        &req.target,
-    ))?;
     let log_path = Record::log_path(&req.target);
     let log = open_log(&log_path).map_err(io_err("cannot open the daemon log", &log_path))?;
     let handing = "cannot hand the checked directories to the daemon of";
     let _src = pass_on(dirs.source.as_fd()).map_err(io_err(handing, &req.target))?;
     let _tgt = pass_on(dirs.target.as_fd()).map_err(io_err(handing, &req.target))?;
-    let mut child = Command::new(&exe)
+    let mut child = Command::new(exe)
         .arg0("shiftfs")
         .arg("mount")
         .arg("--daemon-child")
@@ -50,7 +56,7 @@ pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
-        .map_err(io_err("cannot start the daemon", &exe))?;
+        .map_err(io_err("cannot start the daemon", exe))?;
     drop((_src, _tgt));
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
@@ -149,6 +155,7 @@ pub fn serve_fuse(
         opts.attr_timeout = req.fuse.attr_timeout;
         opts.max_open = req.fuse.max_open;
         opts.recursive = req.recursive;
+        opts.idmappable = req.fuse.idmappable;
         opts.fsname = req.source.to_string_lossy().into_owned();
         let mounted = crate::backend::fuse::attach(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(mounted)

@@ -40,6 +40,8 @@ enum Command {
     Gc(cli::gc::Args),
     /// Act as an OCI runtime wrapper (what `shiftfs-runtime`, a link to this binary, does).
     Runtime(cli::runtime::Args),
+    /// Make or adopt an image for mounts through the broker (for users who are not root).
+    Image(cli::image::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,16 @@ fn main() -> ExitCode {
             std::env::args_os().skip(1).collect(),
         ));
     }
+    // The broker's helper that locks a detached mount's flags (see broker::lock).
+    if let Some(fd) = std::env::args().nth(1).and_then(|a| {
+        a.strip_prefix(shiftfs::broker::lock::HELPER_ARG)?
+            .strip_prefix('=')?
+            .parse()
+            .ok()
+    }) {
+        cli::init_logging(0);
+        return cli::finish(cli::broker::lock_helper(fd, std::env::args_os().nth(2)));
+    }
     let args = Cli::parse();
     cli::init_logging(args.verbose);
     let result = match args.command {
@@ -76,6 +88,7 @@ fn main() -> ExitCode {
         Command::Doctor(a) => cli::doctor::run(a),
         Command::Gc(a) => cli::gc::run(a),
         Command::Runtime(a) => return cli::runtime::run(a.args),
+        Command::Image(a) => cli::image::run(a),
     };
     cli::finish(result)
 }

@@ -49,6 +49,15 @@ pub enum Error {
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
+    #[error(
+        "{path} has idmapped mounts stacked on it ({}), which stop working with its daemon; \
+         unmount them first, or use --lazy to leave the daemon serving them",
+        .stacked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    Stacked {
+        path: PathBuf,
+        stacked: Vec<PathBuf>,
+    },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -184,6 +193,10 @@ pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String
 
 fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     match req.backend {
+        Backend::Fuse if req.fuse.idmappable => Ok((
+            Backend::Fuse,
+            "idmappable: unshifted, for an idmapped mount on top".into(),
+        )),
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
             let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
@@ -272,9 +285,15 @@ pub fn mounted_at(target: &Path) -> Option<MountInfo> {
 }
 
 /// A mount shiftfs made: a FUSE mount of ours, or an idmapped mount we recorded (another
-/// tool's idmapped mount is not ours to unmount).
+/// tool's idmapped mount is not ours to unmount, even of one of our idmappable FUSE mounts).
 fn is_shifted(m: &MountInfo) -> bool {
-    m.fstype == FUSE_TYPE || m.has_option("idmapped") && Record::of(m).is_some()
+    served_by_daemon(m) || m.has_option("idmapped") && Record::of(m).is_some()
+}
+
+/// A FUSE mount of ours, served by its daemon; an idmapped mount stacked on one has the same
+/// filesystem type but no daemon of its own.
+fn served_by_daemon(m: &MountInfo) -> bool {
+    m.fstype == FUSE_TYPE && !m.has_option("idmapped")
 }
 
 /// What `unmount` did.
@@ -291,17 +310,28 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    // Never through a symlink: one planted by a container in its rootfs must not make us
-    // unmount something of the host's.
-    let target = match Dir::open(target) {
-        Ok(dir) => dir.path().to_path_buf(),
+    let target = unmount_name(target)?;
+    let lock = TargetLock::take(&target)?;
+    unmount_locked(&target, lazy, &lock)
+}
+
+/// The name to unmount and to lock for `target`: never reached through a symlink, since one
+/// planted by a container in its rootfs must not make us unmount something of the host's.
+pub fn unmount_name(target: &Path) -> Result<PathBuf, Error> {
+    match Dir::open(target) {
+        Ok(dir) => Ok(dir.path().to_path_buf()),
         Err(e @ crate::resolve::Error::Symlink { .. }) => {
-            return Err(Error::Target(absolute(target), e.reason()));
+            Err(Error::Target(absolute(target), e.reason()))
         }
         // A dead FUSE mount cannot be opened; its name is still what the table shows.
-        Err(_) => absolute(target),
-    };
-    let _lock = TargetLock::take(&target)?;
+        Err(_) => Ok(absolute(target)),
+    }
+}
+
+/// [`unmount`] of a name from [`unmount_name`], by a caller already holding its lock (the
+/// broker checks the mount's owner under the same lock).
+pub fn unmount_locked(target: &Path, lazy: bool, _lock: &TargetLock) -> Result<Unmounted, Error> {
+    let target = target.to_path_buf();
     let Some(info) = mounted_at(&target) else {
         // Prunes records of mounts gone by other means.
         let _ = Record::all();
@@ -316,7 +346,7 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             fstype: info.fstype,
         });
     }
-    let was_dead = info.fstype == FUSE_TYPE
+    let was_dead = served_by_daemon(&info)
         && match &record {
             Some(r) => !r.daemon_alive(),
             None => {
@@ -324,6 +354,13 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             }
         };
     if !lazy && !was_dead {
+        let stacked = stacked_on(&info, &target);
+        if !stacked.is_empty() {
+            return Err(Error::Stacked {
+                path: target,
+                stacked,
+            });
+        }
         unmount_submounts(&target)?;
     }
     let flags = if lazy || was_dead {
@@ -347,6 +384,35 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
         r.remove();
     }
     Ok(Unmounted { record, was_dead })
+}
+
+/// The idmapped mounts of the FUSE mount `info` at `target` elsewhere (its filesystem, so its
+/// daemon, serves them too): unmounting it does not fail, but stopping its daemon kills them.
+fn stacked_on(info: &MountInfo, target: &Path) -> Vec<PathBuf> {
+    if !served_by_daemon(info) {
+        return Vec::new();
+    }
+    // Cached attributes are enough for the device, and ask nothing of a daemon.
+    let dev = |p: &Path| {
+        rustix::fs::statx(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::AtFlags::STATX_DONT_SYNC | rustix::fs::AtFlags::NO_AUTOMOUNT,
+            rustix::fs::StatxFlags::empty(),
+        )
+        .ok()
+        .map(|st| (st.stx_dev_major, st.stx_dev_minor))
+    };
+    let Some(own) = dev(target) else {
+        return Vec::new();
+    };
+    mountinfo::own_table()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.fstype == FUSE_TYPE && m.has_option("idmapped") && m.mount_point != target)
+        .map(|m| m.mount_point)
+        .filter(|p| dev(p) == Some(own))
+        .collect()
 }
 
 fn unmount_error(path: PathBuf, e: rustix::io::Errno) -> Error {

@@ -7,35 +7,28 @@ use shiftfs::registry::{Record, State};
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<()> {
-    let recs = Record::all();
-    if recs.is_empty() {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let rows = if super::broker::needed() {
+        // The broker does not say which container a mount belongs to.
+        super::broker::list()?
+            .into_iter()
+            .map(
+                |[target, source, backend, map, options, owner, pid, state]| {
+                    let owner = owner.parse().map_or(owner, |uid| user_name(&passwd, uid));
+                    let container = "-".to_string();
+                    [
+                        target, source, backend, map, options, owner, pid, container, state,
+                    ]
+                },
+            )
+            .collect()
+    } else {
+        own_rows(&passwd)
+    };
+    if rows.is_empty() {
         println!("no shifted mounts");
         return Ok(());
     }
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let rows: Vec<[String; 9]> = recs
-        .iter()
-        .map(|(r, state)| {
-            let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-            let state = match state {
-                State::Active => "active",
-                State::Draining => "draining (unmounted; serving files still open)",
-                State::Dead => "dead (run shiftfs umount)",
-            };
-            [
-                pathtext::show(&r.target),
-                pathtext::show(&r.source),
-                r.backend.to_string(),
-                r.map.clone(),
-                r.options.clone(),
-                r.owner
-                    .map_or_else(|| "-".into(), |uid| user_name(&passwd, uid)),
-                pid,
-                r.container().unwrap_or("-").to_string(),
-                state.to_string(),
-            ]
-        })
-        .collect();
     let head = [
         "TARGET",
         "SOURCE",
@@ -69,6 +62,33 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         line(row.iter().map(String::as_str).collect());
     }
     Ok(())
+}
+
+/// Every mount's row, from the records on this machine.
+fn own_rows(passwd: &str) -> Vec<[String; 9]> {
+    Record::all()
+        .iter()
+        .map(|(r, state)| {
+            let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let state = match state {
+                State::Active => "active",
+                State::Draining => "draining (unmounted; serving files still open)",
+                State::Dead => "dead (run shiftfs umount)",
+            };
+            [
+                pathtext::show(&r.target),
+                pathtext::show(&r.source),
+                r.backend.to_string(),
+                r.map.clone(),
+                r.options.clone(),
+                r.owner
+                    .map_or_else(|| "-".into(), |uid| user_name(passwd, uid)),
+                pid,
+                r.container().unwrap_or("-").to_string(),
+                state.to_string(),
+            ]
+        })
+        .collect()
 }
 
 /// The name `/etc/passwd` gives `uid`, else the number.

@@ -1,7 +1,9 @@
 //! One file per subcommand: clap argument structs and a `run` that calls the library.
 
+pub mod broker;
 pub mod doctor;
 pub mod gc;
+pub mod image;
 pub mod list;
 pub mod mount;
 pub mod mount_helper;

@@ -99,6 +99,9 @@ pub struct Options {
     /// Serve the sub-mounts inside the source too (each with its own flags), as they were
     /// at mount time; without it mount points show the directory underneath.
     pub recursive: bool,
+    /// Serve unshifted (identity map) and let the kernel idmap the mount: negotiate
+    /// `FUSE_ALLOW_IDMAP` (see `fs` for what requests then carry).
+    pub idmappable: bool,
 }
 
 impl Options {
@@ -113,6 +116,7 @@ impl Options {
             max_inode_fds: 0,
             max_open: 0,
             recursive: false,
+            idmappable: false,
         }
     }
 }
@@ -369,6 +373,7 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
             fd_budget: plan.inode_fds,
             max_open: plan.max_open,
             data_threads: threads,
+            idmappable: opts.idmappable,
         },
     )
     .map_err(|source| Error::Source { source })?;

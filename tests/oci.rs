@@ -449,11 +449,17 @@ fn crun_two_containers_one_image_on_ramfs_fuse() {
 // ---------------------------------------------------------------------------------------------
 // A volume the kernel cannot idmap
 
-fn idmapped_volume_on_ramfs(rt: Runtime) {
+/// `runtime_idmaps`: the configuration says the runtime makes idmapped mounts (crun 1.8.1
+/// does, without a `features` command to say so); the volume then reaches it as an
+/// idmappable FUSE mount, which it idmaps itself.
+fn idmapped_volume_on_ramfs(rt: Runtime, runtime_idmaps: bool) {
     if !require_runtime(rt) {
         return;
     }
     let env = Env::new("oci-volume", rt);
+    if runtime_idmaps {
+        fs::write(env.path().join("runtime.toml"), "runtime_idmaps = true\n").unwrap();
+    }
     let src = env.path().join("image");
     let _img = FsMount::new(ImageFs::Ext4, &src, env.path());
     build_image(&src);
@@ -467,7 +473,9 @@ fn idmapped_volume_on_ramfs(rt: Runtime) {
         &src,
         100000,
         "stat -c '%n %u %g' /data/by-root /data/by-user && echo hi > /data/new && \
-         chown 1000:1000 /data/by-user && stat -c '%n %u %g' /data/new",
+         chown 1000:1000 /data/by-user && stat -c '%n %u %g' /data/new && \
+         if grep ' /data ' /proc/self/mountinfo | grep -q idmapped; then echo idmapped; \
+         else echo shifted; fi",
     );
     env.add_idmapped_volume(&b, &vol, "/data", 100000);
 
@@ -475,7 +483,15 @@ fn idmapped_volume_on_ramfs(rt: Runtime) {
     let out = run(env.wrapper(["run", "--bundle"]).arg(&b).arg("v"));
     out.assert_ok();
     assert_eq!(
-        out.stdout, "/data/by-root 0 0\n/data/by-user 1000 1000\n/data/new 0 0\n",
+        out.stdout,
+        format!(
+            "/data/by-root 0 0\n/data/by-user 1000 1000\n/data/new 0 0\n{}\n",
+            if runtime_idmaps {
+                "idmapped"
+            } else {
+                "shifted"
+            }
+        ),
         "the volume shows image ids inside the container:\n{out}"
     );
     assert_eq!(stat_ids(vol.join("new")), (0, 0), "written with image ids");
@@ -490,12 +506,17 @@ fn idmapped_volume_on_ramfs(rt: Runtime) {
 
 #[test]
 fn runc_idmapped_volume_on_ramfs() {
-    idmapped_volume_on_ramfs(Runtime::Runc);
+    idmapped_volume_on_ramfs(Runtime::Runc, false);
 }
 
 #[test]
 fn crun_idmapped_volume_on_ramfs() {
-    idmapped_volume_on_ramfs(Runtime::Crun);
+    idmapped_volume_on_ramfs(Runtime::Crun, false);
+}
+
+#[test]
+fn crun_idmapped_volume_on_ramfs_through_an_idmappable_mount() {
+    idmapped_volume_on_ramfs(Runtime::Crun, true);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ pub struct Settings {
     /// `-o` options for the mounts the FUSE backend serves, e.g. `attr_timeout=0` when
     /// containers share one image and must see each other's changes at once.
     pub fuse_options: Option<String>,
+    /// Whether the runtime makes idmapped mounts itself; unset, its `features` say. crun
+    /// 1.8.1 does but has no `features` command.
+    pub runtime_idmaps: Option<bool>,
 }
 
 impl Settings {
@@ -230,8 +233,14 @@ fn create(inv: &Invocation, runtime: &Path, settings: &Settings) -> Result<i32, 
         None => false,
     };
     let mut volumes = spec.idmap_mounts(&bundle)?;
-    if !volumes.is_empty() && runtime_idmaps(runtime, &globals) {
-        // The runtime idmaps these itself; only sources the kernel cannot idmap need us.
+    // A runtime that makes idmapped mounts gets them on sources the kernel can idmap, and on
+    // an idmappable FUSE mount of each other source; for one that does not, shiftfs shifts
+    // every such volume and the runtime binds it as it is.
+    let idmappable = !volumes.is_empty()
+        && settings
+            .runtime_idmaps
+            .unwrap_or_else(|| runtime_idmaps(runtime, &globals));
+    if idmappable {
         volumes.retain(|v| !crate::backend::kernel::probe(&v.source).supported);
     }
     if !shift_root && volumes.is_empty() {
@@ -281,15 +290,20 @@ fn create(inv: &Invocation, runtime: &Path, settings: &Settings) -> Result<i32, 
                 "suid"
             };
             let opts = with_fuse_options(opts, &root, settings);
-            shift_mount(&mut c, &root, &target, map, &opts)?;
+            shift_mount(&mut c, &root, &target, Some(map), &opts)?;
             spec.set_root_path(&target);
         }
         for v in &volumes {
             let target = dir.join(format!("vol-{}", v.index));
             let opts = if v.read_only { "ro" } else { "rw" };
             let opts = with_fuse_options(opts, &v.source, settings);
-            shift_mount(&mut c, &v.source, &target, &v.mapping, &opts)?;
-            spec.replace_mount_source(v.index, &target);
+            if idmappable {
+                shift_mount(&mut c, &v.source, &target, None, &opts)?;
+                spec.set_mount_source(v.index, &target);
+            } else {
+                shift_mount(&mut c, &v.source, &target, Some(&v.mapping), &opts)?;
+                spec.replace_mount_source(v.index, &target);
+            }
         }
         spec.absolute_bind_sources(&bundle);
         let new_bundle = dir.join("bundle");
@@ -368,12 +382,13 @@ fn make_private_dir(path: &Path, mode: u32, uid: u32) -> Result<(), Error> {
 
 /// Runs `shiftfs mount` for the container (its id in the environment, for the record) and
 /// remembers the target before mounting, so a wrapper killed right after still leaves a
-/// record `gc` can follow.
+/// record `gc` can follow. Without a map, the mount is an idmappable FUSE mount (served
+/// unshifted) for the runtime to idmap.
 fn shift_mount(
     c: &mut Container,
     source: &Path,
     target: &Path,
-    map: &IdMapping,
+    map: Option<&IdMapping>,
     opts: &str,
 ) -> Result<(), Error> {
     make_private_dir(target, 0o755, 0)?;
@@ -386,7 +401,12 @@ fn shift_mount(
     })?;
     let out = Command::new(exe)
         .arg0("shiftfs")
-        .args(["mount", "--map", &map.to_string(), "-o", opts, "--"])
+        .arg("mount")
+        .args(match map {
+            Some(map) => ["--map".to_string(), map.to_string()],
+            None => ["-o".to_string(), "idmappable".to_string()],
+        })
+        .args(["-o", opts, "--"])
         .arg(source)
         .arg(target)
         .env(CONTAINER_ENV, &c.id)
@@ -635,9 +655,10 @@ mod tests {
 
     #[test]
     fn the_configuration_file_is_read_and_checked() {
-        let s: Settings =
-            toml::from_str("runtime = \"/usr/bin/crun\"\nfuse_options = \"attr_timeout=0\"")
-                .unwrap();
+        let text = "runtime = \"/usr/bin/crun\"\nfuse_options = \"attr_timeout=0\"\n\
+                    runtime_idmaps = true";
+        let s: Settings = toml::from_str(text).unwrap();
+        assert_eq!(s.runtime_idmaps, Some(true));
         assert_eq!(s.runtime, Some(PathBuf::from("/usr/bin/crun")));
         assert_eq!(s.fuse_options.as_deref(), Some("attr_timeout=0"));
         assert!(

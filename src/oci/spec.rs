@@ -162,16 +162,24 @@ impl Spec {
     /// Points mount `index` at `source` (a shifted mount) and drops its idmap: the runtime
     /// then bind-mounts the already shifted tree.
     pub fn replace_mount_source(&mut self, index: usize, source: &Path) {
+        self.set_mount_source(index, source);
         let Some(m) = self.value["mounts"].get_mut(index) else {
             return;
         };
-        m["source"] = Value::String(source.to_string_lossy().into_owned());
         if let Some(obj) = m.as_object_mut() {
             obj.remove("uidMappings");
             obj.remove("gidMappings");
         }
         if let Some(opts) = m["options"].as_array_mut() {
             opts.retain(|o| o != "idmap" && o != "ridmap");
+        }
+    }
+
+    /// Points mount `index` at `source` and keeps its idmap, for the runtime to make over an
+    /// idmappable mount.
+    pub fn set_mount_source(&mut self, index: usize, source: &Path) {
+        if let Some(m) = self.value["mounts"].get_mut(index) {
+            m["source"] = Value::String(source.to_string_lossy().into_owned());
         }
     }
 

@@ -142,10 +142,34 @@ struct Env {
     state_root: PathBuf,
     /// A script that runs crun the way it works on this machine (see `crun_wrapper`).
     crun_script: Option<PathBuf>,
+    /// Dropped last: other tests wait until this one's containers and mounts are gone.
+    _serial: Serial,
+}
+
+/// podman's tests run alone: run beside the other tests (whose runtimes and FUSE daemons make
+/// mount namespaces, copies of the host's mounts), `podman rm` failed now and then with
+/// "unlinkat .../userdata/shm: device or resource busy".
+static PODMAN_ALONE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+#[allow(dead_code)] // held for its Drop only
+enum Serial {
+    Shared(std::sync::RwLockReadGuard<'static, ()>),
+    Alone(std::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl Env {
     fn new(name: &str, rt: Runtime) -> Self {
+        let serial = Serial::Shared(PODMAN_ALONE.read().unwrap_or_else(|e| e.into_inner()));
+        Self::with_serial(name, rt, serial)
+    }
+
+    /// For podman's tests: no other test of this file runs meanwhile.
+    fn alone(name: &str) -> Self {
+        let serial = Serial::Alone(PODMAN_ALONE.write().unwrap_or_else(|e| e.into_inner()));
+        Self::with_serial(name, Runtime::Runc, serial)
+    }
+
+    fn with_serial(name: &str, rt: Runtime, _serial: Serial) -> Self {
         let dir = TestDir::new(name);
         let run_dir = dir.path().join("run");
         let state_root = dir.path().join("runtime-state");
@@ -158,6 +182,7 @@ impl Env {
         };
         Self {
             _containers,
+            _serial,
             dir,
             rt,
             run_dir,
@@ -686,6 +711,22 @@ fn hard_limit(name: &str) -> String {
         .to_string()
 }
 
+/// `podman rm NAME` of a stopped container. podman 4.3's own cleanup of a container that
+/// just stopped races with it now and then ("unlinkat .../userdata/shm: device or resource
+/// busy"); a retry after that race is what a user would do.
+#[track_caller]
+fn podman_rm(name: &str) {
+    let mut out = run(Command::new("podman").args(["rm", name]));
+    for _ in 0..10 {
+        if out.ok() || !out.stderr.contains("device or resource busy") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        out = run(Command::new("podman").args(["rm", name]));
+    }
+    out.assert_ok();
+}
+
 /// `podman rm -f NAME` on Drop, so a failing test leaves no container.
 struct PodmanContainer(String);
 
@@ -704,7 +745,7 @@ fn podman_runs_a_shifted_rootfs_through_the_wrapper() {
     if !require_runtime(Runtime::Runc) || !require_tool("podman", "podman") {
         return;
     }
-    let env = Env::new("oci-podman", Runtime::Runc);
+    let env = Env::alone("oci-podman");
     let src = env.path().join("image");
     let _fs = FsMount::new(ImageFs::Ramfs, &src, env.path());
     build_image(&src);
@@ -760,7 +801,7 @@ fn podman_runs_a_shifted_rootfs_through_the_wrapper() {
     // SIGKILL: podman's cleanup calls the runtime's delete, which unmounts.
     run(Command::new("podman").args(["kill", "-s", "KILL", &name])).assert_ok();
     run(Command::new("podman").args(["wait", &name])).assert_ok();
-    run(Command::new("podman").args(["rm", &name])).assert_ok();
+    podman_rm(&name);
     drop(guard);
     assert!(
         !rootfs.parent().unwrap().exists(),
@@ -983,7 +1024,7 @@ fn podman_imported_image_with_uidmap_goes_to_the_runtime_unchanged() {
     if !require_runtime(Runtime::Runc) || !require_tool("podman", "podman") {
         return;
     }
-    let env = Env::new("oci-podman-import", Runtime::Runc);
+    let env = Env::alone("oci-podman-import");
     let src = env.dir.dir("image");
     build_image(&src);
     let tar = env.path().join("image.tar");
@@ -1026,7 +1067,9 @@ fn podman_imported_image_with_uidmap_goes_to_the_runtime_unchanged() {
         !Path::new(&format!("/run/shiftfs/oci/{cid}")).exists(),
         "the wrapper shifted a root podman had shifted already"
     );
-    run(Command::new("podman").args(["rm", "-f", "-t", "0", &name])).assert_ok();
+    run(Command::new("podman").args(["kill", "-s", "KILL", &name])).assert_ok();
+    run(Command::new("podman").args(["wait", &name])).assert_ok();
+    podman_rm(&name);
     env.assert_clean();
     env.dir.finish();
 }

@@ -337,7 +337,7 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     // After a lazy unmount the daemon serves open files until the last one is closed, and
     // then exits by itself: waiting (and then SIGTERM) would only block the caller.
     if let Some(r) = record.as_ref().filter(|_| !was_dead && !lazy) {
-        wait_for_exit(r, Duration::from_secs(10));
+        wait_for_end(r, Duration::from_secs(10));
     }
     if was_dead {
         let _ = std::fs::remove_file(Record::log_path(&target));
@@ -382,11 +382,29 @@ fn unmount_submounts(target: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.
-fn wait_for_exit(rec: &Record, limit: Duration) {
+/// Waits for a daemon to be done with a mount that went away: the daemon gone, or, when it
+/// serves other mounts of the source too, the mount's record removed (by the daemon, once
+/// the mount's session ended). SIGTERM if it lingers and serves nothing else.
+fn wait_for_end(rec: &Record, limit: Duration) {
     let start = Instant::now();
+    let shares = || {
+        Record::all()
+            .iter()
+            .any(|(r, _)| r.pid == rec.pid && r.pid_start == rec.pid_start && r != rec)
+    };
     while rec.daemon_alive() {
+        if !rec.is_saved() && shares() {
+            return;
+        }
         if start.elapsed() > limit {
+            if shares() {
+                tracing::warn!(
+                    "daemon {:?} did not let go of {} after unmount",
+                    rec.pid,
+                    rec.target.display()
+                );
+                return;
+            }
             tracing::warn!(
                 "daemon {:?} did not exit after unmount; sending SIGTERM",
                 rec.pid

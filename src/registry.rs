@@ -152,6 +152,12 @@ impl Record {
         }
     }
 
+    /// Whether this very record is still on file (its daemon removes it when the mount's
+    /// session ends).
+    pub fn is_saved(&self) -> bool {
+        Self::load(&Self::file(self.mount_id)).as_ref() == Some(self)
+    }
+
     /// Whether the recorded daemon still runs: the same process that was recorded (start
     /// time), and not a zombie.
     pub fn daemon_alive(&self) -> bool {

@@ -13,10 +13,11 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let rows: Vec<[String; 8]> = recs
+    let rows: Vec<[String; 9]> = recs
         .iter()
         .map(|(r, state)| {
             let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let shared = sharing(&recs, r);
             let state = match state {
                 State::Active => "active",
                 State::Draining => "draining (unmounted; serving files still open)",
@@ -31,12 +32,13 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 r.owner
                     .map_or_else(|| "-".into(), |uid| user_name(&passwd, uid)),
                 pid,
+                shared,
                 state.to_string(),
             ]
         })
         .collect();
     let head = [
-        "TARGET", "SOURCE", "BACKEND", "MAP", "OPTIONS", "OWNER", "PID", "STATE",
+        "TARGET", "SOURCE", "BACKEND", "MAP", "OPTIONS", "OWNER", "PID", "SHARED", "STATE",
     ];
     let mut width = head.map(str::len);
     for row in &rows {
@@ -60,6 +62,23 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         line(row.iter().map(String::as_str).collect());
     }
     Ok(())
+}
+
+/// How many mounts the daemon of `rec` serves, when more than this one (one FUSE daemon
+/// serves every mount of a source): "N mounts", else "-".
+fn sharing(recs: &[(Record, State)], rec: &Record) -> String {
+    let Some(pid) = rec.pid else {
+        return "-".into();
+    };
+    let n = recs
+        .iter()
+        .filter(|(r, _)| r.pid == Some(pid) && r.pid_start == rec.pid_start)
+        .count();
+    if n > 1 {
+        format!("{n} mounts")
+    } else {
+        "-".into()
+    }
 }
 
 /// The name `/etc/passwd` gives `uid`, else the number.

@@ -1,0 +1,199 @@
+//! Two FUSE mounts of one source with two maps (two containers sharing an image) see each
+//! other's changes at once: no stale name, no stale content, no append lost to an inode the
+//! other mount replaced. One daemon serves both (`-o share=sessions`, the default), and the
+//! last unmount stops it; `-o share=off` keeps a daemon per mount.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+const MAP_A: &str = "b:0:100000:65536";
+const MAP_B: &str = "b:0:200000:65536";
+/// Image root as seen through each mount: the writers of the test.
+const ROOT_A: u32 = 100000;
+const ROOT_B: u32 = 200000;
+
+fn fixture(name: &str) -> Option<(TestDir, PathBuf, PathBuf, PathBuf)> {
+    if !require(Backend::Fuse) {
+        return None;
+    }
+    let dir = TestDir::new(name);
+    let src = dir.dir("src");
+    let a = dir.dir("a");
+    let b = dir.dir("b");
+    Some((dir, src, a, b))
+}
+
+fn mount(map: &str, extra: &[&str], src: &Path, tgt: &Path) -> ShiftMount {
+    let mut args = vec!["--map", map];
+    args.extend_from_slice(extra);
+    ShiftMount::with_args(Backend::Fuse, &args, src, tgt)
+}
+
+#[track_caller]
+fn as_a(script: &str) -> Out {
+    run(&mut sh_as(ROOT_A, ROOT_A, script))
+}
+
+#[track_caller]
+fn as_b(script: &str) -> Out {
+    run(&mut sh_as(ROOT_B, ROOT_B, script))
+}
+
+/// The shifting daemons of `src`: every `shiftfs mount` process naming it (supervisors
+/// rename themselves and are not counted).
+fn daemons_of(src: &Path) -> Vec<u32> {
+    shiftfs_pids_mentioning(src)
+}
+
+/// The reproduction, step by step, with what a user would check after each.
+fn stale_views_are_refreshed(extra: &[&str]) {
+    let Some((dir, src, a, b)) = fixture("coherence") else {
+        return;
+    };
+    let ma = mount(MAP_A, extra, &src, &a);
+    let mb = mount(MAP_B, extra, &src, &b);
+    let (za, wa) = (q(a.join("z")), q(a.join("w")));
+    as_a(&format!("echo v1 > {za} && cat {za}")).assert_ok();
+    assert_eq!(fs::read(src.join("z")).unwrap(), b"v1\n");
+    // dA looks up w (a miss the kernel may cache) and reads z (pages it may cache).
+    assert!(!as_a(&format!("test -e {wa}")).ok());
+    assert_eq!(as_a(&format!("cat {za}")).stdout, "v1\n");
+
+    // Through dB: create w, and replace z by rename.
+    let (zb, wb, tb) = (q(b.join("z")), q(b.join("w")), q(b.join("z.tmp")));
+    as_b(&format!(
+        "echo w1 > {wb} && echo v2 > {tb} && mv -f {tb} {zb}"
+    ))
+    .assert_ok();
+
+    // No stale name: dA sees w, with its owner shown through dA's map.
+    as_a(&format!("test -e {wa}")).assert_ok();
+    assert_eq!(stat_ids(a.join("w")), (ROOT_A, ROOT_A));
+    assert_eq!(stat_ids(b.join("w")), (ROOT_B, ROOT_B));
+    assert_eq!(as_a(&format!("cat {wa}")).stdout, "w1\n");
+    // No stale content: dA reads the new z.
+    assert_eq!(
+        as_a(&format!("cat {za}")).stdout,
+        "v2\n",
+        "stale z through dA"
+    );
+    // No lost append: what dA appends reaches the source's z.
+    as_a(&format!("echo C1-append >> {za}")).assert_ok();
+    assert_eq!(
+        fs::read_to_string(src.join("z")).unwrap(),
+        "v2\nC1-append\n",
+        "the append through dA must land in the source's z"
+    );
+    assert_eq!(as_b(&format!("cat {zb}")).stdout, "v2\nC1-append\n");
+
+    // In-place changes through dB: content, size, mode, removal.
+    as_b(&format!("printf v3 > {zb} && chmod 600 {zb}")).assert_ok();
+    assert_eq!(
+        as_a(&format!("cat {za}")).stdout,
+        "v3",
+        "stale content through dA"
+    );
+    assert_eq!(mode_of(a.join("z")) & 0o777, 0o600, "stale mode through dA");
+    as_b(&format!("rm {wb} && mkdir {wb}")).assert_ok();
+    as_a(&format!("test -d {wa}")).assert_ok();
+    // And the other way round: dB sees what dA changes.
+    as_a(&format!("rmdir {wa} && echo back > {wa}")).assert_ok();
+    assert_eq!(as_b(&format!("cat {wb}")).stdout, "back\n");
+
+    mb.unmount();
+    ma.unmount();
+    dir.finish();
+}
+
+#[test]
+fn shared_daemon_keeps_mounts_coherent() {
+    stale_views_are_refreshed(&[]);
+}
+
+#[test]
+fn sessions_path_keeps_mounts_coherent() {
+    stale_views_are_refreshed(&["-o", "share=sessions"]);
+}
+
+/// Two mounts of one source: one daemon; unmounting the mount that started it leaves the
+/// other served; the last unmount stops the daemon and removes its records.
+#[test]
+fn one_daemon_per_source_until_the_last_unmount() {
+    let Some((dir, src, a, b)) = fixture("one-daemon") else {
+        return;
+    };
+    file(&src.join("f"), b"data\n", 0o644, 0, 0);
+    let ma = mount(MAP_A, &[], &src, &a);
+    let first = daemons_of(&src);
+    assert_eq!(
+        first.len(),
+        1,
+        "one daemon after the first mount: {first:?}"
+    );
+    let mb = mount(MAP_B, &[], &src, &b);
+    assert_eq!(
+        daemons_of(&src),
+        first,
+        "the second mount joins the first daemon"
+    );
+    assert_eq!(stat_ids(a.join("f")), (ROOT_A, ROOT_A));
+    assert_eq!(stat_ids(b.join("f")), (ROOT_B, ROOT_B));
+    let list = shiftfs_list();
+    list.assert_ok();
+    let rows: Vec<&str> = list
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&*src.to_string_lossy()))
+        .collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    let pid = first[0].to_string();
+    for row in &rows {
+        assert!(row.contains(&pid), "both mounts name daemon {pid}:\n{list}");
+        assert!(row.contains("2 mounts"), "list shows the sharing:\n{list}");
+    }
+
+    // The starter's mount goes first: the daemon stays for the other.
+    run(&mut shiftfs(["umount".as_ref(), a.as_os_str()])).assert_ok();
+    ma.disarm();
+    assert!(!is_mountpoint(&a));
+    assert_eq!(
+        daemons_of(&src),
+        first,
+        "the daemon still serves {}",
+        b.display()
+    );
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"data\n");
+    as_b(&format!("echo more >> {}", q(b.join("f")))).assert_ok();
+    assert_eq!(fs::read(src.join("f")).unwrap(), b"data\nmore\n");
+    let list = shiftfs_list();
+    assert!(!list.stdout.contains(&*a.to_string_lossy()), "{list}");
+
+    // The last one stops it.
+    run(&mut shiftfs(["umount".as_ref(), b.as_os_str()])).assert_ok();
+    mb.disarm();
+    assert!(
+        wait_gone(&first, std::time::Duration::from_secs(5)),
+        "the daemon must exit after the last unmount"
+    );
+    assert!(daemons_of(&src).is_empty());
+    assert!(!shiftfs_list().stdout.contains(&*src.to_string_lossy()));
+    dir.finish();
+}
+
+/// `-o share=off`: a daemon per mount, as before sharing existed.
+#[test]
+fn share_off_keeps_a_daemon_per_mount() {
+    let Some((dir, src, a, b)) = fixture("share-off") else {
+        return;
+    };
+    let ma = mount(MAP_A, &["-o", "share=off"], &src, &a);
+    let mb = mount(MAP_B, &["-o", "share=off"], &src, &b);
+    assert_eq!(daemons_of(&src).len(), 2);
+    mb.unmount();
+    ma.unmount();
+    dir.finish();
+}

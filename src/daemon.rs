@@ -372,8 +372,24 @@ fn listen_for_joins(path: PathBuf, chan: OwnedFd, mounts: Mounts, server: Option
             SocketFlags::CLOEXEC,
             None,
         )?;
-        let _ = std::fs::remove_file(&path);
-        rustix::net::bind(&fd, &SocketAddrUnix::new(&path)?)?;
+        let addr = SocketAddrUnix::new(&path)?;
+        // Only the socket of a daemon that is gone is replaced (a `--foreground` mount
+        // starts its daemon without looking for one).
+        if std::fs::symlink_metadata(&path).is_ok() {
+            let probe = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )?;
+            if rustix::net::connect(&probe, &addr).is_ok() {
+                return Err(io::Error::other(
+                    "another daemon of this source listens there",
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        rustix::net::bind(&fd, &addr)?;
         rustix::fs::chmod(&path, rustix::fs::Mode::from_raw_mode(0o600))?;
         rustix::net::listen(&fd, 16)?;
         Ok::<_, io::Error>(fd)

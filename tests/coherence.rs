@@ -197,3 +197,69 @@ fn share_off_keeps_a_daemon_per_mount() {
     ma.unmount();
     dir.finish();
 }
+
+/// Both mounts changing one directory at the same time: the kernel takes each mount's
+/// directory lock to drop an entry, so invalidations sent while both hold theirs must not
+/// wait on each other for ever. Both writers finish, and afterwards each mount lists what
+/// the other made.
+#[test]
+fn concurrent_changes_in_one_directory_do_not_hang() {
+    let Some((dir, src, a, b)) = fixture("concurrent") else {
+        return;
+    };
+    let ma = mount(MAP_A, &[], &src, &a);
+    let mb = mount(MAP_B, &[], &src, &b);
+    let churn = |uid: u32, at: &Path, tag: &str| {
+        let at = q(at);
+        let script = format!(
+            "i=0; while [ $i -lt 120 ]; do echo $i > {at}/{tag}$i && mv {at}/{tag}$i {at}/{tag}-k$((i % 7)) \
+             && rm -f {at}/{tag}-gone$i && mkdir {at}/{tag}d$i && rmdir {at}/{tag}d$i || exit 1; \
+             i=$((i+1)); done"
+        );
+        let mut c = sh_as(uid, uid, &script);
+        c.stdout(std::process::Stdio::null());
+        c.spawn().expect("start writer")
+    };
+    let mut writers = Children(Vec::new());
+    writers.push(churn(ROOT_A, &a, "a"));
+    writers.push(churn(ROOT_B, &b, "b"));
+    for out in writers.wait_all(std::time::Duration::from_secs(120)) {
+        assert!(out.status.success(), "a writer failed: {out:?}");
+    }
+    let mut want: Vec<String> = (0..7)
+        .flat_map(|k| [format!("a-k{k}"), format!("b-k{k}")])
+        .collect();
+    want.sort();
+    assert_eq!(ls(&a), want, "dA lists what both made");
+    assert_eq!(ls(&b), want, "dB lists what both made");
+    assert_eq!(fs::read_to_string(a.join("b-k5")).unwrap(), "117\n");
+    mb.unmount();
+    ma.unmount();
+    dir.finish();
+}
+
+/// SIGTERM to a daemon that serves two mounts unmounts both, removes both records and ends
+/// the daemon.
+#[test]
+fn sigterm_unmounts_every_mount_of_a_shared_daemon() {
+    let Some((dir, src, a, b)) = fixture("sigterm") else {
+        return;
+    };
+    let ma = mount(MAP_A, &[], &src, &a);
+    let mb = mount(MAP_B, &[], &src, &b);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let pid = rustix::process::Pid::from_raw(daemons[0] as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(10)),
+        "the daemon must exit after SIGTERM"
+    );
+    assert!(wait_mounted(&a, false, std::time::Duration::from_secs(5)));
+    assert!(wait_mounted(&b, false, std::time::Duration::from_secs(5)));
+    let list = shiftfs_list();
+    assert!(!list.stdout.contains(&*src.to_string_lossy()), "{list}");
+    ma.disarm();
+    mb.disarm();
+    dir.finish();
+}

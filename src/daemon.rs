@@ -992,14 +992,18 @@ fn detach(target: &Path) -> io::Result<()> {
 }
 
 /// Opens the daemon's log file afresh (one per target, so logs do not pile up), making
-/// the run directory if needed.
+/// the run directory if needed. A new file, not the old one emptied: a shared daemon that
+/// was started for an earlier mount at this target may still write to that one.
 pub fn open_log(path: &Path) -> io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .write(true)
-        .truncate(true)
         .open(path)
 }

@@ -658,6 +658,7 @@ fn fuse_options(req: &Request) -> crate::backend::fuse::Options {
     opts.attr_timeout = req.fuse.attr_timeout;
     opts.max_open = req.fuse.max_open;
     opts.recursive = req.recursive;
+    opts.idmappable = req.fuse.idmappable;
     opts.fsname = req.source.to_string_lossy().into_owned();
     opts
 }

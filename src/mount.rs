@@ -184,6 +184,10 @@ pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String
 
 fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     match req.backend {
+        Backend::Fuse if req.fuse.idmappable => Ok((
+            Backend::Fuse,
+            "idmappable: unshifted, for an idmapped mount on top".into(),
+        )),
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
             let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
@@ -272,9 +276,15 @@ pub fn mounted_at(target: &Path) -> Option<MountInfo> {
 }
 
 /// A mount shiftfs made: a FUSE mount of ours, or an idmapped mount we recorded (another
-/// tool's idmapped mount is not ours to unmount).
+/// tool's idmapped mount is not ours to unmount, even of one of our idmappable FUSE mounts).
 fn is_shifted(m: &MountInfo) -> bool {
-    m.fstype == FUSE_TYPE || m.has_option("idmapped") && Record::of(m).is_some()
+    served_by_daemon(m) || m.has_option("idmapped") && Record::of(m).is_some()
+}
+
+/// A FUSE mount of ours, served by its daemon; an idmapped mount stacked on one has the same
+/// filesystem type but no daemon of its own.
+fn served_by_daemon(m: &MountInfo) -> bool {
+    m.fstype == FUSE_TYPE && !m.has_option("idmapped")
 }
 
 /// What `unmount` did.
@@ -316,7 +326,7 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             fstype: info.fstype,
         });
     }
-    let was_dead = info.fstype == FUSE_TYPE
+    let was_dead = served_by_daemon(&info)
         && match &record {
             Some(r) => !r.daemon_alive(),
             None => {

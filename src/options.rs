@@ -12,7 +12,7 @@ use crate::idmap::{self, IdMapping};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, share=, idmappable)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -168,6 +168,11 @@ pub struct FuseTuning {
     pub max_open: usize,
     pub sandbox: crate::sandbox::Mode,
     pub share: Share,
+    /// Serve SOURCE unshifted (the identity map) and let the kernel idmap the FUSE mount
+    /// (`FUSE_ALLOW_IDMAP`, Linux 6.12+): a filesystem the kernel cannot idmap itself (ramfs,
+    /// overlayfs, sshfs, other FUSE servers) made idmappable, for `--backend kernel`, crun's
+    /// or runc's `idmap` mount option stacked on top.
+    pub idmappable: bool,
     /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
     pub given: Vec<String>,
 }
@@ -181,6 +186,7 @@ impl Default for FuseTuning {
             max_open: 0,
             sandbox: crate::sandbox::Mode::default(),
             share: Share::default(),
+            idmappable: false,
             given: Vec::new(),
         }
     }
@@ -303,6 +309,12 @@ impl OptionSet {
                                     .into(),
                             })?
                 }
+                "idmappable" => {
+                    self.fuse.idmappable = true;
+                    // An idmappable mount is a FUSE mount; an explicit backend= still wins
+                    // (and a kernel one is then refused with the reason).
+                    self.backend.get_or_insert(Backend::Fuse);
+                }
                 "passthrough" => self.fuse.passthrough = true,
                 "nopassthrough" => self.fuse.passthrough = false,
                 "attr_timeout" => {
@@ -341,6 +353,7 @@ impl OptionSet {
                     | "attr_timeout"
                     | "max_open"
                     | "sandbox"
+                    | "idmappable"
             ) && !self.fuse.given.contains(&opt)
             {
                 self.fuse.given.push(opt.clone());
@@ -352,6 +365,27 @@ impl OptionSet {
     /// The map the options (and the command line's own map arguments, already folded in)
     /// describe.
     pub fn mapping(&self) -> Result<IdMapping, Error> {
+        let mapping = self.given_mapping();
+        if !self.fuse.idmappable {
+            return mapping;
+        }
+        // Idmappable mounts shift nothing themselves: the map belongs on the kernel mount
+        // stacked on top.
+        match mapping {
+            Err(Error::NoMap) => Ok(IdMapping::identity()),
+            Ok(m) if m == IdMapping::identity() => Ok(m),
+            Ok(_) => Err(Error::BadOption {
+                option: "idmappable".into(),
+                reason: "an idmappable mount serves SOURCE unshifted; drop the map here and \
+                         give it to the mount stacked on top (shiftfs mount --backend kernel \
+                         --map MAP IDMAPPABLE-MOUNT TARGET)"
+                    .into(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn given_mapping(&self) -> Result<IdMapping, Error> {
         match (&self.map, &self.uid_map, &self.gid_map) {
             (Some(m), None, None) => Ok(IdMapping::parse(m)?),
             (None, Some(u), Some(g)) => Ok(IdMapping::parse_separate(u, g)?),
@@ -411,6 +445,9 @@ impl Request {
         if self.recursive {
             o.push_str(",recursive");
         }
+        if self.fuse.idmappable {
+            o.push_str(",idmappable");
+        }
         o
     }
 }
@@ -466,5 +503,39 @@ mod tests {
         assert!(err("map=").contains("needs a value"));
         assert!(err("sandbox=strict").contains("unknown sandbox mode 'strict'"));
         assert!(matches!(OptionSet::default().mapping(), Err(Error::NoMap)));
+        let mut o = OptionSet::default();
+        o.apply("idmappable,map=b:0:100000:65536").unwrap();
+        let e = o.mapping().unwrap_err().to_string();
+        assert!(e.contains("drop the map here"), "{e}");
+    }
+
+    #[test]
+    fn idmappable_is_an_identity_fuse_mount() {
+        let mut o = OptionSet::default();
+        o.apply("idmappable").unwrap();
+        assert_eq!(o.mapping().unwrap(), IdMapping::identity());
+        assert_eq!(o.backend, Some(Backend::Fuse));
+        assert_eq!(o.fuse.given, vec!["idmappable".to_string()]);
+        // The daemon is handed the identity map and the option back.
+        let mut back = OptionSet::default();
+        back.apply(&format!("map={}", IdMapping::identity()))
+            .unwrap();
+        let req = Request {
+            source: "/s".into(),
+            target: "/t".into(),
+            target_root: None,
+            mapping: o.mapping().unwrap(),
+            flags: o.flags,
+            backend: Backend::Fuse,
+            recursive: false,
+            fuse: o.fuse.clone(),
+        };
+        back.apply(&req.options_text()).unwrap();
+        assert!(back.fuse.idmappable);
+        assert_eq!(back.mapping().unwrap(), IdMapping::identity());
+        // An explicit backend wins; choosing the kernel is then refused by the mount.
+        let mut k = OptionSet::default();
+        k.apply("backend=kernel,idmappable").unwrap();
+        assert_eq!(k.backend, Some(Backend::Kernel));
     }
 }

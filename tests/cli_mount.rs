@@ -710,6 +710,7 @@ fn umount_busy(b: Backend) {
             "listed as draining: {row:?}"
         ),
         Backend::Kernel => assert!(row.is_none(), "gone from shiftfs list: {row:?}"),
+        Backend::Stack => unreachable!("not run on the stack"),
     }
     let mut text = String::new();
     (&open)
@@ -1126,6 +1127,7 @@ fn via_mount8(b: Backend, fstab: bool) {
             assert!(info.fstype.starts_with("fuse"), "{info:?}");
             assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
         }
+        Backend::Stack => unreachable!("not run on the stack"),
     }
     let row = list_row(&mnt).expect("shiftfs list shows it");
     assert_eq!(row[2], b.name(), "{row:?}");

@@ -35,6 +35,11 @@ pub struct Args {
     /// nopassthrough, attr_timeout=SECS, map=... (repeatable).
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
     pub options: Vec<String>,
+    /// Serve SOURCE unshifted through FUSE so the kernel can idmap the mount (Linux 6.12+):
+    /// stack `shiftfs mount --backend kernel --map MAP` (or a runtime's idmapped mount) on it.
+    /// Takes no map. Same as `-o idmappable`.
+    #[arg(long)]
+    pub idmappable: bool,
     /// Also shift the mounts below SOURCE (kernel backend).
     #[arg(long, short = 'r')]
     pub recursive: bool,
@@ -60,6 +65,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = OptionSet::default();
     for o in &args.options {
         opts.apply(o)?;
+    }
+    if args.idmappable {
+        opts.apply("idmappable")?;
     }
     let in_options = opts.map.is_some() || opts.uid_map.is_some() || opts.gid_map.is_some();
     let on_command_line =

@@ -107,6 +107,9 @@ pub struct Options {
     /// The other sessions of this process serving the same source, to keep coherent with
     /// (`share.rs`); none: a hub of its own.
     pub share: Option<Arc<Hub>>,
+    /// Serve unshifted (identity map) and let the kernel idmap the mount: negotiate
+    /// `FUSE_ALLOW_IDMAP` (see `fs` for what requests then carry).
+    pub idmappable: bool,
 }
 
 impl Options {
@@ -122,6 +125,7 @@ impl Options {
             max_open: 0,
             recursive: false,
             share: None,
+            idmappable: false,
         }
     }
 }
@@ -428,6 +432,7 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             max_open: plan.max_open,
             data_threads: threads,
             share: member.clone(),
+            idmappable: opts.idmappable,
         },
     )
     .map_err(|source| Error::Source { source })?;

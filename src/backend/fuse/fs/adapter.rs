@@ -4,12 +4,13 @@
 
 use super::*;
 
-/// `ShiftFs::as_writer` for a request whose ids were taken before it moved to the pool.
-fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<T> {
+/// `ShiftFs::as_writer` for a request whose caller (pid, host uid, host gid) was taken before
+/// it moved to the pool.
+fn as_data_writer<T>(ids: (u32, OuterUid, OuterGid), f: impl Fn() -> Result<T>) -> Result<T> {
     let (pid, uid, gid) = ids;
     limited(
-        FsIds::Host(OuterUid::new(uid), OuterGid::new(gid)),
-        || Caller::read(Path::new("/proc"), pid, uid, gid),
+        FsIds::Host(uid, gid),
+        || Caller::read(Path::new("/proc"), pid, uid.get(), gid.get()),
         f,
     )
 }
@@ -17,8 +18,7 @@ fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<
 /// Credentials for registering a passthrough backing file: the kernel keeps them for every
 /// passthrough write to the inode, by whichever opener, so they never include
 /// CAP_SYS_RESOURCE, whoever opened first.
-fn register_creds(req: &Request) -> std::io::Result<FsCreds> {
-    let (uid, gid) = host_ids(req);
+fn register_creds((uid, gid): (OuterUid, OuterGid)) -> std::io::Result<FsCreds> {
     FsCreds::switch(FsIds::Host(uid, gid), CapabilitySet::SYS_RESOURCE)
 }
 
@@ -108,6 +108,18 @@ impl Filesystem for ShiftFs {
             && caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
         {
             self.no_opendir = true;
+        }
+        if self.idmappable {
+            if caps.contains(InitFlags::FUSE_ALLOW_IDMAP)
+                && config.add_capabilities(InitFlags::FUSE_ALLOW_IDMAP).is_ok()
+            {
+                tracing::info!("idmappable: the kernel may idmap this mount");
+            } else {
+                tracing::warn!(
+                    "the kernel cannot idmap FUSE mounts (FUSE_ALLOW_IDMAP needs Linux 6.12+): \
+                     this mount serves SOURCE unshifted, but no idmapped mount can be stacked on it"
+                );
+            }
         }
         if self.want_passthrough {
             if !caps.contains(InitFlags::FUSE_PASSTHROUGH) {
@@ -292,8 +304,10 @@ impl Filesystem for ShiftFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // The kernel keeps the credentials of the registration for every passthrough write.
-        match self.do_open(req.uid(), ino, flags, |fd| {
-            let _writer = register_creds(req)?;
+        // One look at the caller's ids (on an idmappable mount a read of /proc) for both.
+        let host = self.host_ids(req);
+        match self.do_open(host.0.get(), ino, flags, |fd| {
+            let _writer = register_creds(host)?;
             reply.open_backing(fd)
         }) {
             Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
@@ -400,7 +414,7 @@ impl Filesystem for ShiftFs {
         } else {
             FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
         };
-        match self.do_opendir(req.uid(), ino) {
+        match self.do_opendir(self.host_ids(req).0.get(), ino) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
@@ -534,8 +548,9 @@ impl Filesystem for ShiftFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self.do_create(req, parent, name, mode, umask, flags, |fd| {
-            let _writer = register_creds(req)?;
+        let host = self.host_ids(req);
+        let r = self.do_create(req, parent, name, mode, umask, flags, host.0, |fd| {
+            let _writer = register_creds(host)?;
             reply.open_backing(fd)
         });
         self.changed(&r, || name_changed(parent, name).into());
@@ -563,7 +578,8 @@ impl Filesystem for ShiftFs {
                 rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
             Ok((h, mode))
         });
-        let ids = (req.pid(), req.uid(), req.gid());
+        let (uid, gid) = self.host_ids(req);
+        let ids = (req.pid(), uid, gid);
         match prepared {
             Ok((h, mode)) => self.data.run(move || {
                 let r = as_data_writer(ids, || {
@@ -642,7 +658,8 @@ impl Filesystem for ShiftFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let ids = (req.pid(), req.uid(), req.gid());
+        let (uid, gid) = self.host_ids(req);
+        let ids = (req.pid(), uid, gid);
         self.data.run(move || {
             let len = len.min(COPY_CHUNK) as usize;
             let r = as_data_writer(ids, || {

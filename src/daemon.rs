@@ -49,6 +49,16 @@ pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         let path = path.to_path_buf();
         move |source: io::Error| Error::Io { what, path, source }
     };
+    if crate::mount::over_shared_fuse(req) {
+        match crate::mount::mount_over_shared(req, dirs) {
+            Ok(()) => return Ok(()),
+            Err(e) if req.fuse.share == Share::Auto => tracing::warn!(
+                "cannot stack on a shared idmappable FUSE mount ({e}); a FUSE session of its own \
+                 instead"
+            ),
+            Err(e) => return Err(e),
+        }
+    }
     // Held until this mount is served: a second mount of the source waits for the daemon
     // this one starts, and joins it.
     let _source_lock = match source_socket(req, &dirs.source) {
@@ -267,7 +277,7 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 /// Where the daemon serving `req`'s source takes new mounts; None when this mount shares
 /// no daemon (`-o share=off`).
 fn source_socket(req: &Request, source: &Dir) -> Option<PathBuf> {
-    if req.fuse.share != Share::Sessions {
+    if req.fuse.share == Share::Off {
         return None;
     }
     let (dev, ino) = source.id().ok()?;

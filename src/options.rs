@@ -125,12 +125,18 @@ const MAX_THREADS: usize = 256;
 /// The file system type of shiftfs' FUSE mounts in the mount table.
 pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
-/// Whether a FUSE mount shares the daemon of other FUSE mounts of its source.
+/// How FUSE mounts of one source share one daemon.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Share {
+    /// `Idmap` where the kernel can idmap FUSE mounts (Linux 6.12+) and the backend was left
+    /// to choose, else `Sessions`.
+    #[default]
+    Auto,
+    /// One idmappable (identity) FUSE mount of the source, shared, with a kernel idmapped
+    /// mount of it per target: one daemon, one set of caches for every map.
+    Idmap,
     /// One daemon serves every mount of a source, one FUSE session each, and keeps them
     /// coherent (a change through one drops what the others cached).
-    #[default]
     Sessions,
     /// A daemon of its own, as with no other mount around: its caches go stale against other
     /// mounts of the source for up to `attr_timeout`.
@@ -141,9 +147,13 @@ impl std::str::FromStr for Share {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(Self::Auto),
+            "idmap" => Ok(Self::Idmap),
             "sessions" => Ok(Self::Sessions),
             "off" | "none" => Ok(Self::Off),
-            _ => Err(format!("unknown sharing '{s}' (use sessions or off)")),
+            _ => Err(format!(
+                "unknown sharing '{s}' (use auto, idmap, sessions or off)"
+            )),
         }
     }
 }
@@ -151,6 +161,8 @@ impl std::str::FromStr for Share {
 impl fmt::Display for Share {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Idmap => "idmap",
             Self::Sessions => "sessions",
             Self::Off => "off",
         })

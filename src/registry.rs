@@ -64,6 +64,11 @@ pub struct Record {
     /// through the broker. Records written before owners existed have none (root's).
     #[serde(default)]
     pub owner: Option<u32>,
+    /// For a kernel idmapped mount of a shared idmappable FUSE mount of its source (`-o
+    /// share=idmap`): where that FUSE mount is (as `pathtext` shows it). It lives as long as
+    /// any mount naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower: Option<String>,
 }
 
 /// How a recorded mount stands.
@@ -99,7 +104,21 @@ impl Record {
             pid_start: daemon.and_then(start_time),
             mnt_ns: own_mnt_ns(),
             owner: Some(rustix::process::getuid().as_raw()),
+            lower: None,
         }
+    }
+
+    /// The same record, of a mount stacked on the shared FUSE mount at `lower`.
+    pub fn over(self, lower: &Path) -> Self {
+        Self {
+            lower: Some(crate::pathtext::show(lower)),
+            ..self
+        }
+    }
+
+    /// The shared FUSE mount this one is stacked on, if any.
+    pub fn lower(&self) -> Option<PathBuf> {
+        self.lower.as_deref().map(crate::pathtext::parse)
     }
 
     /// The same record, owned by `uid` (the broker mounts for its callers).
@@ -353,6 +372,7 @@ mod tests {
             pid_start: Some(99),
             mnt_ns: Some(4026531841),
             owner: Some(1000),
+            lower: Some("/run/shiftfs/shared/1-2-on".into()),
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);

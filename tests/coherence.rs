@@ -1,7 +1,10 @@
 //! Two FUSE mounts of one source with two maps (two containers sharing an image) see each
 //! other's changes at once: no stale name, no stale content, no append lost to an inode the
-//! other mount replaced. One daemon serves both (`-o share=sessions`, the default), and the
-//! last unmount stops it; `-o share=off` keeps a daemon per mount.
+//! other mount replaced. One daemon serves both, and the last unmount stops it: either as
+//! FUSE sessions that invalidate each other (`-o share=sessions`, and the default where the
+//! backend is asked for) or as kernel idmapped mounts of one shared idmappable FUSE mount
+//! (`-o share=idmap`, and the default of `--backend auto` on a source the kernel cannot
+//! idmap). `-o share=off` keeps a daemon per mount.
 
 mod common;
 
@@ -117,6 +120,12 @@ fn shared_daemon_keeps_mounts_coherent() {
 #[test]
 fn sessions_path_keeps_mounts_coherent() {
     stale_views_are_refreshed(&["-o", "share=sessions"]);
+}
+
+/// Kernel idmapped mounts of one shared idmappable FUSE mount: one superblock, one cache.
+#[test]
+fn idmap_path_keeps_mounts_coherent() {
+    stale_views_are_refreshed(&["-o", "share=idmap"]);
 }
 
 /// Two mounts of one source: one daemon; unmounting the mount that started it leaves the
@@ -261,5 +270,93 @@ fn sigterm_unmounts_every_mount_of_a_shared_daemon() {
     assert!(!list.stdout.contains(&*src.to_string_lossy()), "{list}");
     ma.disarm();
     mb.disarm();
+    dir.finish();
+}
+
+/// A ramfs (which the kernel cannot idmap) at `dir/name`, unmounted on drop.
+fn ramfs(dir: &TestDir, name: &str) -> (PathBuf, Detach) {
+    let path = dir.dir(name);
+    rustix::mount::mount(
+        "shiftfs-test",
+        &path,
+        "ramfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755",
+    )
+    .expect("mount ramfs");
+    let guard = Detach(path.clone());
+    assert_eq!(fstype_of(&path), "ramfs");
+    (path, guard)
+}
+
+/// `--backend auto` on ramfs: ten targets with ten maps are kernel idmapped mounts of one
+/// shared idmappable FUSE mount, served by one daemon; each shows its own owners and writes
+/// land with image ids; the daemon stays until the last of them is unmounted.
+#[test]
+fn ten_maps_on_ramfs_share_one_daemon() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("ten-maps");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    file(&src.join("g"), b"user\n", 0o644, 1000, 1000);
+    let mut mounts = Vec::new();
+    for k in 0..10u32 {
+        let tgt = dir.dir(&format!("m{k}"));
+        let base = 100000 + k * 65536;
+        let m = ShiftMount::with_args_auto(&["--map", &format!("b:0:{base}:65536")], &src, &tgt);
+        let e = mount_at(&tgt).expect("mounted");
+        assert!(
+            e.mount_options.iter().any(|o| o == "idmapped"),
+            "a kernel idmapped mount: {e:?}"
+        );
+        mounts.push((m, tgt, base));
+    }
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "one daemon for ten mounts: {daemons:?}");
+    for (_, tgt, base) in &mounts {
+        assert_eq!(stat_ids(tgt.join("f")), (*base, *base), "{}", tgt.display());
+        assert_eq!(stat_ids(tgt.join("g")), (base + 1000, base + 1000));
+    }
+    // A file made through mount 3 by its image root lands as image root, and every mount
+    // sees it at once, with its own owner.
+    let (_, t3, b3) = &mounts[3];
+    run(&mut sh_as(
+        *b3,
+        *b3,
+        &format!("echo new > {}", q(t3.join("n"))),
+    ))
+    .assert_ok();
+    assert_eq!(stat_ids(src.join("n")), (0, 0));
+    for (_, tgt, base) in &mounts {
+        assert_eq!(fs::read(tgt.join("n")).unwrap(), b"new\n");
+        assert_eq!(stat_ids(tgt.join("n")), (*base, *base));
+    }
+    let list = shiftfs_list();
+    assert!(
+        list.stdout.contains("10 mounts"),
+        "list shows the sharing:\n{list}"
+    );
+
+    let last = mounts.pop().expect("ten");
+    for (m, _, _) in mounts {
+        m.unmount();
+        assert_eq!(daemons_of(&src), daemons, "the daemon serves the others");
+    }
+    assert_eq!(fs::read(last.1.join("f")).unwrap(), b"image\n");
+    last.0.unmount();
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(10)),
+        "the last unmount stops the daemon"
+    );
+    let shared: Vec<_> = mountinfo()
+        .into_iter()
+        .filter(|m| {
+            m.mount_point.starts_with("/run/shiftfs/shared") && m.source == src.to_string_lossy()
+        })
+        .collect();
+    assert!(shared.is_empty(), "the shared mount is gone: {shared:?}");
+    drop(ramfs_guard);
     dir.finish();
 }

@@ -64,16 +64,24 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How many mounts the daemon of `rec` serves, when more than this one (one FUSE daemon
-/// serves every mount of a source): "N mounts", else "-".
+/// How many mounts share the daemon of `rec`, when more than this one: the FUSE sessions
+/// of one daemon (they show the same pid), or the kernel idmapped mounts stacked on one
+/// shared FUSE mount (that mount's row counts them too). "N mounts", else "-".
 fn sharing(recs: &[(Record, State)], rec: &Record) -> String {
-    let Some(pid) = rec.pid else {
-        return "-".into();
+    let stacked_on = |lower: &std::path::Path| {
+        recs.iter()
+            .filter(|(r, _)| r.lower().as_deref() == Some(lower))
+            .count()
     };
-    let n = recs
-        .iter()
-        .filter(|(r, _)| r.pid == Some(pid) && r.pid_start == rec.pid_start)
-        .count();
+    let n = match (rec.lower(), rec.pid) {
+        (Some(lower), _) => stacked_on(&lower),
+        (None, Some(pid)) => recs
+            .iter()
+            .filter(|(r, _)| r.pid == Some(pid) && r.pid_start == rec.pid_start)
+            .count()
+            .max(stacked_on(&rec.target)),
+        (None, None) => 0,
+    };
     if n > 1 {
         format!("{n} mounts")
     } else {

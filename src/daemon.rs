@@ -49,6 +49,16 @@ pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         let path = path.to_path_buf();
         move |source: io::Error| Error::Io { what, path, source }
     };
+    if req.fuse.share == Share::Idmap
+        && !req.fuse.idmappable
+        && !crate::mount::over_shared_fuse(req)
+    {
+        return Err(Error::Daemon(
+            "share=idmap needs Linux 6.12+ (FUSE_ALLOW_IDMAP) and a map a kernel idmapped \
+             mount can take; use share=sessions"
+                .into(),
+        ));
+    }
     if crate::mount::over_shared_fuse(req) {
         match crate::mount::mount_over_shared(req, dirs) {
             Ok(()) => return Ok(()),

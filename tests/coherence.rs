@@ -360,3 +360,30 @@ fn ten_maps_on_ramfs_share_one_daemon() {
     drop(ramfs_guard);
     dir.finish();
 }
+
+/// A shared daemon killed outright leaves both its mounts dead (as a daemon of one mount
+/// does); `shiftfs list` says so for each, and `shiftfs umount` removes each.
+#[test]
+fn a_killed_shared_daemon_leaves_dead_mounts_that_umount_removes() {
+    let Some((dir, src, a, b)) = fixture("killed") else {
+        return;
+    };
+    let ma = mount(MAP_A, &["-o", "share=sessions"], &src, &a);
+    let mb = mount(MAP_B, &["-o", "share=sessions"], &src, &b);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    kill_and_wait(&daemons);
+    let list = shiftfs_list();
+    for t in [&a, &b] {
+        let row = list
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&*t.to_string_lossy()))
+            .unwrap_or_else(|| panic!("{} listed:\n{list}", t.display()));
+        assert!(row.contains("dead"), "{row}");
+    }
+    mb.unmount();
+    ma.unmount();
+    assert!(!shiftfs_list().stdout.contains(&*src.to_string_lossy()));
+    dir.finish();
+}

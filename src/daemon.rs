@@ -45,6 +45,16 @@ use crate::sys::inherit::pass_on;
 /// Starts the FUSE daemon as a detached copy of this binary, handing it the checked SOURCE
 /// and TARGET fds, and waits until it says the mount is in place (or why not).
 pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "cannot find the shiftfs binary to start the daemon for",
+        path: req.target.clone(),
+        source,
+    })?;
+    spawn_exe(&exe, req, dirs)
+}
+
+/// [`spawn`] with the `shiftfs` binary at `exe` (the broker is another binary).
+pub fn spawn_exe(exe: &Path, req: &Request, dirs: &Resolved) -> Result<(), Error> {
     let io_err = |what: &'static str, path: &Path| {
         let path = path.to_path_buf();
         move |source: io::Error| Error::Io { what, path, source }
@@ -60,7 +70,7 @@ pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         ));
     }
     if crate::mount::over_shared_fuse(req) {
-        match crate::mount::mount_over_shared(req, dirs) {
+        match crate::mount::mount_over_shared(exe, req, dirs) {
             Ok(()) => return Ok(()),
             Err(e) if req.fuse.share == Share::Auto => tracing::warn!(
                 "cannot stack on a shared idmappable FUSE mount ({e}); a FUSE session of its own \
@@ -81,16 +91,12 @@ pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         }
         None => None,
     };
-    let exe = std::env::current_exe().map_err(io_err(
-        "cannot find the shiftfs binary to start the daemon for",
-        &req.target,
-    ))?;
     let log_path = Record::log_path(&req.target);
     let log = open_log(&log_path).map_err(io_err("cannot open the daemon log", &log_path))?;
     let handing = "cannot hand the checked directories to the daemon of";
     let _src = pass_on(dirs.source.as_fd()).map_err(io_err(handing, &req.target))?;
     let _tgt = pass_on(dirs.target.as_fd()).map_err(io_err(handing, &req.target))?;
-    let mut child = Command::new(&exe)
+    let mut child = Command::new(exe)
         .arg0("shiftfs")
         .arg("mount")
         .arg("--daemon-child")
@@ -106,7 +112,7 @@ pub fn spawn(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
-        .map_err(io_err("cannot start the daemon", &exe))?;
+        .map_err(io_err("cannot start the daemon", exe))?;
     drop((_src, _tgt));
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {

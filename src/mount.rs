@@ -279,8 +279,9 @@ fn users_lock(shared: &Path) -> Result<TargetLock, Error> {
 }
 
 /// Mounts `req` as a kernel idmapped mount of the source's shared idmappable FUSE mount,
-/// starting that FUSE mount (or adding it to the source's daemon) if it is not there yet.
-pub fn mount_over_shared(req: &Request, dirs: &Resolved) -> Result<(), Error> {
+/// starting that FUSE mount (or adding it to the source's daemon, the `shiftfs` binary at
+/// `exe`) if it is not there yet.
+pub fn mount_over_shared(exe: &Path, req: &Request, dirs: &Resolved) -> Result<(), Error> {
     let shared = shared_mount_dir(req, &dirs.source)?;
     let _users = users_lock(&shared)?;
     match std::fs::create_dir(&shared) {
@@ -298,7 +299,7 @@ pub fn mount_over_shared(req: &Request, dirs: &Resolved) -> Result<(), Error> {
         .and_then(|m| Record::of(&m))
         .is_some_and(|r| r.daemon_alive());
     if !served {
-        start_shared(req, dirs, &shared)?;
+        start_shared(exe, req, dirs, &shared)?;
     }
     let lower = Dir::open(&shared).map_err(|e| Error::Target(shared.clone(), e.reason()))?;
     let id = crate::backend::kernel::mount_at(
@@ -332,7 +333,7 @@ pub fn mount_over_shared(req: &Request, dirs: &Resolved) -> Result<(), Error> {
 /// The shared idmappable FUSE mount of `dirs.source` at `shared`: an identity mount that
 /// allows everything (the idmapped mounts on it each carry their own ro/nosuid/nodev/noexec),
 /// served by the source's daemon.
-fn start_shared(req: &Request, dirs: &Resolved, shared: &Path) -> Result<(), Error> {
+fn start_shared(exe: &Path, req: &Request, dirs: &Resolved, shared: &Path) -> Result<(), Error> {
     if mounted_at(shared).is_some() {
         // A dead one (its daemon killed): out of the way.
         let _ = rustix::mount::unmount(shared, UnmountFlags::DETACH);
@@ -360,7 +361,7 @@ fn start_shared(req: &Request, dirs: &Resolved, shared: &Path) -> Result<(), Err
         target: Dir::open(shared).map_err(|e| Error::Target(shared.to_path_buf(), e.reason()))?,
     };
     let _lock = TargetLock::take(shared)?;
-    crate::daemon::spawn(&low, &low_dirs)
+    crate::daemon::spawn_exe(exe, &low, &low_dirs)
 }
 
 /// After a mount stacked on the shared FUSE mount at `shared` went away: unmounts that
@@ -463,17 +464,28 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    // Never through a symlink: one planted by a container in its rootfs must not make us
-    // unmount something of the host's.
-    let target = match Dir::open(target) {
-        Ok(dir) => dir.path().to_path_buf(),
+    let target = unmount_name(target)?;
+    let lock = TargetLock::take(&target)?;
+    unmount_locked(&target, lazy, &lock)
+}
+
+/// The name to unmount and to lock for `target`: never reached through a symlink, since one
+/// planted by a container in its rootfs must not make us unmount something of the host's.
+pub fn unmount_name(target: &Path) -> Result<PathBuf, Error> {
+    match Dir::open(target) {
+        Ok(dir) => Ok(dir.path().to_path_buf()),
         Err(e @ crate::resolve::Error::Symlink { .. }) => {
-            return Err(Error::Target(absolute(target), e.reason()));
+            Err(Error::Target(absolute(target), e.reason()))
         }
         // A dead FUSE mount cannot be opened; its name is still what the table shows.
-        Err(_) => absolute(target),
-    };
-    let _lock = TargetLock::take(&target)?;
+        Err(_) => Ok(absolute(target)),
+    }
+}
+
+/// [`unmount`] of a name from [`unmount_name`], by a caller already holding its lock (the
+/// broker checks the mount's owner under the same lock).
+pub fn unmount_locked(target: &Path, lazy: bool, _lock: &TargetLock) -> Result<Unmounted, Error> {
+    let target = target.to_path_buf();
     let Some(info) = mounted_at(&target) else {
         // Prunes records of mounts gone by other means.
         let _ = Record::all();

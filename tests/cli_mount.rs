@@ -367,12 +367,15 @@ fn refuses_non_root(b: Backend) {
         return;
     };
     let bin = world_executable_bin(&dir);
+    // Not root: the CLI goes to the broker, here one that is not running.
+    let socket = dir.path().join("no-broker.sock");
     let try_mount = || {
         run(
             cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
                 .args(["--backend", b.name(), "--map", MAP])
                 .arg(&src)
-                .arg(&mnt),
+                .arg(&mnt)
+                .env("SHIFTFS_BROKER", &socket),
         )
     };
     // A child another test thread forked while the copy was being written holds it open for
@@ -385,10 +388,20 @@ fn refuses_non_root(b: Backend) {
         std::thread::sleep(Duration::from_millis(20));
         out = try_mount();
     }
-    assert_one_line_error(&out, "", &mnt);
+    // One line says the broker is asked, then one error line says what to do.
+    assert_eq!(out.code(), Some(1), "exit code:\n{out}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains("asking the shiftfs broker"), "{out}");
     assert!(
-        out.stderr.contains("root") || out.stderr.contains("permission"),
-        "the refusal should say root/permission is needed:\n{out}"
+        lines[1].starts_with("shiftfs: cannot reach the shiftfs broker")
+            && lines[1].contains("shiftfsd must be running for users other than root"),
+        "the refusal should say a broker (or root) is needed:\n{out}"
+    );
+    assert!(
+        !is_mountpoint(&mnt),
+        "a refused mount left {} mounted",
+        mnt.display()
     );
     dir.finish();
 }

@@ -4,7 +4,8 @@
 //! namespace, stop signals, the record and the log. With `main.rs`, the only place that
 //! touches process-wide state (signals, fork, exit, the session).
 //!
-//! One daemon per source (`-o share=sessions`, the default): every FUSE mount of one source
+//! One daemon per source, as FUSE sessions (`-o share=sessions`, and `share=auto` wherever
+//! the stack of `mount::mount_over_shared` is not used): every FUSE mount of one source
 //! directory (same device and inode, same sandbox mode) is served by one daemon process,
 //! one fuser session per mount, each with its own map, flags and inode table; the sessions
 //! tell each other of every change (`backend::fuse::share`), so two containers sharing an
@@ -83,7 +84,7 @@ pub fn spawn_exe(exe: &Path, req: &Request, dirs: &Resolved) -> Result<(), Error
     // this one starts, and joins it.
     let _source_lock = match source_socket(req, &dirs.source) {
         Some(sock) => {
-            let lock = TargetLock::take(&sock)?;
+            let lock = TargetLock::at(&sock.with_extension("lock"), &req.source)?;
             if join(req, dirs, &sock)? {
                 return Ok(());
             }

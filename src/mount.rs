@@ -1,5 +1,6 @@
 //! Mount setup (SOURCE and TARGET resolved once into fds, then checked), backend choice, the
-//! kernel mount and its record, and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
+//! kernel mount and its record, the kernel mounts stacked on a source's shared idmappable
+//! FUSE mount (which lives as long as records name it), and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -275,7 +276,7 @@ fn shared_mount_dir(req: &Request, source: &Dir) -> Result<PathBuf, Error> {
 /// The lock held while the users of a shared FUSE mount are counted (mounting one more, or
 /// unmounting the last one and it).
 fn users_lock(shared: &Path) -> Result<TargetLock, Error> {
-    Ok(TargetLock::take(&shared.with_extension("users"))?)
+    Ok(TargetLock::at(&shared.with_extension("lock"), shared)?)
 }
 
 /// Mounts `req` as a kernel idmapped mount of the source's shared idmappable FUSE mount,

@@ -163,18 +163,35 @@ impl Record {
 
     /// Removes this record, and only this one: mount ids are reused as soon as a mount is
     /// gone, so by the time a draining daemon ends, the file of its id may already describe
-    /// a newer mount, which must stay.
+    /// a newer mount, which must stay. The owner may have changed since (the broker hands
+    /// the record of a mount it made to its caller): it is still this mount's record.
     pub fn remove(&self) {
-        let path = Self::file(self.mount_id);
-        if Self::load(&path).as_ref() == Some(self) {
-            let _ = std::fs::remove_file(path);
+        if self.is_saved() {
+            let _ = std::fs::remove_file(Self::file(self.mount_id));
         }
     }
 
-    /// Whether this very record is still on file (its daemon removes it when the mount's
-    /// session ends).
+    /// Whether the record of this very mount is on file (its daemon removes it when the
+    /// mount's session ends).
     pub fn is_saved(&self) -> bool {
-        Self::load(&Self::file(self.mount_id)).as_ref() == Some(self)
+        Self::load(&Self::file(self.mount_id)).is_some_and(|r| r.same_mount(self))
+    }
+
+    /// Whether `other` records the same mount: the same id, place, daemon and namespace.
+    fn same_mount(&self, other: &Self) -> bool {
+        (
+            self.mount_id,
+            &self.target,
+            self.pid,
+            self.pid_start,
+            self.mnt_ns,
+        ) == (
+            other.mount_id,
+            &other.target,
+            other.pid,
+            other.pid_start,
+            other.mnt_ns,
+        )
     }
 
     /// Whether the recorded daemon still runs: the same process that was recorded (start
@@ -252,16 +269,25 @@ pub struct TargetLock {
 
 impl TargetLock {
     pub fn take(target: &Path) -> Result<Self, Error> {
-        let dir = run_dir().join("locks");
-        let path = dir.join(format!("{}.lock", escaped_name(target)));
+        let path = run_dir()
+            .join("locks")
+            .join(format!("{}.lock", escaped_name(target)));
+        Self::at(&path, target)
+    }
+
+    /// The lock file `path` (its directory made if needed), locking `what` (for messages):
+    /// for what is not a target, e.g. a source's shared daemon.
+    pub fn at(path: &Path, what: &Path) -> Result<Self, Error> {
         let err = |source: io::Error| Error::Lock {
-            path: path.clone(),
-            target: target.to_path_buf(),
+            path: path.to_path_buf(),
+            target: what.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(err)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
         let file = rustix::fs::open(
-            &path,
+            path,
             OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::from_raw_mode(0o600),
         )

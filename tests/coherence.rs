@@ -226,14 +226,19 @@ fn concurrent_changes_in_one_directory_do_not_hang() {
              i=$((i+1)); done"
         );
         let mut c = sh_as(uid, uid, &script);
-        c.stdout(std::process::Stdio::null());
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
         c.spawn().expect("start writer")
     };
     let mut writers = Children(Vec::new());
     writers.push(churn(ROOT_A, &a, "a"));
     writers.push(churn(ROOT_B, &b, "b"));
     for out in writers.wait_all(std::time::Duration::from_secs(120)) {
-        assert!(out.status.success(), "a writer failed: {out:?}");
+        assert!(
+            out.status.success(),
+            "a writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut want: Vec<String> = (0..7)
         .flat_map(|k| [format!("a-k{k}"), format!("b-k{k}")])

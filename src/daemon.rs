@@ -229,7 +229,7 @@ mod wire {
         let mut head = [0u8; HEAD];
         head[0] = kind;
         head[1..].copy_from_slice(&id.to_le_bytes());
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
             return Err(io::Error::other(
@@ -244,7 +244,7 @@ mod wire {
     /// The next message; None when the other end closed.
     pub fn recv(fd: BorrowedFd<'_>) -> io::Result<Option<Frame>> {
         let mut buf = vec![0u8; MAX];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let got = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
@@ -505,7 +505,7 @@ fn take_join(
         wire::JOIN,
         id.unwrap_or(0),
         &frame.text,
-        &[host.tree.as_fd(), host.dev.as_fd()],
+        &[host.tree.as_fd(), host.dev.as_fd(), host.mount.as_fd()],
     );
     let reply = sent.and_then(|()| wire::recv(chan.as_fd()));
     // Neither the tree nor /dev/fuse stays here: a killed server must leave a dead mount.
@@ -747,15 +747,15 @@ fn join_session(
     let id = frame.id;
     let started = (|| {
         let (req, _) = decode_request(&frame.text)?;
-        let [tree, dev]: [OwnedFd; 2] = frame
+        let [tree, dev, mount]: [OwnedFd; 3] = frame
             .fds
             .try_into()
-            .map_err(|_| "the mount came without its tree and connection".to_string())?;
+            .map_err(|_| "the mount came without its tree, connection and root".to_string())?;
         let mut opts = fuse_options(&req);
         opts.share = Some(Arc::clone(hub));
-        let mounted =
-            crate::backend::fuse::Mounted::join(tree, dev, req.target.clone(), Some(id), opts)
-                .map_err(|e| e.to_string())?;
+        let host = crate::backend::fuse::HostSide { tree, dev, mount };
+        let mounted = crate::backend::fuse::Mounted::join(host, req.target.clone(), Some(id), opts)
+            .map_err(|e| e.to_string())?;
         mounted.serve().map_err(|e| e.to_string())
     })();
     match started {

@@ -334,13 +334,13 @@ pub fn mount(source: OwnedFd, target: &Path, opts: Options) -> Result<Session, E
 /// starts serving it.
 pub fn mount_at(source: OwnedFd, target: &Dir, opts: Options) -> Result<Session, Error> {
     let mounted = attach(source, target, opts)?;
-    let root = (mounted.root.as_ref())
-        .map(OwnedFd::try_clone)
-        .transpose()
+    let root = mounted
+        .root
+        .try_clone()
         .map_err(|source| Error::Source { source })?;
     mounted.serve().inspect_err(|_| {
         // Never leave a mount nobody serves.
-        if let Some(Err(e)) = root.as_ref().map(|r| fusedev::detach_fd(r.as_fd())) {
+        if let Err(e) = fusedev::detach_fd(root.as_fd()) {
             tracing::error!("cannot unmount a FUSE mount after a failed start: {e}");
         }
     })
@@ -353,9 +353,8 @@ pub fn mount_at(source: OwnedFd, target: &Dir, opts: Options) -> Result<Session,
 pub struct Mounted {
     fs: fs::ShiftFs,
     dev: OwnedFd,
-    /// The mount itself: holding it keeps the mount busy, so it goes with `serve`. None
-    /// when the host side holds it ([`Mounted::join`]).
-    root: Option<OwnedFd>,
+    /// The mount itself: holding it keeps the mount busy, so it goes with `serve`.
+    root: OwnedFd,
     /// The mount id, when the host side told it.
     mount_id: Option<u64>,
     path: PathBuf,
@@ -372,7 +371,7 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
     Ok(Mounted {
         fs,
         dev,
-        root: Some(root),
+        root,
         mount_id: None,
         path: target.path().to_path_buf(),
         threads,
@@ -467,20 +466,20 @@ impl Mounted {
         &self.path
     }
 
-    /// The mount made by the host side (a [`HostSide`] handed over, the tree and the
-    /// connection of it), to be served in this process among the other sessions of `opts.share`.
+    /// The mount made by the host side (a [`HostSide`] handed over), to be served in this
+    /// process among the other sessions of `opts.share`.
     pub fn join(
-        tree: OwnedFd,
-        dev: OwnedFd,
+        host: HostSide,
         target: PathBuf,
         mount_id: Option<u64>,
         opts: Options,
     ) -> Result<Self, Error> {
+        let HostSide { tree, dev, mount } = host;
         let (fs, threads, member) = build(tree, opts)?;
         Ok(Self {
             fs,
             dev,
-            root: None,
+            root: mount,
             mount_id,
             path: target,
             threads,
@@ -490,18 +489,13 @@ impl Mounted {
 
     /// The id of the mount (as in mountinfo), to tell it from one stacked at the path later.
     pub fn mount_id(&self) -> Option<u64> {
-        match &self.root {
-            Some(root) => crate::mountinfo::mount_id_of(root.as_fd()),
-            None => self.mount_id,
-        }
+        self.mount_id
+            .or_else(|| crate::mountinfo::mount_id_of(self.root.as_fd()))
     }
 
     /// Detaches the mount, unserved (for a caller that cannot go on to serve it).
     pub fn detach(self) -> io::Result<()> {
-        match &self.root {
-            Some(root) => fusedev::detach_fd(root.as_fd()),
-            None => Ok(()),
-        }
+        fusedev::detach_fd(self.root.as_fd())
     }
 
     /// Completes the handshake with the kernel and starts the worker threads. On failure
@@ -517,7 +511,6 @@ impl Mounted {
             member,
             ..
         } = self;
-        drop(root);
         let mut config = fuser::Config::default();
         config.n_threads = Some(threads);
         config.clone_fd = true;
@@ -526,12 +519,21 @@ impl Mounted {
             hub.join(&member, s.notifier());
             s.spawn().inspect_err(|_| hub.leave(&member))
         }) {
-            Ok(bg) => Ok(Session {
-                bg,
-                target: path,
-                mount_id,
-                member,
-            }),
+            Ok(bg) => {
+                // The kernel learns the root's attributes before any invalidation may cross
+                // its first GETATTR (`share.rs`).
+                if let Err(e) = rustix::fs::fstat(&root) {
+                    tracing::debug!("cannot stat the new mount's root: {e}");
+                }
+                member.root_known();
+                drop(root);
+                Ok(Session {
+                    bg,
+                    target: path,
+                    mount_id,
+                    member,
+                })
+            }
             Err(source) => Err(Error::Handshake {
                 target: path,
                 source,

@@ -17,10 +17,18 @@
 //! of the *other* connection to drop an entry, and two requests changing one directory
 //! through two mounts at once would otherwise wait on each other for ever (each holds its
 //! own mount's lock until its reply). Then the notification arrives just after the reply.
+//!
+//! A session is told of others' changes only once its kernel has its root's attributes
+//! (`Mounted::serve` stats the root before it calls [`Member::root_known`]): until then the
+//! root shows the mount's placeholder owner (uid 0, mode from `rootmode=`), and the kernel
+//! drops a GETATTR reply that crosses an invalidation of the same inode, so a new mount
+//! under a stream of changes from another one refused its first callers (EACCES, seen). Nothing
+//! else can be cached before: every access checks permission on the root first
+//! (`default_permissions`).
 
 use std::ffi::OsString;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -49,6 +57,8 @@ struct Job {
 struct Peer {
     id: u64,
     tx: mpsc::Sender<Job>,
+    /// The session's kernel knows its root's attributes.
+    ready: Arc<AtomicBool>,
 }
 
 /// The sessions of one daemon that serve one source.
@@ -75,6 +85,7 @@ impl Hub {
         Member {
             hub: Arc::clone(self),
             id: self.next.fetch_add(1, Ordering::Relaxed),
+            ready: Arc::default(),
         }
     }
 
@@ -90,7 +101,11 @@ impl Hub {
             return;
         }
         if let Ok(mut peers) = self.peers.write() {
-            peers.push(Peer { id, tx });
+            peers.push(Peer {
+                id,
+                tx,
+                ready: Arc::clone(&member.ready),
+            });
         }
     }
 
@@ -129,6 +144,7 @@ fn deliver(notifier: &Notifier, rx: &mpsc::Receiver<Job>) {
 pub struct Member {
     hub: Arc<Hub>,
     id: u64,
+    ready: Arc<AtomicBool>,
 }
 
 impl Member {
@@ -141,6 +157,14 @@ impl Member {
         &self.hub
     }
 
+    /// This session's kernel has its root's attributes: from now on it takes the other
+    /// sessions' invalidations (see the module doc).
+    pub fn root_known(&self) {
+        if !self.ready.swap(true, Ordering::Relaxed) {
+            tracing::debug!("session {}: root attributes known", self.id);
+        }
+    }
+
     /// Tells every other session of the hub what a change just made stale, and waits (at
     /// most [`DELIVERY_WAIT`]) until they have told their kernels.
     /// `stale` is only called when there are other sessions.
@@ -148,13 +172,14 @@ impl Member {
         let Ok(peers) = self.hub.peers.read() else {
             return;
         };
-        if peers.iter().all(|p| p.id == self.id) {
+        let others = |p: &&Peer| p.id != self.id && p.ready.load(Ordering::Relaxed);
+        if !peers.iter().any(|p| others(&p)) {
             return;
         }
         let stale: Arc<[Stale]> = stale().into();
         let (done, finished) = mpsc::sync_channel(peers.len());
         let mut sent = 0;
-        for p in peers.iter().filter(|p| p.id != self.id) {
+        for p in peers.iter().filter(others) {
             let job = Job {
                 stale: Arc::clone(&stale),
                 done: done.clone(),

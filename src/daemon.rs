@@ -10,7 +10,7 @@
 //! one fuser session per mount, each with its own map, flags and inode table; the sessions
 //! tell each other of every change (`backend::fuse::share`), so two containers sharing an
 //! image never see stale names or write into a replaced file. The daemon's unconfined
-//! supervisor listens on `RUN_DIR/source-DEV-INO-SANDBOX.sock` (root only: mode 0600 and
+//! supervisor listens on `RUN_DIR/sources/DEV-INO-SANDBOX.sock` (root only: mode 0600 and
 //! the peer's uid checked). A later `shiftfs mount` of the source, holding the source's
 //! lock, connects and hands over its checked SOURCE and TARGET fds with the request; the
 //! supervisor, in the host's mount namespace, clones the source tree and mounts a new FUSE
@@ -298,7 +298,15 @@ fn source_socket(req: &Request, source: &Dir) -> Option<PathBuf> {
         return None;
     }
     let (dev, ino) = source.id().ok()?;
-    Some(run_dir().join(format!("source-{dev}-{ino}-{}.sock", req.fuse.sandbox)))
+    let dir = run_dir().join("sources");
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::warn!(
+            "cannot make {}: {e}; this mount shares no daemon",
+            dir.display()
+        );
+        return None;
+    }
+    Some(dir.join(format!("{dev}-{ino}-{}.sock", req.fuse.sandbox)))
 }
 
 /// The fields of a request a joining mount sends, NUL-separated (paths cannot hold NUL).

@@ -1,5 +1,6 @@
 //! Mount setup (SOURCE and TARGET resolved once into fds, then checked), backend choice, the
-//! kernel mount and its record, and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
+//! kernel mount and its record, the kernel mounts stacked on a source's shared idmappable
+//! FUSE mount (which lives as long as records name it), and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use rustix::mount::UnmountFlags;
 
 use crate::mountinfo::{self, MountInfo};
-use crate::options::{Backend, FUSE_TYPE, Request};
+use crate::options::{Backend, FUSE_TYPE, Request, Share};
 pub use crate::registry::{Record, TargetLock, run_dir};
 use crate::resolve::Dir;
 
@@ -219,6 +220,15 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
             let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
+            } else if over_shared_fuse(req) {
+                Ok((
+                    Backend::Fuse,
+                    format!(
+                        "kernel idmapped mount not possible: {}; a kernel idmapped mount of \
+                         the source's shared idmappable FUSE mount instead",
+                        p.reason
+                    ),
+                ))
             } else {
                 Ok((
                     Backend::Fuse,
@@ -226,6 +236,160 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
                 ))
             }
         }
+    }
+}
+
+/// Whether `req`, bound for the FUSE backend, is served by a kernel idmapped mount of the
+/// source's shared idmappable FUSE mount (`-o share=idmap`, or the default where the backend
+/// was left to choose and the kernel can idmap FUSE mounts): one daemon and one cache for
+/// every map, instead of a shifting FUSE session per mount.
+pub fn over_shared_fuse(req: &Request) -> bool {
+    let asked = match req.fuse.share {
+        Share::Idmap => req.backend != Backend::Kernel,
+        Share::Auto => req.backend == Backend::Auto,
+        Share::Sessions | Share::Off => false,
+    };
+    asked
+        && !req.fuse.idmappable
+        && crate::backend::kernel::map_unfit(&req.mapping).is_none()
+        && kernel_idmaps_fuse()
+}
+
+/// FUSE servers may opt in to idmapped mounts since Linux 6.12 (`FUSE_ALLOW_IDMAP`).
+fn kernel_idmaps_fuse() -> bool {
+    crate::backend::kernel::parse_kernel_version(&crate::backend::kernel::kernel_release())
+        .is_some_and(|v| v >= (6, 12))
+}
+
+/// Where the shared idmappable FUSE mount of the source `dirs.source` is kept: a directory
+/// only root can reach, one per source directory, sandbox mode and `--recursive`.
+fn shared_mount_dir(req: &Request, source: &Dir) -> Result<PathBuf, Error> {
+    let (dev, ino) = source.id().map_err(|source| Error::Io {
+        what: "cannot identify the source",
+        path: req.source.clone(),
+        source,
+    })?;
+    let base = run_dir().join("shared");
+    let err = |source| Error::Io {
+        what: "cannot make the directory of shared mounts",
+        path: base.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&base).map_err(err)?;
+    std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(err)?;
+    let rec = if req.recursive { "-r" } else { "" };
+    Ok(base.join(format!("{dev}-{ino}-{}{rec}", req.fuse.sandbox)))
+}
+
+/// The lock held while the users of a shared FUSE mount are counted (mounting one more, or
+/// unmounting the last one and it).
+fn users_lock(shared: &Path) -> Result<TargetLock, Error> {
+    Ok(TargetLock::at(&shared.with_extension("lock"), shared)?)
+}
+
+/// Mounts `req` as a kernel idmapped mount of the source's shared idmappable FUSE mount,
+/// starting that FUSE mount (or adding it to the source's daemon, the `shiftfs` binary at
+/// `exe`) if it is not there yet.
+pub fn mount_over_shared(exe: &Path, req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let shared = shared_mount_dir(req, &dirs.source)?;
+    let _users = users_lock(&shared)?;
+    match std::fs::create_dir(&shared) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(Error::Io {
+                what: "cannot make the directory of the shared mount",
+                path: shared,
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    let served = mounted_at(&shared)
+        .filter(served_by_daemon)
+        .and_then(|m| Record::of(&m))
+        .is_some_and(|r| r.daemon_alive());
+    if !served {
+        start_shared(exe, req, dirs, &shared)?;
+    }
+    let lower = Dir::open(&shared).map_err(|e| Error::Target(shared.clone(), e.reason()))?;
+    let id = crate::backend::kernel::mount_at(
+        &crate::backend::kernel::Syscalls,
+        &lower,
+        &dirs.target,
+        &req.mapping,
+        req.flags,
+        false,
+    );
+    let id = match id {
+        Ok(id) => id,
+        Err(e) => {
+            if !served {
+                stop_shared_if_unused(&shared, false);
+            }
+            return Err(e.into());
+        }
+    };
+    match id {
+        Some(id) => {
+            if let Err(e) = record(req, Backend::Kernel, id, None).over(&shared).save() {
+                tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+            }
+        }
+        None => tracing::warn!("mounted, but cannot learn the mount id to record it"),
+    }
+    Ok(())
+}
+
+/// The shared idmappable FUSE mount of `dirs.source` at `shared`: an identity mount that
+/// allows everything (the idmapped mounts on it each carry their own ro/nosuid/nodev/noexec),
+/// served by the source's daemon.
+fn start_shared(exe: &Path, req: &Request, dirs: &Resolved, shared: &Path) -> Result<(), Error> {
+    if mounted_at(shared).is_some() {
+        // A dead one (its daemon killed): out of the way.
+        let _ = rustix::mount::unmount(shared, UnmountFlags::DETACH);
+    }
+    let mut low = req.clone();
+    low.target = shared.to_path_buf();
+    low.target_root = None;
+    low.mapping = crate::idmap::IdMapping::identity();
+    low.flags = crate::options::MountFlags {
+        read_only: false,
+        suid: true,
+        dev: true,
+        exec: true,
+    };
+    low.backend = Backend::Fuse;
+    low.fuse.idmappable = true;
+    let source = rustix::io::fcntl_dupfd_cloexec(&dirs.source, 0).map_err(|e| Error::Io {
+        what: "cannot hold the source",
+        path: req.source.clone(),
+        source: e.into(),
+    })?;
+    let low_dirs = Resolved {
+        source: Dir::from_fd(source, req.source.clone())
+            .map_err(|e| Error::Source(req.source.clone(), e.reason()))?,
+        target: Dir::open(shared).map_err(|e| Error::Target(shared.to_path_buf(), e.reason()))?,
+    };
+    let _lock = TargetLock::take(shared)?;
+    crate::daemon::spawn_exe(exe, &low, &low_dirs)
+}
+
+/// After a mount stacked on the shared FUSE mount at `shared` went away: unmounts that
+/// FUSE mount when nothing else is stacked on it (its daemon then ends, or goes on serving
+/// the source's other mounts).
+fn stop_shared_if_unused(shared: &Path, lazy: bool) {
+    let users = Record::all()
+        .into_iter()
+        .filter(|(r, _)| r.lower().as_deref() == Some(shared))
+        .count();
+    if users > 0 {
+        return;
+    }
+    match unmount(shared, lazy) {
+        Ok(_) => {
+            let _ = std::fs::remove_dir(shared);
+        }
+        Err(e) => tracing::warn!("cannot stop the shared mount {}: {e}", shared.display()),
     }
 }
 
@@ -374,7 +538,7 @@ pub fn unmount_locked(target: &Path, lazy: bool, _lock: &TargetLock) -> Result<U
     // After a lazy unmount the daemon serves open files until the last one is closed, and
     // then exits by itself: waiting (and then SIGTERM) would only block the caller.
     if let Some(r) = record.as_ref().filter(|_| !was_dead && !lazy) {
-        wait_for_exit(r, Duration::from_secs(10));
+        wait_for_end(r, Duration::from_secs(10));
     }
     if was_dead {
         let _ = std::fs::remove_file(Record::log_path(&target));
@@ -382,6 +546,12 @@ pub fn unmount_locked(target: &Path, lazy: bool, _lock: &TargetLock) -> Result<U
     // A draining daemon keeps its record (`list` shows it draining) and removes it itself.
     if let Some(r) = record.as_ref().filter(|r| !r.daemon_alive()) {
         r.remove();
+    }
+    if let Some(shared) = record.as_ref().and_then(Record::lower) {
+        match users_lock(&shared) {
+            Ok(_users) => stop_shared_if_unused(&shared, lazy),
+            Err(e) => tracing::warn!("cannot count the users of {}: {e}", shared.display()),
+        }
     }
     Ok(Unmounted { record, was_dead })
 }
@@ -448,11 +618,29 @@ fn unmount_submounts(target: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.
-fn wait_for_exit(rec: &Record, limit: Duration) {
+/// Waits for a daemon to be done with a mount that went away: the daemon gone, or, when it
+/// serves other mounts of the source too, the mount's record removed (by the daemon, once
+/// the mount's session ended). SIGTERM if it lingers and serves nothing else.
+fn wait_for_end(rec: &Record, limit: Duration) {
     let start = Instant::now();
+    let shares = || {
+        Record::all()
+            .iter()
+            .any(|(r, _)| r.pid == rec.pid && r.pid_start == rec.pid_start && r != rec)
+    };
     while rec.daemon_alive() {
+        if !rec.is_saved() && shares() {
+            return;
+        }
         if start.elapsed() > limit {
+            if shares() {
+                tracing::warn!(
+                    "daemon {:?} did not let go of {} after unmount",
+                    rec.pid,
+                    rec.target.display()
+                );
+                return;
+            }
             tracing::warn!(
                 "daemon {:?} did not exit after unmount; sending SIGTERM",
                 rec.pid

@@ -12,7 +12,7 @@ use crate::idmap::{self, IdMapping};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, idmappable)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, share=, idmappable)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -125,6 +125,50 @@ const MAX_THREADS: usize = 256;
 /// The file system type of shiftfs' FUSE mounts in the mount table.
 pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
+/// How FUSE mounts of one source share one daemon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Share {
+    /// `Idmap` where the kernel can idmap FUSE mounts (Linux 6.12+) and the backend was left
+    /// to choose, else `Sessions`.
+    #[default]
+    Auto,
+    /// One idmappable (identity) FUSE mount of the source, shared, with a kernel idmapped
+    /// mount of it per target: one daemon, one set of caches for every map.
+    Idmap,
+    /// One daemon serves every mount of a source, one FUSE session each, and keeps them
+    /// coherent (a change through one drops what the others cached).
+    Sessions,
+    /// A daemon of its own, as with no other mount around: its caches go stale against other
+    /// mounts of the source for up to `attr_timeout`.
+    Off,
+}
+
+impl std::str::FromStr for Share {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "idmap" => Ok(Self::Idmap),
+            "sessions" => Ok(Self::Sessions),
+            "off" | "none" => Ok(Self::Off),
+            _ => Err(format!(
+                "unknown sharing '{s}' (use auto, idmap, sessions or off)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Idmap => "idmap",
+            Self::Sessions => "sessions",
+            Self::Off => "off",
+        })
+    }
+}
+
 /// Tuning knobs of the FUSE backend; asking for one on a kernel mount is an error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FuseTuning {
@@ -135,6 +179,7 @@ pub struct FuseTuning {
     /// Files and directories callers may hold open at once; 0 = the backend's default.
     pub max_open: usize,
     pub sandbox: crate::sandbox::Mode,
+    pub share: Share,
     /// Serve SOURCE unshifted (the identity map) and let the kernel idmap the FUSE mount
     /// (`FUSE_ALLOW_IDMAP`, Linux 6.12+): a filesystem the kernel cannot idmap itself (ramfs,
     /// overlayfs, sshfs, other FUSE servers) made idmappable, for `--backend kernel`, crun's
@@ -152,6 +197,7 @@ impl Default for FuseTuning {
             attr_timeout: DEFAULT_ATTR_TIMEOUT,
             max_open: 0,
             sandbox: crate::sandbox::Mode::default(),
+            share: Share::default(),
             idmappable: false,
             given: Vec::new(),
         }
@@ -300,6 +346,12 @@ impl OptionSet {
                         reason,
                     })?
                 }
+                "share" => {
+                    self.fuse.share = need(value)?.parse().map_err(|reason| Error::BadOption {
+                        option: opt.clone(),
+                        reason,
+                    })?
+                }
                 "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser"
                 | "users" | "owner" | "group" | "comment" | "bind" => {}
                 k if k.starts_with("x-") || k.starts_with("X-") => {}
@@ -399,6 +451,9 @@ impl Request {
         if self.fuse.sandbox != crate::sandbox::Mode::default() {
             o.push_str(&format!(",sandbox={}", self.fuse.sandbox));
         }
+        if self.fuse.share != Share::default() {
+            o.push_str(&format!(",share={}", self.fuse.share));
+        }
         if self.recursive {
             o.push_str(",recursive");
         }
@@ -416,7 +471,7 @@ mod tests {
     #[test]
     fn options_parse_and_round_trip() {
         let mut o = OptionSet::default();
-        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,threads=4,nopassthrough,attr_timeout=0.5,sandbox=log,defaults,nofail,x-systemd.automount").unwrap();
+        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,share=off,threads=4,nopassthrough,attr_timeout=0.5,sandbox=log,defaults,nofail,x-systemd.automount").unwrap();
         assert!(o.flags.read_only && o.flags.suid && !o.flags.exec && !o.flags.dev);
         assert_eq!(o.map.as_deref(), Some("b:0:100000:65536,u:70000:5:1"));
         assert_eq!(o.backend, Some(Backend::Fuse));
@@ -445,7 +500,8 @@ mod tests {
         let mut back = OptionSet::default();
         back.apply(&req.options_text()).unwrap();
         assert_eq!(back.flags, req.flags);
-        let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout, f.sandbox);
+        let tuning =
+            |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout, f.sandbox, f.share);
         assert_eq!(tuning(&back.fuse), tuning(&req.fuse));
         assert!(back.recursive);
     }

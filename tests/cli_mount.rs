@@ -1298,7 +1298,10 @@ fn auto_picks_fuse_on_bindfs_and_kernel_refuses() {
     );
     assert!(out.stdout.is_empty(), "{out}");
 
-    let (out, m) = ShiftMount::run_mount(None, &["--map", MAP], &view, &mnt);
+    // The per-mount shifting daemon (the default stacks on a shared idmappable FUSE mount
+    // where the kernel can idmap FUSE mounts: tests/coherence.rs).
+    let (out, m) =
+        ShiftMount::run_mount(None, &["--map", MAP, "-o", "share=sessions"], &view, &mnt);
     out.assert_ok();
     assert!(
         out.stdout.contains("(fuse: ") && out.stdout.contains("idmapped mount not possible"),

@@ -608,7 +608,16 @@ impl<'a> Connection<'a> {
             Some(r) => r.clone().owned_by(peer.uid).save()?,
             None => tracing::warn!("mounted, but the daemon left no record to give the caller"),
         }
-        if let Some(pid) = rec.as_ref().and_then(|r| r.pid) {
+        // The daemon is the target's own, or (stacked on a shared idmappable mount) the
+        // shared mount's, which this broker may have started for this request. Waiting on a
+        // daemon that is not our child returns at once.
+        let daemon = rec.as_ref().and_then(|r| match r.lower() {
+            Some(lower) => crate::mount::mounted_at(&lower)
+                .and_then(|m| Record::of(&m))
+                .and_then(|low| low.pid),
+            None => r.pid,
+        });
+        if let Some(pid) = daemon {
             reap_when_done(pid);
         }
         Ok(rec.map(|r| r.mount_id))

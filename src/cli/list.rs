@@ -9,18 +9,15 @@ pub struct Args {}
 pub fn run(_args: Args) -> anyhow::Result<()> {
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let rows = if super::broker::needed() {
-        // The broker does not say which container a mount belongs to.
-        super::broker::list()?
-            .into_iter()
-            .map(
-                |[target, source, backend, map, options, owner, pid, state]| {
-                    let owner = owner.parse().map_or(owner, |uid| user_name(&passwd, uid));
-                    let container = "-".to_string();
-                    [
-                        target, source, backend, map, options, owner, pid, container, state,
-                    ]
-                },
-            )
+        let mut rows = super::broker::list()?;
+        for row in &mut rows {
+            if let Ok(uid) = row[5].parse() {
+                row[5] = user_name(&passwd, uid);
+            }
+        }
+        // The broker does not say what a mount shares, nor its container.
+        rows.into_iter()
+            .map(|[t, s, b, m, o, u, p, st]| [t, s, b, m, o, u, p, "-".into(), "-".into(), st])
             .collect()
     } else {
         own_rows(&passwd)
@@ -37,6 +34,7 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         "OPTIONS",
         "OWNER",
         "PID",
+        "SHARED",
         "CONTAINER",
         "STATE",
     ];
@@ -65,11 +63,12 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
 }
 
 /// Every mount's row, from the records on this machine.
-fn own_rows(passwd: &str) -> Vec<[String; 9]> {
-    Record::all()
-        .iter()
+fn own_rows(passwd: &str) -> Vec<[String; 10]> {
+    let recs = Record::all();
+    recs.iter()
         .map(|(r, state)| {
             let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let shared = sharing(&recs, r);
             let state = match state {
                 State::Active => "active",
                 State::Draining => "draining (unmounted; serving files still open)",
@@ -84,11 +83,37 @@ fn own_rows(passwd: &str) -> Vec<[String; 9]> {
                 r.owner
                     .map_or_else(|| "-".into(), |uid| user_name(passwd, uid)),
                 pid,
+                shared,
                 r.container().unwrap_or("-").to_string(),
                 state.to_string(),
             ]
         })
         .collect()
+}
+
+/// How many mounts share the daemon of `rec`, when more than this one: the FUSE sessions
+/// of one daemon (they show the same pid), or the kernel idmapped mounts stacked on one
+/// shared FUSE mount (that mount's row counts them too). "N mounts", else "-".
+fn sharing(recs: &[(Record, State)], rec: &Record) -> String {
+    let stacked_on = |lower: &std::path::Path| {
+        recs.iter()
+            .filter(|(r, _)| r.lower().as_deref() == Some(lower))
+            .count()
+    };
+    let n = match (rec.lower(), rec.pid) {
+        (Some(lower), _) => stacked_on(&lower),
+        (None, Some(pid)) => recs
+            .iter()
+            .filter(|(r, _)| r.pid == Some(pid) && r.pid_start == rec.pid_start)
+            .count()
+            .max(stacked_on(&rec.target)),
+        (None, None) => 0,
+    };
+    if n > 1 {
+        format!("{n} mounts")
+    } else {
+        "-".into()
+    }
 }
 
 /// The name `/etc/passwd` gives `uid`, else the number.

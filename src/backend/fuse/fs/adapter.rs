@@ -53,6 +53,25 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: Result<Vec<u8>>) {
     }
 }
 
+/// A name made, removed or renamed in `parent`: the other sessions drop their entry (a
+/// cached miss too) and their listing of `parent`.
+fn name_changed(parent: INodeNo, name: &OsStr) -> [Stale; 2] {
+    [
+        Stale::Entry(parent.0, name.to_owned()),
+        Stale::Data(parent.0),
+    ]
+}
+
+impl ShiftFs {
+    /// After a change that succeeded, the other sessions of this source drop what it made
+    /// stale (`share.rs`) before the caller is answered.
+    fn changed<T>(&self, r: &Result<T>, stale: impl FnOnce() -> Vec<Stale>) {
+        if r.is_ok() {
+            self.share.changed(stale);
+        }
+    }
+}
+
 fn reply_empty(reply: ReplyEmpty, r: Result<()>) {
     match r {
         Ok(()) => reply.ok(),
@@ -163,7 +182,12 @@ impl Filesystem for ShiftFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
+        let r = self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh);
+        self.changed(&r, || match size {
+            Some(_) => vec![Stale::Data(ino.0)],
+            None => vec![Stale::Attr(ino.0)],
+        });
+        match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -186,7 +210,9 @@ impl Filesystem for ShiftFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mknod(req, parent, name, mode, umask, rdev) {
+        let r = self.do_mknod(req, parent, name, mode, umask, rdev);
+        self.changed(&r, || name_changed(parent, name).into());
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
@@ -201,18 +227,24 @@ impl Filesystem for ShiftFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mkdir(req, parent, name, mode, umask) {
+        let r = self.do_mkdir(req, parent, name, mode, umask);
+        self.changed(&r, || name_changed(parent, name).into());
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_unlink(parent, name, AtFlags::empty()));
+        let r = self.do_unlink(parent, name, AtFlags::empty());
+        self.changed(&r, || name_changed(parent, name).into());
+        reply_empty(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_unlink(parent, name, AtFlags::REMOVEDIR));
+        let r = self.do_unlink(parent, name, AtFlags::REMOVEDIR);
+        self.changed(&r, || name_changed(parent, name).into());
+        reply_empty(reply, r);
     }
 
     fn symlink(
@@ -223,7 +255,9 @@ impl Filesystem for ShiftFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.do_symlink(req, parent, link_name, target) {
+        let r = self.do_symlink(req, parent, link_name, target);
+        self.changed(&r, || name_changed(parent, link_name).into());
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
@@ -239,10 +273,13 @@ impl Filesystem for ShiftFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.do_rename(req, parent, name, newparent, newname, flags),
-        );
+        let r = self.do_rename(req, parent, name, newparent, newname, flags);
+        self.changed(&r, || {
+            let mut stale = Vec::from(name_changed(parent, name));
+            stale.extend(name_changed(newparent, newname));
+            stale
+        });
+        reply_empty(reply, r);
     }
 
     fn link(
@@ -253,7 +290,13 @@ impl Filesystem for ShiftFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.do_link(req, ino, newparent, newname) {
+        let r = self.do_link(req, ino, newparent, newname);
+        self.changed(&r, || {
+            let mut stale = Vec::from(name_changed(newparent, newname));
+            stale.push(Stale::Attr(ino.0));
+            stale
+        });
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
@@ -293,7 +336,7 @@ impl Filesystem for ShiftFs {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -302,7 +345,9 @@ impl Filesystem for ShiftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.as_writer(req, || self.do_write(fh, offset, data)) {
+        let r = self.as_writer(req, || self.do_write(fh, offset, data));
+        self.changed(&r, || vec![Stale::Data(ino.0)]);
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -323,14 +368,19 @@ impl Filesystem for ShiftFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.files.remove(fh.0);
+        // Passthrough writes bypass the daemon: the other sessions learn of them when the
+        // writer's file is released.
+        if is_write(flags.0) {
+            self.changed(&Ok(()), || vec![Stale::Data(ino.0)]);
+        }
         reply.ok();
     }
 
@@ -463,7 +513,9 @@ impl Filesystem for ShiftFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_setxattr(req, ino, name, value, flags));
+        let r = self.do_setxattr(req, ino, name, value, flags);
+        self.changed(&r, || vec![Stale::Attr(ino.0)]);
+        reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -475,7 +527,9 @@ impl Filesystem for ShiftFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_removexattr(ino, name));
+        let r = self.do_removexattr(ino, name);
+        self.changed(&r, || vec![Stale::Attr(ino.0)]);
+        reply_empty(reply, r);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -495,10 +549,12 @@ impl Filesystem for ShiftFs {
         reply: ReplyCreate,
     ) {
         let host = self.host_ids(req);
-        match self.do_create(req, parent, name, mode, umask, flags, host.0, |fd| {
+        let r = self.do_create(req, parent, name, mode, umask, flags, host.0, |fd| {
             let _writer = register_creds(host)?;
             reply.open_backing(fd)
-        }) {
+        });
+        self.changed(&r, || name_changed(parent, name).into());
+        match r {
             Ok((attr, fh, fl, Some(b))) => {
                 reply.created_passthrough(&self.ttl, &attr, GEN, FileHandle(fh), fl, &b)
             }

@@ -47,6 +47,7 @@ use super::caller::{Caller, NO_ID};
 use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable, OpenLimit, Slot};
 use super::inode::{Inode, InodeTable, Key};
 use super::pool::Pool;
+use super::share::{Member, Stale};
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::options::MountFlags;
 use crate::sys::creds::{FsCreds, FsIds, set_thread_umask};
@@ -312,6 +313,8 @@ pub(super) struct Config {
     pub max_open: usize,
     /// Threads for long data requests (fsync, fallocate, copy_file_range).
     pub data_threads: usize,
+    /// The other sessions serving this source, told of every change made through this one.
+    pub share: Member,
     /// Negotiate `FUSE_ALLOW_IDMAP` (the mapping must be the identity).
     pub idmappable: bool,
 }
@@ -334,6 +337,7 @@ pub(super) struct ShiftFs {
     passthrough: AtomicBool,
     /// Decided in `init`: directories are listed without OPENDIR (handle 0).
     no_opendir: bool,
+    share: Member,
     /// Asked for: see the module's documentation.
     idmappable: bool,
     /// Whether the source gives new objects the creating fsuid/fsgid (sshfs, for one, does
@@ -375,6 +379,7 @@ impl ShiftFs {
             stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
             no_opendir: false,
+            share: cfg.share,
             idmappable: cfg.idmappable,
             owner_honoured: OnceLock::new(),
         })

@@ -149,6 +149,7 @@ pub fn serve_fuse(
         opts.attr_timeout = req.fuse.attr_timeout;
         opts.max_open = req.fuse.max_open;
         opts.recursive = req.recursive;
+        opts.uring = req.fuse.uring;
         opts.fsname = req.source.to_string_lossy().into_owned();
         let mounted = crate::backend::fuse::attach(source.into_fd(), &target, opts)?;
         Ok::<_, Error>(mounted)
@@ -202,7 +203,8 @@ pub fn serve_fuse(
     drop(null);
     // A write to a supervisor that died must fail, not kill the server.
     let _ = daemon::ignore_signals(&[libc::SIGPIPE]);
-    let served = crate::sandbox::enter(req.fuse.sandbox)
+    let uring = req.fuse.uring != crate::options::UringMode::Off;
+    let served = crate::sandbox::enter(req.fuse.sandbox, uring)
         .map_err(Error::from)
         .and_then(|()| mounted.serve().map_err(Error::from));
     let session = match served {

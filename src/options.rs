@@ -12,7 +12,7 @@ use crate::idmap::{self, IdMapping};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, uring=)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -125,6 +125,41 @@ const MAX_THREADS: usize = 256;
 /// The file system type of shiftfs' FUSE mounts in the mount table.
 pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
+/// Whether the FUSE daemon serves requests over io_uring (`-o uring=`): one ring per possible
+/// CPU, so each caller's CPU answers its own requests (Linux 6.14+, `fuse.enable_uring=1`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UringMode {
+    /// io_uring when the kernel offers it, else `/dev/fuse` (one log line says why).
+    #[default]
+    Auto,
+    /// io_uring, or the mount fails saying why.
+    On,
+    /// `/dev/fuse` only.
+    Off,
+}
+
+impl fmt::Display for UringMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for UringMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err("uring is auto, on or off".into()),
+        }
+    }
+}
+
 /// Tuning knobs of the FUSE backend; asking for one on a kernel mount is an error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FuseTuning {
@@ -135,6 +170,7 @@ pub struct FuseTuning {
     /// Files and directories callers may hold open at once; 0 = the backend's default.
     pub max_open: usize,
     pub sandbox: crate::sandbox::Mode,
+    pub uring: UringMode,
     /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
     pub given: Vec<String>,
 }
@@ -147,6 +183,7 @@ impl Default for FuseTuning {
             attr_timeout: DEFAULT_ATTR_TIMEOUT,
             max_open: 0,
             sandbox: crate::sandbox::Mode::default(),
+            uring: UringMode::default(),
             given: Vec::new(),
         }
     }
@@ -288,6 +325,12 @@ impl OptionSet {
                         reason,
                     })?
                 }
+                "uring" => {
+                    self.fuse.uring = need(value)?.parse().map_err(|reason| Error::BadOption {
+                        option: opt.clone(),
+                        reason,
+                    })?
+                }
                 "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser"
                 | "users" | "owner" | "group" | "comment" | "bind" => {}
                 k if k.starts_with("x-") || k.starts_with("X-") => {}
@@ -301,6 +344,7 @@ impl OptionSet {
                     | "attr_timeout"
                     | "max_open"
                     | "sandbox"
+                    | "uring"
             ) && !self.fuse.given.contains(&opt)
             {
                 self.fuse.given.push(opt.clone());
@@ -365,6 +409,9 @@ impl Request {
         if self.fuse.sandbox != crate::sandbox::Mode::default() {
             o.push_str(&format!(",sandbox={}", self.fuse.sandbox));
         }
+        if self.fuse.uring != UringMode::default() {
+            o.push_str(&format!(",uring={}", self.fuse.uring));
+        }
         if self.recursive {
             o.push_str(",recursive");
         }
@@ -411,6 +458,41 @@ mod tests {
         let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout, f.sandbox);
         assert_eq!(tuning(&back.fuse), tuning(&req.fuse));
         assert!(back.recursive);
+    }
+
+    #[test]
+    fn uring_option_parses_round_trips_and_is_fuse_only() {
+        let mut o = OptionSet::default();
+        assert_eq!(o.fuse.uring, UringMode::Auto);
+        for (text, mode) in [
+            ("uring=on", UringMode::On),
+            ("uring=off", UringMode::Off),
+            ("uring=auto", UringMode::Auto),
+        ] {
+            o.apply(text).unwrap();
+            assert_eq!(o.fuse.uring, mode);
+        }
+        assert!(o.fuse.given.iter().any(|g| g.starts_with("uring=")));
+        let e = OptionSet::default()
+            .apply("uring=yes")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auto, on or off"), "{e}");
+        let mut on = OptionSet::default();
+        on.apply("map=b:0:100000:65536,uring=on").unwrap();
+        let req = Request {
+            source: "/s".into(),
+            target: "/t".into(),
+            target_root: None,
+            mapping: on.mapping().unwrap(),
+            flags: on.flags,
+            backend: Backend::Fuse,
+            recursive: false,
+            fuse: on.fuse.clone(),
+        };
+        let mut back = OptionSet::default();
+        back.apply(&req.options_text()).unwrap();
+        assert_eq!(back.fuse.uring, UringMode::On);
     }
 
     #[test]

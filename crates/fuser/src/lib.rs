@@ -79,6 +79,10 @@ use crate::session::MAX_WRITE_SIZE;
 pub use crate::session::Session;
 pub use crate::session::SessionACL;
 pub use crate::session::SessionUnmounter;
+pub use crate::uring::Transport;
+pub use crate::uring::TransportStats;
+pub use crate::uring::UringMode;
+pub use crate::uring::possible_cpus;
 
 mod access_flags;
 mod bsd_file_flags;
@@ -98,6 +102,7 @@ mod request;
 mod request_param;
 mod session;
 mod time;
+mod uring;
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]
@@ -380,6 +385,14 @@ impl KernelConfig {
             None => (u32::from(self.max_background) * 3 / 4) as u16,
             Some(value) => min(value, self.max_background),
         }
+    }
+
+    /// Caps `max_write` for FUSE over io_uring and returns the payload buffer each ring entry
+    /// needs: the kernel asks for `max(8192, max_write, max_pages pages)`.
+    fn uring_payload_len(&mut self) -> usize {
+        self.max_write = self.max_write.min(uring::MAX_WRITE);
+        let pages = usize::from(self.max_pages()) * page_size::get();
+        (self.max_write as usize).max(pages).max(8192)
     }
 
     fn max_pages(&self) -> u16 {

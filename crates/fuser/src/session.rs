@@ -47,7 +47,12 @@ use crate::read_buf::FuseReadBuf;
 use crate::reply::Reply;
 use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
+use crate::request::ReplyTo;
 use crate::request::RequestWithSender;
+use crate::uring;
+use crate::uring::Transport;
+use crate::uring::TransportStats;
+use crate::uring::UringMode;
 
 /// The max size of write requests from the kernel. The absolute minimum is 4k,
 /// FUSE recommends at least 128k, max 16M. The FUSE default is 16M on macOS
@@ -139,6 +144,10 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// The io_uring queues negotiated at INIT, served by `run`.
+    rings: Vec<Arc<uring::Queue>>,
+    transport: Transport,
+    stats: Arc<TransportStats>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +195,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            rings: Vec::new(),
+            transport: Transport::DevFuse { why: None },
+            stats: Arc::default(),
         };
 
         session.handshake()?;
@@ -214,6 +226,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            rings: Vec::new(),
+            transport: Transport::DevFuse { why: None },
+            stats: Arc::default(),
         };
 
         session.handshake()?;
@@ -225,6 +240,8 @@ impl<FS: Filesystem> Session<FS> {
     /// the filesystem is unmounted and the given session ends.
     pub fn spawn(self) -> io::Result<BackgroundSession> {
         let sender = self.ch.sender();
+        let transport = self.transport.clone();
+        let stats = Arc::clone(&self.stats);
         // Take the fuse_session, so that we can unmount it
         let mount = std::mem::take(&mut *self.mount.mount.lock());
         let guard = thread::Builder::new()
@@ -234,6 +251,8 @@ impl<FS: Filesystem> Session<FS> {
             guard,
             sender,
             mount,
+            transport,
+            stats,
         })
     }
 
@@ -252,6 +271,9 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            rings,
+            transport: _,
+            stats,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -270,6 +292,7 @@ impl<FS: Filesystem> Session<FS> {
         let mut filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
+        let channel_for_rings = ch.clone();
 
         for _ in 0..n_threads_minus_one {
             if config.clone_fd {
@@ -298,12 +321,28 @@ impl<FS: Filesystem> Session<FS> {
                 ch,
                 allowed,
                 session_owner,
+                stats: Arc::clone(&stats),
             };
             threads.push(
                 thread::Builder::new()
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
             );
+        }
+
+        for queue in rings {
+            let thread_name = format!("fuser-uring-{}", queue.qid());
+            let event_loop = SessionEventLoop {
+                thread_name: thread_name.clone(),
+                filesystem: filesystem.clone(),
+                ch: channel_for_rings.clone(),
+                allowed,
+                session_owner,
+                stats: Arc::clone(&stats),
+            };
+            threads.push(thread::Builder::new().name(thread_name).spawn(move || {
+                queue.serve(&mut |data, reply| event_loop.ring_request(data, reply))
+            })?);
         }
 
         let mut reply: io::Result<()> = Ok(());
@@ -429,6 +468,18 @@ impl<FS: Filesystem> Session<FS> {
                 return Err(error);
             }
 
+            match self.setup_uring(init.capabilities(), &mut config) {
+                Ok(()) => {}
+                Err(why) => {
+                    <ReplyRaw as Reply>::new(
+                        request.unique(),
+                        ReplySender::Channel(self.ch.sender()),
+                    )
+                    .send_ll(&ResponseErrno(ll::Errno::EPROTO));
+                    return Err(io::Error::new(io::ErrorKind::Unsupported, why));
+                }
+            }
+
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
@@ -477,6 +528,49 @@ impl<FS: Filesystem> Session<FS> {
         }
     }
 
+    /// Sets up the io_uring queues at INIT when asked, before the reply asks the kernel
+    /// for `FUSE_OVER_IO_URING`: once the kernel has agreed, it holds every request back
+    /// until each queue has an entry registered, so the rings must be ready to register.
+    /// Errs (with the reason) only in [`UringMode::On`] when io_uring cannot be had.
+    fn setup_uring(&mut self, offered: InitFlags, config: &mut KernelConfig) -> Result<(), String> {
+        let mode = self.config.uring;
+        if mode == UringMode::Off {
+            return Ok(());
+        }
+        let tried =
+            if !offered.contains(InitFlags::FUSE_OVER_IO_URING) {
+                Err("the kernel does not offer FUSE over io_uring (it needs Linux 6.14+ built with \
+                 CONFIG_FUSE_IO_URING, and fuse.enable_uring=1: \
+                 echo 1 > /sys/module/fuse/parameters/enable_uring)"
+                .to_owned())
+            } else {
+                let payload = config.uring_payload_len();
+                uring::setup(&self.ch.sender(), payload)
+                    .map_err(|e| format!("cannot set up the io_uring queues: {e}"))
+            };
+        match tried {
+            Ok(rings) => {
+                config.requested |= InitFlags::FUSE_OVER_IO_URING;
+                self.transport = Transport::Uring {
+                    queues: rings.len(),
+                    depth: uring::DEPTH,
+                };
+                self.rings = rings;
+                Ok(())
+            }
+            Err(why) if mode == UringMode::On => Err(why),
+            Err(why) => {
+                self.transport = Transport::DevFuse { why: Some(why) };
+                Ok(())
+            }
+        }
+    }
+
+    /// How requests are served, as decided at INIT.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
     /// Unmount the filesystem
     pub fn unmount(&mut self) -> io::Result<()> {
         self.mount.umount()
@@ -518,9 +612,31 @@ pub(crate) struct SessionEventLoop<FS: Filesystem> {
     pub(crate) filesystem: Arc<FilesystemHolder<FS>>,
     pub(crate) allowed: SessionACL,
     pub(crate) session_owner: Uid,
+    pub(crate) stats: Arc<TransportStats>,
 }
 
 impl<FS: Filesystem> SessionEventLoop<FS> {
+    /// One request fetched from an io_uring queue.
+    fn ring_request(&self, data: &[u8], reply: uring::RingReply) {
+        self.stats
+            .ring
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match RequestWithSender::new(ReplyTo::Ring(reply.clone()), data) {
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                } else {
+                    req.dispatch(self);
+                }
+            }
+            None => {
+                let unique = ll::RequestId(reply.commit_id());
+                <ReplyRaw as Reply>::new(unique, ReplySender::Ring(reply))
+                    .send_ll(&ResponseErrno(ll::Errno::EIO));
+            }
+        }
+    }
+
     fn event_loop(&self) -> io::Result<()> {
         // Buffer for receiving requests from the kernel. Only one is allocated and
         // it is reused immediately after dispatching to conserve memory and allocations.
@@ -530,24 +646,29 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
-                    // Dispatch request
-                    Some(req) => {
-                        if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                            req.reply::<ReplyEmpty>().ok();
-                            return Ok(());
-                        } else {
-                            req.dispatch(self)
+                Ok(size) => {
+                    match RequestWithSender::new(ReplyTo::Dev(self.ch.sender()), &buf[..size]) {
+                        // Dispatch request
+                        Some(req) => {
+                            self.stats
+                                .dev
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                                req.reply::<ReplyEmpty>().ok();
+                                return Ok(());
+                            } else {
+                                req.dispatch(self)
+                            }
+                        }
+                        // Quit loop on illegal request
+                        None => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "Invalid request",
+                            ));
                         }
                     }
-                    // Quit loop on illegal request
-                    None => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "Invalid request",
-                        ));
-                    }
-                },
+                }
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
@@ -564,6 +685,8 @@ pub struct BackgroundSession {
     sender: ChannelSender,
     /// Ensures the filesystem is unmounted when the session ends
     mount: Option<Mount>,
+    transport: Transport,
+    stats: Arc<TransportStats>,
 }
 
 impl BackgroundSession {
@@ -578,6 +701,16 @@ impl BackgroundSession {
     /// Returns an object that can be used to send notifications to the kernel
     pub fn notifier(&self) -> Notifier {
         Notifier::new(self.sender.clone())
+    }
+
+    /// How requests are served, as decided at INIT.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Requests served so far over each transport (shared: still counts while serving).
+    pub fn stats(&self) -> Arc<TransportStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Join the filesystem thread.

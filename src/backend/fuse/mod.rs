@@ -99,6 +99,8 @@ pub struct Options {
     /// Serve the sub-mounts inside the source too (each with its own flags), as they were
     /// at mount time; without it mount points show the directory underneath.
     pub recursive: bool,
+    /// Serve over io_uring (one ring per possible CPU) when the kernel offers it.
+    pub uring: crate::options::UringMode,
 }
 
 impl Options {
@@ -113,6 +115,7 @@ impl Options {
             max_inode_fds: 0,
             max_open: 0,
             recursive: false,
+            uring: crate::options::UringMode::default(),
         }
     }
 }
@@ -182,6 +185,7 @@ fn mount_hint(e: &io::Error) -> &'static str {
 #[derive(Debug)]
 pub struct Session {
     bg: fuser::BackgroundSession,
+    stats: std::sync::Arc<fuser::TransportStats>,
     target: PathBuf,
     /// The id of our mount (mountinfo's), to tell it from one stacked at the path later.
     mount_id: Option<u64>,
@@ -192,9 +196,21 @@ impl Session {
     /// MNT_DETACH)`) and the last user of a lazily detached mount has left.
     pub fn wait(self) -> Result<(), Error> {
         let target = self.target;
-        self.bg
+        let ended = self
+            .bg
             .join()
-            .map_err(|source| Error::Session { target, source })
+            .map_err(|source| Error::Session { target, source });
+        tracing::info!(
+            "requests served: {} over io_uring, {} over /dev/fuse",
+            self.stats.ring_requests(),
+            self.stats.dev_requests()
+        );
+        ended
+    }
+
+    /// Requests served so far over io_uring and over `/dev/fuse`.
+    pub fn stats(&self) -> &fuser::TransportStats {
+        &self.stats
     }
 
     /// Detaches the mount (lazily) and waits for the session to end.
@@ -336,6 +352,7 @@ pub struct Mounted {
     root: OwnedFd,
     path: PathBuf,
     threads: usize,
+    uring: crate::options::UringMode,
 }
 
 /// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) onto the held directory `target`;
@@ -392,12 +409,17 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
         source,
     })?;
 
+    if opts.uring != crate::options::UringMode::Off {
+        // Read now: a sandboxed daemon cannot see /sys when the rings are set up.
+        let _ = fuser::possible_cpus();
+    }
     Ok(Mounted {
         fs,
         dev,
         root,
         path,
         threads,
+        uring: opts.uring,
     })
 }
 
@@ -426,19 +448,39 @@ impl Mounted {
             root,
             path,
             threads,
+            uring,
         } = self;
         drop(root);
         let mut config = fuser::Config::default();
         config.n_threads = Some(threads);
         config.clone_fd = true;
+        config.uring = match uring {
+            crate::options::UringMode::Auto => fuser::UringMode::Auto,
+            crate::options::UringMode::On => fuser::UringMode::On,
+            crate::options::UringMode::Off => fuser::UringMode::Off,
+        };
         match fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
             .and_then(fuser::Session::spawn)
         {
-            Ok(bg) => Ok(Session {
-                bg,
-                target: path,
-                mount_id,
-            }),
+            Ok(bg) => {
+                match bg.transport() {
+                    fuser::Transport::Uring { queues, depth } => tracing::info!(
+                        "serving {} over io_uring: {queues} queues (one per possible CPU) of \
+                         {depth} entries",
+                        path.display()
+                    ),
+                    fuser::Transport::DevFuse { why: Some(why) } => {
+                        tracing::info!("serving {} through /dev/fuse: {why}", path.display())
+                    }
+                    fuser::Transport::DevFuse { why: None } => {}
+                }
+                Ok(Session {
+                    stats: bg.stats(),
+                    bg,
+                    target: path,
+                    mount_id,
+                })
+            }
             Err(source) => Err(Error::Handshake {
                 target: path,
                 source,

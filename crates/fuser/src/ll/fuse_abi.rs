@@ -23,7 +23,6 @@
 // The whole kernel ABI is kept, including structs this crate never builds (vendored: see
 // VENDORED.md); newer compilers flag those.
 #![allow(dead_code)]
-
 #![warn(missing_debug_implementations)]
 #![allow(missing_docs)]
 

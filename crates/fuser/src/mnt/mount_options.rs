@@ -18,6 +18,9 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests over io_uring (Linux 6.14+ with `fuse.enable_uring`), one ring per
+    /// possible CPU; see [`crate::UringMode`].
+    pub uring: crate::UringMode,
 }
 
 /// Mount options accepted by the FUSE filesystem type

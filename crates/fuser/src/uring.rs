@@ -539,6 +539,7 @@ impl Worker<'_> {
             let reply = RingReply(Arc::new(Slot {
                 queue: Arc::clone(q),
                 idx: idx as u16,
+                answered: AtomicBool::new(false),
             }));
             let op_len = len.checked_sub(IN_HEADER_LEN + payload_sz);
             match op_len {
@@ -738,11 +739,14 @@ pub(crate) struct RingReply(Arc<Slot>);
 pub(crate) struct Slot {
     queue: Arc<Queue>,
     idx: u16,
+    /// This request was answered. Per request, not per entry: the entry may already hold
+    /// the next request when the last clone of this one goes.
+    answered: AtomicBool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if self.queue.states[usize::from(self.idx)].load(Ordering::Acquire) == USER {
+        if !self.answered.load(Ordering::Acquire) {
             warn!("a FUSE request on io_uring got no reply; answering EIO");
             self.send_error(libc::EIO);
         }
@@ -772,9 +776,12 @@ impl Slot {
     pub(crate) fn send(&self, reply: &[io::IoSlice<'_>]) -> io::Result<()> {
         let q = &self.queue;
         let idx = usize::from(self.idx);
+        if self.answered.swap(true, Ordering::AcqRel) {
+            return Err(io::Error::other("this request was already answered"));
+        }
         q.states[idx]
             .compare_exchange(USER, WRITING, Ordering::Acquire, Ordering::Relaxed)
-            .map_err(|_| io::Error::other("this request was already answered"))?;
+            .map_err(|s| io::Error::other(format!("io_uring entry {idx} in state {s}, not awaiting a reply")))?;
         let total: usize = reply.iter().map(|s| s.len()).sum();
         let hdr = q.header(idx);
         let payload = q.payload(idx);

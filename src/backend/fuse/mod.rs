@@ -155,6 +155,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot serve {target} over io_uring (-o uring=on): {reason}; or mount with \
+         -o uring=auto to fall back to /dev/fuse"
+    )]
+    Uring { target: PathBuf, reason: String },
     #[error("the FUSE session on {target} ended with an error: {source}")]
     Session {
         target: PathBuf,
@@ -479,6 +484,15 @@ impl Mounted {
                     bg,
                     target: path,
                     mount_id,
+                })
+            }
+            Err(source)
+                if uring == crate::options::UringMode::On
+                    && source.kind() == io::ErrorKind::Unsupported =>
+            {
+                Err(Error::Uring {
+                    target: path,
+                    reason: source.to_string(),
                 })
             }
             Err(source) => Err(Error::Handshake {

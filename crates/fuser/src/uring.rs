@@ -547,7 +547,10 @@ impl Worker<'_> {
                     let start = q.payload(idx).wrapping_sub(IN_HEADER_LEN + op_len);
                     // SAFETY: the PREFIX bytes before the payload belong to entry idx and are
                     // ours now (see above); IN_HEADER_LEN + op_len <= PREFIX. The request is
-                    // then `len` contiguous bytes from `start`, inside the entry.
+                    // then `len` contiguous bytes from `start`, inside the entry. The reply
+                    // is written over the same payload buffer: fuser parses the arguments
+                    // before calling the filesystem, and nothing reads them once the reply
+                    // is sent (as with /dev/fuse, where the buffer is reused afterwards).
                     let data = unsafe {
                         std::ptr::copy_nonoverlapping(hdr, start, IN_HEADER_LEN);
                         std::ptr::copy_nonoverlapping(

@@ -784,7 +784,11 @@ impl Slot {
         }
         q.states[idx]
             .compare_exchange(USER, WRITING, Ordering::Acquire, Ordering::Relaxed)
-            .map_err(|s| io::Error::other(format!("io_uring entry {idx} in state {s}, not awaiting a reply")))?;
+            .map_err(|s| {
+                io::Error::other(format!(
+                    "io_uring entry {idx} in state {s}, not awaiting a reply"
+                ))
+            })?;
         let total: usize = reply.iter().map(|s| s.len()).sum();
         let hdr = q.header(idx);
         let payload = q.payload(idx);

@@ -267,6 +267,11 @@ pub(crate) struct Queue {
     commit_ids: Box<[AtomicU64]>,
     /// Entries whose reply is written, for the serving thread to commit.
     commits: Mutex<Vec<u16>>,
+    /// The request of entry `i` is being handed to the filesystem as a slice that covers the
+    /// start of its payload buffer: a reply sent meanwhile is kept in `deferred[i]` and
+    /// written into the entry by the serving thread afterwards, never over the slice.
+    viewing: Box<[AtomicBool]>,
+    deferred: Box<[Mutex<Vec<u8>>]>,
     wake: OwnedFd,
     /// The 8 bytes the pending eventfd read fills; inside `bufs`' lifetime rules too.
     wake_buf: std::mem::ManuallyDrop<Region>,
@@ -386,6 +391,8 @@ impl Queue {
             states: (0..DEPTH).map(|_| AtomicU8::new(IDLE)).collect(),
             commit_ids: (0..DEPTH).map(|_| AtomicU64::new(0)).collect(),
             commits: Mutex::new(Vec::with_capacity(DEPTH)),
+            viewing: (0..DEPTH).map(|_| AtomicBool::new(false)).collect(),
+            deferred: (0..DEPTH).map(|_| Mutex::new(Vec::new())).collect(),
             wake,
             wake_buf: std::mem::ManuallyDrop::new(Region::anonymous(page)?),
             owner: OnceLock::new(),
@@ -405,6 +412,56 @@ impl Queue {
 
     fn payload(&self, idx: usize) -> *mut u8 {
         self.bufs.at(idx * self.stride + HEADER_AREA + PREFIX)
+    }
+
+    /// Writes a reply of `total` bytes (`fuse_out_header`, then the arguments, in `parts`)
+    /// into entry `idx`: the header into `in_out`, the rest into the payload buffer; a reply
+    /// too large for the buffer becomes EIO.
+    ///
+    /// # Safety
+    /// The caller must own the entry's buffers (a request is in them and its reply not yet
+    /// committed), and nothing may hold a reference into its payload buffer.
+    unsafe fn write_reply<'a>(
+        &self,
+        idx: usize,
+        total: usize,
+        parts: impl Iterator<Item = &'a [u8]>,
+    ) {
+        let hdr = self.header(idx);
+        let payload = self.payload(idx);
+        let mut head = [0u8; OUT_HEADER_LEN];
+        let mut fill = 0;
+        let mut at = 0;
+        if total >= OUT_HEADER_LEN && total - OUT_HEADER_LEN <= self.payload_len {
+            for mut s in parts {
+                if fill < OUT_HEADER_LEN {
+                    let n = s.len().min(OUT_HEADER_LEN - fill);
+                    head[fill..fill + n].copy_from_slice(&s[..n]);
+                    fill += n;
+                    s = &s[n..];
+                }
+                // SAFETY: the buffers are ours (the caller's contract) and `at + s.len()`
+                // stays within the payload buffer (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), payload.add(at), s.len()) };
+                at += s.len();
+            }
+        } else {
+            warn!(
+                "a {total}-byte FUSE reply does not fit the {}-byte io_uring buffer; answering EIO",
+                self.payload_len
+            );
+            head[0..4].copy_from_slice(&(OUT_HEADER_LEN as u32).to_ne_bytes());
+            head[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
+            let unique = self.commit_ids[idx].load(Ordering::Relaxed);
+            head[8..16].copy_from_slice(&unique.to_ne_bytes());
+        }
+        // SAFETY: as above, for the header area.
+        unsafe {
+            std::ptr::copy_nonoverlapping(head.as_ptr(), hdr, OUT_HEADER_LEN);
+            hdr.add(ENT_PAYLOAD_SZ)
+                .cast::<u32>()
+                .write_unaligned(at as u32);
+        }
     }
 
     /// Serves the queue on the calling thread until the connection ends: pins the thread to
@@ -545,12 +602,17 @@ impl Worker<'_> {
             match op_len {
                 Some(op_len) if op_len <= OP_IN_MAX && payload_sz <= q.payload_len => {
                     let start = q.payload(idx).wrapping_sub(IN_HEADER_LEN + op_len);
+                    // A request with payload is handed over as a slice covering the start of
+                    // the payload buffer, where its reply goes: replies wait meanwhile.
+                    let viewing = payload_sz > 0;
+                    q.viewing[idx].store(viewing, Ordering::Release);
                     // SAFETY: the PREFIX bytes before the payload belong to entry idx and are
                     // ours now (see above); IN_HEADER_LEN + op_len <= PREFIX. The request is
-                    // then `len` contiguous bytes from `start`, inside the entry. The reply
-                    // is written over the same payload buffer: fuser parses the arguments
-                    // before calling the filesystem, and nothing reads them once the reply
-                    // is sent (as with /dev/fuse, where the buffer is reused afterwards).
+                    // then `len` contiguous bytes from `start`, inside the entry. Nothing
+                    // writes there while the slice lives: the kernel waits for our commit,
+                    // and a reply is written into the entry directly only while `viewing`
+                    // is false, i.e. when the slice ends before the payload buffer (no
+                    // payload) or after the filesystem has returned.
                     let data = unsafe {
                         std::ptr::copy_nonoverlapping(hdr, start, IN_HEADER_LEN);
                         std::ptr::copy_nonoverlapping(
@@ -561,6 +623,9 @@ impl Worker<'_> {
                         std::slice::from_raw_parts(start.cast_const(), len)
                     };
                     handle(data, reply);
+                    if viewing {
+                        q.viewing[idx].store(false, Ordering::Release);
+                    }
                 }
                 _ => {
                     warn!(
@@ -595,6 +660,19 @@ impl Worker<'_> {
         let ready = std::mem::take(&mut *self.q.commits.lock().unwrap_or_else(|e| e.into_inner()));
         for idx in ready {
             let idx = usize::from(idx);
+            let mut kept = self.q.deferred[idx]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !kept.is_empty() {
+                // SAFETY: the entry holds an answered request not yet committed, and the
+                // filesystem has returned, so no slice of the request is alive.
+                unsafe {
+                    self.q
+                        .write_reply(idx, kept.len(), std::iter::once(kept.as_slice()))
+                };
+                kept.clear();
+            }
+            drop(kept);
             if self.stopping {
                 self.q.states[idx].store(DEAD, Ordering::Release);
                 self.live -= 1;
@@ -790,41 +868,18 @@ impl Slot {
                 ))
             })?;
         let total: usize = reply.iter().map(|s| s.len()).sum();
-        let hdr = q.header(idx);
-        let payload = q.payload(idx);
-        let mut head = [0u8; OUT_HEADER_LEN];
-        let mut fill = 0;
-        let mut at = 0;
-        let fits = total >= OUT_HEADER_LEN && total - OUT_HEADER_LEN <= q.payload_len;
-        if fits {
+        if q.viewing[idx].load(Ordering::Acquire) {
+            // The request's slice is still in use: the serving thread writes this later.
+            let mut kept = q.deferred[idx].lock().unwrap_or_else(|e| e.into_inner());
+            kept.clear();
             for s in reply {
-                let mut s: &[u8] = s;
-                if fill < OUT_HEADER_LEN {
-                    let n = s.len().min(OUT_HEADER_LEN - fill);
-                    head[fill..fill + n].copy_from_slice(&s[..n]);
-                    fill += n;
-                    s = &s[n..];
-                }
-                // SAFETY: entry idx is ours (state WRITING, won by the exchange above) and
-                // `at + s.len()` stays within the payload buffer (`fits`).
-                unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), payload.add(at), s.len()) };
-                at += s.len();
+                kept.extend_from_slice(s);
             }
         } else {
-            warn!(
-                "a {total}-byte FUSE reply does not fit the {}-byte io_uring buffer; answering EIO",
-                q.payload_len
-            );
-            head[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-            let unique = q.commit_ids[idx].load(Ordering::Relaxed);
-            head[8..16].copy_from_slice(&unique.to_ne_bytes());
-        }
-        // SAFETY: as above, for the header area.
-        unsafe {
-            std::ptr::copy_nonoverlapping(head.as_ptr(), hdr, OUT_HEADER_LEN);
-            hdr.add(ENT_PAYLOAD_SZ)
-                .cast::<u32>()
-                .write_unaligned(at as u32);
+            // SAFETY: entry idx is ours (state WRITING, won by the exchange above), and no
+            // slice of its request is alive (`viewing` is cleared only after the filesystem
+            // returned).
+            unsafe { q.write_reply(idx, total, reply.iter().map(|s| &**s)) };
         }
         q.states[idx].store(REPLIED, Ordering::Release);
         q.commits

@@ -20,7 +20,7 @@ if [ $# -eq 0 ] && [ -w "$uring_param" ]; then
     echo 1 > "$uring_param"
     SHIFTFS_TEST_URING=on cargo test --no-fail-fast --test uring --test fuse_backend \
         --test cli_mount --test permissions --test acl_caps --test acl_setgid \
-        --test sandbox --test userns --test pjdfstest 2>&1 | tee -a "$log" || status=$?
+        --test sandbox --test userns --test coherence --test idmappable --test pjdfstest 2>&1 | tee -a "$log" || status=$?
     echo "$found" > "$uring_param"
 elif [ $# -eq 0 ]; then
     echo "FUSE over io_uring: $uring_param not writable (kernel < 6.14 or no CONFIG_FUSE_IO_URING); second pass not run" | tee -a "$log"

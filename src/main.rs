@@ -36,6 +36,8 @@ enum Command {
     Scan(cli::scan::Args),
     /// Report what this machine supports and what to do about what is missing.
     Doctor(cli::doctor::Args),
+    /// Make or adopt an image for mounts through the broker (for users who are not root).
+    Image(cli::image::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +56,16 @@ fn main() -> ExitCode {
             std::env::args_os().skip(1).collect(),
         ));
     }
+    // The broker's helper that locks a detached mount's flags (see broker::lock).
+    if let Some(fd) = std::env::args().nth(1).and_then(|a| {
+        a.strip_prefix(shiftfs::broker::lock::HELPER_ARG)?
+            .strip_prefix('=')?
+            .parse()
+            .ok()
+    }) {
+        cli::init_logging(0);
+        return cli::finish(cli::broker::lock_helper(fd, std::env::args_os().nth(2)));
+    }
     let args = Cli::parse();
     cli::init_logging(args.verbose);
     let result = match args.command {
@@ -63,6 +75,7 @@ fn main() -> ExitCode {
         Command::Shift(a) => cli::shift::run(a),
         Command::Scan(a) => cli::scan::run(a),
         Command::Doctor(a) => cli::doctor::run(a),
+        Command::Image(a) => cli::image::run(a),
     };
     cli::finish(result)
 }

@@ -1,5 +1,6 @@
 //! Mount setup (SOURCE and TARGET resolved once into fds, then checked), backend choice, the
-//! kernel mount and its record, and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
+//! kernel mount and its record, the kernel mounts stacked on a source's shared idmappable
+//! FUSE mount (which lives as long as records name it), and unmounting. Both `shiftfs mount` and the `mount.shiftfs` helper go through here.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use rustix::mount::UnmountFlags;
 
 use crate::mountinfo::{self, MountInfo};
-use crate::options::{Backend, FUSE_TYPE, Request};
+use crate::options::{Backend, FUSE_TYPE, Request, Share};
 pub use crate::registry::{Record, TargetLock, run_dir};
 use crate::resolve::Dir;
 
@@ -49,6 +50,15 @@ pub enum Error {
     NotShifted { path: PathBuf, fstype: String },
     #[error("{path} is busy (files are open or processes use it); close them, or use --lazy")]
     Busy { path: PathBuf },
+    #[error(
+        "{path} has idmapped mounts stacked on it ({}), which stop working with its daemon; \
+         unmount them first, or use --lazy to leave the daemon serving them",
+        .stacked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    Stacked {
+        path: PathBuf,
+        stacked: Vec<PathBuf>,
+    },
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -184,6 +194,10 @@ pub fn choose_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String
 
 fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Error> {
     match req.backend {
+        Backend::Fuse if req.fuse.idmappable => Ok((
+            Backend::Fuse,
+            "idmappable: unshifted, for an idmapped mount on top".into(),
+        )),
         Backend::Fuse => Ok((Backend::Fuse, "asked for with --backend fuse".into())),
         Backend::Kernel => {
             let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
@@ -206,6 +220,15 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
             let p = crate::backend::kernel::probe_dir(&dirs.source, req.recursive);
             if p.supported {
                 Ok((Backend::Kernel, p.reason))
+            } else if over_shared_fuse(req) {
+                Ok((
+                    Backend::Fuse,
+                    format!(
+                        "kernel idmapped mount not possible: {}; a kernel idmapped mount of \
+                         the source's shared idmappable FUSE mount instead",
+                        p.reason
+                    ),
+                ))
             } else {
                 Ok((
                     Backend::Fuse,
@@ -213,6 +236,160 @@ fn pick_backend(req: &Request, dirs: &Resolved) -> Result<(Backend, String), Err
                 ))
             }
         }
+    }
+}
+
+/// Whether `req`, bound for the FUSE backend, is served by a kernel idmapped mount of the
+/// source's shared idmappable FUSE mount (`-o share=idmap`, or the default where the backend
+/// was left to choose and the kernel can idmap FUSE mounts): one daemon and one cache for
+/// every map, instead of a shifting FUSE session per mount.
+pub fn over_shared_fuse(req: &Request) -> bool {
+    let asked = match req.fuse.share {
+        Share::Idmap => req.backend != Backend::Kernel,
+        Share::Auto => req.backend == Backend::Auto,
+        Share::Sessions | Share::Off => false,
+    };
+    asked
+        && !req.fuse.idmappable
+        && crate::backend::kernel::map_unfit(&req.mapping).is_none()
+        && kernel_idmaps_fuse()
+}
+
+/// FUSE servers may opt in to idmapped mounts since Linux 6.12 (`FUSE_ALLOW_IDMAP`).
+fn kernel_idmaps_fuse() -> bool {
+    crate::backend::kernel::parse_kernel_version(&crate::backend::kernel::kernel_release())
+        .is_some_and(|v| v >= (6, 12))
+}
+
+/// Where the shared idmappable FUSE mount of the source `dirs.source` is kept: a directory
+/// only root can reach, one per source directory, sandbox mode and `--recursive`.
+fn shared_mount_dir(req: &Request, source: &Dir) -> Result<PathBuf, Error> {
+    let (dev, ino) = source.id().map_err(|source| Error::Io {
+        what: "cannot identify the source",
+        path: req.source.clone(),
+        source,
+    })?;
+    let base = run_dir().join("shared");
+    let err = |source| Error::Io {
+        what: "cannot make the directory of shared mounts",
+        path: base.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&base).map_err(err)?;
+    std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(err)?;
+    let rec = if req.recursive { "-r" } else { "" };
+    Ok(base.join(format!("{dev}-{ino}-{}{rec}", req.fuse.sandbox)))
+}
+
+/// The lock held while the users of a shared FUSE mount are counted (mounting one more, or
+/// unmounting the last one and it).
+fn users_lock(shared: &Path) -> Result<TargetLock, Error> {
+    Ok(TargetLock::at(&shared.with_extension("lock"), shared)?)
+}
+
+/// Mounts `req` as a kernel idmapped mount of the source's shared idmappable FUSE mount,
+/// starting that FUSE mount (or adding it to the source's daemon, the `shiftfs` binary at
+/// `exe`) if it is not there yet.
+pub fn mount_over_shared(exe: &Path, req: &Request, dirs: &Resolved) -> Result<(), Error> {
+    let shared = shared_mount_dir(req, &dirs.source)?;
+    let _users = users_lock(&shared)?;
+    match std::fs::create_dir(&shared) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(Error::Io {
+                what: "cannot make the directory of the shared mount",
+                path: shared,
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    let served = mounted_at(&shared)
+        .filter(served_by_daemon)
+        .and_then(|m| Record::of(&m))
+        .is_some_and(|r| r.daemon_alive());
+    if !served {
+        start_shared(exe, req, dirs, &shared)?;
+    }
+    let lower = Dir::open(&shared).map_err(|e| Error::Target(shared.clone(), e.reason()))?;
+    let id = crate::backend::kernel::mount_at(
+        &crate::backend::kernel::Syscalls,
+        &lower,
+        &dirs.target,
+        &req.mapping,
+        req.flags,
+        false,
+    );
+    let id = match id {
+        Ok(id) => id,
+        Err(e) => {
+            if !served {
+                stop_shared_if_unused(&shared, false);
+            }
+            return Err(e.into());
+        }
+    };
+    match id {
+        Some(id) => {
+            if let Err(e) = record(req, Backend::Kernel, id, None).over(&shared).save() {
+                tracing::warn!("mounted, but could not record it for `shiftfs list`: {e}");
+            }
+        }
+        None => tracing::warn!("mounted, but cannot learn the mount id to record it"),
+    }
+    Ok(())
+}
+
+/// The shared idmappable FUSE mount of `dirs.source` at `shared`: an identity mount that
+/// allows everything (the idmapped mounts on it each carry their own ro/nosuid/nodev/noexec),
+/// served by the source's daemon.
+fn start_shared(exe: &Path, req: &Request, dirs: &Resolved, shared: &Path) -> Result<(), Error> {
+    if mounted_at(shared).is_some() {
+        // A dead one (its daemon killed): out of the way.
+        let _ = rustix::mount::unmount(shared, UnmountFlags::DETACH);
+    }
+    let mut low = req.clone();
+    low.target = shared.to_path_buf();
+    low.target_root = None;
+    low.mapping = crate::idmap::IdMapping::identity();
+    low.flags = crate::options::MountFlags {
+        read_only: false,
+        suid: true,
+        dev: true,
+        exec: true,
+    };
+    low.backend = Backend::Fuse;
+    low.fuse.idmappable = true;
+    let source = rustix::io::fcntl_dupfd_cloexec(&dirs.source, 0).map_err(|e| Error::Io {
+        what: "cannot hold the source",
+        path: req.source.clone(),
+        source: e.into(),
+    })?;
+    let low_dirs = Resolved {
+        source: Dir::from_fd(source, req.source.clone())
+            .map_err(|e| Error::Source(req.source.clone(), e.reason()))?,
+        target: Dir::open(shared).map_err(|e| Error::Target(shared.to_path_buf(), e.reason()))?,
+    };
+    let _lock = TargetLock::take(shared)?;
+    crate::daemon::spawn_exe(exe, &low, &low_dirs)
+}
+
+/// After a mount stacked on the shared FUSE mount at `shared` went away: unmounts that
+/// FUSE mount when nothing else is stacked on it (its daemon then ends, or goes on serving
+/// the source's other mounts).
+fn stop_shared_if_unused(shared: &Path, lazy: bool) {
+    let users = Record::all()
+        .into_iter()
+        .filter(|(r, _)| r.lower().as_deref() == Some(shared))
+        .count();
+    if users > 0 {
+        return;
+    }
+    match unmount(shared, lazy) {
+        Ok(_) => {
+            let _ = std::fs::remove_dir(shared);
+        }
+        Err(e) => tracing::warn!("cannot stop the shared mount {}: {e}", shared.display()),
     }
 }
 
@@ -272,9 +449,15 @@ pub fn mounted_at(target: &Path) -> Option<MountInfo> {
 }
 
 /// A mount shiftfs made: a FUSE mount of ours, or an idmapped mount we recorded (another
-/// tool's idmapped mount is not ours to unmount).
+/// tool's idmapped mount is not ours to unmount, even of one of our idmappable FUSE mounts).
 fn is_shifted(m: &MountInfo) -> bool {
-    m.fstype == FUSE_TYPE || m.has_option("idmapped") && Record::of(m).is_some()
+    served_by_daemon(m) || m.has_option("idmapped") && Record::of(m).is_some()
+}
+
+/// A FUSE mount of ours, served by its daemon; an idmapped mount stacked on one has the same
+/// filesystem type but no daemon of its own.
+fn served_by_daemon(m: &MountInfo) -> bool {
+    m.fstype == FUSE_TYPE && !m.has_option("idmapped")
 }
 
 /// What `unmount` did.
@@ -291,17 +474,28 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if !rustix::process::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    // Never through a symlink: one planted by a container in its rootfs must not make us
-    // unmount something of the host's.
-    let target = match Dir::open(target) {
-        Ok(dir) => dir.path().to_path_buf(),
+    let target = unmount_name(target)?;
+    let lock = TargetLock::take(&target)?;
+    unmount_locked(&target, lazy, &lock)
+}
+
+/// The name to unmount and to lock for `target`: never reached through a symlink, since one
+/// planted by a container in its rootfs must not make us unmount something of the host's.
+pub fn unmount_name(target: &Path) -> Result<PathBuf, Error> {
+    match Dir::open(target) {
+        Ok(dir) => Ok(dir.path().to_path_buf()),
         Err(e @ crate::resolve::Error::Symlink { .. }) => {
-            return Err(Error::Target(absolute(target), e.reason()));
+            Err(Error::Target(absolute(target), e.reason()))
         }
         // A dead FUSE mount cannot be opened; its name is still what the table shows.
-        Err(_) => absolute(target),
-    };
-    let _lock = TargetLock::take(&target)?;
+        Err(_) => Ok(absolute(target)),
+    }
+}
+
+/// [`unmount`] of a name from [`unmount_name`], by a caller already holding its lock (the
+/// broker checks the mount's owner under the same lock).
+pub fn unmount_locked(target: &Path, lazy: bool, _lock: &TargetLock) -> Result<Unmounted, Error> {
+    let target = target.to_path_buf();
     let Some(info) = mounted_at(&target) else {
         // Prunes records of mounts gone by other means.
         let _ = Record::all();
@@ -316,7 +510,7 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             fstype: info.fstype,
         });
     }
-    let was_dead = info.fstype == FUSE_TYPE
+    let was_dead = served_by_daemon(&info)
         && match &record {
             Some(r) => !r.daemon_alive(),
             None => {
@@ -324,6 +518,13 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
             }
         };
     if !lazy && !was_dead {
+        let stacked = stacked_on(&info, &target);
+        if !stacked.is_empty() {
+            return Err(Error::Stacked {
+                path: target,
+                stacked,
+            });
+        }
         unmount_submounts(&target)?;
     }
     let flags = if lazy || was_dead {
@@ -337,7 +538,7 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     // After a lazy unmount the daemon serves open files until the last one is closed, and
     // then exits by itself: waiting (and then SIGTERM) would only block the caller.
     if let Some(r) = record.as_ref().filter(|_| !was_dead && !lazy) {
-        wait_for_exit(r, Duration::from_secs(10));
+        wait_for_end(r, Duration::from_secs(10));
     }
     if was_dead {
         let _ = std::fs::remove_file(Record::log_path(&target));
@@ -346,7 +547,42 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<Unmounted, Error> {
     if let Some(r) = record.as_ref().filter(|r| !r.daemon_alive()) {
         r.remove();
     }
+    if let Some(shared) = record.as_ref().and_then(Record::lower) {
+        match users_lock(&shared) {
+            Ok(_users) => stop_shared_if_unused(&shared, lazy),
+            Err(e) => tracing::warn!("cannot count the users of {}: {e}", shared.display()),
+        }
+    }
     Ok(Unmounted { record, was_dead })
+}
+
+/// The idmapped mounts of the FUSE mount `info` at `target` elsewhere (its filesystem, so its
+/// daemon, serves them too): unmounting it does not fail, but stopping its daemon kills them.
+fn stacked_on(info: &MountInfo, target: &Path) -> Vec<PathBuf> {
+    if !served_by_daemon(info) {
+        return Vec::new();
+    }
+    // Cached attributes are enough for the device, and ask nothing of a daemon.
+    let dev = |p: &Path| {
+        rustix::fs::statx(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::AtFlags::STATX_DONT_SYNC | rustix::fs::AtFlags::NO_AUTOMOUNT,
+            rustix::fs::StatxFlags::empty(),
+        )
+        .ok()
+        .map(|st| (st.stx_dev_major, st.stx_dev_minor))
+    };
+    let Some(own) = dev(target) else {
+        return Vec::new();
+    };
+    mountinfo::own_table()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.fstype == FUSE_TYPE && m.has_option("idmapped") && m.mount_point != target)
+        .map(|m| m.mount_point)
+        .filter(|p| dev(p) == Some(own))
+        .collect()
 }
 
 fn unmount_error(path: PathBuf, e: rustix::io::Errno) -> Error {
@@ -382,11 +618,29 @@ fn unmount_submounts(target: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Waits for a daemon to leave after its mount went away; SIGTERM if it lingers.
-fn wait_for_exit(rec: &Record, limit: Duration) {
+/// Waits for a daemon to be done with a mount that went away: the daemon gone, or, when it
+/// serves other mounts of the source too, the mount's record removed (by the daemon, once
+/// the mount's session ended). SIGTERM if it lingers and serves nothing else.
+fn wait_for_end(rec: &Record, limit: Duration) {
     let start = Instant::now();
+    let shares = || {
+        Record::all()
+            .iter()
+            .any(|(r, _)| r.pid == rec.pid && r.pid_start == rec.pid_start && r != rec)
+    };
     while rec.daemon_alive() {
+        if !rec.is_saved() && shares() {
+            return;
+        }
         if start.elapsed() > limit {
+            if shares() {
+                tracing::warn!(
+                    "daemon {:?} did not let go of {} after unmount",
+                    rec.pid,
+                    rec.target.display()
+                );
+                return;
+            }
             tracing::warn!(
                 "daemon {:?} did not exit after unmount; sending SIGTERM",
                 rec.pid

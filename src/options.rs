@@ -12,7 +12,7 @@ use crate::idmap::{self, IdMapping};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, uring=)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, share=, idmappable, uring=)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -125,6 +125,50 @@ const MAX_THREADS: usize = 256;
 /// The file system type of shiftfs' FUSE mounts in the mount table.
 pub const FUSE_TYPE: &str = "fuse.shiftfs";
 
+/// How FUSE mounts of one source share one daemon.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Share {
+    /// `Idmap` where the kernel can idmap FUSE mounts (Linux 6.12+) and the backend was left
+    /// to choose, else `Sessions`.
+    #[default]
+    Auto,
+    /// One idmappable (identity) FUSE mount of the source, shared, with a kernel idmapped
+    /// mount of it per target: one daemon, one set of caches for every map.
+    Idmap,
+    /// One daemon serves every mount of a source, one FUSE session each, and keeps them
+    /// coherent (a change through one drops what the others cached).
+    Sessions,
+    /// A daemon of its own, as with no other mount around: its caches go stale against other
+    /// mounts of the source for up to `attr_timeout`.
+    Off,
+}
+
+impl std::str::FromStr for Share {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "idmap" => Ok(Self::Idmap),
+            "sessions" => Ok(Self::Sessions),
+            "off" | "none" => Ok(Self::Off),
+            _ => Err(format!(
+                "unknown sharing '{s}' (use auto, idmap, sessions or off)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Idmap => "idmap",
+            Self::Sessions => "sessions",
+            Self::Off => "off",
+        })
+    }
+}
+
 /// Whether the FUSE daemon serves requests over io_uring (`-o uring=`): one ring per possible
 /// CPU, so each caller's CPU answers its own requests (Linux 6.14+, `fuse.enable_uring=1`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -170,6 +214,12 @@ pub struct FuseTuning {
     /// Files and directories callers may hold open at once; 0 = the backend's default.
     pub max_open: usize,
     pub sandbox: crate::sandbox::Mode,
+    pub share: Share,
+    /// Serve SOURCE unshifted (the identity map) and let the kernel idmap the FUSE mount
+    /// (`FUSE_ALLOW_IDMAP`, Linux 6.12+): a filesystem the kernel cannot idmap itself (ramfs,
+    /// overlayfs, sshfs, other FUSE servers) made idmappable, for `--backend kernel`, crun's
+    /// or runc's `idmap` mount option stacked on top.
+    pub idmappable: bool,
     pub uring: UringMode,
     /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
     pub given: Vec<String>,
@@ -183,6 +233,8 @@ impl Default for FuseTuning {
             attr_timeout: DEFAULT_ATTR_TIMEOUT,
             max_open: 0,
             sandbox: crate::sandbox::Mode::default(),
+            share: Share::default(),
+            idmappable: false,
             uring: UringMode::default(),
             given: Vec::new(),
         }
@@ -306,6 +358,12 @@ impl OptionSet {
                                     .into(),
                             })?
                 }
+                "idmappable" => {
+                    self.fuse.idmappable = true;
+                    // An idmappable mount is a FUSE mount; an explicit backend= still wins
+                    // (and a kernel one is then refused with the reason).
+                    self.backend.get_or_insert(Backend::Fuse);
+                }
                 "passthrough" => self.fuse.passthrough = true,
                 "nopassthrough" => self.fuse.passthrough = false,
                 "attr_timeout" => {
@@ -321,6 +379,12 @@ impl OptionSet {
                 }
                 "sandbox" => {
                     self.fuse.sandbox = need(value)?.parse().map_err(|reason| Error::BadOption {
+                        option: opt.clone(),
+                        reason,
+                    })?
+                }
+                "share" => {
+                    self.fuse.share = need(value)?.parse().map_err(|reason| Error::BadOption {
                         option: opt.clone(),
                         reason,
                     })?
@@ -344,6 +408,7 @@ impl OptionSet {
                     | "attr_timeout"
                     | "max_open"
                     | "sandbox"
+                    | "idmappable"
                     | "uring"
             ) && !self.fuse.given.contains(&opt)
             {
@@ -356,6 +421,27 @@ impl OptionSet {
     /// The map the options (and the command line's own map arguments, already folded in)
     /// describe.
     pub fn mapping(&self) -> Result<IdMapping, Error> {
+        let mapping = self.given_mapping();
+        if !self.fuse.idmappable {
+            return mapping;
+        }
+        // Idmappable mounts shift nothing themselves: the map belongs on the kernel mount
+        // stacked on top.
+        match mapping {
+            Err(Error::NoMap) => Ok(IdMapping::identity()),
+            Ok(m) if m == IdMapping::identity() => Ok(m),
+            Ok(_) => Err(Error::BadOption {
+                option: "idmappable".into(),
+                reason: "an idmappable mount serves SOURCE unshifted; drop the map here and \
+                         give it to the mount stacked on top (shiftfs mount --backend kernel \
+                         --map MAP IDMAPPABLE-MOUNT TARGET)"
+                    .into(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn given_mapping(&self) -> Result<IdMapping, Error> {
         match (&self.map, &self.uid_map, &self.gid_map) {
             (Some(m), None, None) => Ok(IdMapping::parse(m)?),
             (None, Some(u), Some(g)) => Ok(IdMapping::parse_separate(u, g)?),
@@ -409,11 +495,17 @@ impl Request {
         if self.fuse.sandbox != crate::sandbox::Mode::default() {
             o.push_str(&format!(",sandbox={}", self.fuse.sandbox));
         }
-        if self.fuse.uring != UringMode::default() {
-            o.push_str(&format!(",uring={}", self.fuse.uring));
+        if self.fuse.share != Share::default() {
+            o.push_str(&format!(",share={}", self.fuse.share));
         }
         if self.recursive {
             o.push_str(",recursive");
+        }
+        if self.fuse.idmappable {
+            o.push_str(",idmappable");
+        }
+        if self.fuse.uring != UringMode::default() {
+            o.push_str(&format!(",uring={}", self.fuse.uring));
         }
         o
     }
@@ -426,7 +518,7 @@ mod tests {
     #[test]
     fn options_parse_and_round_trip() {
         let mut o = OptionSet::default();
-        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,threads=4,nopassthrough,attr_timeout=0.5,sandbox=log,defaults,nofail,x-systemd.automount").unwrap();
+        o.apply("ro,suid,noexec,map=b:0:100000:65536,u:70000:5:1,backend=fuse,share=off,threads=4,nopassthrough,attr_timeout=0.5,sandbox=log,defaults,nofail,x-systemd.automount").unwrap();
         assert!(o.flags.read_only && o.flags.suid && !o.flags.exec && !o.flags.dev);
         assert_eq!(o.map.as_deref(), Some("b:0:100000:65536,u:70000:5:1"));
         assert_eq!(o.backend, Some(Backend::Fuse));
@@ -455,9 +547,55 @@ mod tests {
         let mut back = OptionSet::default();
         back.apply(&req.options_text()).unwrap();
         assert_eq!(back.flags, req.flags);
-        let tuning = |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout, f.sandbox);
+        let tuning =
+            |f: &FuseTuning| (f.threads, f.passthrough, f.attr_timeout, f.sandbox, f.share);
         assert_eq!(tuning(&back.fuse), tuning(&req.fuse));
         assert!(back.recursive);
+    }
+
+    #[test]
+    fn bad_options_say_what_is_wrong() {
+        let err = |s: &str| OptionSet::default().apply(s).unwrap_err().to_string();
+        assert!(err("bogus").contains("unknown mount option 'bogus'"));
+        assert!(err("backend=zfs").contains("unknown backend 'zfs'"));
+        assert!(err("threads=x").contains("whole number"));
+        assert!(err("map=").contains("needs a value"));
+        assert!(err("sandbox=strict").contains("unknown sandbox mode 'strict'"));
+        assert!(matches!(OptionSet::default().mapping(), Err(Error::NoMap)));
+        let mut o = OptionSet::default();
+        o.apply("idmappable,map=b:0:100000:65536").unwrap();
+        let e = o.mapping().unwrap_err().to_string();
+        assert!(e.contains("drop the map here"), "{e}");
+    }
+
+    #[test]
+    fn idmappable_is_an_identity_fuse_mount() {
+        let mut o = OptionSet::default();
+        o.apply("idmappable").unwrap();
+        assert_eq!(o.mapping().unwrap(), IdMapping::identity());
+        assert_eq!(o.backend, Some(Backend::Fuse));
+        assert_eq!(o.fuse.given, vec!["idmappable".to_string()]);
+        // The daemon is handed the identity map and the option back.
+        let mut back = OptionSet::default();
+        back.apply(&format!("map={}", IdMapping::identity()))
+            .unwrap();
+        let req = Request {
+            source: "/s".into(),
+            target: "/t".into(),
+            target_root: None,
+            mapping: o.mapping().unwrap(),
+            flags: o.flags,
+            backend: Backend::Fuse,
+            recursive: false,
+            fuse: o.fuse.clone(),
+        };
+        back.apply(&req.options_text()).unwrap();
+        assert!(back.fuse.idmappable);
+        assert_eq!(back.mapping().unwrap(), IdMapping::identity());
+        // An explicit backend wins; choosing the kernel is then refused by the mount.
+        let mut k = OptionSet::default();
+        k.apply("backend=kernel,idmappable").unwrap();
+        assert_eq!(k.backend, Some(Backend::Kernel));
     }
 
     #[test]
@@ -493,16 +631,5 @@ mod tests {
         let mut back = OptionSet::default();
         back.apply(&req.options_text()).unwrap();
         assert_eq!(back.fuse.uring, UringMode::On);
-    }
-
-    #[test]
-    fn bad_options_say_what_is_wrong() {
-        let err = |s: &str| OptionSet::default().apply(s).unwrap_err().to_string();
-        assert!(err("bogus").contains("unknown mount option 'bogus'"));
-        assert!(err("backend=zfs").contains("unknown backend 'zfs'"));
-        assert!(err("threads=x").contains("whole number"));
-        assert!(err("map=").contains("needs a value"));
-        assert!(err("sandbox=strict").contains("unknown sandbox mode 'strict'"));
-        assert!(matches!(OptionSet::default().mapping(), Err(Error::NoMap)));
     }
 }

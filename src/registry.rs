@@ -64,6 +64,11 @@ pub struct Record {
     /// through the broker. Records written before owners existed have none (root's).
     #[serde(default)]
     pub owner: Option<u32>,
+    /// For a kernel idmapped mount of a shared idmappable FUSE mount of its source (`-o
+    /// share=idmap`): where that FUSE mount is (as `pathtext` shows it). It lives as long as
+    /// any mount naming it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower: Option<String>,
 }
 
 /// How a recorded mount stands.
@@ -99,7 +104,21 @@ impl Record {
             pid_start: daemon.and_then(start_time),
             mnt_ns: own_mnt_ns(),
             owner: Some(rustix::process::getuid().as_raw()),
+            lower: None,
         }
+    }
+
+    /// The same record, of a mount stacked on the shared FUSE mount at `lower`.
+    pub fn over(self, lower: &Path) -> Self {
+        Self {
+            lower: Some(crate::pathtext::show(lower)),
+            ..self
+        }
+    }
+
+    /// The shared FUSE mount this one is stacked on, if any.
+    pub fn lower(&self) -> Option<PathBuf> {
+        self.lower.as_deref().map(crate::pathtext::parse)
     }
 
     /// The same record, owned by `uid` (the broker mounts for its callers).
@@ -144,12 +163,35 @@ impl Record {
 
     /// Removes this record, and only this one: mount ids are reused as soon as a mount is
     /// gone, so by the time a draining daemon ends, the file of its id may already describe
-    /// a newer mount, which must stay.
+    /// a newer mount, which must stay. The owner may have changed since (the broker hands
+    /// the record of a mount it made to its caller): it is still this mount's record.
     pub fn remove(&self) {
-        let path = Self::file(self.mount_id);
-        if Self::load(&path).as_ref() == Some(self) {
-            let _ = std::fs::remove_file(path);
+        if self.is_saved() {
+            let _ = std::fs::remove_file(Self::file(self.mount_id));
         }
+    }
+
+    /// Whether the record of this very mount is on file (its daemon removes it when the
+    /// mount's session ends).
+    pub fn is_saved(&self) -> bool {
+        Self::load(&Self::file(self.mount_id)).is_some_and(|r| r.same_mount(self))
+    }
+
+    /// Whether `other` records the same mount: the same id, place, daemon and namespace.
+    fn same_mount(&self, other: &Self) -> bool {
+        (
+            self.mount_id,
+            &self.target,
+            self.pid,
+            self.pid_start,
+            self.mnt_ns,
+        ) == (
+            other.mount_id,
+            &other.target,
+            other.pid,
+            other.pid_start,
+            other.mnt_ns,
+        )
     }
 
     /// Whether the recorded daemon still runs: the same process that was recorded (start
@@ -227,16 +269,25 @@ pub struct TargetLock {
 
 impl TargetLock {
     pub fn take(target: &Path) -> Result<Self, Error> {
-        let dir = run_dir().join("locks");
-        let path = dir.join(format!("{}.lock", escaped_name(target)));
+        let path = run_dir()
+            .join("locks")
+            .join(format!("{}.lock", escaped_name(target)));
+        Self::at(&path, target)
+    }
+
+    /// The lock file `path` (its directory made if needed), locking `what` (for messages):
+    /// for what is not a target, e.g. a source's shared daemon.
+    pub fn at(path: &Path, what: &Path) -> Result<Self, Error> {
         let err = |source: io::Error| Error::Lock {
-            path: path.clone(),
-            target: target.to_path_buf(),
+            path: path.to_path_buf(),
+            target: what.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(&dir).map_err(err)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
         let file = rustix::fs::open(
-            &path,
+            path,
             OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::from_raw_mode(0o600),
         )
@@ -347,6 +398,7 @@ mod tests {
             pid_start: Some(99),
             mnt_ns: Some(4026531841),
             owner: Some(1000),
+            lower: Some("/run/shiftfs/shared/1-2-on".into()),
         };
         let text = serde_json::to_string(&rec).unwrap();
         assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), rec);

@@ -321,6 +321,8 @@ pub fn allowed_syscalls(io_uring: bool) -> Vec<(i64, Vec<SeccompRule>)> {
         // Reaping the supervisor at the end.
         SYS_wait4,
         // I/O on fds the daemon holds: /dev/fuse, files, the supervisor's socket, stderr.
+        // recvmsg: mounts joining the daemon come with their fds (`SCM_RIGHTS`).
+        SYS_recvmsg,
         SYS_read,
         SYS_write,
         SYS_writev,

@@ -1,5 +1,6 @@
 //! Ids inside xattr values: POSIX ACL entries and a file capability's root id are shifted like
-//! owners, both ways, and still grant what they grant. Each case runs on both backends.
+//! owners, both ways, and still grant what they grant. Each case runs on both backends, and
+//! through their stack (a kernel idmapped mount on an idmappable FUSE mount).
 //! Needs `getfacl`/`setfacl` (acl), `getfattr` (attr), `setcap`/`getcap` (libcap2-bin).
 
 mod common;
@@ -404,6 +405,17 @@ fn acl_mask_does_not_widen_group_access(b: Backend) {
 }
 
 backend_tests!(
+    getfacl_shows_shifted_ids,
+    setfacl_stores_image_ids,
+    setfacl_unmapped_id_refused,
+    acl_grants_access,
+    default_acl_inherited,
+    file_capability_root_id,
+    image_capability_works_in_container,
+    acl_mask_does_not_widen_group_access,
+);
+
+stack_tests!(
     getfacl_shows_shifted_ids,
     setfacl_stores_image_ids,
     setfacl_unmapped_id_refused,

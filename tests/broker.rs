@@ -1,15 +1,15 @@
 //! The broker as users meet it: `shiftfsd` runs as root on a socket in a test directory, and
 //! real unprivileged processes (uids 61001 "alice" and 61002 "bob", switched to with
-//! `setpriv`) talk to it. The broker knows them only by `SO_PEERCRED`; their names come from
-//! a passwd file in the test directory, so the machine's user database is never touched.
-//! Kernel-backend mounts onto a target directory, unmounts and lists are performed; FUSE
-//! and detached mounts are not wired yet and are answered "not implemented yet", after the
-//! decision is audited.
+//! `setpriv`) talk to it, as raw protocol lines or through the `shiftfs` CLI. The broker
+//! knows them only by `SO_PEERCRED`; their names and subordinate ranges come from files in
+//! the test directory. The tests that need `newuidmap` also make them real accounts
+//! (`shiftfs-alice`, `shiftfs-bob`, with the same ranges in /etc/subuid and /etc/subgid).
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,7 +50,7 @@ impl Broker {
         )
         .unwrap();
         // Alice has 10 ids more than the policy lets one map use; one mount at once each.
-        let sub = "alice:100000:65536\nalice:165536:10\nbob:200000:65536\n";
+        let sub = "alice:300000:65536\nalice:365536:10\nbob:400000:65536\n";
         std::fs::write(etc.join("subuid"), sub).unwrap();
         std::fs::write(etc.join("subgid"), sub).unwrap();
         std::fs::write(
@@ -62,6 +62,11 @@ impl Broker {
             ),
         )
         .unwrap();
+        // The administrator's files need not be readable by users: the broker reads them as
+        // root, not with the caller's credentials it takes to open the caller's paths.
+        for f in ["policy.toml", "subuid", "subgid", "passwd", "group"] {
+            std::fs::set_permissions(etc.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let socket = dir.path().join("run/broker.sock");
         let audit = dir.path().join("log/audit.log");
         let mut cmd = Command::new(SHIFTFSD);
@@ -98,6 +103,21 @@ impl Broker {
             assert!(Instant::now() < end, "shiftfsd did not start listening");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The broker's child processes (pid, state), from /proc.
+    fn children(&self) -> Vec<(u32, char)> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let mut out = Vec::new();
+        for t in std::fs::read_dir(tasks).into_iter().flatten().flatten() {
+            let list = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for pid in list.split_whitespace().filter_map(|p| p.parse().ok()) {
+                if let Some((state, _)) = proc_stat(pid) {
+                    out.push((pid, state));
+                }
+            }
+        }
+        out
     }
 
     fn alive(&mut self) -> bool {
@@ -198,7 +218,7 @@ fn mount(source: &Path, target: Option<&Path>, map: &str, extra: &str) -> String
     )
 }
 
-/// Extra request fields asking for the FUSE backend, which the broker does not serve yet.
+/// Extra request fields asking for the FUSE backend.
 const FUSE: &str = ",\"backend\":\"fuse\"";
 
 fn error_of(v: &serde_json::Value) -> String {
@@ -226,23 +246,17 @@ fn judges_the_peer_not_the_request() {
     let private = broker.shared.join("private");
     mkdir(&private, 0o700, 0, 0);
     mkdir(&private.join("img"), 0o755, 0, 0);
-    let rw = format!("b:{BASE}:100000:65536");
+    let rw = format!("b:{BASE}:300000:65536");
     let bobs_owner = format!("owned by uid {BOB}, not by alice");
 
     let cases: Vec<(String, Option<&str>)> = vec![
-        // Allowed by every rule: reaches the (unwired) FUSE mount step.
-        (mount(&src, Some(&mnt), &rw, FUSE), None),
-        (
-            mount(&src, None, "b:0:100000:65536", ",\"read_only\":true"),
-            None,
-        ),
         // A request claiming another identity is not a request the broker reads.
         (
             r#"{"version":1,"op":"list","uid":0}"#.into(),
             Some("unknown field `uid`"),
         ),
         (
-            mount(&src, Some(&mnt), &format!("b:{BASE}:200000:10"), ""),
+            mount(&src, Some(&mnt), &format!("b:{BASE}:400000:10"), ""),
             Some("delegated to bob"),
         ),
         (
@@ -253,20 +267,20 @@ fn judges_the_peer_not_the_request() {
             mount(
                 &src,
                 Some(&mnt),
-                "b:0:100000:65536,b:70000:1000000:1",
+                "b:0:300000:65536,b:70000:3000000:1",
                 ",\"read_only\":true",
             ),
             Some("neither alice's own uid 61001"),
         ),
         (
-            mount(&src, Some(&mnt), "b:0:100000:65536", ""),
+            mount(&src, Some(&mnt), "b:0:300000:65536", ""),
             Some("inner ids 0-65535 are real host ids"),
         ),
         (
             mount(
                 &src,
                 Some(&mnt),
-                &format!("{rw},b:{}:165536:10", BASE + 65536),
+                &format!("{rw},b:{}:365536:10", BASE + 65536),
                 "",
             ),
             Some("covers 65546 ids; the policy allows at most 65536"),
@@ -303,19 +317,44 @@ fn judges_the_peer_not_the_request() {
             ),
             Some("only its owner or root may unmount it"),
         ),
+        (umount_line(&link), Some("is a symbolic link")),
+        (
+            mount(&src, None, &rw, FUSE),
+            Some("a detached mount fd comes from the kernel backend only"),
+        ),
     ];
     let lines: Vec<String> = cases.iter().map(|(l, _)| l.clone()).collect();
     let replies = ask_as(ALICE, &[], &broker.socket, &lines);
     for ((line, want), reply) in cases.iter().zip(&replies) {
         let err = error_of(reply);
-        match want {
-            None => assert!(err.contains("not implemented yet"), "{line}: {err}"),
-            Some(w) => assert!(err.contains(w), "{line}: {err}"),
-        }
+        let want = want.expect("every case here is refused");
+        assert!(err.contains(want), "{line}: {err}");
     }
+    assert!(nothing_mounted_under(dir.path()));
+    // Allowed by every rule: a detached read-only tree (handed over, and closed with the
+    // helper's connection), and a FUSE mount on her own target.
+    let _guards = [Detach(mnt.clone()), Detach(bobs.clone())];
+    let alice = ask_as(
+        ALICE,
+        &[],
+        &broker.socket,
+        &[
+            mount(&src, None, "b:0:300000:65536", ",\"read_only\":true"),
+            mount(&src, Some(&mnt), &rw, FUSE),
+        ],
+    );
+    assert_eq!(
+        (&alice[0]["ok"], &alice[0]["detached"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{}",
+        alice[0]
+    );
+    assert_eq!(alice[1]["ok"], true, "{}", alice[1]);
+    assert_eq!(alice[1]["backend"], "fuse", "{}", alice[1]);
+    assert!(mount_at(&mnt).expect("mounted").fstype.starts_with("fuse"));
     // Bob is judged as bob: alice's map is not his, and the policy names alice, not bob,
     // unless he is in the containers group.
-    let bob_rw = format!("b:{BASE}:200000:65536");
+    let bob_rw = format!("b:{BASE}:400000:65536");
     let bob = ask_as(
         BOB,
         &[],
@@ -341,46 +380,64 @@ fn judges_the_peer_not_the_request() {
         &broker.socket,
         &[mount(&src, Some(&bobs), &bob_rw, FUSE)],
     );
-    assert!(
-        error_of(&bob_member[0]).contains("not implemented yet"),
-        "{}",
-        bob_member[0]
-    );
+    assert_eq!(bob_member[0]["ok"], true, "{}", bob_member[0]);
 
-    // Root may ask for anything; the same request alice was refused is allowed.
+    // Root may ask for anything; a request alice would be refused (her target is taken now,
+    // so root's own) is allowed, suid included.
+    let roots = dir.dir("mnt-root");
+    let _root_guard = Detach(roots.clone());
     let root = ask(
         &broker.socket,
         &mount(
             &src,
-            Some(&mnt),
+            Some(&roots),
             "b:0:0:1",
             ",\"suid\":true,\"backend\":\"fuse\"",
         ),
     );
-    assert!(error_of(&root).contains("not implemented yet"), "{root}");
+    assert_eq!(root["ok"], true, "{root}");
+    assert!(
+        root["options"].as_str().unwrap().contains(",suid"),
+        "{root}"
+    );
+    for t in [&mnt, &bobs, &roots] {
+        let v = ask(&broker.socket, &umount_line(t));
+        assert_eq!(v["ok"], true, "{v}");
+    }
 
-    // One audit line per decision (not for `list`'s parse error), with the real uid.
+    // One audit line per decision (not for `list`'s parse error), with the real uid, and
+    // one more with the result of each allowed operation.
     let audit = broker.audit_lines();
-    let decisions = cases.len() - 1 + 2 + 1 + 1;
-    assert_eq!(audit.len(), decisions, "{audit:#?}");
+    let refusals = cases.len() - 1 + 2;
+    let allowed = 2 + 1 + 1 + 3;
+    assert_eq!(audit.len(), refusals + 2 * allowed, "{audit:#?}");
     let first = &audit[0];
-    assert_eq!(first["uid"], ALICE);
-    assert_eq!(first["allowed"], true);
-    assert_eq!(first["op"], "mount");
-    assert_eq!(first["map"], rw);
-    assert!(first["exe"].as_str().unwrap().contains("broker"), "{first}");
-    let refused = &audit[2];
     assert_eq!(
-        (refused["uid"].as_u64(), &refused["allowed"]),
+        (first["uid"].as_u64(), &first["allowed"]),
         (Some(u64::from(ALICE)), &serde_json::json!(false))
     );
+    assert!(first["exe"].as_str().unwrap().contains("broker"), "{first}");
     assert!(
-        refused["reason"]
+        first["reason"]
             .as_str()
             .unwrap()
             .contains("delegated to bob")
     );
+    let fuse = audit
+        .iter()
+        .position(|a| a["backend"] == "fuse" && a["uid"] == ALICE && a["allowed"] == true)
+        .expect("alice's FUSE mount is audited");
+    assert_eq!(audit[fuse]["map"], rw);
+    assert!(audit[fuse]["result"].is_null(), "decided before mounting");
+    assert_eq!(audit[fuse + 1]["result"], "ok");
     assert_eq!(audit.last().unwrap()["uid"], 0);
+    assert_eq!(audit.last().unwrap()["op"], "umount");
+    // Lock files only for the three users' mount counts and the three mounted targets: the
+    // refused requests' paths left none behind.
+    let locks = std::fs::read_dir(dir.path().join("records/locks"))
+        .unwrap()
+        .count();
+    assert_eq!(locks, 3 + 3, "{:?}", ls(dir.path().join("records/locks")));
     assert!(nothing_mounted_under(dir.path()));
     drop(broker);
     dir.finish();
@@ -416,7 +473,7 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     std::os::unix::fs::chown(&file, Some(BASE + 5), Some(BASE + 7)).unwrap();
     let mnt = dir.path().join("mnt-alice");
     mkdir(&mnt, 0o755, ALICE, ALICE);
-    let rw = format!("b:{BASE}:100000:65536");
+    let rw = format!("b:{BASE}:300000:65536");
 
     let line = mount(&src, Some(&mnt), &rw, ",\"backend\":\"kernel\"");
     let reply = &ask_as(ALICE, &[], &broker.socket, &[line])[0];
@@ -443,9 +500,9 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     assert!(mount_at(&mnt2).is_none(), "a refused mount was made");
 
     let root = std::fs::metadata(&mnt).unwrap();
-    assert_eq!((root.uid(), root.gid()), (100000, 100000));
+    assert_eq!((root.uid(), root.gid()), (300000, 300000));
     let f = std::fs::metadata(mnt.join("f")).unwrap();
-    assert_eq!((f.uid(), f.gid()), (100005, 100007));
+    assert_eq!((f.uid(), f.gid()), (300005, 300007));
     assert_eq!(std::fs::read_to_string(mnt.join("f")).unwrap(), "image\n");
 
     let alice = &ask_as(ALICE, &[], &broker.socket, &[LIST.into()])[0];
@@ -480,36 +537,41 @@ fn mounts_lists_and_unmounts_for_its_owner() {
     assert_eq!(alice[1]["mounts"], serde_json::json!([]), "{}", alice[1]);
     assert!(nothing_mounted_under(dir.path()));
 
-    // One audit line per decision: alice's mounts, bob's umount, alice's umount.
+    // One audit line per decision, written before acting, and one with the result of each
+    // allowed operation: alice's mounts, bob's umount, alice's umount.
     let audit = broker.audit_lines();
-    let seen: Vec<(u64, &str, bool)> = audit
+    let seen: Vec<(u64, &str, bool, Option<&str>)> = audit
         .iter()
         .map(|a| {
             (
                 a["uid"].as_u64().unwrap(),
                 a["op"].as_str().unwrap(),
                 a["allowed"].as_bool().unwrap(),
+                a["result"].as_str(),
             )
         })
         .collect();
+    let (a, b) = (u64::from(ALICE), u64::from(BOB));
     assert_eq!(
         seen,
         [
-            (u64::from(ALICE), "mount", true),
-            (u64::from(ALICE), "mount", false),
-            (u64::from(BOB), "umount", false),
-            (u64::from(ALICE), "umount", true),
+            (a, "mount", true, None),
+            (a, "mount", true, Some("ok")),
+            (a, "mount", false, None),
+            (b, "umount", false, None),
+            (a, "umount", true, None),
+            (a, "umount", true, Some("ok")),
         ],
         "{audit:#?}"
     );
     assert!(
-        audit[1]["reason"]
+        audit[2]["reason"]
             .as_str()
             .unwrap()
             .contains("per user (1)")
     );
     assert!(
-        audit[2]["reason"]
+        audit[3]["reason"]
             .as_str()
             .unwrap()
             .contains("only its owner")
@@ -704,7 +766,8 @@ fn takes_a_socket_from_socket_activation() {
     }
     let guard = Kill(&mut child);
     let end = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
+    // The socket file appears at bind(2), a moment before listen(2): wait until it accepts.
+    while UnixStream::connect(&sock).is_err() {
         assert!(
             Instant::now() < end,
             "systemd-socket-activate did not listen"
@@ -737,4 +800,527 @@ fn shipped_units_verify() {
         .arg(dir.path().join("shiftfsd.socket"))
         .arg(dir.path().join("shiftfsd.service")));
     assert!(out.ok() && out.stderr.trim().is_empty(), "{}", out.stderr);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The project's own client: `shiftfs` run as alice or bob goes through the broker.
+
+/// The test users as real accounts: `newuidmap` (used by `unshare --map-users`) wants a
+/// passwd entry for its caller and its range in the real /etc/subuid and /etc/subgid. The
+/// ranges are the ones the broker's own files in the test directory give them. Created once,
+/// left in place (as scripts/setup.sh's `tests` user).
+fn real_users() -> bool {
+    static MADE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let made = MADE.get_or_init(|| {
+        for (name, uid, first) in [
+            ("shiftfs-alice", ALICE, 300000),
+            ("shiftfs-bob", BOB, 400000),
+        ] {
+            let exists = |db: &str, key: &str| run(Command::new("getent").args([db, key])).ok();
+            if !exists("group", &uid.to_string()) {
+                run(Command::new("groupadd").args(["-g", &uid.to_string(), name])).assert_ok();
+            }
+            if !exists("passwd", &uid.to_string()) {
+                run(Command::new("useradd").args([
+                    "-M",
+                    "-N",
+                    "-u",
+                    &uid.to_string(),
+                    "-g",
+                    &uid.to_string(),
+                    "-s",
+                    "/usr/sbin/nologin",
+                    name,
+                ]))
+                .assert_ok();
+            }
+            let range = format!("{first}-{}", first + 65535);
+            for (file, flag) in [
+                ("/etc/subuid", "--add-subuids"),
+                ("/etc/subgid", "--add-subgids"),
+            ] {
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                if !text
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}:{first}:")))
+                {
+                    run(Command::new("usermod").args([flag, &range, name])).assert_ok();
+                }
+            }
+        }
+        Ok(())
+    });
+    match made {
+        Ok(()) => true,
+        Err(e) => skip(e),
+    }
+}
+
+/// `shiftfs ARGS` as `uid` (its own gid, no other groups), talking to `broker`.
+fn shiftfs_as<I, S>(uid: u32, broker: &Broker, args: I) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut c = cmd_as(uid, uid, BIN, args);
+    c.env("SHIFTFS_BROKER", &broker.socket);
+    run_timeout(&mut c, Duration::from_secs(60))
+}
+
+const VIA_BROKER: &str = "not root here: asking the shiftfs broker";
+
+/// A directory owned by `uid`, as a home directory would be.
+fn home(dir: &TestDir, name: &str, uid: u32) -> PathBuf {
+    let p = dir.path().join(name);
+    mkdir(&p, 0o755, uid, uid);
+    p
+}
+
+/// Alice makes an image with `shiftfs image make`, asks `shiftfs mount --detached` for it
+/// inside her own `unshare -Urm`, and reads and writes through it there: as her namespace's
+/// root she is the image's root, and what she writes lands on disk as the image range's
+/// first id. Nothing is mounted in the host's namespace; without a namespace of her own the
+/// attach is refused with advice.
+#[test]
+fn detached_mount_is_attached_in_the_callers_namespace() {
+    if !require(Backend::Kernel) || !require_tool("unshare", "util-linux") {
+        return;
+    }
+    let dir = TestDir::new("broker-detached");
+    let broker = Broker::start(&dir);
+    let home = home(&dir, "home-alice", ALICE);
+    let img = home.join("img");
+    let made = shiftfs_as(
+        ALICE,
+        &broker,
+        [OsStr::new("image"), OsStr::new("make"), img.as_os_str()],
+    );
+    made.assert_ok();
+    assert!(made.stderr.contains(VIA_BROKER), "{made}");
+    assert_eq!(stat_ids(&img), (BASE, BASE));
+    assert_eq!(mode_of(&img) & 0o7777, 0o755);
+    file(&img.join("old"), b"from the image\n", 0o644, BASE, BASE);
+    let mnt = home.join("mnt");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let map = format!("b:{BASE}:{ALICE}:1");
+
+    let script = format!(
+        "set -e; id -u; stat -c '%u %g' {m} {m}/old; cat {m}/old; echo new > {m}/new; \
+         mkdir {m}/d; stat -c '%u %g' {m}/new; grep ' {m} ' /proc/self/mountinfo | wc -l; \
+         grep ' {m} ' /proc/self/mountinfo | cut -d' ' -f6",
+        m = q(&mnt)
+    );
+    let mut c = cmd_as(
+        ALICE,
+        ALICE,
+        "unshare",
+        ["-Urm", BIN, "mount", "--detached", "--map", &map],
+    );
+    c.arg(&img).arg(&mnt).args(["--", "sh", "-c", &script]);
+    c.env("SHIFTFS_BROKER", &broker.socket);
+    let out = run_timeout(&mut c, Duration::from_secs(60));
+    out.assert_ok();
+    assert!(out.stderr.contains(VIA_BROKER), "{out}");
+    assert_eq!(
+        out.stdout.lines().take(6).collect::<Vec<_>>(),
+        ["0", "0 0", "0 0", "from the image", "0 0", "1"],
+        "{out}"
+    );
+    let options = out.stdout.lines().nth(6).unwrap_or_default();
+    for opt in ["rw", "nosuid", "nodev", "idmapped"] {
+        assert!(options.split(',').any(|o| o == opt), "{opt}: {out}");
+    }
+    // On disk: the image range's root, not alice's uid.
+    assert_eq!(stat_ids(img.join("new")), (BASE, BASE));
+    assert_eq!(stat_ids(img.join("d")), (BASE, BASE));
+    assert_eq!(std::fs::read_to_string(img.join("new")).unwrap(), "new\n");
+    assert!(
+        nothing_mounted_under(dir.path()),
+        "the mount leaked into the host namespace"
+    );
+
+    // The flags are locked: her namespace's root cannot remount a read-only tree read-write,
+    // nor drop nosuid or nodev.
+    let script = format!(
+        "mount -o remount,bind,rw,suid,dev {m} || echo refused; \
+         mount -o remount,bind,rw {m} || echo refused; \
+         grep ' {m} ' /proc/self/mountinfo | cut -d' ' -f6; touch {m}/x || echo read-only",
+        m = q(&mnt)
+    );
+    let mut c = cmd_as(
+        ALICE,
+        ALICE,
+        "unshare",
+        [
+            "-Urm",
+            BIN,
+            "mount",
+            "--detached",
+            "-o",
+            "ro",
+            "--map",
+            &map,
+        ],
+    );
+    c.arg(&img).arg(&mnt).args(["--", "sh", "-c", &script]);
+    c.env("SHIFTFS_BROKER", &broker.socket);
+    let out = run_timeout(&mut c, Duration::from_secs(60));
+    out.assert_ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(
+        (lines.len(), lines[0], lines[1], lines[3]),
+        (4, "refused", "refused", "read-only"),
+        "{out}"
+    );
+    for opt in ["ro", "nosuid", "nodev", "idmapped"] {
+        assert!(lines[2].split(',').any(|o| o == opt), "{opt}: {out}");
+    }
+    assert!(!img.join("x").exists());
+
+    // Without a mount namespace of her own she cannot attach it.
+    let mut c = cmd_as(ALICE, ALICE, BIN, ["mount", "--detached", "--map", &map]);
+    c.arg(&img).arg(&mnt).env("SHIFTFS_BROKER", &broker.socket);
+    let out = run_timeout(&mut c, Duration::from_secs(60));
+    out.assert_fails();
+    assert!(out.stderr.contains("unshare -Urm"), "{out}");
+    assert!(nothing_mounted_under(dir.path()));
+    // make-image and both mounts were decided and done, and audited as such.
+    let audit = broker.audit_lines();
+    let ops: Vec<(&str, Option<&str>)> = audit
+        .iter()
+        .map(|a| (a["op"].as_str().unwrap(), a["result"].as_str()))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("make-image", None),
+            ("make-image", Some("ok")),
+            ("mount", None),
+            ("mount", Some("ok")),
+            ("mount", None),
+            ("mount", Some("ok")),
+            ("mount", None),
+            ("mount", Some("ok")),
+        ],
+        "{audit:#?}"
+    );
+    drop(broker);
+    dir.finish();
+}
+
+/// Alice's whole day with the CLI, on each backend: `shiftfs image make`, `shiftfs mount`
+/// (the transparent CLI says it asks the broker), `shiftfs list` (her mount, owned by her),
+/// a process of hers in `unshare --user --map-users` (via newuidmap, her subordinate range)
+/// reading and writing the image, with what it writes landing on disk as image-range ids;
+/// then her container root writes a setuid-root binary, which on disk belongs to the image
+/// range, and which gains bob nothing; `shiftfs umount`.
+fn users_container_writes_image_range_ids(backend: Backend) {
+    if !require(backend) || !require_tool("newuidmap", "uidmap") || !real_users() {
+        return;
+    }
+    let dir = TestDir::new(&format!("broker-userns-{backend}"));
+    let broker = Broker::start(&dir);
+    let home = home(&dir, "home-alice", ALICE);
+    let img = home.join("img");
+    let mnt = home.join("mnt");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let s = |p: &Path| p.display().to_string();
+    shiftfs_as(ALICE, &broker, ["image".into(), "make".into(), s(&img)]).assert_ok();
+    file(&img.join("old"), b"image file\n", 0o644, BASE + 5, BASE + 6);
+    let map = format!("b:{BASE}:300000:65536");
+    let _guard = Detach(mnt.clone());
+    let out = shiftfs_as(
+        ALICE,
+        &broker,
+        [
+            "mount".into(),
+            "--backend".into(),
+            backend.name().into(),
+            "--map".into(),
+            map.clone(),
+            s(&img),
+            s(&mnt),
+        ],
+    );
+    out.assert_ok();
+    assert!(out.stderr.contains(VIA_BROKER), "{out}");
+    assert!(
+        out.stdout.contains(&format!("on {}", mnt.display())),
+        "{out}"
+    );
+    let m = mount_at(&mnt).expect("mounted");
+    match backend {
+        Backend::Kernel => assert!(m.mount_options.iter().any(|o| o == "idmapped"), "{m:?}"),
+        Backend::Fuse => assert!(m.fstype.starts_with("fuse"), "{m:?}"),
+        Backend::Stack => unreachable!("the broker makes no stacks"),
+    }
+    let list = shiftfs_as(ALICE, &broker, ["list"]);
+    list.assert_ok();
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&s(&mnt)))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        row.contains("shiftfs-alice") && row.contains(backend.name()),
+        "{row}"
+    );
+    // Bob sees none of it.
+    let bobs = shiftfs_as(BOB, &broker, ["list"]);
+    assert_eq!(bobs.stdout.trim(), "no shifted mounts", "{bobs}");
+
+    let script = format!(
+        "set -e; id -u; stat -c '%u %g' {m}/old; cat {m}/old; echo data > {m}/f; \
+         mkdir {m}/d; chown 5:6 {m}/d; stat -c '%u %g' {m}/f {m}/d; \
+         cp /usr/bin/id {m}/id; chmod 4755 {m}/id; stat -c '%u %a' {m}/id",
+        m = q(&mnt)
+    );
+    let out = run_timeout(
+        &mut cmd_as(
+            ALICE,
+            ALICE,
+            "unshare",
+            [
+                "--user",
+                "--map-users=300000,0,65536",
+                "--map-groups=300000,0,65536",
+                "--setuid=0",
+                "--setgid=0",
+                "sh",
+                "-c",
+                &script,
+            ],
+        ),
+        Duration::from_secs(60),
+    );
+    out.assert_ok();
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["0", "5 6", "image file", "0 0", "5 6", "0 4755"],
+        "{out}"
+    );
+    // On disk, image-range ids only: the container's root is the range's first id.
+    assert_eq!(stat_ids(img.join("f")), (BASE, BASE));
+    assert_eq!(stat_ids(img.join("d")), (BASE + 5, BASE + 6));
+    assert_eq!(std::fs::read(img.join("f")).unwrap(), b"data\n");
+    // The setuid-root binary of the container is setuid to the range's root on the host.
+    assert_eq!(stat_ids(img.join("id")), (BASE, BASE));
+    assert_eq!(mode_of(img.join("id")) & 0o7777, 0o4755);
+    // Bob runs it: through the (nosuid) mount it runs as bob; straight from disk it runs as
+    // the image range's root, an id that is no one on this host. Root never.
+    let via_mount = run(&mut cmd_as(BOB, BOB, &s(&mnt.join("id")), ["-u"]));
+    assert_eq!(via_mount.assert_ok().stdout.trim(), BOB.to_string());
+    let from_disk = run(&mut cmd_as(BOB, BOB, &s(&img.join("id")), ["-u"]));
+    assert_eq!(from_disk.assert_ok().stdout.trim(), BASE.to_string());
+
+    let out = shiftfs_as(ALICE, &broker, ["umount".into(), s(&mnt)]);
+    out.assert_ok();
+    assert!(out.stderr.contains(VIA_BROKER), "{out}");
+    assert!(nothing_mounted_under(dir.path()));
+    // The broker waited for its daemon: no zombie left behind.
+    let end = Instant::now() + Duration::from_secs(5);
+    while !broker.children().is_empty() {
+        assert!(
+            Instant::now() < end,
+            "children left: {:?}",
+            broker.children()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(broker);
+    dir.finish();
+}
+
+backend_tests!(users_container_writes_image_range_ids);
+
+/// `shiftfs image make` only in a directory of one's own and never over an existing name;
+/// `shiftfs image adopt` shifts a tree alice owns (her uid and her subordinate ids) into the
+/// image range, which she can then mount read-write; a tree with one inode of bob's, a tree
+/// of bob's, or a map reaching bob's range are refused, each with a reason, an audit line,
+/// and nothing changed.
+#[test]
+fn make_image_and_adopt() {
+    if !require(Backend::Kernel) {
+        return;
+    }
+    let dir = TestDir::new("broker-adopt");
+    let broker = Broker::start(&dir);
+    let home = home(&dir, "home-alice", ALICE);
+    let s = |p: &Path| p.display().to_string();
+    let image = |uid, args: &[String]| {
+        let mut a = vec!["image".to_string()];
+        a.extend_from_slice(args);
+        shiftfs_as(uid, &broker, a)
+    };
+
+    let out = image(ALICE, &["make".into(), s(&dir.path().join("img"))]);
+    out.assert_fails();
+    assert!(
+        out.stderr.contains("is owned by uid 0, not by alice"),
+        "{out}"
+    );
+    assert!(!dir.path().join("img").exists());
+    let taken = home.join("taken");
+    mkdir(&taken, 0o755, ALICE, ALICE);
+    let out = image(ALICE, &["make".into(), s(&taken)]);
+    assert!(
+        out.assert_fails().stderr.contains("already exists"),
+        "{out}"
+    );
+    assert_eq!(stat_ids(&taken), (ALICE, ALICE));
+
+    // A rootless-container tree: her uid is the container's root, 300000 + n - 1 its uid n.
+    let tree = home.join("tree");
+    mkdir(&tree, 0o755, ALICE, ALICE);
+    file(&tree.join("a"), b"a\n", 0o644, ALICE, ALICE);
+    mkdir(&tree.join("sub"), 0o755, 300004, 300004);
+    file(&tree.join("sub/b"), b"b\n", 0o4755, 300009, 300009);
+    symlink("a", &tree.join("link"), ALICE, ALICE);
+    let map = format!("b:0:{ALICE}:1,b:1:300000:65535");
+    let adopt = |uid, path: &Path, map: &str| {
+        image(uid, &["adopt".into(), s(path), "--map".into(), map.into()])
+    };
+
+    // One inode of bob's: refused by the shift itself, before anything is written.
+    let mixed = home.join("mixed");
+    mkdir(&mixed, 0o755, ALICE, ALICE);
+    file(&mixed.join("mine"), b"", 0o644, ALICE, ALICE);
+    file(&mixed.join("bobs"), b"", 0o644, BOB, BOB);
+    let before = snapshot(&mixed);
+    let out = adopt(ALICE, &mixed, &map);
+    assert!(
+        out.assert_fails().stderr.contains("have no mapping"),
+        "{out}"
+    );
+    assert!(out.stderr.contains("nothing was changed"), "{out}");
+    assert_eq!(snapshot(&mixed), before);
+    assert_eq!(stat_ids(&mixed), (ALICE, ALICE));
+    // Bob's tree, and a map into bob's range.
+    let bobs = home.join("bobs");
+    mkdir(&bobs, 0o755, BOB, BOB);
+    let out = adopt(ALICE, &bobs, &map);
+    assert!(
+        out.assert_fails()
+            .stderr
+            .contains(&format!("owned by uid {BOB}, not by alice")),
+        "{out}"
+    );
+    let before = snapshot(&tree);
+    let out = adopt(ALICE, &tree, "b:0:400000:10");
+    assert!(
+        out.assert_fails().stderr.contains("delegated to bob"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&tree), before);
+
+    let out = adopt(ALICE, &tree, &map);
+    out.assert_ok();
+    assert!(out.stdout.contains("5 inodes, 5 changed"), "{out}");
+    assert_eq!(stat_ids(&tree), (BASE, BASE));
+    assert_eq!(stat_ids(tree.join("a")), (BASE, BASE));
+    assert_eq!(lstat_ids(tree.join("link")), (BASE, BASE));
+    assert_eq!(stat_ids(tree.join("sub")), (BASE + 5, BASE + 5));
+    assert_eq!(stat_ids(tree.join("sub/b")), (BASE + 10, BASE + 10));
+    assert_eq!(mode_of(tree.join("sub/b")) & 0o7777, 0o4755);
+
+    // Now it is her image: she mounts it read-write, and sees her container's ids.
+    let mnt = home.join("mnt");
+    mkdir(&mnt, 0o755, ALICE, ALICE);
+    let _guard = Detach(mnt.clone());
+    let rw = format!("b:{BASE}:300000:65536");
+    let args = [
+        "mount",
+        "--backend",
+        "kernel",
+        "--map",
+        &rw,
+        &s(&tree),
+        &s(&mnt),
+    ];
+    shiftfs_as(ALICE, &broker, args).assert_ok();
+    assert_eq!(stat_ids(mnt.join("sub/b")), (300010, 300010));
+    assert_eq!(std::fs::read(mnt.join("a")).unwrap(), b"a\n");
+    shiftfs_as(ALICE, &broker, ["umount".into(), s(&mnt)]).assert_ok();
+
+    let audit = broker.audit_lines();
+    let seen: Vec<(&str, bool, Option<&str>)> = audit
+        .iter()
+        .map(|a| {
+            (
+                a["op"].as_str().unwrap(),
+                a["allowed"].as_bool().unwrap(),
+                a["result"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen[..9],
+        [
+            ("make-image", false, None),
+            ("make-image", true, None),
+            ("make-image", true, Some("failed")),
+            ("adopt", true, None),
+            ("adopt", true, Some("failed")),
+            ("adopt", false, None),
+            ("adopt", false, None),
+            ("adopt", true, None),
+            ("adopt", true, Some("ok")),
+        ],
+        "{audit:#?}"
+    );
+    assert!(audit[4]["error"].as_str().unwrap().contains("no mapping"));
+    assert!(
+        audit[6]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("delegated to bob")
+    );
+    assert_eq!(audit[8]["map"], map);
+    drop(broker);
+    dir.finish();
+}
+
+/// The mount limit holds under concurrent requests: alice asks for four mounts at once, on
+/// four targets, with a limit of one; the count is taken under her lock, so exactly one is
+/// made and three are refused.
+#[test]
+fn the_limit_holds_under_concurrent_requests() {
+    if !require(Backend::Kernel) || !require_tool("setpriv", "util-linux") {
+        return;
+    }
+    let dir = TestDir::new("broker-race");
+    let broker = Broker::start(&dir);
+    let src = broker.shared.join("img");
+    mkdir(&src, 0o755, BASE, BASE);
+    let rw = format!("b:{BASE}:300000:65536");
+    let targets: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let t = dir.path().join(format!("mnt-{i}"));
+            mkdir(&t, 0o755, ALICE, ALICE);
+            t
+        })
+        .collect();
+    let _guards: Vec<Detach> = targets.iter().cloned().map(Detach).collect();
+    let replies: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let asks: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let line = mount(&src, Some(t), &rw, ",\"backend\":\"kernel\"");
+                let socket = &broker.socket;
+                scope.spawn(move || ask_as(ALICE, &[], socket, &[line]).remove(0))
+            })
+            .collect();
+        asks.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let made = replies.iter().filter(|r| r["ok"] == true).count();
+    assert_eq!(made, 1, "{replies:#?}");
+    for r in replies.iter().filter(|r| r["ok"] != true) {
+        assert!(error_of(r).contains("per user (1)"), "{r}");
+    }
+    assert_eq!(mounts_under(dir.path()).len(), 1);
+    let mounted = targets.iter().find(|t| mount_at(t).is_some()).unwrap();
+    assert_eq!(ask(&broker.socket, &umount_line(mounted))["ok"], true);
+    drop(broker);
+    dir.finish();
 }

@@ -367,12 +367,15 @@ fn refuses_non_root(b: Backend) {
         return;
     };
     let bin = world_executable_bin(&dir);
+    // Not root: the CLI goes to the broker, here one that is not running.
+    let socket = dir.path().join("no-broker.sock");
     let try_mount = || {
         run(
             cmd_as(65534, 65534, bin.to_str().expect("utf-8"), ["mount"])
                 .args(["--backend", b.name(), "--map", MAP])
                 .arg(&src)
-                .arg(&mnt),
+                .arg(&mnt)
+                .env("SHIFTFS_BROKER", &socket),
         )
     };
     // A child another test thread forked while the copy was being written holds it open for
@@ -385,10 +388,20 @@ fn refuses_non_root(b: Backend) {
         std::thread::sleep(Duration::from_millis(20));
         out = try_mount();
     }
-    assert_one_line_error(&out, "", &mnt);
+    // One line says the broker is asked, then one error line says what to do.
+    assert_eq!(out.code(), Some(1), "exit code:\n{out}");
+    let lines = out.stderr_lines();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains("asking the shiftfs broker"), "{out}");
     assert!(
-        out.stderr.contains("root") || out.stderr.contains("permission"),
-        "the refusal should say root/permission is needed:\n{out}"
+        lines[1].starts_with("shiftfs: cannot reach the shiftfs broker")
+            && lines[1].contains("shiftfsd must be running for users other than root"),
+        "the refusal should say a broker (or root) is needed:\n{out}"
+    );
+    assert!(
+        !is_mountpoint(&mnt),
+        "a refused mount left {} mounted",
+        mnt.display()
     );
     dir.finish();
 }
@@ -718,6 +731,7 @@ fn umount_busy(b: Backend) {
             "listed as draining: {row:?}"
         ),
         Backend::Kernel => assert!(row.is_none(), "gone from shiftfs list: {row:?}"),
+        Backend::Stack => unreachable!("not run on the stack"),
     }
     let mut text = String::new();
     (&open)
@@ -1134,6 +1148,7 @@ fn via_mount8(b: Backend, fstab: bool) {
             assert!(info.fstype.starts_with("fuse"), "{info:?}");
             assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
         }
+        Backend::Stack => unreachable!("not run on the stack"),
     }
     let row = list_row(&mnt).expect("shiftfs list shows it");
     assert_eq!(row[2], b.name(), "{row:?}");
@@ -1291,7 +1306,10 @@ fn auto_picks_fuse_on_bindfs_and_kernel_refuses() {
     );
     assert!(out.stdout.is_empty(), "{out}");
 
-    let (out, m) = ShiftMount::run_mount(None, &["--map", MAP], &view, &mnt);
+    // The per-mount shifting daemon (the default stacks on a shared idmappable FUSE mount
+    // where the kernel can idmap FUSE mounts: tests/coherence.rs).
+    let (out, m) =
+        ShiftMount::run_mount(None, &["--map", MAP, "-o", "share=sessions"], &view, &mnt);
     out.assert_ok();
     assert!(
         out.stdout.contains("(fuse: ") && out.stdout.contains("idmapped mount not possible"),

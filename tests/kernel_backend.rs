@@ -433,23 +433,24 @@ fn acl_and_capability_ids_are_translated() {
 }
 
 #[test]
-fn idmapped_source_is_refused_by_name() {
+fn idmapped_source_is_reidmapped() {
     let _s = serial();
-    let Some((base, src, tgt)) = dirs("idmapped-source-is-refused-by-name") else {
+    let Some((base, src, tgt)) = dirs("idmapped-source-is-reidmapped") else {
         return;
     };
     let tgt2 = base.dir("tgt2");
+    fs::write(src.join("f"), "x").expect("write");
+    chown(src.join("f"), Some(1000), Some(1000)).expect("chown");
     let _m = shifted_mount(&src, &tgt, MountFlags::default());
     let p = kernel::probe(&tgt);
-    assert!(!p.supported, "{p:?}");
-    assert!(p.reason.contains("already an idmapped mount"), "{p:?}");
-    let err = kernel::mount(&tgt, &tgt2, &map(), MountFlags::default(), false)
-        .expect_err("the kernel does not stack idmappings");
-    assert!(
-        matches!(err, kernel::Error::AlreadyIdmapped { .. }),
-        "{err:?}"
-    );
-    assert_eq!(err.errno(), rustix::io::Errno::PERM);
+    assert!(p.supported, "open_tree_attr re-idmaps (Linux 6.15+): {p:?}");
+    let other = IdMapping::parse("b:0:200000:65536").expect("map");
+    kernel::mount(&tgt, &tgt2, &other, MountFlags::default(), false)
+        .expect("re-idmapping an idmapped mount");
+    let _m2 = Detach(tgt2.clone());
+    // The new map replaces the first, from the filesystem's own ids.
+    assert_eq!(stat_ids(tgt2.join("f")), (201000, 201000));
+    assert_eq!(stat_ids(tgt.join("f")), (101000, 101000));
 }
 
 #[test]

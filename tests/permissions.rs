@@ -677,3 +677,16 @@ backend_tests!(
     container_root_creates_leave_roots_reserve,
     inode_flags_follow_the_kernels_rules,
 );
+
+// The same through a kernel idmapped mount on an idmappable FUSE mount.
+stack_tests!(
+    writes_clear_setuid_like_the_kernel,
+    unmapped_owners_match_no_caller,
+    trusted_names_hidden_from_users,
+    unmapped_capability_root_is_no_capability,
+    name_behind_a_cached_miss_opens_with_callers_rights,
+    rename_whiteout_belongs_to_the_caller,
+    container_writes_leave_roots_reserve,
+    container_root_creates_leave_roots_reserve,
+    inode_flags_follow_the_kernels_rules,
+);

@@ -4,6 +4,9 @@
 //! - root of a user namespace `0 100000 65536` through a mount `b:0:100000:65536` vs the same
 //!   namespace root on a plain directory owned by host 100000.
 //!
+//! Each runs on both backends and through their stack (a kernel idmapped mount with the map on
+//! an idmappable FUSE mount of the source).
+//!
 //! A case that passes on the plain directory must pass through the mount, unless
 //! `tests/pjdfstest-exceptions.txt` lists it for that run with a reason.
 //! Needs `pjdfstest` (`cargo install pjdfstest --locked`) and a `tests` user and group
@@ -316,6 +319,7 @@ fn ns_root(b: Backend) {
 }
 
 backend_tests!(host_root, ns_root);
+stack_tests!(host_root, ns_root);
 
 #[test]
 fn parses_pjdfstest_output() {
@@ -341,7 +345,14 @@ Summary: 1 failed, 1 skipped, 1 passed, 0 expected failures, 3 total
 
 #[test]
 fn exceptions_file_is_well_formed() {
-    for run in ["fuse/host", "fuse/ns", "kernel/host", "kernel/ns"] {
+    for run in [
+        "fuse/host",
+        "fuse/ns",
+        "kernel/host",
+        "kernel/ns",
+        "stack/host",
+        "stack/ns",
+    ] {
         exceptions_for(run);
     }
 }

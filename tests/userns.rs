@@ -984,3 +984,24 @@ backend_tests!(
     truncating_open_clears_setuid,
     identity_namespace_sees_no_trusted,
 );
+
+// The same through a kernel idmapped mount on an idmappable FUSE mount.
+stack_tests!(
+    ns_root_creates_with_image_ids,
+    unmapped_writers_get_eoverflow,
+    ns_root_uses_image_root_files,
+    symlinks_stay_links,
+    setgid_dir_for_ns_root,
+    setgid_dir_for_host_root,
+    symlink_swap_cannot_escape,
+    renameat2_flags,
+    privilege_bits_and_sticky,
+    setuid_binary_honours_mount_option,
+    data_xattrs_and_big_dirs,
+    ns_root_creates_whiteouts,
+    parallel_churn,
+    setgid_dir_for_non_member,
+    running_binary_not_truncated,
+    truncating_open_clears_setuid,
+    identity_namespace_sees_no_trusted,
+);

@@ -6,6 +6,11 @@
 //! (a user namespace holding the map), [`set_idmap`] (one `mount_setattr` with IDMAP and
 //! the VFS flags), [`attach`] (`move_mount` onto TARGET). [`probe`] runs the first three on
 //! a throw-away tree to learn whether a source's filesystem supports idmapped mounts.
+//!
+//! A source that is itself an idmapped mount is cloned and re-idmapped in one step instead
+//! ([`reidmap_tree`], `open_tree_attr`, Linux 6.15+; `mount_setattr` refuses to change an
+//! idmapping). Its idmapping is replaced, not composed: the map goes from the filesystem's
+//! own ids, as every shiftfs map does, whatever ids the source mount shows.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -19,7 +24,7 @@ use crate::idmap::IdMapping;
 use crate::mountinfo::fstype_name;
 use crate::options::MountFlags;
 use crate::resolve::Dir;
-use crate::sys::mount::{AT_RECURSIVE, MountAttr, mount_setattr};
+use crate::sys::mount::{AT_RECURSIVE, MountAttr, mount_setattr, open_tree_attr};
 use crate::sys::userns::UsernsChild;
 
 /// The first kernel with `mount_setattr` and `MOUNT_ATTR_IDMAP`.
@@ -59,7 +64,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("filesystem {fstype} on {path} does not support idmapped mounts; use --backend fuse")]
+    #[error(
+        "filesystem {fstype} on {path} does not support idmapped mounts; use --backend fuse, or \
+         idmap a `shiftfs mount --idmappable` mount of it"
+    )]
     Unsupported {
         fstype: String,
         path: PathBuf,
@@ -67,8 +75,8 @@ pub enum Error {
         source: io::Error,
     },
     #[error(
-        "{path} is already an idmapped mount, and the kernel does not stack idmappings: shift \
-         the mount below it (with the maps composed), or use --backend fuse"
+        "{path} is already an idmapped mount, and this kernel cannot re-idmap one \
+         (open_tree_attr needs Linux 6.15+): shift the mount below it, or use --backend fuse"
     )]
     AlreadyIdmapped {
         path: PathBuf,
@@ -173,10 +181,15 @@ pub fn mount_at(
     flags: MountFlags,
     recursive: bool,
 ) -> Result<Option<u64>, Error> {
-    let tree = clone_tree(api, source, recursive)?;
-    let userns = api.userns_fd(mapping)?;
-    set_idmap(api, tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
-    drop(userns);
+    let tree = if api.is_idmapped(source.as_fd()) {
+        let userns = api.userns_fd(mapping)?;
+        reidmap_tree(api, source, userns.as_fd(), flags, recursive)?
+    } else {
+        let tree = clone_tree(api, source, recursive)?;
+        let userns = api.userns_fd(mapping)?;
+        set_idmap(api, tree.as_fd(), source, userns.as_fd(), flags, recursive)?;
+        tree
+    };
     attach(api, &tree, source.path(), target)?;
     tracing::info!(
         source = %source.path().display(),
@@ -202,6 +215,15 @@ pub trait MountApi {
     ) -> io::Result<()>;
     /// `move_mount(tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)`.
     fn move_mount(&self, tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()>;
+    /// `open_tree_attr(dir, "", flags | AT_EMPTY_PATH, attr)`.
+    fn open_tree_attr(
+        &self,
+        dir: BorrowedFd<'_>,
+        flags: OpenTreeFlags,
+        attr: &MountAttr<'_>,
+    ) -> io::Result<OwnedFd>;
+    /// Whether the mount `dir` is on is an idmapped mount.
+    fn is_idmapped(&self, dir: BorrowedFd<'_>) -> bool;
 }
 
 /// The real system calls.
@@ -239,6 +261,23 @@ impl MountApi for Syscalls {
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )?)
     }
+
+    fn open_tree_attr(
+        &self,
+        dir: BorrowedFd<'_>,
+        flags: OpenTreeFlags,
+        attr: &MountAttr<'_>,
+    ) -> io::Result<OwnedFd> {
+        open_tree_attr(dir, c"", flags | OpenTreeFlags::AT_EMPTY_PATH, attr)
+    }
+
+    fn is_idmapped(&self, dir: BorrowedFd<'_>) -> bool {
+        let Some(id) = crate::mountinfo::mount_id_of(dir) else {
+            return false;
+        };
+        crate::mountinfo::own_table()
+            .is_some_and(|t| t.iter().any(|m| m.id == id && m.has_option("idmapped")))
+    }
 }
 
 /// A detached copy of the mount at `source` (and its submounts if `recursive`): visible
@@ -252,6 +291,42 @@ pub fn clone_tree(api: &impl MountApi, source: &Dir, recursive: bool) -> Result<
         .map_err(|source_err| Error::OpenTree {
             path: source.path().to_path_buf(),
             source: source_err,
+        })
+}
+
+/// A detached copy of the idmapped mount at `source` (with its submounts if `recursive`)
+/// whose idmapping is `userns`'s instead, with `flags` applied, in one `open_tree_attr`: the
+/// copy never exists with the old idmapping or without the restrictions. Needs Linux 6.15.
+pub fn reidmap_tree(
+    api: &impl MountApi,
+    source: &Dir,
+    userns: BorrowedFd<'_>,
+    flags: MountFlags,
+    recursive: bool,
+) -> Result<OwnedFd, Error> {
+    let mut tree_flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    if recursive {
+        tree_flags |= OpenTreeFlags::AT_RECURSIVE;
+    }
+    let attr = MountAttr {
+        set: mount_attr_flags(flags),
+        clr: MountAttrFlags::empty(),
+        userns: Some(userns),
+    };
+    api.open_tree_attr(source.as_fd(), tree_flags, &attr)
+        .map_err(|e| {
+            let path = source.path().to_path_buf();
+            match e.raw_os_error() {
+                // Before 6.15 there is no such call, and nothing else changes an idmapping.
+                Some(libc::ENOSYS) => Error::AlreadyIdmapped { path, source: e },
+                Some(libc::EPERM) => Error::NotPermitted { path, source: e },
+                Some(libc::EINVAL) => Error::Unsupported {
+                    fstype: fstype_name(&path),
+                    path,
+                    source: e,
+                },
+                _ => Error::SetAttr { path, source: e },
+            }
         })
 }
 
@@ -513,6 +588,11 @@ pub fn probe_dir(source: &Dir, recursive: bool) -> Probe {
         );
     }
     let attempt = || -> Result<(), Error> {
+        if Syscalls.is_idmapped(source.as_fd()) {
+            let userns = userns_fd(&IdMapping::identity())?;
+            let flags = MountFlags::default();
+            return reidmap_tree(&Syscalls, source, userns.as_fd(), flags, recursive).map(drop);
+        }
         let tree = clone_tree(&Syscalls, source, recursive)?;
         let userns = userns_fd(&IdMapping::identity())?;
         set_idmap(
@@ -544,14 +624,18 @@ pub fn probe_dir(source: &Dir, recursive: bool) -> Probe {
         ),
         Err(Error::Unsupported { .. }) => no(
             format!("{fstype} does not support idmapped mounts"),
-            "use --backend fuse",
+            "use --backend fuse, or idmap a `shiftfs mount --idmappable` mount of it",
         ),
         Err(e @ Error::NotPermitted { .. }) => no(
             with_causes(&e),
             "run as root in the initial user namespace, or use --backend fuse",
         ),
         Err(Error::AlreadyIdmapped { path, .. }) => no(
-            format!("{} is already an idmapped mount", path.display()),
+            format!(
+                "{} is already an idmapped mount, and this kernel cannot re-idmap one \
+                 (Linux 6.15+)",
+                path.display()
+            ),
             "shift the mount below it, or use --backend fuse",
         ),
         Err(e @ Error::NoKernelSupport { .. }) => {
@@ -613,6 +697,12 @@ mod tests {
             userns: bool,
         },
         MoveMount((u64, u64)),
+        OpenTreeAttr {
+            dir: (u64, u64),
+            flags: OpenTreeFlags,
+            set: MountAttrFlags,
+            userns: bool,
+        },
     }
 
     fn ino(fd: BorrowedFd<'_>) -> (u64, u64) {
@@ -635,6 +725,9 @@ mod tests {
     struct Fake {
         calls: RefCell<Vec<Call>>,
         setattr_errno: Option<i32>,
+        /// The source is an idmapped mount; `open_tree_attr` fails with this errno if set.
+        idmapped: bool,
+        attr_errno: Option<i32>,
     }
 
     fn null_fd() -> io::Result<OwnedFd> {
@@ -674,6 +767,26 @@ mod tests {
             self.calls.borrow_mut().push(Call::MoveMount(ino(target)));
             Ok(())
         }
+        fn open_tree_attr(
+            &self,
+            dir: BorrowedFd<'_>,
+            flags: OpenTreeFlags,
+            attr: &MountAttr<'_>,
+        ) -> io::Result<OwnedFd> {
+            self.calls.borrow_mut().push(Call::OpenTreeAttr {
+                dir: ino(dir),
+                flags,
+                set: attr.set,
+                userns: attr.userns.is_some(),
+            });
+            match self.attr_errno {
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
+                None => null_fd(),
+            }
+        }
+        fn is_idmapped(&self, _dir: BorrowedFd<'_>) -> bool {
+            self.idmapped
+        }
     }
 
     fn map() -> IdMapping {
@@ -707,6 +820,56 @@ mod tests {
                 ]
             );
         }
+    }
+
+    #[test]
+    fn idmapped_source_is_reidmapped_in_one_call() {
+        let fake = Fake {
+            idmapped: true,
+            ..Fake::default()
+        };
+        let (_base, src, dst) = dirs();
+        let flags = MountFlags {
+            read_only: true,
+            ..MountFlags::default()
+        };
+        mount_at(&fake, &src, &dst, &map(), flags, true).unwrap();
+        assert_eq!(
+            fake.calls.into_inner(),
+            vec![
+                Call::Userns("0 100000 65536\n".into(), "0 200000 1000\n".into()),
+                Call::OpenTreeAttr {
+                    dir: src.id().unwrap(),
+                    flags: OpenTreeFlags::OPEN_TREE_CLONE
+                        | OpenTreeFlags::OPEN_TREE_CLOEXEC
+                        | OpenTreeFlags::AT_RECURSIVE,
+                    set: MountAttrFlags::MOUNT_ATTR_IDMAP
+                        | MountAttrFlags::MOUNT_ATTR_RDONLY
+                        | MountAttrFlags::MOUNT_ATTR_NOSUID
+                        | MountAttrFlags::MOUNT_ATTR_NODEV,
+                    userns: true,
+                },
+                Call::MoveMount(dst.id().unwrap()),
+            ]
+        );
+    }
+
+    #[test]
+    fn reidmap_on_an_old_kernel_says_so_and_attaches_nothing() {
+        let fake = Fake {
+            idmapped: true,
+            attr_errno: Some(libc::ENOSYS),
+            ..Fake::default()
+        };
+        let (_base, src, dst) = dirs();
+        let err = mount_at(&fake, &src, &dst, &map(), MountFlags::default(), false).unwrap_err();
+        assert!(matches!(err, Error::AlreadyIdmapped { .. }), "{err:?}");
+        assert!(err.to_string().contains("Linux 6.15"), "{err}");
+        let calls = fake.calls.into_inner();
+        assert!(
+            !calls.iter().any(|c| matches!(c, Call::MoveMount(_))),
+            "{calls:?}"
+        );
     }
 
     #[test]

@@ -48,6 +48,10 @@ struct Args {
     /// Seconds a client has to send a whole request.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// The `shiftfs` binary to start as the FUSE daemon of FUSE-backend mounts [default:
+    /// `shiftfs` next to shiftfsd].
+    #[arg(long, value_name = "PATH")]
+    shiftfs: Option<PathBuf>,
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -89,6 +93,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         max_connections: args.max_connections.max(1),
         max_per_uid: args.max_per_user.max(1),
         timeout: Duration::from_secs_f64(args.timeout),
+        shiftfs: args.shiftfs.unwrap_or_else(server::default_shiftfs),
     };
     let listener = match activated()? {
         Some(l) => l,

@@ -1,6 +1,9 @@
-//! One audit record per broker decision: a JSON line appended to the audit log (for
-//! machines), and the same facts to syslog through `/dev/log` (for journald or rsyslog,
-//! when one listens; without a listener the syslog copy is skipped silently).
+//! One audit record per broker decision, written before anything is done: a JSON line
+//! appended to the audit log (for machines), and the same facts to syslog through
+//! `/dev/log` (for journald or rsyslog, when one listens; without a listener the syslog
+//! copy is skipped silently). An allowed operation gets a second line once performed, with
+//! its result (`"result": "ok"` or `"failed"` and the error), so a broker that dies half-way
+//! still leaves the decision on record.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -35,8 +38,23 @@ pub struct Record {
     pub map: Option<String>,
     pub backend: Option<String>,
     pub allowed: bool,
-    /// Why it was refused (or what failed after it was allowed).
+    /// Why it was refused.
     pub reason: Option<String>,
+    /// On the line written after an allowed operation: `ok` or `failed`.
+    pub result: Option<String>,
+    /// Why an allowed operation failed.
+    pub error: Option<String>,
+}
+
+impl Record {
+    /// The line recording how the allowed operation `self` ended.
+    pub fn outcome(&self, result: Result<(), &str>) -> Self {
+        Self {
+            result: Some(if result.is_ok() { "ok" } else { "failed" }.into()),
+            error: result.err().map(str::to_string),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -105,13 +123,24 @@ const LOG_WARNING: u8 = 4;
 const LOG_INFO: u8 = 6;
 
 fn send_syslog(sock: &Path, rec: &Record) {
-    let severity = if rec.allowed { LOG_INFO } else { LOG_WARNING };
+    let failed = rec.result.as_deref() == Some("failed");
+    let severity = if rec.allowed && !failed {
+        LOG_INFO
+    } else {
+        LOG_WARNING
+    };
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let verdict = match (rec.allowed, rec.result.as_deref()) {
+        (false, _) => "refused",
+        (true, None) => "allowed",
+        (true, Some("ok")) => "done",
+        (true, Some(_)) => "failed",
+    };
     let msg = format!(
         "<{}>shiftfsd[{}]: {} uid={} pid={} exe={} op={} source={} target={} map={} backend={}{}",
         LOG_AUTHPRIV | severity,
         std::process::id(),
-        if rec.allowed { "allowed" } else { "refused" },
+        verdict,
         rec.uid,
         rec.pid,
         opt(&rec.exe),
@@ -122,6 +151,7 @@ fn send_syslog(sock: &Path, rec: &Record) {
         opt(&rec.backend),
         rec.reason
             .as_ref()
+            .or(rec.error.as_ref())
             .map(|r| format!(": {r}"))
             .unwrap_or_default(),
     );
@@ -175,6 +205,7 @@ mod tests {
             backend: Some("auto".into()),
             allowed,
             reason: (!allowed).then(|| "source /srv/a is not allowed".into()),
+            ..Record::default()
         }
     }
 
@@ -199,6 +230,19 @@ mod tests {
         assert_eq!(lines[0]["map"], "b:0:100000:10");
         assert_eq!(lines[1]["allowed"], true);
         assert!(lines[1]["reason"].is_null());
+        assert!(lines[1]["result"].is_null());
+        a.record(&rec(true).outcome(Err("mount failed: busy")))
+            .unwrap();
+        let last: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(last["result"], "failed");
+        assert_eq!(last["error"], "mount failed: busy");
         let time = lines[0]["time"].as_str().unwrap();
         assert!(time.len() == 20 && time.ends_with('Z'), "{time}");
         use std::os::unix::fs::PermissionsExt;

@@ -1,13 +1,15 @@
 //! `shiftfsd`, the broker that gives non-root users shifted mounts under the
-//! administrator's policy (issue 13). What works so far: the subid, policy and rule checks,
-//! the wire protocol, the audit log, the socket server, and performing kernel-backend
-//! mounts onto a target directory, unmounts and lists for the mounts' owners. FUSE and
-//! detached mounts, `make-image` and `adopt` are still answered "not implemented yet".
+//! administrator's policy (issue 13): mounts of either backend onto a directory the caller
+//! owns or as a detached mount fd, unmounts and lists of the caller's own mounts, and the
+//! two operations that make a user's image (`make-image`, `adopt`). `client` is the side
+//! `shiftfs` uses when run by a user who is not root.
 //!
 //! `rules` is pure; `server` resolves the facts it needs (peer credentials, source and
 //! target owners) and feeds them in; `audit` records every decision.
 
 pub mod audit;
+pub mod client;
+pub mod lock;
 pub mod policy;
 pub mod protocol;
 pub mod rules;

@@ -48,12 +48,21 @@ pub struct Umount {
     pub target: String,
 }
 
-/// `make-image` (create an empty image directory) and `adopt` (shift a tree the caller
-/// owns into the image range) both name one path.
+/// `make-image`: create an empty image directory (owned by the image range's first id).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathArg {
     pub path: String,
+}
+
+/// `adopt`: shift a tree the caller owns into the image range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adopt {
+    pub path: String,
+    /// `[u:|g:|b:]INNER:OUTER:COUNT`: OUTER are the host ids on disk now, INNER the image ids
+    /// they become, counted from the image range's first id (0 = the container's root).
+    pub map: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,7 +77,7 @@ pub enum Request {
     Mount(Mount),
     Umount(Umount),
     MakeImage(PathArg),
-    Adopt(PathArg),
+    Adopt(Adopt),
 }
 
 impl Request {
@@ -178,7 +187,7 @@ mod tests {
             Ok(Request::MakeImage(_))
         ));
         assert!(matches!(
-            parse(br#"{"version":1,"op":"adopt","path":"/h/i"}"#),
+            parse(br#"{"version":1,"op":"adopt","path":"/h/i","map":"b:0:1000:1"}"#),
             Ok(Request::Adopt(_))
         ));
     }

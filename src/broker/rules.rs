@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use super::policy::{Access, Member, Policy};
+use super::policy::{Access, ImageRange, Member, Policy};
 use super::subid::{self, Db, User};
 use crate::idmap::{IdMapping, Range};
 
@@ -251,16 +251,46 @@ pub fn decide_make_image(caller: &Caller, parent: &str, parent_uid: u32) -> Deci
     ))
 }
 
-/// Adopting shifts a tree into the image range: only a tree the caller owns. (The walk that
-/// checks every inode below is part of the adopt operation itself, not wired yet.)
-pub fn decide_adopt(caller: &Caller, path: &str, uid: u32) -> Decision {
-    if caller.is_root() || uid == caller.uid {
+/// Adopting shifts a tree into the image range: only a tree the caller owns, with a map
+/// whose outer side (the host ids now on disk) the caller may use, as for a mount, and whose
+/// inner side (the image ids they become, counted from the range's first id) fits in the
+/// range. That every inode below is owned by one of those ids is checked by the shift itself,
+/// which changes nothing when one is not.
+pub fn decide_adopt(
+    caller: &Caller,
+    path: &str,
+    uid: u32,
+    map: &IdMapping,
+    db: &Db,
+    image: ImageRange,
+) -> Decision {
+    if caller.is_root() {
         return Decision::Allow(Flags::default());
     }
-    Decision::Refuse(format!(
-        "{path} is owned by uid {uid}, not by {} (uid {}); only your own trees can be adopted",
-        caller.name, caller.uid
-    ))
+    if uid != caller.uid {
+        return Decision::Refuse(format!(
+            "{path} is owned by uid {uid}, not by {} (uid {}); only your own trees can be adopted",
+            caller.name, caller.uid
+        ));
+    }
+    let user = User {
+        name: caller.name.clone(),
+        uid: caller.uid,
+        gid: caller.gid,
+    };
+    if let Err(e) = subid::check(db, &user, map) {
+        return Decision::Refuse(e.to_string());
+    }
+    for (kind, r) in ranges(map) {
+        if u64::from(r.inner) + u64::from(r.count) > u64::from(image.count) {
+            return Decision::Refuse(format!(
+                "{kind} range {r} reaches image id {}, past the image range's {} ids",
+                u64::from(r.inner) + u64::from(r.count) - 1,
+                image.count
+            ));
+        }
+    }
+    Decision::Allow(Flags::default())
 }
 
 #[cfg(test)]
@@ -517,13 +547,34 @@ mod tests {
 
     #[test]
     fn only_own_trees_are_adopted() {
+        let image = policy().image_range;
+        let adopt = |caller: &Caller, uid, map: &str| {
+            decide_adopt(
+                caller,
+                "/t",
+                uid,
+                &IdMapping::parse(map).unwrap(),
+                &db(),
+                image,
+            )
+        };
+        let own = "b:0:1000:1,b:1:100000:65535";
+        assert!(matches!(adopt(&alice(), 1000, own), Decision::Allow(_)));
         assert!(matches!(
-            decide_adopt(&alice(), "/home/alice/tree", 1000),
-            Decision::Allow(_)
+            adopt(&alice(), 0, own),
+            Decision::Refuse(w) if w.contains("/t is owned by uid 0, not by alice")
         ));
         assert!(matches!(
-            decide_adopt(&alice(), "/srv/x", 0),
-            Decision::Refuse(w) if w.contains("/srv/x is owned by uid 0, not by alice")
+            adopt(&alice(), 1000, "b:0:200000:10"),
+            Decision::Refuse(w) if w.contains("delegated to bob")
+        ));
+        assert!(matches!(
+            adopt(&alice(), 1000, "b:65535:100000:2"),
+            Decision::Refuse(w) if w.contains("reaches image id 65536")
+        ));
+        assert!(matches!(
+            adopt(&user("root", 0), 5, "b:0:0:10"),
+            Decision::Allow(_)
         ));
     }
 

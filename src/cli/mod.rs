@@ -1,6 +1,8 @@
 //! One file per subcommand: clap argument structs and a `run` that calls the library.
 
+pub mod broker;
 pub mod doctor;
+pub mod image;
 pub mod list;
 pub mod mount;
 pub mod mount_helper;

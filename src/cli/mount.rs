@@ -35,6 +35,11 @@ pub struct Args {
     /// nopassthrough, attr_timeout=SECS, uring=auto|on|off, map=... (repeatable).
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
     pub options: Vec<String>,
+    /// Serve SOURCE unshifted through FUSE so the kernel can idmap the mount (Linux 6.12+):
+    /// stack `shiftfs mount --backend kernel --map MAP` (or a runtime's idmapped mount) on it.
+    /// Takes no map. Same as `-o idmappable`.
+    #[arg(long)]
+    pub idmappable: bool,
     /// Also shift the mounts below SOURCE (kernel backend).
     #[arg(long, short = 'r')]
     pub recursive: bool,
@@ -45,6 +50,18 @@ pub struct Args {
     /// Serve in the foreground (FUSE); SIGTERM or Ctrl-C unmounts.
     #[arg(long, short = 'f')]
     pub foreground: bool,
+    /// Ask the broker for a detached mount fd, attach it at TARGET in this process's own
+    /// mount namespace (run inside `unshare -Urm` or a container's namespaces), then run
+    /// COMMAND there.
+    #[arg(long, conflicts_with_all = ["foreground", "daemon_child"])]
+    pub detached: bool,
+    /// With --detached: the command to run with the mount attached (after `--`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<std::ffi::OsString>,
     /// Internal: this process is the backgrounded daemon; report readiness on stdout.
     #[arg(long, hide = true, requires_all = ["source_fd", "target_fd"])]
     pub daemon_child: bool,
@@ -60,6 +77,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = OptionSet::default();
     for o in &args.options {
         opts.apply(o)?;
+    }
+    if args.idmappable {
+        opts.apply("idmappable")?;
     }
     let in_options = opts.map.is_some() || opts.uid_map.is_some() || opts.gid_map.is_some();
     let on_command_line =
@@ -96,6 +116,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let (true, Some(source), Some(target)) = (args.daemon_child, args.source_fd, args.target_fd)
     {
         return daemon_child(req, source, target);
+    }
+    if args.detached || super::broker::needed() {
+        if args.foreground {
+            bail!("--foreground is not available through the broker: its daemon is the broker's");
+        }
+        return super::broker::mount(&req, args.detached, &args.command);
+    }
+    if !args.command.is_empty() {
+        bail!("a COMMAND after -- is run only with --detached");
     }
     mount_request(req, args.foreground)
 }

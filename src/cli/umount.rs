@@ -16,6 +16,9 @@ pub struct Args {
 
 /// Tries every target, as umount(8) does, and fails at the end if any failed.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if super::broker::needed() {
+        return super::broker::umount(&args.targets, args.lazy);
+    }
     let mut failed = 0;
     for target in &args.targets {
         match shiftfs::mount::unmount(target, args.lazy) {

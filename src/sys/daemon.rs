@@ -55,6 +55,21 @@ pub fn unshare_mount_namespace() -> io::Result<()> {
     Ok(())
 }
 
+/// Moves this process into a new user namespace (with no ids mapped) and a copy of its
+/// mount namespace owned by that user namespace. The kernel locks the flags of every mount
+/// copied into a namespace so owned (`ro`, `nosuid`, `nodev`, ... can no longer be cleared).
+/// Single-threaded only, as [`unshare_mount_namespace`].
+pub fn unshare_user_and_mount_namespace() -> io::Result<()> {
+    single_threaded()?;
+    // SAFETY: CLONE_NEWUSER and CLONE_NEWNS change no memory and no file descriptor.
+    unsafe {
+        rustix::thread::unshare_unsafe(
+            rustix::thread::UnshareFlags::NEWUSER | rustix::thread::UnshareFlags::NEWNS,
+        )
+    }?;
+    Ok(())
+}
+
 fn sigset(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before sigaddset uses it,
     // and both only write to the local set (they fail only for invalid signal numbers,

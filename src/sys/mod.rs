@@ -4,6 +4,7 @@
 
 pub mod creds;
 pub mod daemon;
+pub mod fdpass;
 pub mod fhandle;
 pub mod fileattr;
 pub mod fusedev;

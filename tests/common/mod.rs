@@ -69,7 +69,9 @@ pub fn require(backend: Backend) -> bool {
         return false;
     }
     match backend {
-        Backend::Fuse if !dev_fuse_usable() => skip("FUSE backend needs a usable /dev/fuse"),
+        Backend::Fuse | Backend::Stack if !dev_fuse_usable() => {
+            skip("FUSE backend needs a usable /dev/fuse")
+        }
         _ => true,
     }
 }
@@ -92,18 +94,22 @@ pub fn require_tool(tool: &str, package: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Backends
 
-/// The two backends every user-level test runs against.
+/// The two backends every user-level test runs against, and their stack: a kernel idmapped
+/// mount with the test's map on an idmappable (identity) FUSE mount of the source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Fuse,
     Kernel,
+    Stack,
 }
 
 impl Backend {
+    /// What `--backend` says; the stack has no such name (see `ShiftMount::try_mount`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Fuse => "fuse",
             Self::Kernel => "kernel",
+            Self::Stack => "stack",
         }
     }
 }
@@ -123,6 +129,16 @@ macro_rules! backend_tests {
         }
         mod kernel {
             $( #[test] fn $name() { super::$name($crate::common::Backend::Kernel) } )*
+        }
+    };
+}
+
+/// Generates `stack::NAME` tests calling `NAME(Backend::Stack)` for each name.
+#[macro_export]
+macro_rules! stack_tests {
+    ($($name:ident),* $(,)?) => {
+        mod stack {
+            $( #[test] fn $name() { super::$name($crate::common::Backend::Stack) } )*
         }
     };
 }
@@ -886,6 +902,8 @@ pub fn test_uring() -> Option<String> {
 pub struct ShiftMount {
     target: PathBuf,
     armed: bool,
+    /// For `Backend::Stack`: the idmappable FUSE mount under this one, unmounted after it.
+    lower: Option<Box<ShiftMount>>,
 }
 
 impl ShiftMount {
@@ -921,6 +939,9 @@ impl ShiftMount {
         src: &Path,
         tgt: &Path,
     ) -> Result<Self, Out> {
+        if backend == Some(Backend::Stack) {
+            return Self::try_stack(extra, src, tgt);
+        }
         let (out, guard) = Self::run_mount(backend, extra, src, tgt);
         if !out.ok() {
             return Err(out);
@@ -931,6 +952,35 @@ impl ShiftMount {
             tgt.display()
         );
         Ok(guard)
+    }
+
+    /// `shiftfs mount --idmappable -o OPTS SRC idmappable-TGT` (the `-o` options of EXTRA, no
+    /// map; beside TGT), then `shiftfs mount --backend kernel EXTRA... idmappable-TGT TGT`.
+    #[track_caller]
+    fn try_stack(extra: &[&str], src: &Path, tgt: &Path) -> Result<Self, Out> {
+        // Not TGT plus a suffix: the daemon's command line would then mention TGT.
+        let mut name = std::ffi::OsString::from("idmappable-");
+        name.push(tgt.file_name().expect("target has a name"));
+        let low = tgt.with_file_name(name);
+        fs::create_dir_all(&low).expect("create the idmappable mount's target");
+        let mut lower_extra = vec!["--idmappable"];
+        let mut args = extra.iter();
+        while let Some(&a) = args.next() {
+            match a {
+                "--map" | "-m" => {
+                    args.next();
+                }
+                "-o" => {
+                    lower_extra.push(a);
+                    lower_extra.extend(args.next());
+                }
+                _ => {}
+            }
+        }
+        let lower = Self::try_mount(Some(Backend::Fuse), &lower_extra, src, &low)?;
+        let mut upper = Self::try_mount(Some(Backend::Kernel), extra, &low, tgt)?;
+        upper.lower = Some(Box::new(lower));
+        Ok(upper)
     }
 
     /// `shiftfs mount [--backend B] EXTRA... SRC TGT`: what it printed, and a guard over `tgt`
@@ -962,6 +1012,7 @@ impl ShiftMount {
         Self {
             target: tgt.to_path_buf(),
             armed: true,
+            lower: None,
         }
     }
 
@@ -994,6 +1045,9 @@ impl ShiftMount {
             self.target.display()
         );
         self.armed = false;
+        if let Some(lower) = self.lower.take() {
+            lower.unmount();
+        }
     }
 }
 

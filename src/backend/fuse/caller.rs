@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use crate::idmap::{IdMapping, OuterGid, OuterUid};
+use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 
 const CAP_FSETID: u32 = 4;
 const CAP_LINUX_IMMUTABLE: u32 = 9;
@@ -30,7 +30,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYS_RESOURCE: u32 = 24;
 
 /// What a request carries when it has no caller ids (`FUSE_INVALID_UIDGID`).
-const NO_ID: u32 = u32::MAX;
+pub const NO_ID: u32 = u32::MAX;
 
 /// A user namespace, known by the nsfs inode `/proc/TID/ns/user` leads to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +69,8 @@ pub struct Caller {
     pub userns: Option<IdMapping>,
     /// Which user namespace that is; `None` when unreadable.
     pub userns_id: Option<UserNsId>,
+    /// The fsuid and fsgid `/proc` shows, as the host sees them; `None` when unreadable.
+    pub fs_ids: Option<(u32, u32)>,
 }
 
 /// One task's `/proc/TID` directory: every file opened through it describes that task, or
@@ -135,8 +137,16 @@ impl Caller {
         Self {
             userns,
             userns_id: task.userns().ok(),
+            fs_ids: ids.0.zip(ids.1),
             ..c
         }
+    }
+
+    /// Only the fsuid and fsgid of task `tid` as the host sees them (one read of its status).
+    pub fn read_fs_ids(proc_root: &Path, tid: u32) -> Option<(u32, u32)> {
+        let status = Task::open(proc_root, tid).ok()?.read("status").ok()?;
+        let (_, (uid, gid)) = Self::parse_status(&status);
+        uid.zip(gid)
     }
 
     /// Groups and effective capabilities, and the fsuid/fsgid (last columns of `Uid:` and
@@ -208,6 +218,37 @@ impl Caller {
                     && ns.gid.to_inner(OuterGid::new(file_gid)).is_some()
             })
     }
+
+    /// `may_keep_setgid` for a request that carries no caller ids (an idmapped mount stacked
+    /// on an idmappable one), whose file ids `file_uid`/`file_gid` are the filesystem's: the
+    /// idmapping the caller went through is unknown to FUSE, so its ids are taken as its own
+    /// user namespace sees them. That is exact when the stacked mount's map is that
+    /// namespace's (a container's rootfs or volume) or there is no idmapped mount in between
+    /// (the host directly); otherwise setgid may go where the kernel would keep it.
+    /// The caller's fsuid and fsgid as its own user namespace sees them; `None` when unknown
+    /// or unmapped there. Stands for the ids a request through an idmapped mount would carry,
+    /// under the assumption `may_keep_setgid_in_own_ns` explains.
+    pub fn fs_ids_in_own_ns(&self) -> Option<(u32, u32)> {
+        let (ns, (uid, gid)) = (self.userns.as_ref()?, self.fs_ids?);
+        Some((
+            ns.uid.to_inner(OuterUid::new(uid))?.get(),
+            ns.gid.to_inner(OuterGid::new(gid))?.get(),
+        ))
+    }
+
+    pub fn may_keep_setgid_in_own_ns(&self, file_uid: u32, file_gid: u32) -> bool {
+        let (Some(ns), Some((_, fsgid))) = (&self.userns, self.fs_ids) else {
+            return false;
+        };
+        let in_ns = |g: u32| ns.gid.to_inner(OuterGid::new(g)).map(InnerGid::get);
+        if in_ns(fsgid) == Some(file_gid) || self.groups.iter().any(|&g| in_ns(g) == Some(file_gid))
+        {
+            return true;
+        }
+        self.cap_eff & (1 << CAP_FSETID) != 0
+            && ns.uid.to_outer(InnerUid::new(file_uid)).is_some()
+            && ns.gid.to_outer(InnerGid::new(file_gid)).is_some()
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +276,28 @@ mod tests {
         assert!(!ns.may_keep_setgid(5, 100001, 30));
         let plain = Caller::default();
         assert!(!plain.may_keep_setgid(5, 1, 30));
+    }
+
+    #[test]
+    fn setgid_rule_without_request_ids_uses_the_callers_namespace() {
+        let ns = |groups: Vec<u32>, cap_eff: u64| Caller {
+            groups,
+            cap_eff,
+            userns: Some(IdMapping::parse("b:0:100000:65536").unwrap()),
+            fs_ids: Some((101000, 102000)),
+            ..Caller::default()
+        };
+        // fsgid 102000 is the namespace's 2000, the file's group on the filesystem.
+        assert_eq!(ns(vec![], 0).fs_ids_in_own_ns(), Some((1000, 2000)));
+        assert!(ns(vec![], 0).may_keep_setgid_in_own_ns(1000, 2000));
+        assert!(!ns(vec![], 0).may_keep_setgid_in_own_ns(1000, 3000));
+        assert!(ns(vec![103000], 0).may_keep_setgid_in_own_ns(1000, 3000));
+        // CAP_FSETID over ids the namespace maps, not over others.
+        let cap = 1 << CAP_FSETID;
+        assert!(ns(vec![], cap).may_keep_setgid_in_own_ns(1000, 3000));
+        assert!(!ns(vec![], cap).may_keep_setgid_in_own_ns(1000, 70000));
+        // Nothing known, nothing kept.
+        assert!(!Caller::default().may_keep_setgid_in_own_ns(0, 0));
     }
 
     /// Capable in the host's sense only in our own namespace, whatever its map says.
@@ -279,6 +342,11 @@ mod tests {
         let me = Caller::read(Path::new("/proc"), tid, uid, gid);
         assert_eq!(me.userns_id, own_userns());
         assert!(me.userns_id.is_some());
+        assert_eq!(me.fs_ids, Some((uid, gid)));
+        assert_eq!(
+            Caller::read_fs_ids(Path::new("/proc"), tid),
+            Some((uid, gid))
+        );
         assert!(me.userns.is_some());
         let groups: Vec<u32> = rustix::process::getgroups()
             .unwrap()

@@ -59,10 +59,15 @@ mod fs;
 mod handle;
 mod inode;
 mod pool;
+mod share;
+
+use share::Member;
+pub use share::{DELIVERY_WAIT, Hub};
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::fs::OFlags;
@@ -99,6 +104,12 @@ pub struct Options {
     /// Serve the sub-mounts inside the source too (each with its own flags), as they were
     /// at mount time; without it mount points show the directory underneath.
     pub recursive: bool,
+    /// The other sessions of this process serving the same source, to keep coherent with
+    /// (`share.rs`); none: a hub of its own.
+    pub share: Option<Arc<Hub>>,
+    /// Serve unshifted (identity map) and let the kernel idmap the mount: negotiate
+    /// `FUSE_ALLOW_IDMAP` (see `fs` for what requests then carry).
+    pub idmappable: bool,
     /// Serve over io_uring (one ring per possible CPU) when the kernel offers it.
     pub uring: crate::options::UringMode,
 }
@@ -115,6 +126,8 @@ impl Options {
             max_inode_fds: 0,
             max_open: 0,
             recursive: false,
+            share: None,
+            idmappable: false,
             uring: crate::options::UringMode::default(),
         }
     }
@@ -190,10 +203,11 @@ fn mount_hint(e: &io::Error) -> &'static str {
 #[derive(Debug)]
 pub struct Session {
     bg: fuser::BackgroundSession,
-    stats: std::sync::Arc<fuser::TransportStats>,
+    stats: Arc<fuser::TransportStats>,
     target: PathBuf,
     /// The id of our mount (mountinfo's), to tell it from one stacked at the path later.
     mount_id: Option<u64>,
+    member: Member,
 }
 
 impl Session {
@@ -201,16 +215,17 @@ impl Session {
     /// MNT_DETACH)`) and the last user of a lazily detached mount has left.
     pub fn wait(self) -> Result<(), Error> {
         let target = self.target;
-        let ended = self
+        let r = self
             .bg
             .join()
             .map_err(|source| Error::Session { target, source });
+        self.member.hub().leave(&self.member);
         tracing::info!(
             "requests served: {} over io_uring, {} over /dev/fuse",
             self.stats.ring_requests(),
             self.stats.dev_requests()
         );
-        ended
+        r
     }
 
     /// Requests served so far over io_uring and over `/dev/fuse`.
@@ -245,11 +260,15 @@ fn default_threads() -> usize {
 }
 
 /// The soft RLIMIT_NOFILE in force; the daemon raises it at start
-/// (`sys::process::raise_nofile_limit`), library users may.
+/// (`sys::process::raise_nofile_limit`), library users may. Read at the first mount: the
+/// sandboxed daemon, serving later mounts of its source, may not ask again.
 fn nofile_limit() -> u64 {
-    rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .unwrap_or(u64::MAX)
+    static LIMIT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX)
+    })
 }
 
 /// How the daemon's fds are shared out.
@@ -355,20 +374,61 @@ pub struct Mounted {
     dev: OwnedFd,
     /// The mount itself: holding it keeps the mount busy, so it goes with `serve`.
     root: OwnedFd,
+    /// The mount id, when the host side told it.
+    mount_id: Option<u64>,
     path: PathBuf,
     threads: usize,
+    member: Member,
     uring: crate::options::UringMode,
 }
 
 /// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) onto the held directory `target`;
 /// nothing serves it yet.
 pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, Error> {
+    let tree = source_tree(source, opts.recursive)?;
+    let uring = opts.uring;
+    let (fs, threads, member) = build(tree, opts.clone())?;
+    let (dev, root) = mount_dev(target, &opts)?;
+    Ok(Mounted {
+        fs,
+        dev,
+        root,
+        mount_id: None,
+        path: target.path().to_path_buf(),
+        threads,
+        member,
+        uring,
+    })
+}
+
+/// The host's half of a mount that joins a running daemon (done where the host's mount
+/// namespace is at hand): the tree to serve, the FUSE connection, and the mount of it on
+/// `target`, unserved. The daemon completes it with [`Mounted::join`].
+pub struct HostSide {
+    pub tree: OwnedFd,
+    pub dev: OwnedFd,
+    pub mount: OwnedFd,
+}
+
+/// The host's half of [`attach`]: see [`HostSide`].
+pub fn attach_host(source: OwnedFd, target: &Dir, opts: &Options) -> Result<HostSide, Error> {
+    let tree = source_tree(source, opts.recursive)?;
+    let (dev, mount) = mount_dev(target, opts)?;
+    Ok(HostSide { tree, dev, mount })
+}
+
+/// The private clone of the source directory `source` that the daemon serves.
+fn source_tree(source: OwnedFd, recursive: bool) -> Result<OwnedFd, Error> {
     let st = rustix::fs::fstat(&source).map_err(|e| Error::Source { source: e.into() })?;
     if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(Error::SourceNotDir);
     }
-    let root = clone_source(&source, opts.recursive)?;
-    drop(source);
+    clone_source(&source, recursive)
+}
+
+/// The filesystem serving `root` (a tree from `source_tree`), its worker count and its
+/// place among the sessions of its source.
+fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), Error> {
     let overlay = rustix::fs::fstatfs(&root).is_ok_and(|s| s.f_type == OVERLAYFS_SUPER_MAGIC);
     let threads = if opts.threads == 0 {
         default_threads()
@@ -378,6 +438,10 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
     let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
     tracing::debug!("fd plan: {plan:?}");
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
+    // Read now, for FUSE over io_uring: a sandboxed daemon cannot see /sys when the rings
+    // are set up.
+    let _ = fuser::possible_cpus();
+    let member = opts.share.map_or_else(Member::alone, |hub| hub.member());
     let fs = fs::ShiftFs::new(
         root,
         proc,
@@ -391,10 +455,16 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
             fd_budget: plan.inode_fds,
             max_open: plan.max_open,
             data_threads: threads,
+            share: member.clone(),
+            idmappable: opts.idmappable,
         },
     )
     .map_err(|source| Error::Source { source })?;
+    Ok((fs, threads, member))
+}
 
+/// A FUSE connection and its mount on `target`, with the mount's flags and name.
+fn mount_dev(target: &Dir, opts: &Options) -> Result<(OwnedFd, OwnedFd), Error> {
     let dev = fusedev::open_dev_fuse().map_err(|source| Error::DevFuse { source })?;
     let path = target.path().to_path_buf();
     let root = fusedev::mount_fuse(
@@ -410,22 +480,10 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
     )
     .map_err(|source| Error::Mount {
         hint: mount_hint(&source),
-        target: path.clone(),
+        target: path,
         source,
     })?;
-
-    if opts.uring != crate::options::UringMode::Off {
-        // Read now: a sandboxed daemon cannot see /sys when the rings are set up.
-        let _ = fuser::possible_cpus();
-    }
-    Ok(Mounted {
-        fs,
-        dev,
-        root,
-        path,
-        threads,
-        uring: opts.uring,
-    })
+    Ok((dev, root))
 }
 
 impl Mounted {
@@ -433,9 +491,33 @@ impl Mounted {
         &self.path
     }
 
+    /// The mount made by the host side (a [`HostSide`] handed over), to be served in this
+    /// process among the other sessions of `opts.share`.
+    pub fn join(
+        host: HostSide,
+        target: PathBuf,
+        mount_id: Option<u64>,
+        opts: Options,
+    ) -> Result<Self, Error> {
+        let HostSide { tree, dev, mount } = host;
+        let uring = opts.uring;
+        let (fs, threads, member) = build(tree, opts)?;
+        Ok(Self {
+            fs,
+            dev,
+            root: mount,
+            mount_id,
+            path: target,
+            threads,
+            member,
+            uring,
+        })
+    }
+
     /// The id of the mount (as in mountinfo), to tell it from one stacked at the path later.
     pub fn mount_id(&self) -> Option<u64> {
-        crate::mountinfo::mount_id_of(self.root.as_fd())
+        self.mount_id
+            .or_else(|| crate::mountinfo::mount_id_of(self.root.as_fd()))
     }
 
     /// Detaches the mount, unserved (for a caller that cannot go on to serve it).
@@ -453,9 +535,10 @@ impl Mounted {
             root,
             path,
             threads,
+            member,
             uring,
+            ..
         } = self;
-        drop(root);
         let mut config = fuser::Config::default();
         config.n_threads = Some(threads);
         config.clone_fd = true;
@@ -464,9 +547,11 @@ impl Mounted {
             crate::options::UringMode::On => fuser::UringMode::On,
             crate::options::UringMode::Off => fuser::UringMode::Off,
         };
-        match fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config)
-            .and_then(fuser::Session::spawn)
-        {
+        let hub = Arc::clone(member.hub());
+        match fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config).and_then(|s| {
+            hub.join(&member, s.notifier());
+            s.spawn().inspect_err(|_| hub.leave(&member))
+        }) {
             Ok(bg) => {
                 match bg.transport() {
                     fuser::Transport::Uring { queues, depth } => tracing::info!(
@@ -479,11 +564,19 @@ impl Mounted {
                     }
                     fuser::Transport::DevFuse { why: None } => {}
                 }
+                // The kernel learns the root's attributes before any invalidation may cross
+                // its first GETATTR (`share.rs`).
+                if let Err(e) = rustix::fs::fstat(&root) {
+                    tracing::debug!("cannot stat the new mount's root: {e}");
+                }
+                member.root_known();
+                drop(root);
                 Ok(Session {
                     stats: bg.stats(),
                     bg,
                     target: path,
                     mount_id,
+                    member,
                 })
             }
             Err(source)

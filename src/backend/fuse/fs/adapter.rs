@@ -4,12 +4,13 @@
 
 use super::*;
 
-/// `ShiftFs::as_writer` for a request whose ids were taken before it moved to the pool.
-fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<T> {
+/// `ShiftFs::as_writer` for a request whose caller (pid, host uid, host gid) was taken before
+/// it moved to the pool.
+fn as_data_writer<T>(ids: (u32, OuterUid, OuterGid), f: impl Fn() -> Result<T>) -> Result<T> {
     let (pid, uid, gid) = ids;
     limited(
-        FsIds::Host(OuterUid::new(uid), OuterGid::new(gid)),
-        || Caller::read(Path::new("/proc"), pid, uid, gid),
+        FsIds::Host(uid, gid),
+        || Caller::read(Path::new("/proc"), pid, uid.get(), gid.get()),
         f,
     )
 }
@@ -17,8 +18,7 @@ fn as_data_writer<T>(ids: (u32, u32, u32), f: impl Fn() -> Result<T>) -> Result<
 /// Credentials for registering a passthrough backing file: the kernel keeps them for every
 /// passthrough write to the inode, by whichever opener, so they never include
 /// CAP_SYS_RESOURCE, whoever opened first.
-fn register_creds(req: &Request) -> std::io::Result<FsCreds> {
-    let (uid, gid) = host_ids(req);
+fn register_creds((uid, gid): (OuterUid, OuterGid)) -> std::io::Result<FsCreds> {
     FsCreds::switch(FsIds::Host(uid, gid), CapabilitySet::SYS_RESOURCE)
 }
 
@@ -50,6 +50,25 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: Result<Vec<u8>>) {
         },
         Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
         Ok(v) => reply.data(&v),
+    }
+}
+
+/// A name made, removed or renamed in `parent`: the other sessions drop their entry (a
+/// cached miss too) and their listing of `parent`.
+fn name_changed(parent: INodeNo, name: &OsStr) -> [Stale; 2] {
+    [
+        Stale::Entry(parent.0, name.to_owned()),
+        Stale::Data(parent.0),
+    ]
+}
+
+impl ShiftFs {
+    /// After a change that succeeded, the other sessions of this source drop what it made
+    /// stale (`share.rs`) before the caller is answered.
+    fn changed<T>(&self, r: &Result<T>, stale: impl FnOnce() -> Vec<Stale>) {
+        if r.is_ok() {
+            self.share.changed(stale);
+        }
     }
 }
 
@@ -89,6 +108,18 @@ impl Filesystem for ShiftFs {
             && caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
         {
             self.no_opendir = true;
+        }
+        if self.idmappable {
+            if caps.contains(InitFlags::FUSE_ALLOW_IDMAP)
+                && config.add_capabilities(InitFlags::FUSE_ALLOW_IDMAP).is_ok()
+            {
+                tracing::info!("idmappable: the kernel may idmap this mount");
+            } else {
+                tracing::warn!(
+                    "the kernel cannot idmap FUSE mounts (FUSE_ALLOW_IDMAP needs Linux 6.12+): \
+                     this mount serves SOURCE unshifted, but no idmapped mount can be stacked on it"
+                );
+            }
         }
         if self.want_passthrough {
             if !caps.contains(InitFlags::FUSE_PASSTHROUGH) {
@@ -151,7 +182,12 @@ impl Filesystem for ShiftFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh) {
+        let r = self.do_setattr(req, ino, mode, uid, gid, size, atime, mtime, fh);
+        self.changed(&r, || match size {
+            Some(_) => vec![Stale::Data(ino.0)],
+            None => vec![Stale::Attr(ino.0)],
+        });
+        match r {
             Ok(attr) => reply.attr(&self.ttl, &attr),
             Err(e) => reply.error(e),
         }
@@ -174,7 +210,9 @@ impl Filesystem for ShiftFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mknod(req, parent, name, mode, umask, rdev) {
+        let r = self.do_mknod(req, parent, name, mode, umask, rdev);
+        self.changed(&r, || name_changed(parent, name).into());
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
@@ -189,18 +227,24 @@ impl Filesystem for ShiftFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mkdir(req, parent, name, mode, umask) {
+        let r = self.do_mkdir(req, parent, name, mode, umask);
+        self.changed(&r, || name_changed(parent, name).into());
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_unlink(parent, name, AtFlags::empty()));
+        let r = self.do_unlink(parent, name, AtFlags::empty());
+        self.changed(&r, || name_changed(parent, name).into());
+        reply_empty(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_unlink(parent, name, AtFlags::REMOVEDIR));
+        let r = self.do_unlink(parent, name, AtFlags::REMOVEDIR);
+        self.changed(&r, || name_changed(parent, name).into());
+        reply_empty(reply, r);
     }
 
     fn symlink(
@@ -211,7 +255,9 @@ impl Filesystem for ShiftFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.do_symlink(req, parent, link_name, target) {
+        let r = self.do_symlink(req, parent, link_name, target);
+        self.changed(&r, || name_changed(parent, link_name).into());
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
@@ -227,10 +273,13 @@ impl Filesystem for ShiftFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.do_rename(req, parent, name, newparent, newname, flags),
-        );
+        let r = self.do_rename(req, parent, name, newparent, newname, flags);
+        self.changed(&r, || {
+            let mut stale = Vec::from(name_changed(parent, name));
+            stale.extend(name_changed(newparent, newname));
+            stale
+        });
+        reply_empty(reply, r);
     }
 
     fn link(
@@ -241,7 +290,13 @@ impl Filesystem for ShiftFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.do_link(req, ino, newparent, newname) {
+        let r = self.do_link(req, ino, newparent, newname);
+        self.changed(&r, || {
+            let mut stale = Vec::from(name_changed(newparent, newname));
+            stale.push(Stale::Attr(ino.0));
+            stale
+        });
+        match r {
             Ok(attr) => reply.entry(&self.ttl, &attr, GEN),
             Err(e) => reply.error(e),
         }
@@ -249,8 +304,10 @@ impl Filesystem for ShiftFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // The kernel keeps the credentials of the registration for every passthrough write.
-        match self.do_open(req.uid(), ino, flags, |fd| {
-            let _writer = register_creds(req)?;
+        // One look at the caller's ids (on an idmappable mount a read of /proc) for both.
+        let host = self.host_ids(req);
+        match self.do_open(host.0.get(), ino, flags, |fd| {
+            let _writer = register_creds(host)?;
             reply.open_backing(fd)
         }) {
             Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
@@ -279,7 +336,7 @@ impl Filesystem for ShiftFs {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -288,7 +345,9 @@ impl Filesystem for ShiftFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.as_writer(req, || self.do_write(fh, offset, data)) {
+        let r = self.as_writer(req, || self.do_write(fh, offset, data));
+        self.changed(&r, || vec![Stale::Data(ino.0)]);
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -309,14 +368,19 @@ impl Filesystem for ShiftFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.files.remove(fh.0);
+        // Passthrough writes bypass the daemon: the other sessions learn of them when the
+        // writer's file is released.
+        if is_write(flags.0) {
+            self.changed(&Ok(()), || vec![Stale::Data(ino.0)]);
+        }
         reply.ok();
     }
 
@@ -350,7 +414,7 @@ impl Filesystem for ShiftFs {
         } else {
             FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
         };
-        match self.do_opendir(req.uid(), ino) {
+        match self.do_opendir(self.host_ids(req).0.get(), ino) {
             Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(e),
         }
@@ -449,7 +513,9 @@ impl Filesystem for ShiftFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.do_setxattr(req, ino, name, value, flags));
+        let r = self.do_setxattr(req, ino, name, value, flags);
+        self.changed(&r, || vec![Stale::Attr(ino.0)]);
+        reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -461,7 +527,9 @@ impl Filesystem for ShiftFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.do_removexattr(ino, name));
+        let r = self.do_removexattr(ino, name);
+        self.changed(&r, || vec![Stale::Attr(ino.0)]);
+        reply_empty(reply, r);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
@@ -480,10 +548,13 @@ impl Filesystem for ShiftFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent, name, mode, umask, flags, |fd| {
-            let _writer = register_creds(req)?;
+        let host = self.host_ids(req);
+        let r = self.do_create(req, parent, name, mode, umask, flags, host.0, |fd| {
+            let _writer = register_creds(host)?;
             reply.open_backing(fd)
-        }) {
+        });
+        self.changed(&r, || name_changed(parent, name).into());
+        match r {
             Ok((attr, fh, fl, Some(b))) => {
                 reply.created_passthrough(&self.ttl, &attr, GEN, FileHandle(fh), fl, &b)
             }
@@ -507,7 +578,8 @@ impl Filesystem for ShiftFs {
                 rustix::fs::FallocateFlags::from_bits(mode as u32).ok_or(Errno::EOPNOTSUPP)?;
             Ok((h, mode))
         });
-        let ids = (req.pid(), req.uid(), req.gid());
+        let (uid, gid) = self.host_ids(req);
+        let ids = (req.pid(), uid, gid);
         match prepared {
             Ok((h, mode)) => self.data.run(move || {
                 let r = as_data_writer(ids, || {
@@ -586,7 +658,8 @@ impl Filesystem for ShiftFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let ids = (req.pid(), req.uid(), req.gid());
+        let (uid, gid) = self.host_ids(req);
+        let ids = (req.pid(), uid, gid);
         self.data.run(move || {
             let len = len.min(COPY_CHUNK) as usize;
             let r = as_data_writer(ids, || {

@@ -69,7 +69,7 @@ impl ShiftFs {
         let kill = mode.is_none()
             && size.is_some()
             && is_sxid(st.st_mode)
-            && !Caller::of(req).is_host_fsetid();
+            && !self.caller(req).is_host_fsetid();
         if kill {
             self.kill_sxid(ifd)?;
         }

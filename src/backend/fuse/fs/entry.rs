@@ -111,7 +111,7 @@ impl ShiftFs {
         self.check_writable(&p)?;
         let (ifd, pfd) = (inode.fd().map_err(io)?, p.fd().map_err(io)?);
         check_name(newname)?;
-        self.inner_caller(req)?;
+        self.check_caller_mapped(req)?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EOVERFLOW)?;
         // The new name keeps the inode's owner; the directory may grow.
@@ -158,7 +158,7 @@ impl ShiftFs {
             // A new name is a creation: the caller must be mapped. The kernel checked
             // permissions for a free name; never replace a file that appeared since.
             Err(e) if e == Errno::ENOENT => {
-                self.inner_caller(req)?;
+                self.check_caller_mapped(req)?;
                 if flags.is_empty() {
                     flags = rustix::fs::RenameFlags::NOREPLACE;
                 }
@@ -168,8 +168,17 @@ impl ShiftFs {
         let (pfd, npfd) = (p.fd().map_err(io)?, np.fd().map_err(io)?);
         if flags.contains(rustix::fs::RenameFlags::WHITEOUT) {
             // The whiteout left at the old name is a new object: it must belong to the
-            // caller, as on the plain file system, not to the daemon.
-            return self.as_caller(req, None, || {
+            // caller, as on the plain file system, not to the daemon. A RENAME on an
+            // idmappable mount carries no caller ids: the caller's ids in its own user
+            // namespace stand for them (see `Caller::may_keep_setgid_in_own_ns`), else the
+            // filesystem root's.
+            let ids = if self.idmappable {
+                let (uid, gid) = self.caller(req).fs_ids_in_own_ns().unwrap_or((0, 0));
+                FsIds::Disk(InnerUid::new(uid), InnerGid::new(gid))
+            } else {
+                self.inner_caller(req)?
+            };
+            return self.as_ids(req, ids, None, || {
                 rustix::fs::renameat_with(&pfd, name, &npfd, newname, flags).map_err(sys)
             });
         }
@@ -187,11 +196,12 @@ impl ShiftFs {
         mode: u32,
         umask: u32,
         flags: i32,
+        opener: OuterUid,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(FileAttr, u64, FopenFlags, Option<Arc<BackingId>>)> {
         let p = self.inode(parent)?;
         self.check_writable(&p)?;
-        let slot = self.open_slot(req.uid())?;
+        let slot = self.open_slot(opener.get())?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -229,12 +239,17 @@ impl ShiftFs {
     ) -> Result<OwnedFd> {
         let ids = self.inner_caller(req)?;
         // The caller's supplementary groups as the filesystem knows them (unmapped ones
-        // cannot match any on-disk group).
-        let groups: Vec<u32> = Caller::of(req)
-            .groups
-            .into_iter()
-            .filter_map(|g| self.map.gid.to_inner(OuterGid::new(g)).map(InnerGid::get))
-            .collect();
+        // cannot match any on-disk group). On an idmappable mount the idmapping the caller
+        // went through is unknown: none, fewer rights rather than more.
+        let groups: Vec<u32> = if self.idmappable {
+            Vec::new()
+        } else {
+            Caller::of(req)
+                .groups
+                .into_iter()
+                .filter_map(|g| self.map.gid.to_inner(OuterGid::new(g)).map(InnerGid::get))
+                .collect()
+        };
         let _creds = FsCreds::switch_checked(ids, &groups).map_err(io)?;
         // Look before opening: opening a FIFO or a device has effects of its own (a blocked
         // writer goes on, a tape rewinds), so only a regular file is opened for real.

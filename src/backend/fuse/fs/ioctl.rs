@@ -56,7 +56,8 @@ impl ShiftFs {
             _ => {
                 let st = rustix::fs::fstat(&fd).map_err(sys)?;
                 self.check_owner_mapped(&st, Errno::EPERM)?;
-                let who = Caller::of(req);
+                let who = self.caller(req);
+                let (uid, gid) = self.host_ids(req);
                 let mut without = CapabilitySet::SYS_RESOURCE;
                 if !who.is_host_immutable() {
                     without |= CapabilitySet::LINUX_IMMUTABLE;
@@ -70,16 +71,12 @@ impl ShiftFs {
                             return Err(Errno::EINVAL);
                         }
                     }
-                    let _creds =
-                        FsCreds::switch(FsIds::Host(host_ids(req).0, host_ids(req).1), without)
-                            .map_err(io)?;
+                    let _creds = FsCreds::switch(FsIds::Host(uid, gid), without).map_err(io)?;
                     fileattr::fssetxattr(&fd, new).map_err(io)?;
                 } else {
                     let raw = in_data.get(..4).ok_or(Errno::EINVAL)?;
                     let flags = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
-                    let _creds =
-                        FsCreds::switch(FsIds::Host(host_ids(req).0, host_ids(req).1), without)
-                            .map_err(io)?;
+                    let _creds = FsCreds::switch(FsIds::Host(uid, gid), without).map_err(io)?;
                     fileattr::setflags(&fd, IFlags::from_bits_retain(flags)).map_err(io)?;
                 }
                 // The kernel's own requests want nothing back; a caller's want their bytes.

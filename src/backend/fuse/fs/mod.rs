@@ -5,6 +5,21 @@
 //! them and replies exactly once. Ids cross the map only here: attributes going out through
 //! `attr`, callers and chown targets coming in through `inner_caller`/`idmap`, ACL and
 //! capability values through `xattr_in`/`xattr_out`.
+//!
+//! An idmappable mount (`Config::idmappable`) is an identity one whose INIT reply carries
+//! `FUSE_ALLOW_IDMAP`, so the kernel may idmap it (Linux 6.12+, with `default_permissions`,
+//! which every mount here has). The kernel then checks permissions itself on the ids the
+//! idmapped mount shows, and requests change: only the creating ones (MKNOD, MKDIR,
+//! SYMLINK, CREATE, TMPFILE) carry the caller's fsuid/fsgid, already mapped through the
+//! idmapped mount into the filesystem's ids (the daemon stores them as they come); every
+//! other request carries -1 (`NO_ID`); a chown's SETATTR carries its new owner mapped the
+//! same way, ACL entries and a capability's root id come mapped too. What the daemon needs
+//! to know about the caller beyond that (its host ids for ext4's reserve and the open-file
+//! share, its groups and capabilities) it reads from `/proc/TID` (`caller`, `host_ids`), and
+//! nothing is ever created with -1 as owner. A shifting mount does not negotiate it: its
+//! rules (EOVERFLOW for unmapped callers, the reserve, the per-user share) need the caller's
+//! ids in every request, and stacking a second map on a shifted mount is better done as one
+//! map on the kernel backend.
 
 use std::borrow::Cow;
 use std::ffi::{CString, OsStr};
@@ -12,8 +27,8 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -28,10 +43,11 @@ use rustix::fs::{AtFlags, Mode, OFlags, RawDir, ResolveFlags, SeekFrom, Stat, Ti
 use rustix::io::Errno as SysErrno;
 use rustix::thread::CapabilitySet;
 
-use super::caller::Caller;
+use super::caller::{Caller, NO_ID};
 use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable, OpenLimit, Slot};
 use super::inode::{Inode, InodeTable, Key};
 use super::pool::Pool;
+use super::share::{Member, Stale};
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
 use crate::options::MountFlags;
 use crate::sys::creds::{FsCreds, FsIds, set_thread_umask};
@@ -297,6 +313,10 @@ pub(super) struct Config {
     pub max_open: usize,
     /// Threads for long data requests (fsync, fallocate, copy_file_range).
     pub data_threads: usize,
+    /// The other sessions serving this source, told of every change made through this one.
+    pub share: Member,
+    /// Negotiate `FUSE_ALLOW_IDMAP` (the mapping must be the identity).
+    pub idmappable: bool,
 }
 
 pub(super) struct ShiftFs {
@@ -317,10 +337,23 @@ pub(super) struct ShiftFs {
     passthrough: AtomicBool,
     /// Decided in `init`: directories are listed without OPENDIR (handle 0).
     no_opendir: bool,
+    share: Member,
+    /// Asked for: see the module's documentation.
+    idmappable: bool,
+    /// Whether the source gives new objects the creating fsuid/fsgid (sshfs, for one, does
+    /// not: the server creates as its own user): unknown until the first create.
+    owner_honoured: OnceLock<bool>,
 }
 
 impl ShiftFs {
     pub fn new(root: OwnedFd, proc: ProcFd, cfg: Config) -> std::io::Result<Self> {
+        // Creating requests then carry ids mapped by the kernel, stored as they come.
+        if cfg.idmappable && cfg.mapping != IdMapping::identity() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "an idmappable mount serves SOURCE unshifted: its map must be the identity",
+            ));
+        }
         let st = rustix::fs::fstat(&root)?;
         let mnt = mount_id(root.as_fd())?;
         Ok(Self {
@@ -346,15 +379,40 @@ impl ShiftFs {
             stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
             no_opendir: false,
+            share: cfg.share,
+            idmappable: cfg.idmappable,
+            owner_honoured: OnceLock::new(),
         })
+    }
+
+    /// What `/proc` shows of the caller of `req`. On an idmappable mount a creating request
+    /// carries filesystem ids, not the host's, so the ids found there are not compared.
+    fn caller(&self, req: &Request) -> Caller {
+        if self.idmappable || !carries_ids(req) {
+            return Caller::read(Path::new("/proc"), req.pid(), NO_ID, NO_ID);
+        }
+        Caller::of(req)
+    }
+
+    /// The caller's fsuid and fsgid as the host sees them: what a shifting mount's requests
+    /// carry; on an idmappable one (requests carry -1 or filesystem ids) read from `/proc`,
+    /// and where unreadable the overflow ids, which own nothing and reach no reserve.
+    fn host_ids(&self, req: &Request) -> (OuterUid, OuterGid) {
+        let (uid, gid) = if !self.idmappable && carries_ids(req) {
+            (req.uid(), req.gid())
+        } else {
+            Caller::read_fs_ids(Path::new("/proc"), req.pid()).unwrap_or((OVERFLOW, OVERFLOW))
+        };
+        (OuterUid::new(uid), OuterGid::new(gid))
     }
 
     fn inode(&self, ino: INodeNo) -> Result<Arc<Inode>> {
         self.inodes.get(ino.0).ok_or(Errno::ESTALE)
     }
 
-    /// A place under the open-file cap for a file or directory `uid` opens: ENFILE past it
-    /// (the opener is refused, not the daemon's other work).
+    /// A place under the open-file cap for a file or directory `uid` (the caller's host uid,
+    /// whatever the request carries) opens: ENFILE past it (the opener is refused, not the
+    /// daemon's other work).
     fn open_slot(&self, uid: u32) -> Result<Slot> {
         self.open_limit.acquire(uid).ok_or(Errno::ENFILE)
     }
@@ -434,12 +492,34 @@ impl ShiftFs {
     /// The on-disk owner for an object created by `req`'s caller; EOVERFLOW when the
     /// caller's fsuid or fsgid has no inner id (nothing may be created then).
     fn inner_caller(&self, req: &Request) -> Result<FsIds> {
-        let uid = self.map.uid.to_inner(host_ids(req).0);
-        let gid = self.map.gid.to_inner(host_ids(req).1);
+        if self.idmappable {
+            // Mapped by the kernel already (identity when no idmapped mount is in between).
+            // -1 comes with requests that create nothing; the VFS refuses a caller the
+            // idmapped mount cannot map before asking.
+            if !carries_ids(req) {
+                return Err(Errno::EOVERFLOW);
+            }
+            return Ok(FsIds::Disk(
+                InnerUid::new(req.uid()),
+                InnerGid::new(req.gid()),
+            ));
+        }
+        let uid = self.map.uid.to_inner(OuterUid::new(req.uid()));
+        let gid = self.map.gid.to_inner(OuterGid::new(req.gid()));
         match (uid, gid) {
             (Some(u), Some(g)) => Ok(FsIds::Disk(u, g)),
             _ => Err(Errno::EOVERFLOW),
         }
+    }
+
+    /// A name is about to be made by a request that does not make an object of its own
+    /// (link, rename): the caller must be mapped. On an idmappable mount the VFS has checked
+    /// that against the idmapped mount (`may_create`), and the request carries no ids.
+    fn check_caller_mapped(&self, req: &Request) -> Result<()> {
+        if self.idmappable {
+            return Ok(());
+        }
+        self.inner_caller(req).map(drop)
     }
 
     fn owner_mapped(&self, st: &Stat) -> (bool, bool) {
@@ -473,23 +553,24 @@ impl ShiftFs {
         self.check_owner_mapped(&st, Errno::EOVERFLOW)
     }
 
-    /// Runs `f` (one creating syscall) with the caller's inner ids as this thread's fsuid
-    /// and fsgid, so the backing filesystem gives the new object its owner atomically and
-    /// applies setgid-directory inheritance itself; space as `limited` allows.
-    fn as_caller<T>(
+    /// Runs `f` (one creating syscall) with `ids` (the caller's inner ids) as this thread's
+    /// fsuid and fsgid, so the backing filesystem gives the new object its owner atomically
+    /// and applies setgid-directory inheritance itself; space as `limited` allows.
+    fn as_ids<T>(
         &self,
         req: &Request,
+        ids: FsIds,
         umask: Option<u32>,
         f: impl Fn() -> Result<T>,
     ) -> Result<T> {
-        let ids = self.inner_caller(req)?;
         if let Some(mask) = umask {
             set_thread_umask(mask).map_err(io)?;
         }
-        limited(ids, || Caller::of(req), f)
+        limited(ids, || self.caller(req), f)
     }
 
-    /// `as_caller` for a syscall that makes `name` in `dir`, undone (ENOSPC) when it took
+    /// `as_ids` with the caller's inner ids for a syscall that makes `name` in `dir` (its
+    /// owner set afterwards on a source that ignores them), undone (ENOSPC) when it took
     /// blocks ext4 keeps for root and the caller may not have them. The kernel grants them
     /// by the caller's host fsuid; the daemon creates with the inner one so the object gets
     /// its owner, and a container root (inner 0) would pass for root (the default `resuid`).
@@ -501,13 +582,16 @@ impl ShiftFs {
         name: &OsStr,
         make: impl Fn() -> Result<T>,
     ) -> Result<T> {
+        let ids = self.inner_caller(req)?;
         let near = NearReserve::check(dir);
-        let made = self.as_caller(req, umask, make)?;
+        let made = self.as_ids(req, ids, umask, make)?;
+        self.check_owner_of_new(dir, name, ids)?;
         let Some(near) = near else {
             return Ok(made);
         };
         let made_st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
-        if !near.dipped(dir) || near.may_use(dir, req.uid(), req.gid(), &Caller::of(req)) {
+        let (uid, gid) = self.host_ids(req);
+        if !near.dipped(dir) || near.may_use(dir, uid.get(), gid.get(), &self.caller(req)) {
             return Ok(made);
         }
         drop(made);
@@ -528,11 +612,51 @@ impl ShiftFs {
         Err(Errno::ENOSPC)
     }
 
+    /// A source that ignores the creating fsuid/fsgid (sshfs creates as the server's user)
+    /// would leave `name` with another owner: give it the one it should have, the caller's
+    /// (the group of a setgid directory). Checked on the first create of the mount; after that
+    /// only on sources that needed it.
+    fn check_owner_of_new(&self, dir: BorrowedFd<'_>, name: &OsStr, ids: FsIds) -> Result<()> {
+        if self.owner_honoured.get() == Some(&true) {
+            return Ok(());
+        }
+        let FsIds::Disk(uid, gid) = ids else {
+            return Ok(());
+        };
+        // The owner tells: the group may differ for good reasons (setgid directory, ext4's
+        // `grpid`), and is only set here when the owner was not honoured either.
+        let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys)?;
+        let honoured = st.st_uid == uid.get();
+        if self.owner_honoured.set(honoured).is_ok() && !honoured {
+            tracing::info!(
+                "the source gives new objects its own owner, not the creator's; setting \
+                 each new object's owner afterwards"
+            );
+        }
+        if honoured {
+            return Ok(());
+        }
+        let parent = rustix::fs::fstat(dir).map_err(sys)?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            gid.get()
+        };
+        rustix::fs::chownat(
+            dir,
+            name,
+            Some(rustix::fs::Uid::from_raw_unchecked(uid.get())),
+            Some(rustix::fs::Gid::from_raw_unchecked(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(sys)
+    }
+
     /// Runs a change that may take space but gives no object an owner (write, link, rename,
     /// xattrs) with the caller's host ids, as the kernel would, limited as `limited` says.
     fn as_writer<T>(&self, req: &Request, f: impl Fn() -> Result<T>) -> Result<T> {
-        let (uid, gid) = host_ids(req);
-        limited(FsIds::Host(uid, gid), || Caller::of(req), f)
+        let (uid, gid) = self.host_ids(req);
+        limited(FsIds::Host(uid, gid), || self.caller(req), f)
     }
 
     /// Records a kernel lookup of the object `fd` refers to.
@@ -696,9 +820,13 @@ impl ShiftFs {
     // ---- operations -------------------------------------------------------------------
 }
 
-/// The caller's fsuid and fsgid as the host sees them (FUSE requests carry host ids).
-fn host_ids(req: &Request) -> (OuterUid, OuterGid) {
-    (OuterUid::new(req.uid()), OuterGid::new(req.gid()))
+/// The kernel's overflow id: what stands for a caller whose ids cannot be learnt.
+const OVERFLOW: u32 = 65534;
+
+/// Whether `req` carries caller ids (all do on a shifting mount; on an idmappable one only
+/// the creating requests).
+fn carries_ids(req: &Request) -> bool {
+    req.uid() != NO_ID && req.gid() != NO_ID
 }
 
 /// Runs `f` as fsuid/fsgid `ids` without CAP_SYS_RESOURCE (ext4's blocks reserved

@@ -40,7 +40,7 @@ impl ShiftFs {
         }
         // The kernel lists `trusted.*` only to CAP_SYS_ADMIN in the initial namespace; the
         // daemon has it, so filter for the caller.
-        if !names.windows(8).any(|w| w == b"trusted.") || Caller::of(req).is_host_admin() {
+        if !names.windows(8).any(|w| w == b"trusted.") || self.caller(req).is_host_admin() {
             return Ok(names);
         }
         Ok(names
@@ -85,9 +85,14 @@ impl ShiftFs {
         if st.st_mode & libc::S_ISGID == 0 {
             return Ok(());
         }
-        let (file_uid, file_gid) = self.owner_out(&st);
-        let who = Caller::of(req);
-        if !who.may_keep_setgid(req.gid(), file_uid, file_gid) {
+        let keep = if self.idmappable {
+            self.caller(req)
+                .may_keep_setgid_in_own_ns(st.st_uid, st.st_gid)
+        } else {
+            let (file_uid, file_gid) = self.owner_out(&st);
+            Caller::of(req).may_keep_setgid(req.gid(), file_uid, file_gid)
+        };
+        if !keep {
             self.proc
                 .chmod(fd, (st.st_mode & 0o7777) & !libc::S_ISGID)
                 .map_err(io)?;

@@ -1,0 +1,394 @@
+//! Two FUSE mounts of one source with two maps (two containers sharing an image) see each
+//! other's changes at once: no stale name, no stale content, no append lost to an inode the
+//! other mount replaced. One daemon serves both, and the last unmount stops it: either as
+//! FUSE sessions that invalidate each other (`-o share=sessions`, and the default where the
+//! backend is asked for) or as kernel idmapped mounts of one shared idmappable FUSE mount
+//! (`-o share=idmap`, and the default of `--backend auto` on a source the kernel cannot
+//! idmap). `-o share=off` keeps a daemon per mount.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+const MAP_A: &str = "b:0:100000:65536";
+const MAP_B: &str = "b:0:200000:65536";
+/// Image root as seen through each mount: the writers of the test.
+const ROOT_A: u32 = 100000;
+const ROOT_B: u32 = 200000;
+
+fn fixture(name: &str) -> Option<(TestDir, PathBuf, PathBuf, PathBuf)> {
+    if !require(Backend::Fuse) {
+        return None;
+    }
+    let dir = TestDir::new(name);
+    let src = dir.dir("src");
+    let a = dir.dir("a");
+    let b = dir.dir("b");
+    Some((dir, src, a, b))
+}
+
+fn mount(map: &str, extra: &[&str], src: &Path, tgt: &Path) -> ShiftMount {
+    let mut args = vec!["--map", map];
+    args.extend_from_slice(extra);
+    ShiftMount::with_args(Backend::Fuse, &args, src, tgt)
+}
+
+#[track_caller]
+fn as_a(script: &str) -> Out {
+    run(&mut sh_as(ROOT_A, ROOT_A, script))
+}
+
+#[track_caller]
+fn as_b(script: &str) -> Out {
+    run(&mut sh_as(ROOT_B, ROOT_B, script))
+}
+
+/// The shifting daemons of `src`: every `shiftfs mount` process naming it (supervisors
+/// rename themselves and are not counted).
+fn daemons_of(src: &Path) -> Vec<u32> {
+    shiftfs_pids_mentioning(src)
+}
+
+/// The issue's reproduction, step by step, with what a user would check after each.
+fn stale_views_are_refreshed(extra: &[&str]) {
+    let Some((dir, src, a, b)) = fixture("coherence") else {
+        return;
+    };
+    let ma = mount(MAP_A, extra, &src, &a);
+    let mb = mount(MAP_B, extra, &src, &b);
+    let (za, wa) = (q(a.join("z")), q(a.join("w")));
+    as_a(&format!("echo v1 > {za} && cat {za}")).assert_ok();
+    assert_eq!(fs::read(src.join("z")).unwrap(), b"v1\n");
+    // dA looks up w (a miss the kernel may cache) and reads z (pages it may cache).
+    assert!(!as_a(&format!("test -e {wa}")).ok());
+    assert_eq!(as_a(&format!("cat {za}")).stdout, "v1\n");
+
+    // Through dB: create w, and replace z by rename.
+    let (zb, wb, tb) = (q(b.join("z")), q(b.join("w")), q(b.join("z.tmp")));
+    as_b(&format!(
+        "echo w1 > {wb} && echo v2 > {tb} && mv -f {tb} {zb}"
+    ))
+    .assert_ok();
+
+    // No stale name: dA sees w, with its owner shown through dA's map.
+    as_a(&format!("test -e {wa}")).assert_ok();
+    assert_eq!(stat_ids(a.join("w")), (ROOT_A, ROOT_A));
+    assert_eq!(stat_ids(b.join("w")), (ROOT_B, ROOT_B));
+    assert_eq!(as_a(&format!("cat {wa}")).stdout, "w1\n");
+    // No stale content: dA reads the new z.
+    assert_eq!(
+        as_a(&format!("cat {za}")).stdout,
+        "v2\n",
+        "stale z through dA"
+    );
+    // No lost append: what dA appends reaches the source's z.
+    as_a(&format!("echo C1-append >> {za}")).assert_ok();
+    assert_eq!(
+        fs::read_to_string(src.join("z")).unwrap(),
+        "v2\nC1-append\n",
+        "the append through dA must land in the source's z"
+    );
+    assert_eq!(as_b(&format!("cat {zb}")).stdout, "v2\nC1-append\n");
+
+    // In-place changes through dB: content, size, mode, removal.
+    as_b(&format!("printf v3 > {zb} && chmod 600 {zb}")).assert_ok();
+    assert_eq!(
+        as_a(&format!("cat {za}")).stdout,
+        "v3",
+        "stale content through dA"
+    );
+    assert_eq!(mode_of(a.join("z")) & 0o777, 0o600, "stale mode through dA");
+    as_b(&format!("rm {wb} && mkdir {wb}")).assert_ok();
+    as_a(&format!("test -d {wa}")).assert_ok();
+    // And the other way round: dB sees what dA changes.
+    as_a(&format!("rmdir {wa} && echo back > {wa}")).assert_ok();
+    assert_eq!(as_b(&format!("cat {wb}")).stdout, "back\n");
+
+    mb.unmount();
+    ma.unmount();
+    dir.finish();
+}
+
+#[test]
+fn shared_daemon_keeps_mounts_coherent() {
+    stale_views_are_refreshed(&[]);
+}
+
+#[test]
+fn sessions_path_keeps_mounts_coherent() {
+    stale_views_are_refreshed(&["-o", "share=sessions"]);
+}
+
+/// Kernel idmapped mounts of one shared idmappable FUSE mount: one superblock, one cache.
+#[test]
+fn idmap_path_keeps_mounts_coherent() {
+    stale_views_are_refreshed(&["-o", "share=idmap"]);
+}
+
+/// Two mounts of one source: one daemon; unmounting the mount that started it leaves the
+/// other served; the last unmount stops the daemon and removes its records.
+#[test]
+fn one_daemon_per_source_until_the_last_unmount() {
+    let Some((dir, src, a, b)) = fixture("one-daemon") else {
+        return;
+    };
+    file(&src.join("f"), b"data\n", 0o644, 0, 0);
+    let ma = mount(MAP_A, &[], &src, &a);
+    let first = daemons_of(&src);
+    assert_eq!(
+        first.len(),
+        1,
+        "one daemon after the first mount: {first:?}"
+    );
+    let mb = mount(MAP_B, &[], &src, &b);
+    assert_eq!(
+        daemons_of(&src),
+        first,
+        "the second mount joins the first daemon"
+    );
+    assert_eq!(stat_ids(a.join("f")), (ROOT_A, ROOT_A));
+    assert_eq!(stat_ids(b.join("f")), (ROOT_B, ROOT_B));
+    let list = shiftfs_list();
+    list.assert_ok();
+    let rows: Vec<&str> = list
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&*src.to_string_lossy()))
+        .collect();
+    assert_eq!(rows.len(), 2, "{list}");
+    let pid = first[0].to_string();
+    for row in &rows {
+        assert!(row.contains(&pid), "both mounts name daemon {pid}:\n{list}");
+        assert!(row.contains("2 mounts"), "list shows the sharing:\n{list}");
+    }
+
+    // The starter's mount goes first: the daemon stays for the other.
+    run(&mut shiftfs(["umount".as_ref(), a.as_os_str()])).assert_ok();
+    ma.disarm();
+    assert!(!is_mountpoint(&a));
+    assert_eq!(
+        daemons_of(&src),
+        first,
+        "the daemon still serves {}",
+        b.display()
+    );
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"data\n");
+    as_b(&format!("echo more >> {}", q(b.join("f")))).assert_ok();
+    assert_eq!(fs::read(src.join("f")).unwrap(), b"data\nmore\n");
+    let list = shiftfs_list();
+    assert!(!list.stdout.contains(&*a.to_string_lossy()), "{list}");
+
+    // The last one stops it.
+    run(&mut shiftfs(["umount".as_ref(), b.as_os_str()])).assert_ok();
+    mb.disarm();
+    assert!(
+        wait_gone(&first, std::time::Duration::from_secs(5)),
+        "the daemon must exit after the last unmount"
+    );
+    assert!(daemons_of(&src).is_empty());
+    assert!(!shiftfs_list().stdout.contains(&*src.to_string_lossy()));
+    dir.finish();
+}
+
+/// `-o share=off`: a daemon per mount, as before sharing existed.
+#[test]
+fn share_off_keeps_a_daemon_per_mount() {
+    let Some((dir, src, a, b)) = fixture("share-off") else {
+        return;
+    };
+    let ma = mount(MAP_A, &["-o", "share=off"], &src, &a);
+    let mb = mount(MAP_B, &["-o", "share=off"], &src, &b);
+    assert_eq!(daemons_of(&src).len(), 2);
+    mb.unmount();
+    ma.unmount();
+    dir.finish();
+}
+
+/// Both mounts changing one directory at the same time: the kernel takes each mount's
+/// directory lock to drop an entry, so invalidations sent while both hold theirs must not
+/// wait on each other for ever. Both writers finish, and afterwards each mount lists what
+/// the other made.
+#[test]
+fn concurrent_changes_in_one_directory_do_not_hang() {
+    let Some((dir, src, a, b)) = fixture("concurrent") else {
+        return;
+    };
+    let ma = mount(MAP_A, &[], &src, &a);
+    let mb = mount(MAP_B, &[], &src, &b);
+    let churn = |uid: u32, at: &Path, tag: &str| {
+        let at = q(at);
+        let script = format!(
+            "i=0; while [ $i -lt 120 ]; do echo $i > {at}/{tag}$i && mv {at}/{tag}$i {at}/{tag}-k$((i % 7)) \
+             && rm -f {at}/{tag}-gone$i && mkdir {at}/{tag}d$i && rmdir {at}/{tag}d$i || exit 1; \
+             i=$((i+1)); done"
+        );
+        let mut c = sh_as(uid, uid, &script);
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c.spawn().expect("start writer")
+    };
+    let mut writers = Children(Vec::new());
+    writers.push(churn(ROOT_A, &a, "a"));
+    writers.push(churn(ROOT_B, &b, "b"));
+    for out in writers.wait_all(std::time::Duration::from_secs(120)) {
+        assert!(
+            out.status.success(),
+            "a writer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut want: Vec<String> = (0..7)
+        .flat_map(|k| [format!("a-k{k}"), format!("b-k{k}")])
+        .collect();
+    want.sort();
+    assert_eq!(ls(&a), want, "dA lists what both made");
+    assert_eq!(ls(&b), want, "dB lists what both made");
+    assert_eq!(fs::read_to_string(a.join("b-k5")).unwrap(), "117\n");
+    mb.unmount();
+    ma.unmount();
+    dir.finish();
+}
+
+/// SIGTERM to a daemon that serves two mounts unmounts both, removes both records and ends
+/// the daemon.
+#[test]
+fn sigterm_unmounts_every_mount_of_a_shared_daemon() {
+    let Some((dir, src, a, b)) = fixture("sigterm") else {
+        return;
+    };
+    let ma = mount(MAP_A, &[], &src, &a);
+    let mb = mount(MAP_B, &[], &src, &b);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let pid = rustix::process::Pid::from_raw(daemons[0] as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(10)),
+        "the daemon must exit after SIGTERM"
+    );
+    assert!(wait_mounted(&a, false, std::time::Duration::from_secs(5)));
+    assert!(wait_mounted(&b, false, std::time::Duration::from_secs(5)));
+    let list = shiftfs_list();
+    assert!(!list.stdout.contains(&*src.to_string_lossy()), "{list}");
+    ma.disarm();
+    mb.disarm();
+    dir.finish();
+}
+
+/// A ramfs (which the kernel cannot idmap) at `dir/name`, unmounted on drop.
+fn ramfs(dir: &TestDir, name: &str) -> (PathBuf, Detach) {
+    let path = dir.dir(name);
+    rustix::mount::mount(
+        "shiftfs-test",
+        &path,
+        "ramfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755",
+    )
+    .expect("mount ramfs");
+    let guard = Detach(path.clone());
+    assert_eq!(fstype_of(&path), "ramfs");
+    (path, guard)
+}
+
+/// `--backend auto` on ramfs: ten targets with ten maps are kernel idmapped mounts of one
+/// shared idmappable FUSE mount, served by one daemon; each shows its own owners and writes
+/// land with image ids; the daemon stays until the last of them is unmounted.
+#[test]
+fn ten_maps_on_ramfs_share_one_daemon() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("ten-maps");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    file(&src.join("g"), b"user\n", 0o644, 1000, 1000);
+    let mut mounts = Vec::new();
+    for k in 0..10u32 {
+        let tgt = dir.dir(&format!("m{k}"));
+        let base = 100000 + k * 65536;
+        let m = ShiftMount::with_args_auto(&["--map", &format!("b:0:{base}:65536")], &src, &tgt);
+        let e = mount_at(&tgt).expect("mounted");
+        assert!(
+            e.mount_options.iter().any(|o| o == "idmapped"),
+            "a kernel idmapped mount: {e:?}"
+        );
+        mounts.push((m, tgt, base));
+    }
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "one daemon for ten mounts: {daemons:?}");
+    for (_, tgt, base) in &mounts {
+        assert_eq!(stat_ids(tgt.join("f")), (*base, *base), "{}", tgt.display());
+        assert_eq!(stat_ids(tgt.join("g")), (base + 1000, base + 1000));
+    }
+    // A file made through mount 3 by its image root lands as image root, and every mount
+    // sees it at once, with its own owner.
+    let (_, t3, b3) = &mounts[3];
+    run(&mut sh_as(
+        *b3,
+        *b3,
+        &format!("echo new > {}", q(t3.join("n"))),
+    ))
+    .assert_ok();
+    assert_eq!(stat_ids(src.join("n")), (0, 0));
+    for (_, tgt, base) in &mounts {
+        assert_eq!(fs::read(tgt.join("n")).unwrap(), b"new\n");
+        assert_eq!(stat_ids(tgt.join("n")), (*base, *base));
+    }
+    let list = shiftfs_list();
+    assert!(
+        list.stdout.contains("10 mounts"),
+        "list shows the sharing:\n{list}"
+    );
+
+    let last = mounts.pop().expect("ten");
+    for (m, _, _) in mounts {
+        m.unmount();
+        assert_eq!(daemons_of(&src), daemons, "the daemon serves the others");
+    }
+    assert_eq!(fs::read(last.1.join("f")).unwrap(), b"image\n");
+    last.0.unmount();
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(10)),
+        "the last unmount stops the daemon"
+    );
+    let shared: Vec<_> = mountinfo()
+        .into_iter()
+        .filter(|m| {
+            m.mount_point.starts_with("/run/shiftfs/shared") && m.source == src.to_string_lossy()
+        })
+        .collect();
+    assert!(shared.is_empty(), "the shared mount is gone: {shared:?}");
+    drop(ramfs_guard);
+    dir.finish();
+}
+
+/// A shared daemon killed outright leaves both its mounts dead (as a daemon of one mount
+/// does); `shiftfs list` says so for each, and `shiftfs umount` removes each.
+#[test]
+fn a_killed_shared_daemon_leaves_dead_mounts_that_umount_removes() {
+    let Some((dir, src, a, b)) = fixture("killed") else {
+        return;
+    };
+    let ma = mount(MAP_A, &["-o", "share=sessions"], &src, &a);
+    let mb = mount(MAP_B, &["-o", "share=sessions"], &src, &b);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    kill_and_wait(&daemons);
+    let list = shiftfs_list();
+    for t in [&a, &b] {
+        let row = list
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&*t.to_string_lossy()))
+            .unwrap_or_else(|| panic!("{} listed:\n{list}", t.display()));
+        assert!(row.contains("dead"), "{row}");
+    }
+    mb.unmount();
+    ma.unmount();
+    assert!(!shiftfs_list().stdout.contains(&*src.to_string_lossy()));
+    dir.finish();
+}

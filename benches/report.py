@@ -16,6 +16,7 @@ CONTENDERS = {
     "plain": "plain dir",
     "kernel": "kernel idmapped",
     "fuse": "shiftfs FUSE",
+    "fuse-uring": "shiftfs FUSE io_uring",
     "bindfs": "bindfs",
     "overlay": "fuse-overlayfs",
     "fuse-base": "shiftfs FUSE (base binary)",
@@ -117,6 +118,37 @@ def tables(backings, med, runs, env):
             row = [label, "throughput" if higher else "time", n, fmt_abs(med.get((b, m, "plain")), unit)]
             row += [fx(ratio(med, b, m, c)) for c in cs if c != "plain"]
             out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return out
+
+
+# Issue 16's targets for shiftfs FUSE over io_uring: (metric, baseline, time ratio limit).
+URING_TARGETS = [("small_total", "plain", 8.0), ("extract", "plain", 4.0), ("readall", "plain", 1.8)]
+
+
+def uring_tables(backings, med):
+    """shiftfs FUSE classic (/dev/fuse) and io_uring side by side, and issue 16's targets."""
+    out = []
+    for b in backings:
+        if not any(k[0] == b and k[2] == "fuse-uring" for k in med):
+            continue
+        out.append(f"### shiftfs FUSE: classic /dev/fuse vs io_uring, source on {b}\n")
+        out.append("Time ratios to the plain directory (lower is better; throughput rows: the plain "
+                   "directory's throughput over the contender's) and classic / io_uring (> 1: io_uring "
+                   "is faster).\n")
+        out.append("| workload | classic vs plain | io_uring vs plain | classic / io_uring | io_uring target |")
+        out.append("|---|---:|---:|---:|---|")
+        targets = {m: (base, limit) for m, base, limit in URING_TARGETS}
+        for m in METRICS:
+            cc, cu, cp = cost(med, b, m, "fuse"), cost(med, b, m, "fuse-uring"), cost(med, b, m, "plain")
+            if cu is None:
+                continue
+            goal = ""
+            if m in targets and cp:
+                limit = targets[m][1]
+                goal = f"<= {limit}x plain: " + ("yes" if cu / cp <= limit else "**no**")
+            out.append(f"| {METRICS[m][0]} | {fx(cc / cp if cc and cp else None)} | "
+                       f"{fx(cu / cp if cp else None)} | {fx(cc / cu if cc else None)} | {goal} |")
         out.append("")
     return out
 
@@ -238,7 +270,7 @@ def main():
         env[k] = v
     backings, med, runs = load(raw)
     outdir = Path(outdir)
-    ratio_lines = tables(backings, med, runs, env)
+    ratio_lines = tables(backings, med, runs, env) + uring_tables(backings, med)
     target_lines, summary = target_check(backings, med)
 
     head = [

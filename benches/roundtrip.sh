@@ -5,7 +5,9 @@
 #
 # Mounts a small tmpfs through shiftfs FUSE with attr_timeout=0 (every fstat of an open file
 # is then a GETATTR round trip) and times fstat in a loop three ways: the daemon's threads
-# free to run anywhere, pinned to the caller's CPU, and pinned to another CPU. Needs 2+ CPUs.
+# free to run anywhere, pinned to the caller's CPU, and pinned to another CPU; then through a
+# second mount served over io_uring (-o uring=on; fuse.enable_uring is set to 1 for it and put
+# back), caller free and caller pinned. Needs 2+ CPUs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${1:-$here/../target/release/shiftfs}
@@ -14,8 +16,12 @@ bin=${1:-$here/../target/release/shiftfs}
 [ "$(nproc)" -ge 2 ] || { echo "roundtrip.sh: needs two CPUs" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/shiftfs-rtt.XXXXXX)
+uring_param=/sys/module/fuse/parameters/enable_uring uring_found=
 cleanup() {
   "$bin" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
+  "$bin" umount "$work/mnt-uring" 2>/dev/null || umount -l "$work/mnt-uring" 2>/dev/null || true
+  [ -z "$uring_found" ] || echo "$uring_found" >"$uring_param"
+  rmdir "$work/mnt-uring" 2>/dev/null || true
   umount "$work/src" 2>/dev/null || true
   rmdir "$work/mnt" "$work/src" "$work" 2>/dev/null || true
 }
@@ -44,3 +50,13 @@ pin 0
 taskset -c 0 python3 -c "$loop" "$work/mnt/f" "FUSE, daemon on the caller's CPU"
 pin 1
 taskset -c 0 python3 -c "$loop" "$work/mnt/f" "FUSE, daemon on another CPU"
+if [ -w "$uring_param" ]; then
+  uring_found=$(cat "$uring_param")
+  echo 1 >"$uring_param"
+  mkdir "$work/mnt-uring"
+  "$bin" mount --backend fuse -o attr_timeout=0,uring=on --map b:0:100000:65536 "$work/src" "$work/mnt-uring" >/dev/null
+  python3 -c "$loop" "$work/mnt-uring/f" "FUSE over io_uring, caller free"
+  taskset -c 0 python3 -c "$loop" "$work/mnt-uring/f" "FUSE over io_uring, caller on CPU 0"
+else
+  echo "FUSE over io_uring: $uring_param not writable, not measured"
+fi

@@ -12,7 +12,9 @@
 #   plain    the source directory itself (the baseline of every ratio)
 #   kernel   kernel idmapped mount: `shiftfs mount --backend kernel` (falls back to
 #            benches/idmap_mount.py, the same syscalls, while that backend is unavailable)
-#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536`
+#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536 -o uring=off` (classic /dev/fuse)
+#   fuse-uring the same with `-o uring=on`: FUSE over io_uring, one ring per possible CPU; the run
+#            sets fuse.enable_uring=1 while it is among the contenders and puts back what it found
 #   bindfs   `bindfs --uid-offset=100000 --gid-offset=100000` (+ allow_other)
 #   overlay  `fuse-overlayfs -o uidmapping=0:100000:65536,gidmapping=0:100000:65536` (+ allow_other)
 #   fuse-base the FUSE backend of another shiftfs binary, $SHIFTFS_BASE_BIN (an earlier commit's
@@ -40,7 +42,7 @@ repo=$(cd "$here/.." && pwd)
 
 quick=0 scale=0 runs= build=1 keep=0 out= profile=
 backings=tmpfs,ext4
-contenders=plain,kernel,fuse,bindfs,overlay
+contenders=plain,kernel,fuse,fuse-uring,bindfs,overlay
 workloads=walk,readall,seqread,randread,seqwrite,extract,smallfiles
 while [ $# -gt 0 ]; do
   case $1 in
@@ -69,7 +71,7 @@ scale_files=1000
 if [ -n "$profile" ]; then
   workloads=$profile
   [ "$backings" = tmpfs,ext4 ] && backings=tmpfs
-  [ "$contenders" = plain,kernel,fuse,bindfs,overlay ] && contenders=plain,kernel,fuse
+  [ "$contenders" = plain,kernel,fuse,fuse-uring,bindfs,overlay ] && contenders=plain,kernel,fuse
   : "${out:=$repo/bench-results/tmp/profile}"
   command -v perf >/dev/null || need_perf=1
 fi
@@ -128,9 +130,11 @@ work=$(mktemp -d "${BENCH_WORKDIR:-/var/tmp}/shiftfs-bench.XXXXXX")
 chmod 755 "$work"   # the namespace root (host 100000) must reach the mounts below
 mounts=()           # "KIND PATH", unmounted in reverse order on exit
 
+uring_param=/sys/module/fuse/parameters/enable_uring uring_found=
 cleanup() {
   local rc=$? i kind path bin
   trap - EXIT INT TERM
+  [ -z "$uring_found" ] || echo "$uring_found" >"$uring_param" || log "cannot restore $uring_param to $uring_found"
   for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do
     kind=${mounts[i]%% *} path=${mounts[i]#* }
     if [ "$kind" = shiftfs ] || [ "$kind" = shiftfs-base ]; then
@@ -151,6 +155,14 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'log interrupted; exit 130' INT TERM
+if [[ ,$contenders, == *,fuse-uring,* ]]; then
+  if [ -w "$uring_param" ]; then
+    uring_found=$(cat "$uring_param")
+    echo 1 >"$uring_param"
+  else
+    log "fuse-uring: $uring_param is not writable (kernel < 6.14 or no CONFIG_FUSE_IO_URING); its mounts will fail"
+  fi
+fi
 
 # Forgets a mount that was unmounted on purpose before exit.
 forget_mount() {
@@ -183,8 +195,9 @@ mount_contender() {
         /usr/bin/python3 "$here/idmap_mount.py" 0 100000 65536 "$base/src" "$mnt" 2>"$err" || return 1
         mounts+=("umount $mnt"); notes[kernel]="benches/idmap_mount.py (shiftfs kernel backend unavailable)"
       fi ;;
-    fuse)
-      "$shiftfs" mount --backend fuse --map b:0:100000:65536 ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} \
+    fuse|fuse-uring)
+      local uring=off; [ "$c" = fuse ] || uring=on
+      "$shiftfs" mount --backend fuse --map b:0:100000:65536 -o uring=$uring ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} \
         "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
       mounts+=("shiftfs $mnt")
       [ -z "${SHIFTFS_FUSE_OPTS:-}" ] || notes[fuse_options]="-o $SHIFTFS_FUSE_OPTS" ;;

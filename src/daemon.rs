@@ -625,7 +625,11 @@ pub fn serve_fuse(
     drop(null);
     // A write to a supervisor that died must fail, not kill the server.
     let _ = daemon::ignore_signals(&[libc::SIGPIPE]);
-    let served = crate::sandbox::enter(req.fuse.sandbox)
+    // The first mount's uring= decides for the daemon: a session joining later that asks
+    // for io_uring after a uring=off start finds io_uring_setup refused (and falls back
+    // under auto).
+    let uring = req.fuse.uring != crate::options::UringMode::Off;
+    let served = crate::sandbox::enter(req.fuse.sandbox, uring)
         .map_err(Error::from)
         .and_then(|()| mounted.serve().map_err(Error::from));
     let session = match served {
@@ -694,6 +698,7 @@ fn fuse_options(req: &Request) -> crate::backend::fuse::Options {
     opts.max_open = req.fuse.max_open;
     opts.recursive = req.recursive;
     opts.idmappable = req.fuse.idmappable;
+    opts.uring = req.fuse.uring;
     opts.fsname = req.source.to_string_lossy().into_owned();
     opts
 }

@@ -11,6 +11,10 @@ use crate::sys::userns::UsernsChild;
 
 /// The first kernel with FUSE passthrough (`FUSE_PASSTHROUGH`, `FUSE_DEV_IOC_BACKING_OPEN`).
 pub const MIN_KERNEL_PASSTHROUGH: (u32, u32) = (6, 9);
+/// The first kernel with FUSE over io_uring (`FUSE_OVER_IO_URING`, `fuse.enable_uring`).
+pub const MIN_KERNEL_URING: (u32, u32) = (6, 14);
+/// The module parameter that lets FUSE servers use io_uring (default off).
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -107,6 +111,10 @@ pub fn checks(source: &Path) -> Vec<Check> {
         idmapped_mounts(source, &kernel::probe(source)),
         dev_fuse(Path::new("/dev/fuse")),
         fuse_passthrough(version, &config),
+        fuse_uring(
+            version,
+            std::fs::read_to_string(ENABLE_URING).ok().as_deref(),
+        ),
         program(
             "fusermount3",
             Needed::FuseAutoUnmount,
@@ -441,6 +449,39 @@ pub fn fuse_passthrough(version: Option<(u32, u32)>, config: &KernelConfig) -> C
     }
 }
 
+/// FUSE over io_uring: kernel >= 6.14 built with CONFIG_FUSE_IO_URING (the module parameter
+/// exists) and `fuse.enable_uring` on; `enable_uring` is the parameter's text, if readable.
+pub fn fuse_uring(version: Option<(u32, u32)>, enable_uring: Option<&str>) -> Check {
+    let name = "FUSE over io_uring";
+    let needed = Needed::FusePerformance;
+    let enable = "FUSE works without it, each request crossing CPUs; to let shiftfs serve \
+                  every caller on its own CPU: echo 1 > /sys/module/fuse/parameters/enable_uring \
+                  (until reboot), or boot with fuse.enable_uring=1 on the kernel command line; \
+                  mounts then use it (-o uring=auto, the default)";
+    if version.is_some_and(|v| v < MIN_KERNEL_URING) {
+        return Check::new(name, needed, Status::Missing, "kernel older than 6.14".into())
+            .advice("FUSE works without it, each request crossing CPUs; upgrade to >= 6.14 built with CONFIG_FUSE_IO_URING=y");
+    }
+    match enable_uring.map(str::trim) {
+        Some("Y" | "y" | "1") => Check::new(
+            name,
+            needed,
+            Status::Ok,
+            "fuse.enable_uring=Y: FUSE mounts serve over io_uring (-o uring=auto)".into(),
+        ),
+        Some(v) => {
+            Check::new(name, needed, Status::Missing, format!("fuse.enable_uring={v}")).advice(enable)
+        }
+        None => Check::new(
+            name,
+            needed,
+            Status::Missing,
+            format!("{ENABLE_URING} is absent: the kernel was built without CONFIG_FUSE_IO_URING"),
+        )
+        .advice("FUSE works without it, each request crossing CPUs; use a kernel built with CONFIG_FUSE_IO_URING=y"),
+    }
+}
+
 fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     std::env::split_paths(&path)
@@ -552,6 +593,25 @@ CONFIG_USER_NS=y
         let unknown = fuse_passthrough(Some((6, 18)), &none);
         assert_eq!(unknown.status, Status::Unknown);
         assert!(unknown.advice.is_some());
+    }
+
+    #[test]
+    fn uring_status_says_how_to_enable_it() {
+        assert_eq!(fuse_uring(Some((6, 18)), Some("Y\n")).status, Status::Ok);
+        let off = fuse_uring(Some((6, 18)), Some("N\n"));
+        assert_eq!(off.status, Status::Missing);
+        assert_eq!(off.detail, "fuse.enable_uring=N");
+        let advice = off.advice.unwrap();
+        assert!(advice.contains("echo 1 > /sys/module/fuse/parameters/enable_uring"));
+        assert!(advice.contains("fuse.enable_uring=1"));
+        let old = fuse_uring(Some((6, 13)), Some("Y"));
+        assert_eq!(old.status, Status::Missing);
+        let unbuilt = fuse_uring(Some((6, 18)), None);
+        assert!(
+            unbuilt.detail.contains("CONFIG_FUSE_IO_URING"),
+            "{}",
+            unbuilt.detail
+        );
     }
 
     #[test]

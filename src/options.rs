@@ -12,7 +12,7 @@ use crate::idmap::{self, IdMapping};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, share=, idmappable)"
+        "unknown mount option '{0}' (known: ro, rw, suid, nosuid, dev, nodev, exec, noexec, map=, uidmap=, gidmap=, backend=, recursive, threads=, passthrough, nopassthrough, attr_timeout=, max_open=, sandbox=, share=, idmappable, uring=)"
     )]
     UnknownOption(String),
     #[error("mount option '{option}': {reason}")]
@@ -169,6 +169,41 @@ impl fmt::Display for Share {
     }
 }
 
+/// Whether the FUSE daemon serves requests over io_uring (`-o uring=`): one ring per possible
+/// CPU, so each caller's CPU answers its own requests (Linux 6.14+, `fuse.enable_uring=1`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UringMode {
+    /// io_uring when the kernel offers it, else `/dev/fuse` (one log line says why).
+    #[default]
+    Auto,
+    /// io_uring, or the mount fails saying why.
+    On,
+    /// `/dev/fuse` only.
+    Off,
+}
+
+impl fmt::Display for UringMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for UringMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err("uring is auto, on or off".into()),
+        }
+    }
+}
+
 /// Tuning knobs of the FUSE backend; asking for one on a kernel mount is an error.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FuseTuning {
@@ -185,6 +220,7 @@ pub struct FuseTuning {
     /// overlayfs, sshfs, other FUSE servers) made idmappable, for `--backend kernel`, crun's
     /// or runc's `idmap` mount option stacked on top.
     pub idmappable: bool,
+    pub uring: UringMode,
     /// The FUSE-only options given explicitly, as written (for the error on a kernel mount).
     pub given: Vec<String>,
 }
@@ -199,6 +235,7 @@ impl Default for FuseTuning {
             sandbox: crate::sandbox::Mode::default(),
             share: Share::default(),
             idmappable: false,
+            uring: UringMode::default(),
             given: Vec::new(),
         }
     }
@@ -352,6 +389,12 @@ impl OptionSet {
                         reason,
                     })?
                 }
+                "uring" => {
+                    self.fuse.uring = need(value)?.parse().map_err(|reason| Error::BadOption {
+                        option: opt.clone(),
+                        reason,
+                    })?
+                }
                 "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "nouser"
                 | "users" | "owner" | "group" | "comment" | "bind" => {}
                 k if k.starts_with("x-") || k.starts_with("X-") => {}
@@ -366,6 +409,7 @@ impl OptionSet {
                     | "max_open"
                     | "sandbox"
                     | "idmappable"
+                    | "uring"
             ) && !self.fuse.given.contains(&opt)
             {
                 self.fuse.given.push(opt.clone());
@@ -460,6 +504,9 @@ impl Request {
         if self.fuse.idmappable {
             o.push_str(",idmappable");
         }
+        if self.fuse.uring != UringMode::default() {
+            o.push_str(&format!(",uring={}", self.fuse.uring));
+        }
         o
     }
 }
@@ -549,5 +596,40 @@ mod tests {
         let mut k = OptionSet::default();
         k.apply("backend=kernel,idmappable").unwrap();
         assert_eq!(k.backend, Some(Backend::Kernel));
+    }
+
+    #[test]
+    fn uring_option_parses_round_trips_and_is_fuse_only() {
+        let mut o = OptionSet::default();
+        assert_eq!(o.fuse.uring, UringMode::Auto);
+        for (text, mode) in [
+            ("uring=on", UringMode::On),
+            ("uring=off", UringMode::Off),
+            ("uring=auto", UringMode::Auto),
+        ] {
+            o.apply(text).unwrap();
+            assert_eq!(o.fuse.uring, mode);
+        }
+        assert!(o.fuse.given.iter().any(|g| g.starts_with("uring=")));
+        let e = OptionSet::default()
+            .apply("uring=yes")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auto, on or off"), "{e}");
+        let mut on = OptionSet::default();
+        on.apply("map=b:0:100000:65536,uring=on").unwrap();
+        let req = Request {
+            source: "/s".into(),
+            target: "/t".into(),
+            target_root: None,
+            mapping: on.mapping().unwrap(),
+            flags: on.flags,
+            backend: Backend::Fuse,
+            recursive: false,
+            fuse: on.fuse.clone(),
+        };
+        let mut back = OptionSet::default();
+        back.apply(&req.options_text()).unwrap();
+        assert_eq!(back.fuse.uring, UringMode::On);
     }
 }

@@ -130,12 +130,13 @@ pub enum Error {
     Seccomp(String),
 }
 
-/// Confines the calling process as `mode` says. Must run before any thread is started.
-pub fn enter(mode: Mode) -> Result<(), Error> {
+/// Confines the calling process as `mode` says; `io_uring`: the daemon may serve over
+/// io_uring (`-o uring=auto|on`). Must run before any thread is started.
+pub fn enter(mode: Mode, io_uring: bool) -> Result<(), Error> {
     if mode == Mode::Off {
         return Ok(());
     }
-    let filter = filter(mode)?;
+    let filter = filter(mode, io_uring)?;
     // Read while the host's /proc/sys is still at hand (it is in the new root too, but
     // read-only procfs could someday hide it).
     let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -274,7 +275,7 @@ const IOCTLS: [u64; 7] = [
 /// system call in the daemon's code must be added here: without it the call fails with
 /// ENOSYS in every daemon started by `shiftfs mount` (the CLI-level suites show it; the
 /// in-process library tests in `tests/fuse_backend.rs` run without the sandbox).
-pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
+pub fn allowed_syscalls(io_uring: bool) -> Vec<(i64, Vec<SeccompRule>)> {
     use libc::*;
     let any = |nrs: &[c_long]| -> Vec<(i64, Vec<SeccompRule>)> {
         nrs.iter().map(|&n| (n, Vec::new())).collect()
@@ -379,11 +380,23 @@ pub fn allowed_syscalls() -> Vec<(i64, Vec<SeccompRule>)> {
     // A private fs_struct for the per-thread umask (sys::creds::set_thread_umask).
     list.push((SYS_unshare, arg_eq(0, &[CLONE_FS as u64])));
     list.push((SYS_ioctl, arg_eq(1, &IOCTLS)));
+    if io_uring {
+        // FUSE over io_uring: the rings, the eventfd that wakes a ring's thread, and pinning
+        // each ring's thread to its CPU. io_uring operations bypass this filter, so these
+        // are allowed only when the transport may be used.
+        list.extend(any(&[
+            SYS_io_uring_setup,
+            SYS_io_uring_enter,
+            SYS_io_uring_register,
+            SYS_eventfd2,
+            SYS_sched_setaffinity,
+        ]));
+    }
     list
 }
 
 /// The daemon's seccomp program for `mode` (`On` or `Log`) on this architecture.
-pub fn filter(mode: Mode) -> Result<BpfProgram, Error> {
+pub fn filter(mode: Mode, io_uring: bool) -> Result<BpfProgram, Error> {
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,
         _ => SeccompAction::Errno(libc::ENOSYS as u32),
@@ -391,7 +404,7 @@ pub fn filter(mode: Mode) -> Result<BpfProgram, Error> {
     let arch = std::env::consts::ARCH
         .try_into()
         .map_err(|e: seccompiler::BackendError| Error::Filter(e.to_string()))?;
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls().into_iter().collect();
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(io_uring).into_iter().collect();
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)
         .map_err(|e| Error::Filter(e.to_string()))?;
     filter
@@ -414,9 +427,16 @@ mod tests {
 
     #[test]
     fn the_filter_builds_and_lists_no_dangerous_call() {
-        filter(Mode::On).expect("filter");
-        filter(Mode::Log).expect("filter");
-        let allowed: Vec<i64> = allowed_syscalls().into_iter().map(|(n, _)| n).collect();
+        filter(Mode::On, false).expect("filter");
+        filter(Mode::Log, false).expect("filter");
+        filter(Mode::On, true).expect("filter");
+        let allowed: Vec<i64> = allowed_syscalls(false)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(!allowed.contains(&libc::SYS_io_uring_setup));
+        let with_uring: Vec<i64> = allowed_syscalls(true).into_iter().map(|(n, _)| n).collect();
+        assert!(with_uring.contains(&libc::SYS_io_uring_enter));
         for bad in [
             libc::SYS_execve,
             libc::SYS_execveat,

@@ -463,7 +463,15 @@ fn fuse_umount_cleans_up_after_killed_daemon() {
         "daemon {pid} survived SIGKILL"
     );
     let err = fs::metadata(mnt.join("user-file")).expect_err("dead mount must not answer");
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // Over io_uring, a request made while the kernel still tears the dead daemon's rings
+    // down is ended with ECONNABORTED; later ones get ENOTCONN.
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        ),
+        "{err}"
+    );
     assert!(
         is_mountpoint(&mnt),
         "the dead mount is still there before umount"

@@ -60,6 +60,9 @@ impl Mounted {
         let mut opts = Options::new(IdMapping::parse(map).unwrap());
         opts.fsname = src.display().to_string();
         opts.threads = 4;
+        if let Some(u) = common::test_uring() {
+            opts.uring = u.parse().unwrap();
+        }
         tweak(&mut opts);
         let fd = rustix::fs::open(
             &src,

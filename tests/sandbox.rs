@@ -201,7 +201,7 @@ fn sandbox_off_serves_unconfined() {
 #[test]
 fn calls_outside_the_allowlist_are_refused() {
     for (mode, refused) in [(Mode::On, true), (Mode::Log, false)] {
-        let prog = filter(mode).expect("build filter");
+        let prog = filter(mode, false).expect("build filter");
         // SAFETY: the child only makes raw system calls and `_exit`s: nothing that could
         // wait for a lock held by another thread of this (multi-threaded) test process.
         let pid = unsafe { libc::fork() };

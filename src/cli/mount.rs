@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long, short = 'b', value_name = "auto|kernel|fuse")]
     pub backend: Option<Backend>,
     /// mount(8)-style options: ro, nosuid, nodev, noexec, suid, dev, recursive, threads=N,
-    /// nopassthrough, attr_timeout=SECS, map=... (repeatable).
+    /// nopassthrough, attr_timeout=SECS, uring=auto|on|off, map=... (repeatable).
     #[arg(short = 'o', long = "options", value_name = "OPTS")]
     pub options: Vec<String>,
     /// Serve SOURCE unshifted through FUSE so the kernel can idmap the mount (Linux 6.12+):

@@ -884,6 +884,19 @@ pub fn shiftfs_list() -> Out {
     run(&mut shiftfs(["list"]))
 }
 
+/// `SHIFTFS_TEST_URING` (auto, on or off; `scripts/test.sh` runs the FUSE suites once with
+/// `off` and once with `on`, `fuse.enable_uring` set): the `uring=` every FUSE mount of the
+/// tests gets, so that a second run serves them all over io_uring, and a mount that cannot
+/// fails instead of falling back. Unset: the default (auto).
+pub fn test_uring() -> Option<String> {
+    let v = std::env::var("SHIFTFS_TEST_URING").ok()?;
+    assert!(
+        matches!(v.as_str(), "auto" | "on" | "off"),
+        "SHIFTFS_TEST_URING is auto, on or off, not {v:?}"
+    );
+    Some(v)
+}
+
 /// A mount made with `shiftfs mount`; Drop runs `shiftfs umount` and then a lazy unmount, and
 /// kills a daemon that outlived both, so a failing test never leaves anything behind.
 pub struct ShiftMount {
@@ -982,6 +995,10 @@ impl ShiftMount {
         let mut c = shiftfs(["mount"]);
         if let Some(b) = backend {
             c.args(["--backend", b.name()]);
+        }
+        if let (Some(Backend::Fuse), Some(u)) = (backend, test_uring()) {
+            // Before `extra`: a test's own uring= wins.
+            c.arg("-o").arg(format!("uring={u}"));
         }
         c.args(extra).arg(src).arg(tgt);
         // The guard exists before the command runs: a mount that half-succeeded or hung is

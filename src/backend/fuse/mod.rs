@@ -110,6 +110,8 @@ pub struct Options {
     /// Serve unshifted (identity map) and let the kernel idmap the mount: negotiate
     /// `FUSE_ALLOW_IDMAP` (see `fs` for what requests then carry).
     pub idmappable: bool,
+    /// Serve over io_uring (one ring per possible CPU) when the kernel offers it.
+    pub uring: crate::options::UringMode,
 }
 
 impl Options {
@@ -126,6 +128,7 @@ impl Options {
             recursive: false,
             share: None,
             idmappable: false,
+            uring: crate::options::UringMode::default(),
         }
     }
 }
@@ -165,6 +168,11 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "cannot serve {target} over io_uring (-o uring=on): {reason}; or mount with \
+         -o uring=auto to fall back to /dev/fuse"
+    )]
+    Uring { target: PathBuf, reason: String },
     #[error("the FUSE session on {target} ended with an error: {source}")]
     Session {
         target: PathBuf,
@@ -195,6 +203,7 @@ fn mount_hint(e: &io::Error) -> &'static str {
 #[derive(Debug)]
 pub struct Session {
     bg: fuser::BackgroundSession,
+    stats: Arc<fuser::TransportStats>,
     target: PathBuf,
     /// The id of our mount (mountinfo's), to tell it from one stacked at the path later.
     mount_id: Option<u64>,
@@ -211,7 +220,17 @@ impl Session {
             .join()
             .map_err(|source| Error::Session { target, source });
         self.member.hub().leave(&self.member);
+        tracing::info!(
+            "requests served: {} over io_uring, {} over /dev/fuse",
+            self.stats.ring_requests(),
+            self.stats.dev_requests()
+        );
         r
+    }
+
+    /// Requests served so far over io_uring and over `/dev/fuse`.
+    pub fn stats(&self) -> &fuser::TransportStats {
+        &self.stats
     }
 
     /// Detaches the mount (lazily) and waits for the session to end.
@@ -360,12 +379,14 @@ pub struct Mounted {
     path: PathBuf,
     threads: usize,
     member: Member,
+    uring: crate::options::UringMode,
 }
 
 /// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) onto the held directory `target`;
 /// nothing serves it yet.
 pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, Error> {
     let tree = source_tree(source, opts.recursive)?;
+    let uring = opts.uring;
     let (fs, threads, member) = build(tree, opts.clone())?;
     let (dev, root) = mount_dev(target, &opts)?;
     Ok(Mounted {
@@ -376,6 +397,7 @@ pub fn attach(source: OwnedFd, target: &Dir, opts: Options) -> Result<Mounted, E
         path: target.path().to_path_buf(),
         threads,
         member,
+        uring,
     })
 }
 
@@ -416,6 +438,9 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
     let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
     tracing::debug!("fd plan: {plan:?}");
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
+    // Read now, for FUSE over io_uring: a sandboxed daemon cannot see /sys when the rings
+    // are set up.
+    let _ = fuser::possible_cpus();
     let member = opts.share.map_or_else(Member::alone, |hub| hub.member());
     let fs = fs::ShiftFs::new(
         root,
@@ -475,6 +500,7 @@ impl Mounted {
         opts: Options,
     ) -> Result<Self, Error> {
         let HostSide { tree, dev, mount } = host;
+        let uring = opts.uring;
         let (fs, threads, member) = build(tree, opts)?;
         Ok(Self {
             fs,
@@ -484,6 +510,7 @@ impl Mounted {
             path: target,
             threads,
             member,
+            uring,
         })
     }
 
@@ -509,17 +536,34 @@ impl Mounted {
             path,
             threads,
             member,
+            uring,
             ..
         } = self;
         let mut config = fuser::Config::default();
         config.n_threads = Some(threads);
         config.clone_fd = true;
+        config.uring = match uring {
+            crate::options::UringMode::Auto => fuser::UringMode::Auto,
+            crate::options::UringMode::On => fuser::UringMode::On,
+            crate::options::UringMode::Off => fuser::UringMode::Off,
+        };
         let hub = Arc::clone(member.hub());
         match fuser::Session::from_fd(fs, dev, fuser::SessionACL::All, config).and_then(|s| {
             hub.join(&member, s.notifier());
             s.spawn().inspect_err(|_| hub.leave(&member))
         }) {
             Ok(bg) => {
+                match bg.transport() {
+                    fuser::Transport::Uring { queues, depth } => tracing::info!(
+                        "serving {} over io_uring: {queues} queues (one per possible CPU) of \
+                         {depth} entries",
+                        path.display()
+                    ),
+                    fuser::Transport::DevFuse { why: Some(why) } => {
+                        tracing::info!("serving {} through /dev/fuse: {why}", path.display())
+                    }
+                    fuser::Transport::DevFuse { why: None } => {}
+                }
                 // The kernel learns the root's attributes before any invalidation may cross
                 // its first GETATTR (`share.rs`).
                 if let Err(e) = rustix::fs::fstat(&root) {
@@ -528,10 +572,20 @@ impl Mounted {
                 member.root_known();
                 drop(root);
                 Ok(Session {
+                    stats: bg.stats(),
                     bg,
                     target: path,
                     mount_id,
                     member,
+                })
+            }
+            Err(source)
+                if uring == crate::options::UringMode::On
+                    && source.kind() == io::ErrorKind::Unsupported =>
+            {
+                Err(Error::Uring {
+                    target: path,
+                    reason: source.to_string(),
                 })
             }
             Err(source) => Err(Error::Handshake {

@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$bin" mount --backend fuse --map b:0:100000:65536 -o uring=off "$work/src" "$work/mnt" >/dev/null
-pid=$(ps -eo pid,args | awk -v m="$work/mnt" '$0 ~ /shiftfs/ && $0 ~ /mount/ && index($0, m) { print $1; exit }')
+pid=$(ps -eo pid,args | awk -v m="$work/mnt" '$0 ~ /mount/ && $2 !~ /awk$/ && index($0, m) { print $1; exit }')
 [ -n "$pid" ] || { echo "no daemon found" >&2; exit 1; }
 NSROOT=(unshare --user --map-users=100000,0,65536 --map-groups=100000,0,65536 --setuid 0 --setgid 0 --)
 for w in smallfiles extract; do

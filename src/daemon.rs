@@ -880,6 +880,7 @@ fn supervise(
                 if let Some((path, chan)) = joins.take() {
                     listen_for_joins(path, chan, Arc::clone(&mounts), server_pid);
                 }
+                watch_shared(Arc::clone(&mounts));
                 if let Some(ready) = ready.take() {
                     ready(Ok(()));
                 }
@@ -965,6 +966,90 @@ fn supervise(
     }
     remove_own_log(target);
     std::process::exit(0)
+}
+
+/// How long a shared idmappable FUSE mount stays without users before the watcher
+/// unmounts it: a runtime that unmounts and mounts again at once keeps it.
+const SHARED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// In the supervisor: the shared idmappable FUSE mounts this daemon serves
+/// (`mount::mount_over_shared`) live as long as idmapped mounts are stacked on them. One
+/// removed with umount(8) instead of `shiftfs umount` leaves no one to stop the shared
+/// mount, so the supervisor watches the host's mount table (poll(2) wakes with POLLPRI on
+/// every change to it) and hands a shared mount that lost its last user for
+/// [`SHARED_GRACE`] to `mount::release_if_unused`, which decides under the users' lock.
+/// Its session then ends like any unmounted one (and the daemon with the last session).
+fn watch_shared(mounts: Mounts) {
+    let table = match std::fs::File::open(crate::mountinfo::SELF_MOUNTINFO) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch the mount table ({e}); an unused shared mount stays until \
+                 shiftfs gc"
+            );
+            return;
+        }
+    };
+    let base = crate::mount::shared_dir();
+    let spawned = std::thread::Builder::new()
+        .name("shared-watch".into())
+        .spawn(move || {
+            use rustix::event::{PollFd, PollFlags, poll};
+            // A missed change (none comes after the last user went) is found on the next
+            // round anyway.
+            let period = rustix::time::Timespec {
+                tv_sec: 30,
+                tv_nsec: 0,
+            };
+            loop {
+                let mut fds = [PollFd::new(&table, PollFlags::PRI)];
+                match poll(&mut fds, Some(&period)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        tracing::warn!("cannot watch the mount table: {e}");
+                        return;
+                    }
+                }
+                let shared = || -> Vec<PathBuf> {
+                    mounts
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values()
+                        .filter(|r| r.target.starts_with(&base))
+                        .map(|r| r.target.clone())
+                        .collect()
+                };
+                let unused: Vec<PathBuf> = shared()
+                    .into_iter()
+                    .filter(|p| crate::mount::shared_looks_unused(p))
+                    .collect();
+                if unused.is_empty() {
+                    continue;
+                }
+                std::thread::sleep(SHARED_GRACE);
+                for p in unused {
+                    if !shared().contains(&p) || !crate::mount::shared_looks_unused(&p) {
+                        continue;
+                    }
+                    match crate::mount::release_if_unused(&p) {
+                        Ok(crate::mount::Shared::Released) => {
+                            tracing::info!("{}: no mount uses it any more; unmounted", p.display())
+                        }
+                        Ok(crate::mount::Shared::Busy) => tracing::info!(
+                            "{}: no mount uses it any more, but files are open through it; kept",
+                            p.display()
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("{}: {e}", p.display()),
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot watch the mount table ({e}); an unused shared mount stays until shiftfs gc"
+        );
+    }
 }
 
 /// A session ended: its mount is gone (or draining ended), so is its record.

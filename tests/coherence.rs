@@ -10,6 +10,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 
@@ -390,5 +391,172 @@ fn a_killed_shared_daemon_leaves_dead_mounts_that_umount_removes() {
     mb.unmount();
     ma.unmount();
     assert!(!shiftfs_list().stdout.contains(&*src.to_string_lossy()));
+    dir.finish();
+}
+
+/// The shared idmappable FUSE mounts of `src` (by `--backend auto`).
+fn shared_mounts_of(src: &Path) -> Vec<MountEntry> {
+    mountinfo()
+        .into_iter()
+        .filter(|m| {
+            m.mount_point.starts_with("/run/shiftfs/shared") && m.source == src.to_string_lossy()
+        })
+        .collect()
+}
+
+/// The row `shiftfs list` shows for `target`.
+fn list_row(list: &Out, target: &Path) -> Option<String> {
+    list.stdout
+        .lines()
+        .find(|l| l.starts_with(&*target.to_string_lossy()))
+        .map(str::to_string)
+}
+
+/// Stacked (idmap-path) mounts removed with umount(8) instead of `shiftfs umount`: while
+/// one is left, the shared FUSE mount and its daemon serve it (and `shiftfs gc` keeps
+/// them); once the last is gone, the daemon's supervisor sees the mount table change and
+/// unmounts the shared mount, and the daemon ends, within seconds.
+#[test]
+fn umount8_of_the_last_stacked_mount_stops_the_shared_daemon() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("umount8");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    let (a, b) = (dir.dir("a"), dir.dir("b"));
+    let ma = ShiftMount::with_args_auto(&["--map", MAP_A], &src, &a);
+    let mb = ShiftMount::with_args_auto(&["--map", MAP_B], &src, &b);
+    for t in [&a, &b] {
+        let e = mount_at(t).expect("mounted");
+        assert!(e.mount_options.iter().any(|o| o == "idmapped"), "{e:?}");
+    }
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
+    assert_eq!(shared_mounts_of(&src).len(), 1);
+    let list = shiftfs_list();
+    for t in [&a, &b] {
+        let row = list_row(&list, t).unwrap_or_else(|| panic!("{} listed:\n{list}", t.display()));
+        assert!(row.contains("2 mounts"), "{row}");
+    }
+
+    run(Command::new("umount").arg(&a)).assert_ok();
+    ma.disarm();
+    // Longer than the watcher's grace: one stacked mount left keeps everything.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(daemons_of(&src), daemons, "the daemon serves b");
+    assert_eq!(shared_mounts_of(&src).len(), 1, "the shared mount stays");
+    assert_eq!(stat_ids(b.join("f")), (ROOT_B, ROOT_B));
+    assert_eq!(fs::read(b.join("f")).unwrap(), b"image\n");
+    let gc = run(&mut shiftfs(["gc"]));
+    gc.assert_ok();
+    assert!(
+        !gc.stdout.contains("shared"),
+        "gc keeps a used shared mount:\n{gc}"
+    );
+    assert_eq!(shared_mounts_of(&src).len(), 1, "gc keeps the shared mount");
+    let list = shiftfs_list();
+    assert!(
+        list_row(&list, &a).is_none(),
+        "a is gone from the list:\n{list}"
+    );
+    let row = list_row(&list, &b).unwrap_or_else(|| panic!("b listed:\n{list}"));
+    assert!(!row.contains("mounts"), "b shares with no one now: {row}");
+
+    run(Command::new("umount").arg(&b)).assert_ok();
+    mb.disarm();
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(5)),
+        "the daemon ends after the last stacked mount went with umount(8)"
+    );
+    let shared = shared_mounts_of(&src);
+    assert!(shared.is_empty(), "the shared mount is gone: {shared:?}");
+    let list = shiftfs_list();
+    assert!(
+        !list.stdout.contains(&*src.to_string_lossy()),
+        "nothing of src is listed:\n{list}"
+    );
+    drop(ramfs_guard);
+    dir.finish();
+}
+
+/// The children of `pid` (a daemon's supervisor is its forked child).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
+}
+
+/// Sends SIGCONT to a stopped process when dropped, so a failing test leaves none stopped.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        if let Some(p) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::CONT);
+        }
+    }
+}
+
+/// `shiftfs gc` unmounts a shared FUSE mount left without users when its daemon's watcher
+/// could not (here: its supervisor stopped), and the daemon then ends.
+#[test]
+fn gc_unmounts_an_unused_shared_mount() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("gc-shared");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    let a = dir.dir("a");
+    let ma = ShiftMount::with_args_auto(&["--map", MAP_A], &src, &a);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "one daemon: {daemons:?}");
+    let supervisors = children_of(daemons[0]);
+    assert_eq!(supervisors.len(), 1, "one supervisor: {supervisors:?}");
+    let sup = rustix::process::Pid::from_raw(supervisors[0] as i32).expect("pid");
+    rustix::process::kill_process(sup, rustix::process::Signal::STOP).expect("SIGSTOP");
+    let resume = Resume(supervisors[0]);
+
+    run(Command::new("umount").arg(&a)).assert_ok();
+    ma.disarm();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        shared_mounts_of(&src).len(),
+        1,
+        "left behind, nobody watching"
+    );
+    let gc = run(&mut shiftfs(["gc"]));
+    gc.assert_ok();
+    assert!(
+        gc.stdout.contains("unmounted unused shared mount"),
+        "gc says what it did:\n{gc}"
+    );
+    let shared = shared_mounts_of(&src);
+    assert!(
+        shared.is_empty(),
+        "gc unmounted the shared mount: {shared:?}"
+    );
+    drop(resume);
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(5)),
+        "the daemon ends with its last session"
+    );
+    let list = shiftfs_list();
+    assert!(
+        !list.stdout.contains(&*src.to_string_lossy()),
+        "nothing of src is listed:\n{list}"
+    );
+    drop(ramfs_guard);
     dir.finish();
 }

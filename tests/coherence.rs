@@ -560,3 +560,140 @@ fn gc_unmounts_an_unused_shared_mount() {
     drop(ramfs_guard);
     dir.finish();
 }
+
+/// A process of host uid/gid `id` holding `DIR/f0`, `DIR/f1`, .. open (up to `n`, until an
+/// open fails); closed when dropped.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// Opens as `id` in `dir` until an open fails; "COUNT ERRNO" (0 if all opened) and the holder.
+fn hold_open(id: u32, dir: &Path, n: usize) -> ((usize, i32), Holder) {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let script = format!(
+        "import os, sys\n\
+         fds, err = [], 0\n\
+         for i in range({n}):\n\
+         \x20   try:\n\
+         \x20       fds.append(os.open('f%d' % i, os.O_RDONLY))\n\
+         \x20   except OSError as e:\n\
+         \x20       err = e.errno\n\
+         \x20       break\n\
+         print(len(fds), err, flush=True)\n\
+         sys.stdin.read()\n"
+    );
+    let mut child = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .uid(id)
+        .gid(id)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let out = child.stdout.take().expect("stdout");
+    let holder = Holder(child);
+    let mut line = String::new();
+    std::io::BufReader::new(out).read_line(&mut line).unwrap();
+    let (count, err) = line.trim().split_once(' ').expect("COUNT ERRNO");
+    ((count.parse().unwrap(), err.parse().unwrap()), holder)
+}
+
+/// Two sessions of one daemon (two maps, `share=sessions`) at RLIMIT_NOFILE 256, which the
+/// daemon cannot raise: the open-file cap and the inode fds are the daemon's, shared by both
+/// sessions. Users holding many files open through both mounts are refused with ENFILE at
+/// the daemon's cap, and lookups through both mounts (a listing of 400 files, stats, a read)
+/// and another user's opens keep working: nothing fails with EMFILE.
+#[test]
+fn two_sessions_at_a_low_fd_limit_share_one_budget() {
+    if !require(Backend::Fuse)
+        || !require_tool("prlimit", "util-linux")
+        || !require_tool("setpriv", "util-linux")
+        || !require_tool("python3", "python3")
+    {
+        return;
+    }
+    let dir = TestDir::new("fd-budget");
+    let (src, a, b) = (dir.dir("src"), dir.dir("a"), dir.dir("b"));
+    for i in 0..400 {
+        fs::write(src.join(format!("f{i}")), format!("{i}")).unwrap();
+    }
+    let daemon = Command::new("setpriv")
+        .args(["--bounding-set=-sys_resource", "--", "prlimit"])
+        .args(["--nofile=256:256", "--", BIN, "mount", "--foreground"])
+        .args(["--backend", "fuse", "-o", "share=sessions", "--map", MAP_A])
+        .arg(&src)
+        .arg(&a)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Dropped in reverse: both unmounted (the daemon then exits), then it is reaped.
+    let _daemon = Children(vec![daemon]);
+    let _ma = ShiftMount::adopt(&a);
+    assert!(wait_mounted(&a, true, std::time::Duration::from_secs(20)));
+    let _mb = mount(MAP_B, &["-o", "share=sessions"], &src, &b);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "b joined a's daemon: {daemons:?}");
+
+    // One user holds what it can through a: refused at its share of the daemon's cap.
+    let ((n1, e1), _h1) = hold_open(ROOT_A + 1000, &a, 400);
+    assert_eq!(
+        e1,
+        libc::ENFILE,
+        "refused at the cap, not EMFILE ({n1} opened)"
+    );
+    // Another user's opens through b still work.
+    let ((n2, e2), _h2) = hold_open(ROOT_B + 1000, &b, 4);
+    assert_eq!((n2, e2), (4, 0), "another user opens files through b");
+
+    // Lookups of every file through both mounts, and reads, as other users.
+    for (root, m) in [(ROOT_A, &a), (ROOT_B, &b)] {
+        let d = q(m);
+        let out = run(&mut sh_as(
+            root + 2000,
+            root + 2000,
+            &format!(
+                "ls {d} | wc -l && stat -c %s {d}/* | sort -u | wc -l && cat {d}/f399 && \
+                 echo"
+            ),
+        ));
+        out.assert_ok();
+        assert_eq!(
+            out.stdout,
+            "400\n3\n399\n",
+            "through {}: {out}",
+            m.display()
+        );
+    }
+    // The daemon's cap full, through both mounts: opens are refused with ENFILE, and
+    // lookups of every file still work through both.
+    let ((n3, e3), h3) = hold_open(ROOT_B + 3000, &b, 400);
+    assert_eq!(
+        e3,
+        libc::ENFILE,
+        "refused at the cap, not EMFILE ({n3} opened)"
+    );
+    for (root, m) in [(ROOT_A, &a), (ROOT_B, &b)] {
+        let d = q(m);
+        let out = run(&mut sh_as(
+            root + 2000,
+            root + 2000,
+            &format!("stat -c %s {d}/* | wc -l"),
+        ));
+        out.assert_ok();
+        assert_eq!(out.stdout, "400\n", "through {}: {out}", m.display());
+    }
+    drop(h3);
+    assert_eq!(stat_ids(b.join("f0")), (ROOT_B, ROOT_B));
+    assert_eq!(fs::read(a.join("f123")).unwrap(), b"123");
+}

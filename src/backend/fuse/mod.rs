@@ -311,6 +311,14 @@ fn fd_plan(limit: u64, threads: usize, max_open: usize, max_inode_fds: usize) ->
     }
 }
 
+/// The fds a session joining a daemon uses besides inode anchors and open files (its
+/// `/dev/fuse` clones, its root, each worker's and data thread's fds during one request):
+/// taken from the daemon's inode fds, which then fall back to file handles sooner. The
+/// first session's are in the daemon's plan ([`fd_plan`]'s reserve).
+fn joined_reserve(threads: usize) -> usize {
+    32 + 8 * threads
+}
+
 /// The directory the daemon serves: a private clone of the source's mount (with its
 /// sub-mounts when `recursive`), so a mount point inside the source shows what the kernel
 /// backend shows, and mounts made inside the source later do not appear. Where cloning is
@@ -435,13 +443,28 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
     } else {
         opts.threads
     };
-    let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
-    tracing::debug!("fd plan: {plan:?}");
+    let hub = opts.share.unwrap_or_default();
+    let (budget, first) = hub.budget(|| {
+        let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
+        tracing::debug!("fd plan: {plan:?}");
+        share::Budget {
+            inode_fds: inode::FdPool::new(plan.inode_fds),
+            open: handle::OpenLimit::new(plan.max_open),
+        }
+    });
+    let mut member = hub.member();
+    if !first {
+        let n = joined_reserve(threads);
+        member.reserve(&budget.inode_fds, n);
+        tracing::debug!(
+            "{n} fds set aside for this session; {} left for inode fds",
+            budget.inode_fds.cap()
+        );
+    }
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     // Read now, for FUSE over io_uring: a sandboxed daemon cannot see /sys when the rings
     // are set up.
     let _ = fuser::possible_cpus();
-    let member = opts.share.map_or_else(Member::alone, |hub| hub.member());
     let fs = fs::ShiftFs::new(
         root,
         proc,
@@ -452,8 +475,8 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             passthrough: opts.passthrough,
             stack_depth: if overlay { 2 } else { 1 },
             stable_dir_offsets: !overlay,
-            fd_budget: plan.inode_fds,
-            max_open: plan.max_open,
+            fd_pool: budget.inode_fds,
+            open_limit: budget.open,
             data_threads: threads,
             share: member.clone(),
             idmappable: opts.idmappable,

@@ -625,25 +625,26 @@ fn two_sessions_at_a_low_fd_limit_share_one_budget() {
     for i in 0..400 {
         fs::write(src.join(format!("f{i}")), format!("{i}")).unwrap();
     }
-    let daemon = Command::new("setpriv")
+    // The daemon inherits the limit, and cannot raise it (no CAP_SYS_RESOURCE).
+    run(Command::new("setpriv")
         .args(["--bounding-set=-sys_resource", "--", "prlimit"])
-        .args(["--nofile=256:256", "--", BIN, "mount", "--foreground"])
+        .args(["--nofile=256:256", "--", BIN, "mount"])
         .args(["--backend", "fuse", "-o", "share=sessions", "--map", MAP_A])
         .arg(&src)
         .arg(&a)
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Dropped in reverse: both unmounted (the daemon then exits), then it is reaped.
-    let _daemon = Children(vec![daemon]);
+        .current_dir("/"))
+    .assert_ok();
     let _ma = ShiftMount::adopt(&a);
-    assert!(wait_mounted(&a, true, std::time::Duration::from_secs(20)));
     let _mb = mount(MAP_B, &["-o", "share=sessions"], &src, &b);
     let daemons = daemons_of(&src);
     assert_eq!(daemons.len(), 1, "b joined a's daemon: {daemons:?}");
+    let limits = fs::read_to_string(format!("/proc/{}/limits", daemons[0])).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 256 ")),
+        "the daemon runs at RLIMIT_NOFILE 256:\n{limits}"
+    );
 
     // One user holds what it can through a: refused at its share of the daemon's cap.
     let ((n1, e1), _h1) = hold_open(ROOT_A + 1000, &a, 400);

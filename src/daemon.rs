@@ -23,6 +23,12 @@
 //! that comes as it stops is told so, and starts a daemon of its own. A stop signal
 //! unmounts every mount the daemon serves. Where no daemon answers (none yet, or a stale
 //! socket of a killed one) `shiftfs mount` starts one as before; `-o share=off` always does.
+//! The sessions share one fd budget (`backend::fuse::share::Budget`).
+//!
+//! A shared idmappable FUSE mount (`mount::mount_over_shared`) is served like any other
+//! mount; the supervisor also watches the host's mount table (`watch_shared`) and unmounts
+//! one that nothing uses any more, since an idmapped mount stacked on it may go with
+//! umount(8), which tells no one.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};

@@ -49,6 +49,9 @@
 //! (`Options::max_open`: past it the opener gets ENFILE, and one caller uid gets at most
 //! three quarters of it); what is left anchors inodes by fd, past which they are anchored by
 //! file handles. So no caller can make lookups, or other users' requests, fail with EMFILE.
+//! The sessions of one daemon draw on its one fd limit, so the plan is the daemon's
+//! (`share::Budget`, made at the first session): one cap on open files and one pool of inode
+//! fds for all of them, from which each session joining later sets its own fds aside.
 //!
 //! Long data requests (fsync, fallocate, copy_file_range) run on a pool of their own
 //! threads so that metadata requests keep flowing, and a copy_file_range copies at most

@@ -638,6 +638,11 @@ fn two_sessions_at_a_low_fd_limit_share_one_budget() {
     let _mb = mount(MAP_B, &["-o", "share=sessions"], &src, &b);
     let daemons = daemons_of(&src);
     assert_eq!(daemons.len(), 1, "b joined a's daemon: {daemons:?}");
+    let list = shiftfs_list();
+    for t in [&a, &b] {
+        let row = list_row(&list, t).unwrap_or_else(|| panic!("{} listed:\n{list}", t.display()));
+        assert!(row.contains("2 mounts"), "{row}");
+    }
     let limits = fs::read_to_string(format!("/proc/{}/limits", daemons[0])).unwrap();
     assert!(
         limits
@@ -697,4 +702,57 @@ fn two_sessions_at_a_low_fd_limit_share_one_budget() {
     drop(h3);
     assert_eq!(stat_ids(b.join("f0")), (ROOT_B, ROOT_B));
     assert_eq!(fs::read(a.join("f123")).unwrap(), b"123");
+}
+
+/// A shared idmappable mount that joined the source's daemon as one more session (the
+/// daemon already served a shifting FUSE mount of the source): umount(8) of the mount
+/// stacked on it removes the shared mount within seconds, and the daemon goes on serving
+/// the other mount.
+#[test]
+fn umount8_releases_a_shared_mount_that_joined_a_sessions_daemon() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("umount8-joined");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    let (a, b) = (dir.dir("a"), dir.dir("b"));
+    let ma = mount(MAP_A, &["-o", "share=sessions"], &src, &a);
+    let mb = ShiftMount::with_args_auto(&["--map", MAP_B], &src, &b);
+    let e = mount_at(&b).expect("mounted");
+    assert!(e.mount_options.iter().any(|o| o == "idmapped"), "{e:?}");
+    let daemons = daemons_of(&src);
+    assert_eq!(
+        daemons.len(),
+        1,
+        "the shared mount joined a's daemon: {daemons:?}"
+    );
+    assert_eq!(shared_mounts_of(&src).len(), 1);
+
+    run(Command::new("umount").arg(&b)).assert_ok();
+    mb.disarm();
+    let start = std::time::Instant::now();
+    // Its session then ends, and the daemon's supervisor removes its record (until then
+    // `list` shows it draining).
+    let gone = || {
+        shared_mounts_of(&src).is_empty() && !shiftfs_list().stdout.contains("/run/shiftfs/shared")
+    };
+    while !gone() && start.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let shared = shared_mounts_of(&src);
+    assert!(shared.is_empty(), "the shared mount is gone: {shared:?}");
+    let list = shiftfs_list();
+    assert!(
+        !list.stdout.contains("/run/shiftfs/shared"),
+        "no shared mount listed:\n{list}"
+    );
+    assert!(list_row(&list, &a).is_some(), "a listed:\n{list}");
+    assert_eq!(daemons_of(&src), daemons, "the daemon still serves a");
+    assert_eq!(stat_ids(a.join("f")), (ROOT_A, ROOT_A));
+    assert_eq!(fs::read(a.join("f")).unwrap(), b"image\n");
+    ma.unmount();
+    assert!(wait_gone(&daemons, std::time::Duration::from_secs(10)));
+    drop(ramfs_guard);
+    dir.finish();
 }

@@ -978,6 +978,10 @@ fn supervise(
 /// unmounts it: a runtime that unmounts and mounts again at once keeps it.
 const SHARED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long the watcher lets the mount table settle after a change before it looks: at most
+/// ten looks a second, however fast mounts come and go.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// In the supervisor: the shared idmappable FUSE mounts this daemon serves
 /// (`mount::mount_over_shared`) live as long as idmapped mounts are stacked on them. One
 /// removed with umount(8) instead of `shiftfs umount` leaves no one to stop the shared
@@ -1016,6 +1020,9 @@ fn watch_shared(mounts: Mounts) {
                         return;
                     }
                 }
+                // A burst of changes (a container starting) is looked at once: the changes
+                // made meanwhile wake the next poll at once.
+                std::thread::sleep(SETTLE);
                 let shared = || -> Vec<PathBuf> {
                     mounts
                         .lock()

@@ -458,18 +458,32 @@ fn shared_in_use(info: &MountInfo, shared: &Path) -> bool {
     let Some(table) = mountinfo::own_table() else {
         return true;
     };
+    other_mounts_of(&table, info) || stacked_records(shared)
+}
+
+fn other_mounts_of(table: &[MountInfo], info: &MountInfo) -> bool {
     table.iter().any(|m| m.dev == info.dev && m.id != info.id)
-        || Record::all()
-            .iter()
-            .any(|(r, _)| r.lower().as_deref() == Some(shared))
+}
+
+fn stacked_records(shared: &Path) -> bool {
+    Record::all()
+        .iter()
+        .any(|(r, _)| r.lower().as_deref() == Some(shared))
 }
 
 /// Whether the shared mount at `shared` has lost its last user: a quick look without the
-/// locks, for the daemon's watcher to call on every change of the mount table.
+/// locks, for the daemon's watcher to call on changes of the mount table (one read of the
+/// table; the records only when the table shows no other mount of it).
 pub fn shared_looks_unused(shared: &Path) -> bool {
-    mounted_at(shared)
-        .filter(served_by_daemon)
-        .is_some_and(|info| !shared_in_use(&info, shared))
+    let Some(table) = mountinfo::own_table() else {
+        return false;
+    };
+    let info = table
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == shared)
+        .filter(|m| served_by_daemon(m));
+    info.is_some_and(|info| !other_mounts_of(&table, info) && !stacked_records(shared))
 }
 
 /// `shiftfs gc`: the shared FUSE mounts nothing uses any more, each with what became of it.

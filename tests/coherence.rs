@@ -756,3 +756,60 @@ fn umount8_releases_a_shared_mount_that_joined_a_sessions_daemon() {
     drop(ramfs_guard);
     dir.finish();
 }
+
+/// A shared mount that is busy (a process works inside it) when its last stacked mount goes
+/// with umount(8) is kept, never detached lazily; once it is free, the next change to the
+/// mount table lets it go, and its daemon ends.
+#[test]
+fn a_busy_shared_mount_is_kept_until_free() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("umount8-busy");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    let (a, t) = (dir.dir("a"), dir.dir("t"));
+    let ma = ShiftMount::with_args_auto(&["--map", MAP_A], &src, &a);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    let shared = shared_mounts_of(&src);
+    assert_eq!(shared.len(), 1);
+    let inside = shared[0].mount_point.clone();
+    // A process whose working directory is the shared mount keeps it busy.
+    let holder = Command::new("sleep")
+        .arg("600")
+        .current_dir(&inside)
+        .spawn()
+        .unwrap();
+    let mut holder = Children(vec![holder]);
+
+    run(Command::new("umount").arg(&a)).assert_ok();
+    ma.disarm();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(shared_mounts_of(&src).len(), 1, "busy: kept, not detached");
+    assert_eq!(daemons_of(&src), daemons);
+    assert_eq!(fs::read(inside.join("f")).unwrap(), b"image\n");
+
+    for c in &mut holder.0 {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // Any change to the mount table makes the daemon look again.
+    rustix::mount::mount(
+        "shiftfs-test",
+        &t,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"",
+    )
+    .expect("mount tmpfs");
+    rustix::mount::unmount(&t, rustix::mount::UnmountFlags::empty()).expect("umount tmpfs");
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(5)),
+        "freed, the shared mount goes, and its daemon ends"
+    );
+    let left = shared_mounts_of(&src);
+    assert!(left.is_empty(), "the shared mount is gone: {left:?}");
+    drop(ramfs_guard);
+    dir.finish();
+}

@@ -457,6 +457,12 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
     });
     let mut member = hub.member();
     if !first {
+        if opts.max_open != 0 || opts.max_inode_fds != 0 {
+            tracing::warn!(
+                "max_open/max_inode_fds of this mount not used: the daemon serving the source \
+                 shares one fd budget, set by its first mount (-o share=off for a budget of its own)"
+            );
+        }
         let n = joined_reserve(threads);
         member.reserve(&budget.inode_fds, n);
         tracing::debug!(

@@ -765,17 +765,23 @@ fn join_session(
     }
     let id = frame.id;
     let started = (|| {
-        let (req, _) = decode_request(&frame.text)?;
-        let [tree, dev, mount]: [OwnedFd; 3] = frame
-            .fds
-            .try_into()
-            .map_err(|_| "the mount came without its tree, connection and root".to_string())?;
+        let (req, _) = decode_request(&frame.text).map_err(Some)?;
+        let [tree, dev, mount]: [OwnedFd; 3] = frame.fds.try_into().map_err(|_| {
+            Some("the mount came without its tree, connection and root".to_string())
+        })?;
         let mut opts = fuse_options(&req);
         opts.share = Some(Arc::clone(hub));
         let host = crate::backend::fuse::HostSide { tree, dev, mount };
         let mounted = crate::backend::fuse::Mounted::join(host, req.target.clone(), Some(id), opts)
-            .map_err(|e| e.to_string())?;
-        mounted.serve().map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                // Told as "stopping": the mount then gets a daemon of its own.
+                crate::backend::fuse::Error::NoFdsToShare { .. } => {
+                    tracing::warn!("{e}");
+                    None
+                }
+                e => Some(e.to_string()),
+            })?;
+        mounted.serve().map_err(|e| Some(e.to_string()))
     })();
     match started {
         Ok(session) => {
@@ -792,7 +798,7 @@ fn join_session(
             served.lock().unwrap_or_else(PoisonError::into_inner).live -= 1;
             // The main loop looks again whether anything is left to serve.
             let _ = ends.send(None);
-            Err(Some(e))
+            Err(e)
         }
     }
 }

@@ -709,6 +709,15 @@ fn two_sessions_at_a_low_fd_limit_share_one_budget() {
     drop(h3);
     assert_eq!(stat_ids(b.join("f0")), (ROOT_B, ROOT_B));
     assert_eq!(fs::read(a.join("f123")).unwrap(), b"123");
+
+    // A third mount: the daemon has no fds to spare for one more session's own, so the mount
+    // gets a daemon of its own (at the default limit) rather than overcommitting this one.
+    let c = dir.dir("c");
+    let _mc = mount(MAP_B, &["-o", "share=sessions"], &src, &c);
+    let all = daemons_of(&src);
+    assert_eq!(all.len(), 2, "c has a daemon of its own: {all:?}");
+    assert_eq!(fs::read(c.join("f7")).unwrap(), b"7");
+    assert_eq!(stat_ids(c.join("f7")), (ROOT_B, ROOT_B));
 }
 
 /// A shared idmappable mount that joined the source's daemon as one more session (the

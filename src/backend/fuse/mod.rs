@@ -190,6 +190,13 @@ pub enum Error {
     },
     #[error("target {0}")]
     Target(#[from] crate::resolve::Error),
+    /// A session joining a daemon whose fd budget has no room for its own fds: the mount
+    /// gets a daemon of its own instead.
+    #[error(
+        "the daemon serving this source has {left} file descriptors to spare, and one more \
+         mount needs {need}; mount with -o share=off for a daemon of its own"
+    )]
+    NoFdsToShare { left: usize, need: usize },
 }
 
 fn mount_hint(e: &io::Error) -> &'static str {
@@ -464,6 +471,10 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             );
         }
         let n = joined_reserve(threads);
+        let left = budget.inode_fds.cap();
+        if left < n {
+            return Err(Error::NoFdsToShare { left, need: n });
+        }
         member.reserve(&budget.inode_fds, n);
         tracing::debug!(
             "{n} fds set aside for this session; {} left for inode fds",

@@ -322,11 +322,12 @@ fn fd_plan(limit: u64, threads: usize, max_open: usize, max_inode_fds: usize) ->
 }
 
 /// The fds a session joining a daemon uses besides inode anchors and open files (its
-/// `/dev/fuse` clones, its root, each worker's and data thread's fds during one request):
+/// `/dev/fuse` clones, its root, each worker's and data thread's fds during one request, an
+/// io_uring per possible CPU when it may use them):
 /// taken from the daemon's inode fds, which then fall back to file handles sooner. The
 /// first session's are in the daemon's plan ([`fd_plan`]'s reserve).
-fn joined_reserve(threads: usize) -> usize {
-    32 + 8 * threads
+fn joined_reserve(threads: usize, rings: usize) -> usize {
+    32 + 8 * threads + rings
 }
 
 /// The directory the daemon serves: a private clone of the source's mount (with its
@@ -470,7 +471,11 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
                  shares one fd budget, set by its first mount (-o share=off for a budget of its own)"
             );
         }
-        let n = joined_reserve(threads);
+        let rings = match opts.uring {
+            crate::options::UringMode::Off => 0,
+            _ => fuser::possible_cpus().map_or(0, |c| c.len()),
+        };
+        let n = joined_reserve(threads, rings);
         let left = budget.inode_fds.cap();
         if left < n {
             return Err(Error::NoFdsToShare { left, need: n });

@@ -381,14 +381,21 @@ fn start_shared(exe: &Path, req: &Request, dirs: &Resolved, shared: &Path) -> Re
 }
 
 /// After a mount stacked on the shared FUSE mount at `shared` went away: unmounts that
-/// FUSE mount when nothing else is stacked on it (its daemon then ends, or goes on serving
-/// the source's other mounts).
+/// FUSE mount when nothing else is stacked on it, by record or in the mount table (its
+/// daemon then ends, or goes on serving the source's other mounts).
 fn stop_shared_if_unused(shared: &Path, lazy: bool) {
     let users = Record::all()
         .into_iter()
         .filter(|(r, _)| r.lower().as_deref() == Some(shared))
         .count();
     if users > 0 {
+        return;
+    }
+    // Another tool's idmapped mount of it (crun's `idmap` option, say) has no record.
+    let other = mounted_at(shared)
+        .filter(served_by_daemon)
+        .is_some_and(|info| mountinfo::own_table().is_none_or(|t| other_mounts_of(&t, &info)));
+    if other {
         return;
     }
     match unmount(shared, lazy) {

@@ -829,3 +829,41 @@ fn a_busy_shared_mount_is_kept_until_free() {
     drop(ramfs_guard);
     dir.finish();
 }
+
+/// Another tool's mount of the shared filesystem (here a bind mount of a stacked mount;
+/// crun's `idmap` option makes one too) has no record: `shiftfs umount` of the last recorded
+/// mount keeps the shared mount for it, and once it goes with umount(8) the shared mount and
+/// its daemon go too.
+#[test]
+fn a_mount_without_record_keeps_the_shared_mount() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("shared-bind");
+    let (src, ramfs_guard) = ramfs(&dir, "src");
+    file(&src.join("f"), b"image\n", 0o644, 0, 0);
+    let (a, o) = (dir.dir("a"), dir.dir("o"));
+    let ma = ShiftMount::with_args_auto(&["--map", MAP_A], &src, &a);
+    let daemons = daemons_of(&src);
+    assert_eq!(daemons.len(), 1, "{daemons:?}");
+    rustix::mount::mount_bind(&a, &o).expect("bind mount");
+    let bind = Detach(o.clone());
+
+    ma.unmount();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(shared_mounts_of(&src).len(), 1, "kept for the bind mount");
+    assert_eq!(daemons_of(&src), daemons);
+    assert_eq!(stat_ids(o.join("f")), (ROOT_A, ROOT_A));
+    assert_eq!(fs::read(o.join("f")).unwrap(), b"image\n");
+
+    run(Command::new("umount").arg(&o)).assert_ok();
+    drop(bind);
+    assert!(
+        wait_gone(&daemons, std::time::Duration::from_secs(5)),
+        "the daemon ends once the bind mount went"
+    );
+    let left = shared_mounts_of(&src);
+    assert!(left.is_empty(), "the shared mount is gone: {left:?}");
+    drop(ramfs_guard);
+    dir.finish();
+}

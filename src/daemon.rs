@@ -1017,6 +1017,8 @@ fn watch_shared(mounts: Mounts) {
                 tv_sec: 30,
                 tv_nsec: 0,
             };
+            // Told once each, not on every change while they stay busy.
+            let mut busy = std::collections::HashSet::new();
             loop {
                 let mut fds = [PollFd::new(&table, PollFlags::PRI)];
                 match poll(&mut fds, Some(&period)) {
@@ -1054,10 +1056,15 @@ fn watch_shared(mounts: Mounts) {
                         Ok(crate::mount::Shared::Released) => {
                             tracing::info!("{}: no mount uses it any more; unmounted", p.display())
                         }
-                        Ok(crate::mount::Shared::Busy) => tracing::info!(
-                            "{}: no mount uses it any more, but files are open through it; kept",
-                            p.display()
-                        ),
+                        Ok(crate::mount::Shared::Busy) => {
+                            if busy.insert(p.clone()) {
+                                tracing::info!(
+                                    "{}: no mount uses it any more, but it is busy (files open \
+                                     through it); kept until it is not",
+                                    p.display()
+                                );
+                            }
+                        }
                         Ok(_) => {}
                         Err(e) => tracing::warn!("{}: {e}", p.display()),
                     }

@@ -190,7 +190,8 @@ impl Drop for Reserved {
 }
 
 impl Member {
-    /// A session alone in a hub of its own (a library mount, `-o share=off`).
+    /// A session alone in a hub of its own.
+    #[cfg(test)]
     pub fn alone() -> Self {
         Hub::new().member()
     }

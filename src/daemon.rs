@@ -23,6 +23,12 @@
 //! that comes as it stops is told so, and starts a daemon of its own. A stop signal
 //! unmounts every mount the daemon serves. Where no daemon answers (none yet, or a stale
 //! socket of a killed one) `shiftfs mount` starts one as before; `-o share=off` always does.
+//! The sessions share one fd budget (`backend::fuse::share::Budget`).
+//!
+//! A shared idmappable FUSE mount (`mount::mount_over_shared`) is served like any other
+//! mount; the supervisor also watches the host's mount table (`watch_shared`) and unmounts
+//! one that nothing uses any more, since an idmapped mount stacked on it may go with
+//! umount(8), which tells no one.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -759,17 +765,23 @@ fn join_session(
     }
     let id = frame.id;
     let started = (|| {
-        let (req, _) = decode_request(&frame.text)?;
-        let [tree, dev, mount]: [OwnedFd; 3] = frame
-            .fds
-            .try_into()
-            .map_err(|_| "the mount came without its tree, connection and root".to_string())?;
+        let (req, _) = decode_request(&frame.text).map_err(Some)?;
+        let [tree, dev, mount]: [OwnedFd; 3] = frame.fds.try_into().map_err(|_| {
+            Some("the mount came without its tree, connection and root".to_string())
+        })?;
         let mut opts = fuse_options(&req);
         opts.share = Some(Arc::clone(hub));
         let host = crate::backend::fuse::HostSide { tree, dev, mount };
         let mounted = crate::backend::fuse::Mounted::join(host, req.target.clone(), Some(id), opts)
-            .map_err(|e| e.to_string())?;
-        mounted.serve().map_err(|e| e.to_string())
+            .map_err(|e| match e {
+                // Told as "stopping": the mount then gets a daemon of its own.
+                crate::backend::fuse::Error::NoFdsToShare { .. } => {
+                    tracing::warn!("{e}");
+                    None
+                }
+                e => Some(e.to_string()),
+            })?;
+        mounted.serve().map_err(|e| Some(e.to_string()))
     })();
     match started {
         Ok(session) => {
@@ -786,7 +798,7 @@ fn join_session(
             served.lock().unwrap_or_else(PoisonError::into_inner).live -= 1;
             // The main loop looks again whether anything is left to serve.
             let _ = ends.send(None);
-            Err(Some(e))
+            Err(e)
         }
     }
 }
@@ -880,6 +892,7 @@ fn supervise(
                 if let Some((path, chan)) = joins.take() {
                     listen_for_joins(path, chan, Arc::clone(&mounts), server_pid);
                 }
+                watch_shared(Arc::clone(&mounts));
                 if let Some(ready) = ready.take() {
                     ready(Ok(()));
                 }
@@ -965,6 +978,104 @@ fn supervise(
     }
     remove_own_log(target);
     std::process::exit(0)
+}
+
+/// How long a shared idmappable FUSE mount stays without users before the watcher
+/// unmounts it: a runtime that unmounts and mounts again at once keeps it.
+const SHARED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long the watcher lets the mount table settle after a change before it looks: at most
+/// ten looks a second, however fast mounts come and go.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// In the supervisor: the shared idmappable FUSE mounts this daemon serves
+/// (`mount::mount_over_shared`) live as long as idmapped mounts are stacked on them. One
+/// removed with umount(8) instead of `shiftfs umount` leaves no one to stop the shared
+/// mount, so the supervisor watches the host's mount table (poll(2) wakes with POLLPRI on
+/// every change to it) and hands a shared mount that lost its last user for
+/// [`SHARED_GRACE`] to `mount::release_if_unused`, which decides under the users' lock.
+/// Its session then ends like any unmounted one (and the daemon with the last session).
+fn watch_shared(mounts: Mounts) {
+    let table = match std::fs::File::open(crate::mountinfo::SELF_MOUNTINFO) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch the mount table ({e}); an unused shared mount stays until \
+                 shiftfs gc"
+            );
+            return;
+        }
+    };
+    let base = crate::mount::shared_dir();
+    let spawned = std::thread::Builder::new()
+        .name("shared-watch".into())
+        .spawn(move || {
+            use rustix::event::{PollFd, PollFlags, poll};
+            // A missed change (none comes after the last user went) is found on the next
+            // round anyway.
+            let period = rustix::time::Timespec {
+                tv_sec: 30,
+                tv_nsec: 0,
+            };
+            // Told once each, not on every change while they stay busy.
+            let mut busy = std::collections::HashSet::new();
+            loop {
+                let mut fds = [PollFd::new(&table, PollFlags::PRI)];
+                match poll(&mut fds, Some(&period)) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        tracing::warn!("cannot watch the mount table: {e}");
+                        return;
+                    }
+                }
+                // A burst of changes (a container starting) is looked at once: the changes
+                // made meanwhile wake the next poll at once.
+                std::thread::sleep(SETTLE);
+                let shared = || -> Vec<PathBuf> {
+                    mounts
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values()
+                        .filter(|r| r.target.starts_with(&base))
+                        .map(|r| r.target.clone())
+                        .collect()
+                };
+                let unused: Vec<PathBuf> = shared()
+                    .into_iter()
+                    .filter(|p| crate::mount::shared_looks_unused(p))
+                    .collect();
+                if unused.is_empty() {
+                    continue;
+                }
+                std::thread::sleep(SHARED_GRACE);
+                for p in unused {
+                    if !shared().contains(&p) || !crate::mount::shared_looks_unused(&p) {
+                        continue;
+                    }
+                    match crate::mount::release_if_unused(&p) {
+                        Ok(crate::mount::Shared::Released) => {
+                            tracing::info!("{}: no mount uses it any more; unmounted", p.display())
+                        }
+                        Ok(crate::mount::Shared::Busy) => {
+                            if busy.insert(p.clone()) {
+                                tracing::info!(
+                                    "{}: no mount uses it any more, but it is busy (files open \
+                                     through it); kept until it is not",
+                                    p.display()
+                                );
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("{}: {e}", p.display()),
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot watch the mount table ({e}); an unused shared mount stays until shiftfs gc"
+        );
+    }
 }
 
 /// A session ended: its mount is gone (or draining ended), so is its record.

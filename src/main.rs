@@ -36,7 +36,8 @@ enum Command {
     Scan(cli::scan::Args),
     /// Report what this machine supports and what to do about what is missing.
     Doctor(cli::doctor::Args),
-    /// Unmount the shifted mounts of containers that are gone (never one in use).
+    /// Unmount the shifted mounts of containers that are gone (never one in use), and shared
+    /// idmappable FUSE mounts no mount is stacked on any more.
     Gc(cli::gc::Args),
     /// Act as an OCI runtime wrapper (what `shiftfs-runtime`, a link to this binary, does).
     Runtime(cli::runtime::Args),

@@ -261,6 +261,12 @@ fn kernel_idmaps_fuse() -> bool {
         .is_some_and(|v| v >= (6, 12))
 }
 
+/// The directory of the shared idmappable FUSE mounts (one per source, see
+/// [`mount_over_shared`]).
+pub fn shared_dir() -> PathBuf {
+    run_dir().join("shared")
+}
+
 /// Where the shared idmappable FUSE mount of the source `dirs.source` is kept: a directory
 /// only root can reach, one per source directory, sandbox mode and `--recursive`.
 fn shared_mount_dir(req: &Request, source: &Dir) -> Result<PathBuf, Error> {
@@ -269,7 +275,7 @@ fn shared_mount_dir(req: &Request, source: &Dir) -> Result<PathBuf, Error> {
         path: req.source.clone(),
         source,
     })?;
-    let base = run_dir().join("shared");
+    let base = shared_dir();
     let err = |source| Error::Io {
         what: "cannot make the directory of shared mounts",
         path: base.clone(),
@@ -375,8 +381,8 @@ fn start_shared(exe: &Path, req: &Request, dirs: &Resolved, shared: &Path) -> Re
 }
 
 /// After a mount stacked on the shared FUSE mount at `shared` went away: unmounts that
-/// FUSE mount when nothing else is stacked on it (its daemon then ends, or goes on serving
-/// the source's other mounts).
+/// FUSE mount when nothing else is stacked on it, by record or in the mount table (its
+/// daemon then ends, or goes on serving the source's other mounts).
 fn stop_shared_if_unused(shared: &Path, lazy: bool) {
     let users = Record::all()
         .into_iter()
@@ -385,12 +391,124 @@ fn stop_shared_if_unused(shared: &Path, lazy: bool) {
     if users > 0 {
         return;
     }
+    // Another tool's idmapped mount of it (crun's `idmap` option, say) has no record.
+    let other = mounted_at(shared)
+        .filter(served_by_daemon)
+        .is_some_and(|info| mountinfo::own_table().is_none_or(|t| other_mounts_of(&t, &info)));
+    if other {
+        return;
+    }
     match unmount(shared, lazy) {
         Ok(_) => {
             let _ = std::fs::remove_dir(shared);
         }
         Err(e) => tracing::warn!("cannot stop the shared mount {}: {e}", shared.display()),
     }
+}
+
+/// What [`release_if_unused`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shared {
+    /// Another mount of its filesystem, or a record, still uses it: kept.
+    InUse,
+    /// Unused and unmounted: its session (and the daemon, if it served nothing else) ends.
+    Released,
+    /// Unused but busy (files open through it): kept, and looked at again later.
+    Busy,
+    /// Not mounted there (any more).
+    Gone,
+}
+
+/// Unmounts the shared FUSE mount at `shared` once nothing uses it: no other mount of its
+/// filesystem in this mount table (an idmapped mount stacked on it, removed with umount(8)
+/// rather than `shiftfs umount`, leaves no record to say so) and no record naming it.
+/// Never lazily: a busy one is kept. A dead one (its daemon killed) is detached.
+pub fn release_if_unused(shared: &Path) -> Result<Shared, Error> {
+    let _users = users_lock(shared)?;
+    let _lock = TargetLock::take(shared)?;
+    let Some(info) = mounted_at(shared).filter(served_by_daemon) else {
+        let _ = std::fs::remove_dir(shared);
+        return Ok(Shared::Gone);
+    };
+    if shared_in_use(&info, shared) {
+        return Ok(Shared::InUse);
+    }
+    let record = Record::of(&info);
+    let dead = match &record {
+        Some(r) => !r.daemon_alive(),
+        None => {
+            matches!(std::fs::metadata(shared), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+        }
+    };
+    let flags = if dead {
+        UnmountFlags::DETACH
+    } else {
+        UnmountFlags::empty()
+    };
+    match rustix::mount::unmount(shared, flags | UnmountFlags::NOFOLLOW) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::BUSY) => return Ok(Shared::Busy),
+        Err(e) => return Err(unmount_error(shared.to_path_buf(), e)),
+    }
+    if dead && let Some(r) = &record {
+        r.remove();
+        let _ = std::fs::remove_file(Record::log_path(shared));
+    }
+    let _ = std::fs::remove_dir(shared);
+    Ok(Shared::Released)
+}
+
+/// Whether anything but the shared mount `info` itself refers to its filesystem: another
+/// mount with its device (the FUSE connection's), or a record stacked on it. An unreadable
+/// mount table counts as in use.
+fn shared_in_use(info: &MountInfo, shared: &Path) -> bool {
+    let Some(table) = mountinfo::own_table() else {
+        return true;
+    };
+    other_mounts_of(&table, info) || stacked_records(shared)
+}
+
+fn other_mounts_of(table: &[MountInfo], info: &MountInfo) -> bool {
+    table.iter().any(|m| m.dev == info.dev && m.id != info.id)
+}
+
+fn stacked_records(shared: &Path) -> bool {
+    Record::all()
+        .iter()
+        .any(|(r, _)| r.lower().as_deref() == Some(shared))
+}
+
+/// Whether the shared mount at `shared` has lost its last user: a quick look without the
+/// locks, for the daemon's watcher to call on changes of the mount table (one read of the
+/// table; the records only when the table shows no other mount of it).
+pub fn shared_looks_unused(shared: &Path) -> bool {
+    let Some(table) = mountinfo::own_table() else {
+        return false;
+    };
+    let info = table
+        .iter()
+        .rev()
+        .find(|m| m.mount_point == shared)
+        .filter(|m| served_by_daemon(m));
+    info.is_some_and(|info| !other_mounts_of(&table, info) && !stacked_records(shared))
+}
+
+/// `shiftfs gc`: the shared FUSE mounts nothing uses any more, each with what became of it.
+pub fn gc_shared() -> Vec<(PathBuf, Result<Shared, Error>)> {
+    let Ok(dir) = std::fs::read_dir(shared_dir()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "lock") || !e.file_type().is_ok_and(|t| t.is_dir())
+        {
+            continue;
+        }
+        out.push((path.clone(), release_if_unused(&path)));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
 }
 
 pub(crate) fn record(

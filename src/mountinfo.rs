@@ -11,6 +11,9 @@ pub struct MountInfo {
     /// The mount id, as `statx(STATX_MNT_ID)` reports it.
     pub id: u64,
     pub parent_id: u64,
+    /// The filesystem's device, `major:minor` as in `st_dev`: the same for every mount of one
+    /// superblock (a FUSE connection has a device of its own).
+    pub dev: String,
     /// The path inside the filesystem that is mounted (`/` unless a bind mount of a subtree).
     pub root: PathBuf,
     pub mount_point: PathBuf,
@@ -75,7 +78,7 @@ fn parse_line(line: &[u8]) -> Option<MountInfo> {
     let mut h = head.split(|&b| b == b' ');
     let id = text(h.next()?).parse().ok()?;
     let parent_id = text(h.next()?).parse().ok()?;
-    let _dev = h.next()?;
+    let dev = text(h.next()?);
     let root = path(h.next()?);
     let mount_point = path(h.next()?);
     let mount_options = options(h.next()?);
@@ -86,6 +89,7 @@ fn parse_line(line: &[u8]) -> Option<MountInfo> {
     Some(MountInfo {
         id,
         parent_id,
+        dev,
         root,
         mount_point,
         mount_options,
@@ -267,6 +271,7 @@ bad line
         assert_eq!(m[0].fstype, "ext4");
         assert_eq!(m[0].mount_point, PathBuf::from("/"));
         assert_eq!(m[1].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!(m[1].dev, "0:40");
         assert!(m[1].has_option("idmapped"));
         assert!(m[1].has_option("nosuid") && m[1].has_option("nodev"));
         assert!(!m[0].has_option("nosuid"));

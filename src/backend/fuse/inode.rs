@@ -214,11 +214,75 @@ impl Inner {
     }
 }
 
+/// The fds that may anchor inodes, for every inode table of one daemon: the sessions of a
+/// shared daemon all draw on its one RLIMIT_NOFILE, so one budget for all of them, else
+/// lookups through many mounts at once would pass the limit.
+#[derive(Debug)]
+pub struct FdPool {
+    /// Fd anchors held by all the tables.
+    used: AtomicUsize,
+    /// The fds planned for anchors at the first session.
+    planned: usize,
+    /// Set aside for the fds of the sessions that joined later (their workers' and
+    /// connections').
+    reserved: AtomicUsize,
+}
+
+impl FdPool {
+    pub fn new(planned: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            planned,
+            reserved: AtomicUsize::new(0),
+        })
+    }
+
+    /// Fd anchors allowed now.
+    pub fn cap(&self) -> usize {
+        self.planned
+            .saturating_sub(self.reserved.load(Ordering::Relaxed))
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Keeps `n` fds away from anchors (for a session that joined), until
+    /// [`FdPool::release`]. Anchors past the new cap stay until forgotten; new inodes are then
+    /// anchored by handles.
+    pub fn reserve(&self, n: usize) {
+        self.reserved.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(r.saturating_sub(n))
+            });
+    }
+
+    fn has_room(&self) -> bool {
+        self.used() < self.cap()
+    }
+
+    fn take(&self) {
+        self.used.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn give(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+}
+
 pub struct InodeTable {
     inner: RwLock<Inner>,
-    /// Mirror of `Inner::fd_anchors`, read without the lock to choose an anchor.
-    fd_anchors: AtomicUsize,
-    fd_budget: usize,
+    /// Shared with the daemon's other sessions.
+    pool: Arc<FdPool>,
     /// Every mount seen, by id. Never shrinks: the mounts below one source are few.
     mounts: RwLock<HashMap<u64, Arc<Mount>>>,
 }
@@ -226,9 +290,10 @@ pub struct InodeTable {
 pub const ROOT_ID: u64 = 1;
 
 impl InodeTable {
-    /// A table holding the root, which the kernel never forgets. Past `fd_budget` fd
-    /// anchors, new inodes are anchored by file handles where their mount allows.
-    pub fn new(root: OwnedFd, key: Key, fd_budget: usize) -> Self {
+    /// A table holding the root, which the kernel never forgets. Past the cap of `pool`
+    /// (all the daemon's tables together), new inodes are anchored by file handles where
+    /// their mount allows.
+    pub fn new(root: OwnedFd, key: Key, pool: Arc<FdPool>) -> Self {
         let mount = Arc::new(Mount::new(root.as_fd()));
         mount.learn_handle_root(root.as_fd());
         let root = Arc::new(Inode {
@@ -252,6 +317,7 @@ impl InodeTable {
         );
         let mut by_key = HashMap::new();
         by_key.insert(key, ROOT_ID);
+        pool.take();
         Self {
             inner: RwLock::new(Inner {
                 by_id,
@@ -260,8 +326,7 @@ impl InodeTable {
                 next_synthetic: FIRST_SYNTHETIC,
                 fd_anchors: 1,
             }),
-            fd_anchors: AtomicUsize::new(1),
-            fd_budget,
+            pool,
             mounts: RwLock::new(HashMap::from([(key.mnt, mount)])),
         }
     }
@@ -287,7 +352,7 @@ impl InodeTable {
     /// How to remember the object `fd` refers to: the fd itself while under budget, else
     /// a file handle when the filesystem gives one and its mount has a handle root.
     fn anchor(&self, fd: OwnedFd, mount: &Mount) -> Anchor {
-        if self.fd_anchors.load(Ordering::Relaxed) < self.fd_budget {
+        if self.pool.has_room() {
             return Anchor::Fd(fd);
         }
         let Some((_, mount_id)) = mount.handle_root.get() else {
@@ -343,7 +408,7 @@ impl InodeTable {
                     let nodeid = inner.pick_id(key);
                     if matches!(anchor, Anchor::Fd(_)) {
                         inner.fd_anchors += 1;
-                        self.fd_anchors.store(inner.fd_anchors, Ordering::Relaxed);
+                        self.pool.take();
                     }
                     let inode = Arc::new(Inode {
                         nodeid,
@@ -419,7 +484,7 @@ impl InodeTable {
                 }
                 if matches!(e.inode.anchor, Anchor::Fd(_)) {
                     inner.fd_anchors -= 1;
-                    self.fd_anchors.store(inner.fd_anchors, Ordering::Relaxed);
+                    self.pool.give(1);
                 }
             }
             removed
@@ -431,6 +496,14 @@ impl InodeTable {
     pub fn len(&self) -> usize {
         let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
         inner.by_id.len()
+    }
+}
+
+impl Drop for InodeTable {
+    /// A session that ends gives its fd anchors back to the daemon's other sessions.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        self.pool.give(inner.fd_anchors);
     }
 }
 
@@ -459,7 +532,7 @@ mod tests {
 
     #[test]
     fn lookups_share_one_node_and_forget_counts() {
-        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
+        let t = InodeTable::new(raw(), ROOT_KEY, FdPool::new(usize::MAX));
         let k = Key {
             mnt: 1,
             dev: 1,
@@ -482,7 +555,7 @@ mod tests {
 
     #[test]
     fn colliding_numbers_get_synthetic_ids() {
-        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
+        let t = InodeTable::new(raw(), ROOT_KEY, FdPool::new(usize::MAX));
         let a = t.insert_lookup(
             fd(),
             Key {
@@ -523,7 +596,7 @@ mod tests {
 
     #[test]
     fn one_inode_through_two_mounts_is_two_nodes() {
-        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
+        let t = InodeTable::new(raw(), ROOT_KEY, FdPool::new(usize::MAX));
         let rw = t.insert_lookup(
             fd(),
             Key {
@@ -559,7 +632,7 @@ mod tests {
 
     #[test]
     fn batch_forget_and_root_is_pinned() {
-        let t = InodeTable::new(raw(), ROOT_KEY, usize::MAX);
+        let t = InodeTable::new(raw(), ROOT_KEY, FdPool::new(usize::MAX));
         let k = Key {
             mnt: 1,
             dev: 1,
@@ -606,7 +679,7 @@ mod handle_tests {
                 dev: st.st_dev,
                 ino: st.st_ino,
             },
-            2,
+            FdPool::new(2),
         );
         let mut ids = vec![];
         for n in ["a", "b"] {
@@ -646,5 +719,59 @@ mod handle_tests {
         let fd = open(&dir.path().join("a"));
         let root_mount = t.get(ROOT_ID).unwrap().mount.clone();
         assert!(matches!(t.anchor(fd, &root_mount), Anchor::Fd(_)));
+    }
+}
+
+#[cfg(test)]
+mod pool_tests {
+    use super::*;
+    use rustix::fs::Mode;
+
+    #[test]
+    fn the_tables_of_one_daemon_share_one_fd_budget() {
+        if !rustix::process::geteuid().is_root() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "a").unwrap();
+        let open = |p: &std::path::Path| {
+            rustix::fs::open(p, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap()
+        };
+        let key_of = |fd: &OwnedFd| {
+            let st = rustix::fs::fstat(fd).unwrap();
+            Key {
+                mnt: 1,
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }
+        };
+        // Two roots and one file: the third fd anchor passes the pool of 3 only if the
+        // second table counted on its own.
+        let pool = FdPool::new(3);
+        let r1 = open(dir.path());
+        let k = key_of(&r1);
+        let t1 = InodeTable::new(r1, k, Arc::clone(&pool));
+        let t2 = InodeTable::new(open(dir.path()), k, Arc::clone(&pool));
+        assert_eq!(pool.used(), 2);
+        let fd = open(&dir.path().join("a"));
+        let ka = key_of(&fd);
+        let a1 = t1.insert_lookup(fd, ka, libc::S_IFREG);
+        assert!(matches!(a1.anchor, Anchor::Fd(_)));
+        let fd = open(&dir.path().join("a"));
+        let a2 = t2.insert_lookup(fd, ka, libc::S_IFREG);
+        assert!(
+            matches!(a2.anchor, Anchor::Handle(_)),
+            "the pool is full across tables"
+        );
+        // A joined session's reserve lowers the cap; its end gives it back.
+        pool.reserve(1);
+        assert_eq!(pool.cap(), 2);
+        pool.release(1);
+        assert_eq!(pool.cap(), 3);
+        drop(t1);
+        assert_eq!(pool.used(), 1, "an ended session gives its anchors back");
+        drop(t2);
+        assert_eq!(pool.used(), 0);
     }
 }

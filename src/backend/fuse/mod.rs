@@ -49,6 +49,9 @@
 //! (`Options::max_open`: past it the opener gets ENFILE, and one caller uid gets at most
 //! three quarters of it); what is left anchors inodes by fd, past which they are anchored by
 //! file handles. So no caller can make lookups, or other users' requests, fail with EMFILE.
+//! The sessions of one daemon draw on its one fd limit, so the plan is the daemon's
+//! (`share::Budget`, made at the first session): one cap on open files and one pool of inode
+//! fds for all of them, from which each session joining later sets its own fds aside.
 //!
 //! Long data requests (fsync, fallocate, copy_file_range) run on a pool of their own
 //! threads so that metadata requests keep flowing, and a copy_file_range copies at most
@@ -187,6 +190,13 @@ pub enum Error {
     },
     #[error("target {0}")]
     Target(#[from] crate::resolve::Error),
+    /// A session joining a daemon whose fd budget has no room for its own fds: the mount
+    /// gets a daemon of its own instead.
+    #[error(
+        "the daemon serving this source has {left} file descriptors to spare, and one more \
+         mount needs {need}; mount with -o share=off for a daemon of its own"
+    )]
+    NoFdsToShare { left: usize, need: usize },
 }
 
 fn mount_hint(e: &io::Error) -> &'static str {
@@ -309,6 +319,15 @@ fn fd_plan(limit: u64, threads: usize, max_open: usize, max_inode_fds: usize) ->
         inode_fds,
         max_open,
     }
+}
+
+/// The fds a session joining a daemon uses besides inode anchors and open files (its
+/// `/dev/fuse` clones, its root, each worker's and data thread's fds during one request, an
+/// io_uring per possible CPU when it may use them):
+/// taken from the daemon's inode fds, which then fall back to file handles sooner. The
+/// first session's are in the daemon's plan ([`fd_plan`]'s reserve).
+fn joined_reserve(threads: usize, rings: usize) -> usize {
+    32 + 8 * threads + rings
 }
 
 /// The directory the daemon serves: a private clone of the source's mount (with its
@@ -435,13 +454,42 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
     } else {
         opts.threads
     };
-    let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
-    tracing::debug!("fd plan: {plan:?}");
+    let hub = opts.share.unwrap_or_default();
+    let (budget, first) = hub.budget(|| {
+        let plan = fd_plan(nofile_limit(), threads, opts.max_open, opts.max_inode_fds);
+        tracing::debug!("fd plan: {plan:?}");
+        share::Budget {
+            inode_fds: inode::FdPool::new(plan.inode_fds),
+            open: handle::OpenLimit::new(plan.max_open),
+        }
+    });
+    let mut member = hub.member();
+    if !first {
+        if opts.max_open != 0 || opts.max_inode_fds != 0 {
+            tracing::warn!(
+                "max_open/max_inode_fds of this mount not used: the daemon serving the source \
+                 shares one fd budget, set by its first mount (-o share=off for a budget of its own)"
+            );
+        }
+        let rings = match opts.uring {
+            crate::options::UringMode::Off => 0,
+            _ => fuser::possible_cpus().map_or(0, |c| c.len()),
+        };
+        let n = joined_reserve(threads, rings);
+        let left = budget.inode_fds.cap();
+        if left < n {
+            return Err(Error::NoFdsToShare { left, need: n });
+        }
+        member.reserve(&budget.inode_fds, n);
+        tracing::debug!(
+            "{n} fds set aside for this session; {} left for inode fds",
+            budget.inode_fds.cap()
+        );
+    }
     let proc = ProcFd::open().map_err(|source| Error::Proc { source })?;
     // Read now, for FUSE over io_uring: a sandboxed daemon cannot see /sys when the rings
     // are set up.
     let _ = fuser::possible_cpus();
-    let member = opts.share.map_or_else(Member::alone, |hub| hub.member());
     let fs = fs::ShiftFs::new(
         root,
         proc,
@@ -452,8 +500,8 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             passthrough: opts.passthrough,
             stack_depth: if overlay { 2 } else { 1 },
             stable_dir_offsets: !overlay,
-            fd_budget: plan.inode_fds,
-            max_open: plan.max_open,
+            fd_pool: budget.inode_fds,
+            open_limit: budget.open,
             data_threads: threads,
             share: member.clone(),
             idmappable: opts.idmappable,

@@ -35,6 +35,9 @@ use std::time::{Duration, Instant};
 
 use fuser::{INodeNo, Notifier};
 
+use super::handle::OpenLimit;
+use super::inode::FdPool;
+
 /// How long a request waits for other sessions to take its invalidations before it replies.
 pub const DELIVERY_WAIT: Duration = Duration::from_millis(50);
 
@@ -61,11 +64,23 @@ struct Peer {
     ready: Arc<AtomicBool>,
 }
 
+/// The fds of one daemon, which all its sessions draw on (one RLIMIT_NOFILE): planned at
+/// the first session, from its options.
+#[derive(Clone)]
+pub struct Budget {
+    /// Fds anchoring inodes, for every session's inode table.
+    pub inode_fds: Arc<FdPool>,
+    /// Files and directories held open for callers through any of the mounts; one caller
+    /// uid at most three quarters of it, across the mounts too.
+    pub open: Arc<OpenLimit>,
+}
+
 /// The sessions of one daemon that serve one source.
 #[derive(Default)]
 pub struct Hub {
     peers: RwLock<Vec<Peer>>,
     next: AtomicU64,
+    budget: std::sync::OnceLock<Budget>,
 }
 
 impl fmt::Debug for Hub {
@@ -86,7 +101,19 @@ impl Hub {
             hub: Arc::clone(self),
             id: self.next.fetch_add(1, Ordering::Relaxed),
             ready: Arc::default(),
+            reserved: None,
         }
+    }
+
+    /// The daemon's fd budget, planned by `plan` for the first session; whether this is
+    /// that first session.
+    pub fn budget(&self, plan: impl FnOnce() -> Budget) -> (Budget, bool) {
+        let mut first = false;
+        let budget = self.budget.get_or_init(|| {
+            first = true;
+            plan()
+        });
+        (budget.clone(), first)
     }
 
     /// The session of `member` serves: from now on it is told of the others' changes.
@@ -145,16 +172,42 @@ pub struct Member {
     hub: Arc<Hub>,
     id: u64,
     ready: Arc<AtomicBool>,
+    /// The fds set aside for a session that joined, until it ends.
+    reserved: Option<Arc<Reserved>>,
+}
+
+/// Fds kept away from the daemon's inode anchors while a joined session lives.
+#[derive(Debug)]
+struct Reserved {
+    pool: Arc<FdPool>,
+    n: usize,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.pool.release(self.n);
+    }
 }
 
 impl Member {
-    /// A session alone in a hub of its own (a library mount, `-o share=off`).
+    /// A session alone in a hub of its own.
+    #[cfg(test)]
     pub fn alone() -> Self {
         Hub::new().member()
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// Sets `n` fds of `pool` aside for this session (its connection's and its workers'),
+    /// until its last handle is dropped.
+    pub fn reserve(&mut self, pool: &Arc<FdPool>, n: usize) {
+        pool.reserve(n);
+        self.reserved = Some(Arc::new(Reserved {
+            pool: Arc::clone(pool),
+            n,
+        }));
     }
 
     /// This session's kernel has its root's attributes: from now on it takes the other

@@ -45,7 +45,7 @@ use rustix::thread::CapabilitySet;
 
 use super::caller::{Caller, NO_ID};
 use super::handle::{DirHandle, FileHandle as OpenFile, HandleTable, OpenLimit, Slot};
-use super::inode::{Inode, InodeTable, Key};
+use super::inode::{FdPool, Inode, InodeTable, Key};
 use super::pool::Pool;
 use super::share::{Member, Stale};
 use crate::idmap::{IdMapping, InnerGid, InnerUid, OuterGid, OuterUid};
@@ -307,10 +307,10 @@ pub(super) struct Config {
     /// Directory offsets are cookies any fd can resume from (not overlayfs, whose offsets
     /// index a listing cached per open file).
     pub stable_dir_offsets: bool,
-    /// Inodes anchored by fds before file handles are used instead.
-    pub fd_budget: usize,
-    /// Files and directories held open for callers, at most.
-    pub max_open: usize,
+    /// Fds for inode anchors (before file handles), shared by the daemon's sessions.
+    pub fd_pool: Arc<FdPool>,
+    /// The cap on files and directories held open for callers, shared likewise.
+    pub open_limit: Arc<OpenLimit>,
     /// Threads for long data requests (fsync, fallocate, copy_file_range).
     pub data_threads: usize,
     /// The other sessions serving this source, told of every change made through this one.
@@ -367,11 +367,11 @@ impl ShiftFs {
                     dev: st.st_dev,
                     ino: st.st_ino,
                 },
-                cfg.fd_budget,
+                cfg.fd_pool,
             ),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
-            open_limit: OpenLimit::new(cfg.max_open),
+            open_limit: cfg.open_limit,
             data: Pool::new(cfg.data_threads),
             proc,
             want_passthrough: cfg.passthrough,

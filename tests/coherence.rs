@@ -282,16 +282,7 @@ fn sigterm_unmounts_every_mount_of_a_shared_daemon() {
 /// A ramfs (which the kernel cannot idmap) at `dir/name`, unmounted on drop.
 fn ramfs(dir: &TestDir, name: &str) -> (PathBuf, Detach) {
     let path = dir.dir(name);
-    rustix::mount::mount(
-        "shiftfs-test",
-        &path,
-        "ramfs",
-        rustix::mount::MountFlags::empty(),
-        c"mode=0755",
-    )
-    .expect("mount ramfs");
-    let guard = Detach(path.clone());
-    assert_eq!(fstype_of(&path), "ramfs");
+    let guard = mount_ramfs(&path);
     (path, guard)
 }
 

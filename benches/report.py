@@ -149,7 +149,7 @@ def uring_tables(backings, med):
             if cu is None:
                 continue
             goal = ""
-            if m in targets and cp:
+            if m in targets and cp and b == "tmpfs":  # issue 16 sets these on tmpfs
                 limit = targets[m][1]
                 goal = f"<= {limit}x plain: " + ("yes" if cu / cp <= limit else "**no**")
             out.append(f"| {METRICS[m][0]} | {fx(cc / cp if cc and cp else None)} | "

@@ -12,8 +12,8 @@
 #   plain    the source directory itself (the baseline of every ratio)
 #   kernel   kernel idmapped mount: `shiftfs mount --backend kernel` (falls back to
 #            benches/idmap_mount.py, the same syscalls, while that backend is unavailable)
-#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536 -o uring=off` (classic /dev/fuse)
-#   fuse-uring the same with `-o uring=on`: FUSE over io_uring, one ring per possible CPU; the run
+#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536 -o uring=off,share=off` (classic /dev/fuse)
+#   fuse-uring the same with `-o uring=on,share=off`: FUSE over io_uring, one ring per possible CPU; the run
 #            sets fuse.enable_uring=1 while it is among the contenders and puts back what it found
 #   bindfs   `bindfs --uid-offset=100000 --gid-offset=100000` (+ allow_other)
 #   overlay  `fuse-overlayfs -o uidmapping=0:100000:65536,gidmapping=0:100000:65536` (+ allow_other)
@@ -215,9 +215,15 @@ mount_contender() {
         mounts+=("umount $mnt"); notes[kernel]="benches/idmap_mount.py (shiftfs kernel backend unavailable)"
       fi ;;
     fuse|fuse-uring)
-      local uring=off; [ "$c" = fuse ] || uring=on
-      "$shiftfs" mount --backend fuse --map b:0:100000:65536 -o uring=$uring ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} \
-        "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
+      local uring=off extra=; [ "$c" = fuse ] || uring=on
+      # sshfs aborts (assertion `offset == 0` in its readdir) when a listing continues on a
+      # handle it did not start, which the default listing cache without OPENDIR does;
+      # attr_timeout=0 keeps one source handle per open (and suits a source others change).
+      if [ "$b" = sshfs ]; then extra=attr_timeout=0; notes[fuse_sshfs]="-o attr_timeout=0 on sshfs (see run.sh)"; fi
+      # share=off: a daemon per contender, as before mounts of one source shared one (and a
+      # uring=on mount cannot join a daemon serving /dev/fuse: ENOSYS setting up its rings).
+      "$shiftfs" mount --backend fuse --map b:0:100000:65536 -o uring=$uring,share=off ${extra:+-o $extra} \
+        ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
       mounts+=("shiftfs $mnt")
       [ -z "${SHIFTFS_FUSE_OPTS:-}" ] || notes[fuse_options]="-o $SHIFTFS_FUSE_OPTS" ;;
     fuse-base)
@@ -260,7 +266,8 @@ unmount_contender() {
 
 # Pid of the shiftfs FUSE daemon serving MNT, from its record (what `shiftfs list` shows).
 daemon_pid() {
-  "$shiftfs" list 2>/dev/null | awk -v t="$1" '$1 == t && $NF == "active" { print $(NF-1) }' | head -1
+  "$shiftfs" list 2>/dev/null \
+    | awk -v t="$1" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "PID") c = i } $1 == t && $NF == "active" { print $c }' | head -1
 }
 
 # ---------------------------------------------------------------- workloads
@@ -563,7 +570,7 @@ for b in "${B[@]}"; do
     unset dead
   done
 
-  if [ -n "${path[fuse]:-}" ] && pid=$(daemon_pid "${path[fuse]}") && [ -n "$pid" ]; then
+  if [ -n "${path[fuse]:-}" ] && pid=$(daemon_pid "${path[fuse]}") && [ -r "/proc/${pid:-none}/status" ]; then
     notes[fuse_hwm_$b]=$(awk '/^VmHWM/ { print $2 " " $3 }' "/proc/$pid/status")
   fi
   for c in "${active[@]}"; do unmount_contender "$base" "$c"; done

@@ -9,7 +9,7 @@ demo=false
 if $demo; then
   pkgs=(uidmap util-linux)
 else
-  pkgs=(acl attr libcap2-bin uidmap fuse3 bindfs fuse-overlayfs fio debootstrap util-linux gcc python3 e2fsprogs systemd sshfs openssh-server runc crun podman busybox-static)
+  pkgs=(acl attr libcap2-bin uidmap fuse3 bindfs fuse-overlayfs fio debootstrap util-linux gcc python3 e2fsprogs systemd sshfs openssh-server runc crun podman busybox-static strace bc)
 fi
 missing=()
 for p in "${pkgs[@]}"; do

@@ -185,6 +185,20 @@ impl Record {
         }
     }
 
+    /// Removes this record of a mount judged gone, unless its target is being mounted or
+    /// unmounted right now. Mount ids are reused at once: between our reading the table and
+    /// removing the file, the target may have been unmounted and mounted again under the same
+    /// id, with a record that reads the same. Under the target's lock, judged again on a fresh
+    /// table, that cannot happen; a busy target is left to whoever holds its lock.
+    fn prune(&self) {
+        let Some(_lock) = TargetLock::try_take(&self.target) else {
+            return;
+        };
+        if mountinfo::own_table().is_some_and(|table| self.state(&table).is_none()) {
+            self.remove();
+        }
+    }
+
     /// Whether the record of this very mount is on file (its daemon removes it when the
     /// mount's session ends).
     pub fn is_saved(&self) -> bool {
@@ -262,7 +276,7 @@ impl Record {
                 match r.state(table) {
                     Some(s) => Some((r, s)),
                     None => {
-                        r.remove();
+                        r.prune();
                         None
                     }
                 }
@@ -283,29 +297,43 @@ pub struct TargetLock {
 
 impl TargetLock {
     pub fn take(target: &Path) -> Result<Self, Error> {
-        let path = run_dir()
-            .join("locks")
-            .join(format!("{}.lock", escaped_name(target)));
-        Self::at(&path, target)
+        Self::at(&Self::path(target), target)
     }
 
     /// The lock file `path` (its directory made if needed), locking `what` (for messages):
     /// for what is not a target, e.g. a source's shared daemon.
+    /// [`TargetLock::take`] if no one holds the lock (also this process through another
+    /// lock), else `None` at once.
+    pub fn try_take(target: &Path) -> Option<Self> {
+        let file = Self::open(&Self::path(target)).ok()?;
+        rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).ok()?;
+        Some(Self { _file: file })
+    }
+
+    fn open(path: &Path) -> io::Result<OwnedFd> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(rustix::fs::open(
+            path,
+            OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )?)
+    }
+
+    fn path(target: &Path) -> PathBuf {
+        run_dir()
+            .join("locks")
+            .join(format!("{}.lock", escaped_name(target)))
+    }
+
     pub fn at(path: &Path, what: &Path) -> Result<Self, Error> {
         let err = |source: io::Error| Error::Lock {
             path: path.to_path_buf(),
             target: what.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let file = rustix::fs::open(
-            path,
-            OFlags::CREATE | OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| err(e.into()))?;
+        let file = Self::open(path).map_err(err)?;
         loop {
             match rustix::fs::flock(&file, FlockOperation::LockExclusive) {
                 Err(rustix::io::Errno::INTR) => continue,

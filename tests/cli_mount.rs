@@ -1485,3 +1485,51 @@ fn list_in_another_mount_namespace_prunes_nothing() {
     m.unmount();
     dir.finish();
 }
+
+/// A record whose mount is gone (unmounted with umount(8)) is pruned by the next `shiftfs
+/// list`, but not while its target's lock is held: whoever holds it may be mounting there
+/// again, and mount ids are reused at once, so a new mount's record can read like the old.
+#[test]
+fn list_prunes_a_gone_mount_only_when_its_target_is_free() {
+    let Some((dir, src, mnt)) = fixture(Backend::Kernel, "list-prune") else {
+        return;
+    };
+    let m = ShiftMount::new(Backend::Kernel, MAP, &src, &mnt);
+    let records = || -> Vec<PathBuf> {
+        fs::read_dir("/run/shiftfs")
+            .expect("the run directory")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("mount-"))
+                    && fs::read_to_string(p)
+                        .is_ok_and(|t| t.contains(&format!("\"{}\"", mnt.display())))
+            })
+            .collect()
+    };
+    assert_eq!(records().len(), 1, "the mount is recorded");
+    run(Command::new("umount").arg(&mnt)).assert_ok();
+
+    // The lock file `shiftfs mount` took for the target (named as systemd-escape would).
+    let mut name = String::new();
+    for c in mnt.to_string_lossy().bytes().skip(1) {
+        match c {
+            b'/' => name.push('-'),
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' => name.push(c as char),
+            c => name.push_str(&format!("\\x{c:02x}")),
+        }
+    }
+    let lock =
+        fs::File::open(format!("/run/shiftfs/locks/{name}.lock")).expect("the target's lock");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+    shiftfs_list().assert_ok();
+    assert_eq!(records().len(), 1, "kept while the target is locked");
+    drop(lock);
+    let list = shiftfs_list();
+    list.assert_ok();
+    assert!(!list.stdout.contains(&*mnt.to_string_lossy()), "{list}");
+    assert!(records().is_empty(), "pruned once the target is free");
+    drop(m);
+    dir.finish();
+}

@@ -25,16 +25,7 @@ struct Source {
 
 fn ramfs(dir: &TestDir) -> Source {
     let path = dir.dir("ramfs");
-    rustix::mount::mount(
-        "shiftfs-test",
-        &path,
-        "ramfs",
-        rustix::mount::MountFlags::empty(),
-        c"mode=0755",
-    )
-    .expect("mount ramfs");
-    let guard = Detach(path.clone());
-    assert_eq!(fstype_of(&path), "ramfs");
+    let guard = mount_ramfs(&path);
     Source {
         path,
         fifos: true,

@@ -702,6 +702,24 @@ fn crun_delete_force_of_a_running_container_leaves_nothing() {
 /// The hard limit `name` (a row of /proc/self/limits) of this process: podman asks the runtime
 /// for far higher open-file and process limits than this VM grants (no CAP_SYS_RESOURCE), and
 /// runc then fails with "error setting rlimit type 7: operation not permitted".
+/// `podman --runtime RUNTIME run -d --name NAME` of a container mapped `0:100000:65536`,
+/// with this machine's limits (the image and command follow).
+fn podman_run(runtime: &Path, name: &str) -> Command {
+    let nofile = hard_limit("Max open files");
+    // Seen here: podman runs conmon and the runtime with a process limit of 32768, below ours.
+    let nproc = hard_limit("Max processes")
+        .parse::<u64>()
+        .map_or(32768, |n| n.min(32768));
+    let mut cmd = Command::new("podman");
+    cmd.arg("--runtime")
+        .arg(runtime)
+        .args(["run", "-d", "--name", name, "--network", "none"])
+        .args(["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"])
+        .arg(format!("--ulimit=nofile={nofile}:{nofile}"))
+        .arg(format!("--ulimit=nproc={nproc}:{nproc}"));
+    cmd
+}
+
 fn hard_limit(name: &str) -> String {
     let limits = fs::read_to_string("/proc/self/limits").unwrap();
     let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
@@ -759,26 +777,12 @@ fn podman_runs_a_shifted_rootfs_through_the_wrapper() {
     std::os::unix::fs::symlink(BIN, &link).unwrap();
     let name = format!("shiftfs-test-{}", std::process::id());
     let guard = PodmanContainer(name.clone());
-    let nofile = hard_limit("Max open files");
-    // Seen here: podman runs conmon and the runtime with a process limit of 32768, below ours.
-    let nproc = hard_limit("Max processes")
-        .parse::<u64>()
-        .map_or(32768, |n| n.min(32768));
     // podman does not hand its environment to the runtime: this uses the default run dir.
-    let out = run(Command::new("podman")
-        .arg("--runtime")
-        .arg(&link)
-        .args(["run", "-d", "--name", &name, "--network", "none"])
-        .args(["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"])
-        .arg(format!("--ulimit=nofile={nofile}:{nofile}"))
-        .arg(format!("--ulimit=nproc={nproc}:{nproc}"))
-        .arg("--rootfs")
-        .arg(&src)
-        .args([
-            "/bin/sh",
-            "-c",
-            "touch /tmp/p && chown 1000:1000 /tmp/p && echo > /tmp/p.done && exec sleep 600",
-        ]));
+    let out = run(podman_run(&link, &name).arg("--rootfs").arg(&src).args([
+        "/bin/sh",
+        "-c",
+        "touch /tmp/p && chown 1000:1000 /tmp/p && echo > /tmp/p.done && exec sleep 600",
+    ]));
     out.assert_ok();
     let cid = out.stdout.trim().to_string();
     wait_for_file(&src.join("tmp/p.done"), Duration::from_secs(30));
@@ -1072,18 +1076,7 @@ fn podman_imported_image_with_uidmap_goes_to_the_runtime_unchanged() {
     std::os::unix::fs::symlink(BIN, &link).unwrap();
     let name = format!("shiftfs-test-import-{}", std::process::id());
     let _guard = PodmanContainer(name.clone());
-    let nofile = hard_limit("Max open files");
-    let nproc = hard_limit("Max processes")
-        .parse::<u64>()
-        .map_or(32768, |n| n.min(32768));
-    let out = run(Command::new("podman")
-        .arg("--runtime")
-        .arg(&link)
-        .args(["run", "-d", "--name", &name, "--network", "none"])
-        .args(["--uidmap", "0:100000:65536", "--gidmap", "0:100000:65536"])
-        .arg(format!("--ulimit=nofile={nofile}:{nofile}"))
-        .arg(format!("--ulimit=nproc={nproc}:{nproc}"))
-        .args([&image, "/bin/sleep", "600"]));
+    let out = run(podman_run(&link, &name).args([&image, "/bin/sleep", "600"]));
     out.assert_ok();
     let cid = out.stdout.trim().to_string();
     // containers/storage gave the container a copy chowned for its map: nothing to shift.

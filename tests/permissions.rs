@@ -457,15 +457,7 @@ fn fuse_source_without_xattrs() {
     let dir = TestDir::new("perm-ramfs");
     let src = dir.dir("src");
     let mnt = dir.dir("mnt");
-    rustix::mount::mount(
-        "shiftfs-test",
-        &src,
-        "ramfs",
-        rustix::mount::MountFlags::empty(),
-        c"mode=0755",
-    )
-    .expect("mount ramfs");
-    let _ramfs = Detach(src.clone());
+    let _ramfs = mount_ramfs(&src);
     file(&src.join("pub"), b"hello\n", 0o644, 0, 0);
     fs::copy("/bin/true", src.join("t")).unwrap();
     let m = ShiftMount::with_args(Backend::Fuse, &["--map", MAP, "-o", "suid"], &src, &mnt);

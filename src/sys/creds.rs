@@ -58,14 +58,62 @@ pub fn fsgid() -> u32 {
 /// checks the FUSE kernel module already made on the translated attributes (we do not know
 /// the caller's supplementary groups). Not `Send`: it must be dropped on the thread that
 /// made it.
+///
+/// Every creating request switches, so the switch is priced in syscalls: the thread's
+/// credentials are remembered (`Known`) and only what differs is changed, and only what was
+/// changed is put back (a container root creating as on-disk 0 changes no id at all).
 #[must_use]
 pub struct FsCreds {
-    old_uid: u32,
-    old_gid: u32,
-    caps: CapabilitySets,
+    old: Known,
+    /// The fsuid and fsgid the thread has now, as far as this guard has changed them.
+    ids: (u32, u32),
+    /// What this guard may have changed (marked before the syscall), so what `restore`
+    /// must put back.
+    touched: Touched,
     /// Supplementary groups to restore, when they were replaced.
     groups: Option<Vec<Gid>>,
     _not_send: std::marker::PhantomData<*const ()>,
+}
+
+/// The calling thread's fsuid, fsgid and capabilities, as last set or read by this module.
+/// Nothing else in the daemon changes them on a worker thread (the sandbox drops
+/// capabilities before any request is served), so they need not be read again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Known {
+    fsuid: u32,
+    fsgid: u32,
+    caps: CapabilitySets,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Touched {
+    fsuid: bool,
+    fsgid: bool,
+    caps: bool,
+}
+
+thread_local! {
+    static KNOWN: Cell<Option<Known>> = const { Cell::new(None) };
+}
+
+impl Known {
+    /// The remembered credentials, read from the kernel on the thread's first switch.
+    fn get() -> io::Result<Self> {
+        if let Some(k) = KNOWN.with(Cell::get) {
+            return Ok(k);
+        }
+        let k = Self {
+            fsuid: fsuid(),
+            fsgid: fsgid(),
+            caps: capabilities(None)?,
+        };
+        KNOWN.with(|c| c.set(Some(k)));
+        Ok(k)
+    }
+
+    fn remember(k: Option<Self>) {
+        KNOWN.with(|c| c.set(k));
+    }
 }
 
 /// Which ids a thread acts with. `Disk`: the caller's ids on disk, so what it creates is
@@ -97,11 +145,13 @@ impl FsCreds {
     /// hands out the blocks reserved for root and quotas pass their hard limits.
     pub fn switch(ids: FsIds, without: CapabilitySet) -> io::Result<Self> {
         let (uid, gid) = ids.raw();
-        let caps = capabilities(None)?;
-        let guard = Self::set(uid, gid, caps, None)?;
-        let mut now = caps;
+        let mut guard = Self::set(uid, gid, None)?;
+        let mut now = guard.old.caps;
         now.effective -= without;
-        set_capabilities(None, now)?;
+        // Leaving fsuid 0 (or coming back to it) made the kernel change the effective set.
+        if guard.touched.fsuid || now != guard.old.caps {
+            guard.set_caps(now)?;
+        }
         Ok(guard)
     }
 
@@ -111,15 +161,16 @@ impl FsCreds {
     /// `ids`) as supplementary groups.
     pub fn switch_checked(ids: FsIds, groups: &[u32]) -> io::Result<Self> {
         let (uid, gid) = ids.raw();
-        let caps = capabilities(None)?;
         let saved = rustix::process::getgroups()?;
         let groups: Vec<Gid> = groups.iter().map(|&g| Gid::from_raw_unchecked(g)).collect();
+        // Marked before the change: a failed or partial one is put back too.
+        let mut guard = Self::set(uid, gid, Some(saved))?;
         // The raw syscall, unlike glibc's setgroups, changes only the calling thread.
         set_thread_groups(&groups)?;
-        let guard = Self::set(uid, gid, caps, Some(saved))?;
         // fsuid 0 keeps the filesystem capabilities, but the caller has not been shown to hold
         // them (and a namespace root's cover only inodes mapped in its namespace).
         use CapabilitySet as C;
+        guard.touched.caps = true;
         let mut now = capabilities(None)?;
         now.effective -= C::CHOWN
             | C::DAC_OVERRIDE
@@ -129,45 +180,85 @@ impl FsCreds {
             | C::LINUX_IMMUTABLE
             | C::MAC_OVERRIDE
             | C::MKNOD;
-        set_capabilities(None, now)?;
+        guard.set_caps(now)?;
         Ok(guard)
     }
 
-    /// Changes fsgid and fsuid; the returned guard (also when this fails half-way)
-    /// restores them, `caps` and `groups`.
-    fn set(uid: u32, gid: u32, caps: CapabilitySets, groups: Option<Vec<Gid>>) -> io::Result<Self> {
-        let old_uid = fsuid();
-        let old_gid = raw_setfsgid(gid);
-        let guard = Self {
-            old_uid,
-            old_gid,
-            caps,
+    /// Changes fsgid and fsuid where they differ from what the thread has; the returned
+    /// guard (also when this fails half-way) restores them, the capabilities and `groups`.
+    fn set(uid: u32, gid: u32, groups: Option<Vec<Gid>>) -> io::Result<Self> {
+        let old = Known::get()?;
+        let mut guard = Self {
+            old,
+            ids: (old.fsuid, old.fsgid),
+            touched: Touched::default(),
             groups,
             _not_send: std::marker::PhantomData,
         };
-        if fsgid() != gid {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        // Unknown until checked: a failure below leaves `restore` to find out.
+        Known::remember(None);
+        if old.fsgid != gid {
+            guard.touched.fsgid = true;
+            raw_setfsgid(gid);
+            if fsgid() != gid {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            guard.ids.1 = gid;
         }
-        raw_setfsuid(uid);
-        if fsuid() != uid {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        if old.fsuid != uid {
+            guard.touched.fsuid = true;
+            raw_setfsuid(uid);
+            if fsuid() != uid {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+            guard.ids.0 = uid;
+        }
+        if !guard.touched.fsuid {
+            // The capabilities are as they were: only the ids may have moved.
+            Known::remember(Some(Known {
+                fsuid: uid,
+                fsgid: gid,
+                caps: old.caps,
+            }));
         }
         Ok(guard)
+    }
+
+    fn set_caps(&mut self, caps: CapabilitySets) -> io::Result<()> {
+        self.touched.caps = true;
+        Known::remember(None);
+        set_capabilities(None, caps)?;
+        Known::remember(Some(Known {
+            fsuid: self.ids.0,
+            fsgid: self.ids.1,
+            caps,
+        }));
+        Ok(())
     }
 }
 
 impl FsCreds {
-    /// Puts back fsuid, fsgid, groups and capabilities, and checks the ids took.
+    /// Puts back what the guard changed (fsuid, fsgid, groups, capabilities), and checks
+    /// the ids took.
     fn restore(&self) -> io::Result<()> {
-        raw_setfsuid(self.old_uid);
-        raw_setfsgid(self.old_gid);
-        if (fsuid(), fsgid()) != (self.old_uid, self.old_gid) {
+        let Touched {
+            fsuid: u,
+            fsgid: g,
+            caps,
+        } = self.touched;
+        if u {
+            raw_setfsuid(self.old.fsuid);
+        }
+        if g {
+            raw_setfsgid(self.old.fsgid);
+        }
+        if (u && fsuid() != self.old.fsuid) || (g && fsgid() != self.old.fsgid) {
             return Err(io::Error::other(format!(
                 "fsuid/fsgid are {}/{}, not {}/{}",
                 fsuid(),
                 fsgid(),
-                self.old_uid,
-                self.old_gid
+                self.old.fsuid,
+                self.old.fsgid
             )));
         }
         if let Some(groups) = &self.groups {
@@ -175,7 +266,10 @@ impl FsCreds {
         }
         // Going back to fsuid 0 already re-raises the filesystem capabilities from the
         // permitted set; this makes the restore exact whatever the starting point was.
-        set_capabilities(None, self.caps)?;
+        if u || caps {
+            set_capabilities(None, self.old.caps)?;
+        }
+        Known::remember(Some(self.old));
         Ok(())
     }
 }
@@ -194,6 +288,8 @@ impl Drop for FsCreds {
 
 thread_local! {
     static OWN_FS_STRUCT: Cell<bool> = const { Cell::new(false) };
+    /// The umask last set on this thread's own `fs_struct`.
+    static UMASK: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
 /// Sets the umask of the calling thread only, giving the thread its own `fs_struct`
@@ -209,7 +305,12 @@ pub fn set_thread_umask(mask: u32) -> io::Result<()> {
         unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }?;
         OWN_FS_STRUCT.with(|c| c.set(true));
     }
-    rustix::process::umask(Mode::from_bits_truncate(mask & 0o777));
+    // Only this function sets the thread's umask once it has its own.
+    let mask = mask & 0o777;
+    if UMASK.with(Cell::get) != Some(mask) {
+        rustix::process::umask(Mode::from_bits_truncate(mask));
+        UMASK.with(|c| c.set(Some(mask)));
+    }
     Ok(())
 }
 
@@ -273,6 +374,63 @@ mod tests {
         assert_eq!(fsuid(), 0);
     }
 
+    /// The remembered credentials follow every change: a switch to the ids the thread has
+    /// already, nested switches and a switch after a checked one all act as the ids asked.
+    #[test]
+    fn remembered_credentials_follow_nested_switches() {
+        if !is_root() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // The checked switch creates without DAC_OVERRIDE.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let p = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let had = capabilities(None).unwrap();
+            let owner = |name: &str| {
+                std::fs::File::create(p.join(name)).unwrap();
+                let md = std::fs::metadata(p.join(name)).unwrap();
+                (md.uid(), md.gid())
+            };
+            {
+                let _same = FsCreds::switch(disk(0, 0), CapabilitySet::empty()).unwrap();
+                assert_eq!(owner("same"), (0, 0));
+                let _outer = FsCreds::switch(disk(4321, 8765), CapabilitySet::empty()).unwrap();
+                assert_eq!(owner("outer"), (4321, 8765));
+                {
+                    let _inner =
+                        FsCreds::switch(disk(0, 8765), CapabilitySet::SYS_RESOURCE).unwrap();
+                    assert_eq!(owner("inner"), (0, 8765));
+                    let caps = capabilities(None).unwrap();
+                    assert!(!caps.effective.contains(CapabilitySet::SYS_RESOURCE));
+                }
+                assert_eq!((fsuid(), fsgid()), (4321, 8765));
+                assert_eq!(owner("outer-again"), (4321, 8765));
+                assert_eq!(capabilities(None).unwrap().effective, had.effective);
+            }
+            assert_eq!((fsuid(), fsgid()), (0, 0));
+            assert_eq!(capabilities(None).unwrap(), had);
+            {
+                let _g = FsCreds::switch_checked(disk(4321, 8765), &[]).unwrap();
+                assert_eq!(owner("checked"), (4321, 8765));
+            }
+            assert_eq!(capabilities(None).unwrap(), had);
+            {
+                let _g = FsCreds::switch(disk(4321, 0), CapabilitySet::empty()).unwrap();
+                assert_eq!(owner("after-checked"), (4321, 0));
+            }
+            assert_eq!((fsuid(), fsgid()), (0, 0));
+            assert_eq!(capabilities(None).unwrap(), had);
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     fn checked_switch_lets_the_filesystem_refuse() {
         if !is_root() {
@@ -320,9 +478,16 @@ mod tests {
         caps.effective -= rustix::thread::CapabilitySet::SETUID;
         set_capabilities(None, caps).unwrap();
         let guard = FsCreds {
-            old_uid: rustix::process::getuid().as_raw().wrapping_add(1),
-            old_gid: fsgid(),
-            caps,
+            old: Known {
+                fsuid: rustix::process::getuid().as_raw().wrapping_add(1),
+                fsgid: fsgid(),
+                caps,
+            },
+            ids: (fsuid(), fsgid()),
+            touched: Touched {
+                fsuid: true,
+                ..Touched::default()
+            },
             groups: None,
             _not_send: std::marker::PhantomData,
         };

@@ -1128,6 +1128,22 @@ pub fn mount_tmpfs(dir: &Path) -> Detach {
     Detach(dir.to_path_buf())
 }
 
+/// A fresh ramfs (mode 0755) on `dir`: a file system the kernel cannot idmap.
+#[track_caller]
+pub fn mount_ramfs(dir: &Path) -> Detach {
+    rustix::mount::mount(
+        "shiftfs-test",
+        dir,
+        "ramfs",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0755",
+    )
+    .unwrap_or_else(|e| panic!("mount ramfs on {}: {e}", dir.display()));
+    let guard = Detach(dir.to_path_buf());
+    assert_eq!(fstype_of(dir), "ramfs");
+    guard
+}
+
 /// The type of the file system `path` lives on (the innermost mount above it).
 pub fn fstype_of(path: &Path) -> String {
     let path = fs::canonicalize(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

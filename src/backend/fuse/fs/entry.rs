@@ -49,7 +49,7 @@ impl ShiftFs {
             libc::S_IFBLK => rustix::fs::FileType::BlockDevice,
             _ => return Err(Errno::EINVAL),
         };
-        self.create_as_caller(req, Some(umask), pfd, name, || {
+        self.create_as_caller(req, Some(umask), &p, pfd, name, || {
             rustix::fs::mknodat(
                 pfd,
                 name,
@@ -75,7 +75,7 @@ impl ShiftFs {
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
-        self.create_as_caller(req, Some(umask), pfd, name, || {
+        self.create_as_caller(req, Some(umask), &p, pfd, name, || {
             rustix::fs::mkdirat(pfd, name, Mode::from_raw_mode(mode & 0o7777)).map_err(sys)
         })?;
         Ok(self.lookup_child(&p, name)?.1)
@@ -93,7 +93,7 @@ impl ShiftFs {
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
-        self.create_as_caller(req, None, pfd, name, || {
+        self.create_as_caller(req, None, &p, pfd, name, || {
             rustix::fs::symlinkat(target, pfd, name).map_err(sys)
         })?;
         Ok(self.lookup_child(&p, name)?.1)
@@ -209,7 +209,7 @@ impl ShiftFs {
         // an existing file here was made since (on the source side, through another mount,
         // or behind a cached miss) and must not be opened with root's rights.
         let oflags = backing_open_flags(flags) | OFlags::CREATE | OFlags::EXCL;
-        let created = self.create_as_caller(req, Some(umask), pfd, name, || {
+        let created = self.create_as_caller(req, Some(umask), &p, pfd, name, || {
             open_beneath(pfd, name, oflags, mode & 0o7777)
         });
         // A file this request made is on the parent's mount; one that existed may be a

@@ -578,12 +578,13 @@ impl ShiftFs {
         &self,
         req: &Request,
         umask: Option<u32>,
+        parent: &Inode,
         dir: BorrowedFd<'_>,
         name: &OsStr,
         make: impl Fn() -> Result<T>,
     ) -> Result<T> {
         let ids = self.inner_caller(req)?;
-        let near = NearReserve::check(dir);
+        let near = NearReserve::check(dir, parent.key.dev);
         let made = self.as_ids(req, ids, umask, make)?;
         self.check_owner_of_new(dir, name, ids)?;
         let Some(near) = near else {

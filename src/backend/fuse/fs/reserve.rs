@@ -16,7 +16,12 @@ pub(super) struct NearReserve {
 pub(super) const RESERVE_MARGIN: u64 = 256;
 
 impl NearReserve {
-    pub(super) fn check(dir: BorrowedFd<'_>) -> Option<Self> {
+    /// `dev` is the device `dir` is on: ext4 always sits on a block device, so a file system
+    /// on an anonymous device (major 0: tmpfs, btrfs, overlayfs, FUSE ...) is not asked.
+    pub(super) fn check(dir: BorrowedFd<'_>, dev: u64) -> Option<Self> {
+        if rustix::fs::major(dev) == 0 {
+            return None;
+        }
         let s = rustix::fs::fstatfs(dir).ok()?;
         if crate::mountinfo::statfs_name(&s) != "ext4" || s.f_bavail >= RESERVE_MARGIN {
             return None;

@@ -318,6 +318,15 @@ def chart(backings, med, env, path):
     return True
 
 
+def shown(outdir):
+    """OUTDIR as the README names it: relative to the repository when inside it."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        return str(outdir.resolve().relative_to(repo))
+    except ValueError:
+        return str(outdir)
+
+
 def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__.strip().splitlines()[1])
@@ -355,7 +364,7 @@ def main():
     (outdir / "results.md").write_text("\n".join(md) + "\n")
     readme = [
         f"Benchmark ({env.get('date', '')}, {env.get('machine', '')}, load {env.get('load', 'not recorded')}; "
-        f"`benches/run.sh`, full results in `{outdir}/results.md`):",
+        f"`benches/run.sh`, full results in `{shown(outdir)}/results.md`):",
         "",
     ] + ratio_lines + i16_lines + verdict
     (outdir / "README-table.md").write_text("\n".join(readme) + "\n")

@@ -29,7 +29,7 @@ trap cleanup EXIT
 mkdir "$work/src" "$work/mnt"
 mount -t tmpfs tmpfs "$work/src"
 echo x >"$work/src/f"
-"$bin" mount --backend fuse -o attr_timeout=0 --map b:0:100000:65536 "$work/src" "$work/mnt" >/dev/null
+"$bin" mount --backend fuse -o attr_timeout=0,uring=off,share=off --map b:0:100000:65536 "$work/src" "$work/mnt" >/dev/null
 
 loop='
 import os, sys, time
@@ -42,7 +42,9 @@ for _ in range(3):
     best = min(best, (time.perf_counter() - t) / n)
 print(f"{sys.argv[2]:<36} {best * 1e6:7.1f} us per fstat")
 '
-pid=$("$bin" list | awk -v t="$work/mnt" '$1 == t { print $(NF-1) }' | head -1)
+# The PID column, found by its header (`shiftfs list` gained columns after it).
+pid=$("$bin" list | awk -v t="$work/mnt" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "PID") c = i } $1 == t { print $c }' | head -1)
+[ -d "/proc/${pid:-none}" ] || { echo "roundtrip.sh: no daemon pid for $work/mnt in shiftfs list" >&2; exit 1; }
 pin() { for t in /proc/"$pid"/task/*; do taskset -pc "$1" "${t##*/}" >/dev/null; done; }
 python3 -c "$loop" "$work/src/f" "plain tmpfs (no round trip)"
 python3 -c "$loop" "$work/mnt/f" "FUSE, daemon free"
@@ -54,7 +56,7 @@ if [ -w "$uring_param" ]; then
   uring_found=$(cat "$uring_param")
   echo 1 >"$uring_param"
   mkdir "$work/mnt-uring"
-  "$bin" mount --backend fuse -o attr_timeout=0,uring=on --map b:0:100000:65536 "$work/src" "$work/mnt-uring" >/dev/null
+  "$bin" mount --backend fuse -o attr_timeout=0,uring=on,share=off --map b:0:100000:65536 "$work/src" "$work/mnt-uring" >/dev/null
   python3 -c "$loop" "$work/mnt-uring/f" "FUSE over io_uring, caller free"
   taskset -c 0 python3 -c "$loop" "$work/mnt-uring/f" "FUSE over io_uring, caller on CPU 0"
 else

@@ -12,14 +12,23 @@
 #   plain    the source directory itself (the baseline of every ratio)
 #   kernel   kernel idmapped mount: `shiftfs mount --backend kernel` (falls back to
 #            benches/idmap_mount.py, the same syscalls, while that backend is unavailable)
-#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536 -o uring=off` (classic /dev/fuse)
-#   fuse-uring the same with `-o uring=on`: FUSE over io_uring, one ring per possible CPU; the run
+#   fuse     `shiftfs mount --backend fuse --map b:0:100000:65536 -o uring=off,share=off` (classic /dev/fuse)
+#   fuse-uring the same with `-o uring=on,share=off`: FUSE over io_uring, one ring per possible CPU; the run
 #            sets fuse.enable_uring=1 while it is among the contenders and puts back what it found
 #   bindfs   `bindfs --uid-offset=100000 --gid-offset=100000` (+ allow_other)
 #   overlay  `fuse-overlayfs -o uidmapping=0:100000:65536,gidmapping=0:100000:65536` (+ allow_other)
 #   fuse-base the FUSE backend of another shiftfs binary, $SHIFTFS_BASE_BIN (an earlier commit's
 #            release build), to measure a change side by side; not in the default set
-# on two backings: a tmpfs (the filesystem layer alone) and ext4 (/var/tmp here).
+# on up to three backings: a tmpfs (the filesystem layer alone), ext4 (/var/tmp here) and sshfs
+# (--backings sshfs: a network filesystem, the case the FUSE backend exists for; this kernel has
+# no NFS client). The sshfs backing serves a tmpfs through sshfs from a private sshd on a random
+# port of 127.0.0.1 (its own host key, root's login by a key made here, none of the system's ssh
+# configuration, killed at exit); there "plain" is the sshfs mount itself and the kernel idmapped
+# mount is not a contender (a FUSE server that does not opt in cannot be idmapped).
+#
+# Pinned variants (--workloads readall_pinned,extract_pinned,smallfiles_pinned): the round-trip
+# bound workloads with the caller pinned to CPU 0 (taskset), next to the same workloads with the
+# caller free; metrics get the suffix _pinned.
 #
 # "Warm": every workload runs once untimed on every contender (filling the page cache, the
 # dentry/inode caches and the FUSE daemons' caches), then RUNS timed runs (5; extract, seq
@@ -87,11 +96,17 @@ die() { log "error: $*"; exit 1; }
 # ---------------------------------------------------------------- prerequisites
 need_pkgs=()
 for p in bindfs:bindfs fuse-overlayfs:fuse-overlayfs fio:fio unshare:util-linux \
-         python3:python3 find:findutils tar:tar; do
+         python3:python3 find:findutils tar:tar taskset:util-linux; do
   command -v "${p%%:*}" >/dev/null || need_pkgs+=("${p#*:}")
 done
 [ -x /usr/bin/python3 ] || need_pkgs+=(python3)
 [ -z "${need_perf:-}" ] || need_pkgs+=(linux-perf)
+if [[ ,$backings, == *,sshfs,* ]]; then
+  for p in sshfs:sshfs ssh-keygen:openssh-client; do
+    command -v "${p%%:*}" >/dev/null || need_pkgs+=("${p#*:}")
+  done
+  [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]} (Debian)"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -131,6 +146,7 @@ chmod 755 "$work"   # the namespace root (host 100000) must reach the mounts bel
 mounts=()           # "KIND PATH", unmounted in reverse order on exit
 
 uring_param=/sys/module/fuse/parameters/enable_uring uring_found=
+sshd_pid=
 cleanup() {
   local rc=$? i kind path bin
   trap - EXIT INT TERM
@@ -145,6 +161,8 @@ cleanup() {
       umount "$path" 2>/dev/null || umount -l "$path" 2>/dev/null || true
     fi
   done
+  # After the sshfs mounts are gone: only the sshd this run started, by its pid.
+  [ -z "$sshd_pid" ] || { kill "$sshd_pid" 2>/dev/null; wait "$sshd_pid" 2>/dev/null || true; }
   # Never rm -rf through a mount that is still there: it would delete the source.
   if grep -q " ${work}[/ ]" /proc/self/mountinfo; then
     log "mounts left under $work; not removing it:"; grep " ${work}[/ ]" /proc/self/mountinfo >&2 || true
@@ -172,6 +190,7 @@ forget_mount() {
 }
 
 warming=0
+PIN=()   # taskset -c 0 while a pinned variant runs
 NSROOT=(unshare --user --map-users=100000,0,65536 --map-groups=100000,0,65536 --setuid 0 --setgid 0 --)
 now() { echo "$EPOCHREALTIME"; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a - b }'; }
@@ -196,9 +215,15 @@ mount_contender() {
         mounts+=("umount $mnt"); notes[kernel]="benches/idmap_mount.py (shiftfs kernel backend unavailable)"
       fi ;;
     fuse|fuse-uring)
-      local uring=off; [ "$c" = fuse ] || uring=on
-      "$shiftfs" mount --backend fuse --map b:0:100000:65536 -o uring=$uring ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} \
-        "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
+      local uring=off extra=; [ "$c" = fuse ] || uring=on
+      # sshfs aborts (assertion `offset == 0` in its readdir) when a listing continues on a
+      # handle it did not start, which the default listing cache without OPENDIR does;
+      # attr_timeout=0 keeps one source handle per open (and suits a source others change).
+      if [ "$b" = sshfs ]; then extra=attr_timeout=0; notes[fuse_sshfs]="-o attr_timeout=0 on sshfs (see run.sh)"; fi
+      # share=off: a daemon per contender, as before mounts of one source shared one (and a
+      # uring=on mount cannot join a daemon serving /dev/fuse: ENOSYS setting up its rings).
+      "$shiftfs" mount --backend fuse --map b:0:100000:65536 -o uring=$uring,share=off ${extra:+-o $extra} \
+        ${SHIFTFS_FUSE_OPTS:+-o "$SHIFTFS_FUSE_OPTS"} "$base/src" "$mnt" >/dev/null 2>"$err" || return 1
       mounts+=("shiftfs $mnt")
       [ -z "${SHIFTFS_FUSE_OPTS:-}" ] || notes[fuse_options]="-o $SHIFTFS_FUSE_OPTS" ;;
     fuse-base)
@@ -241,7 +266,8 @@ unmount_contender() {
 
 # Pid of the shiftfs FUSE daemon serving MNT, from its record (what `shiftfs list` shows).
 daemon_pid() {
-  "$shiftfs" list 2>/dev/null | awk -v t="$1" '$1 == t && $NF == "active" { print $(NF-1) }' | head -1
+  "$shiftfs" list 2>/dev/null \
+    | awk -v t="$1" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "PID") c = i } $1 == t && $NF == "active" { print $c }' | head -1
 }
 
 # ---------------------------------------------------------------- workloads
@@ -259,7 +285,7 @@ w_walk() {
 w_readall() {
   local t0 t1
   # Through a pipe: GNU tar skips reading file data when its archive is /dev/null.
-  t0=$(now); tar -cf - -C "$1/rootfs" . | cat >/dev/null; t1=$(now)
+  t0=$(now); "${PIN[@]}" tar -cf - -C "$1/rootfs" . | "${PIN[@]}" cat >/dev/null; t1=$(now)
   echo "readall $(sub "$t1" "$t0")"
 }
 w_seqread() {
@@ -286,7 +312,7 @@ w_extract() {
   local t0 t1
   "${NSROOT[@]}" rm -rf "$2/x"
   t0=$(now)
-  "${NSROOT[@]}" sh -c 'mkdir "$1" && tar -xf "$2" -C "$1"' sh "$2/x" "$work/rootfs.tar"
+  "${PIN[@]}" "${NSROOT[@]}" sh -c 'mkdir "$1" && tar -xf "$2" -C "$1"' sh "$2/x" "$work/rootfs.tar"
   t1=$(now)
   "${NSROOT[@]}" rm -rf "$2/x"
   echo "extract $(sub "$t1" "$t0")"
@@ -294,9 +320,49 @@ w_extract() {
 w_smallfiles() {
   local r
   "${NSROOT[@]}" rm -rf "$2/sf"
-  r=$("${NSROOT[@]}" sh -c 'mkdir "$1" && /usr/bin/python3 "$2" "$1" "$3"' sh "$2/sf" "$work/smallfiles.py" $small_n)
+  r=$("${PIN[@]}" "${NSROOT[@]}" sh -c 'mkdir "$1" && /usr/bin/python3 "$2" "$1" "$3"' sh "$2/sf" "$work/smallfiles.py" $small_n)
   "${NSROOT[@]}" rm -rf "$2/sf"
   echo "$r" | awk '{ printf "small_create %s\nsmall_stat %s\nsmall_delete %s\nsmall_total %.6f\n", $2, $4, $6, $2 + $4 + $6 }'
+}
+
+# The round-trip-bound workloads again with the caller on CPU 0: FUSE over io_uring then
+# always finds its request on the ring of that CPU, and the classic daemon's threads may or
+# may not be there.
+pinned() {
+  local w=$1 res
+  shift
+  PIN=(taskset -c 0)
+  res=$("w_$w" "$@") || { PIN=(); return 1; }
+  PIN=()
+  awk '{ $1 = $1 "_pinned"; print }' <<<"$res"
+}
+w_readall_pinned() { pinned readall "$@"; }
+w_extract_pinned() { pinned extract "$@"; }
+w_smallfiles_pinned() { pinned smallfiles "$@"; }
+
+# A private sshd on 127.0.0.1 for the sshfs backing (started once): its own host key, a key for
+# root's login made here, nothing of the system's sshd configuration or keys.
+sshd_port=
+start_sshd() {
+  [ -z "$sshd_pid" ] || return 0
+  local d=$work/ssh i
+  mkdir -m 700 "$d"
+  ssh-keygen -q -t ed25519 -N '' -f "$d/host_key"
+  ssh-keygen -q -t ed25519 -N '' -f "$d/root_key"
+  cp "$d/root_key.pub" "$d/authorized_keys"
+  mkdir -p /run/sshd   # sshd's privilege separation directory, made at boot by the package
+  sshd_port=$(/usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  printf '%s\n' "Port $sshd_port" "ListenAddress 127.0.0.1" "HostKey $d/host_key" "PidFile $d/sshd.pid" \
+    "AuthorizedKeysFile $d/authorized_keys" "PermitRootLogin prohibit-password" "PasswordAuthentication no" \
+    "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" "Subsystem sftp internal-sftp" \
+    "LogLevel ERROR" >"$d/sshd_config"
+  /usr/sbin/sshd -D -e -f "$d/sshd_config" </dev/null >/dev/null 2>"$d/sshd.err" &
+  sshd_pid=$!
+  for ((i = 0; i < 100; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$sshd_port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "the private sshd did not listen on 127.0.0.1:$sshd_port: $(head -c 300 "$d/sshd.err")"
 }
 
 # ---------------------------------------------------------------- scale mode
@@ -378,6 +444,8 @@ mkdir -p "$out"
 raw=$out/raw.tsv
 : >"$raw"
 log "work dir $work; results to $out; runs=$runs big file ${big_mib} MiB"
+# The machine is shared: the load before and after goes into env.txt.
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # The rootfs tarball for the extract workload: ids as on disk (0...), no device nodes
 # (a namespace root may not create them).
@@ -399,18 +467,35 @@ for b in "${B[@]}"; do
   case $b in
     tmpfs) mount -t tmpfs -o size=12G,mode=755 shiftfs-bench "$base"; mounts+=("umount $base") ;;
     ext4) fs=$(stat -f -c %T "$work"); [ "$fs" = ext2/ext3 ] || die "$work is on $fs, not ext4 (set BENCH_WORKDIR)" ;;
+    sshfs)
+      # The served tree lives on a tmpfs, filled on the server's side.
+      mkdir -p "$base/remote"
+      mount -t tmpfs -o size=12G,mode=755 shiftfs-bench-remote "$base/remote"; mounts+=("umount $base/remote") ;;
     *) die "unknown backing $b" ;;
   esac
+  fill=$base/src
+  [ "$b" = sshfs ] && fill=$base/remote
   log "$b: copying the minbase root file system and writing a ${big_mib} MiB file"
-  mkdir -p "$base/src"
-  cp -a "$minbase" "$base/src/rootfs"
-  head -c ${big_mib}M /dev/urandom >"$base/src/big.dat"
+  mkdir -p "$fill"
+  cp -a "$minbase" "$fill/rootfs"
+  head -c ${big_mib}M /dev/urandom >"$fill/big.dat"
   for c in "${C[@]}"; do
-    mkdir -p "$base/src/w-$c"
+    mkdir -p "$fill/w-$c"
     # The plain directory is written by the namespace root as itself (host 100000).
-    [ "$c" = plain ] && chown 100000:100000 "$base/src/w-$c"
+    [ "$c" = plain ] && chown 100000:100000 "$fill/w-$c"
   done
   sync
+  if [ "$b" = sshfs ]; then
+    start_sshd
+    mkdir -p "$base/src"
+    # allow_other: the namespace root (host 100000) writes through the plain sshfs mount too.
+    sshfs -o "allow_other,port=$sshd_port,IdentityFile=$work/ssh/root_key,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes" \
+      "root@127.0.0.1:$base/remote" "$base/src"
+    mounts+=("umount $base/src")
+    [ "$(findmnt -n -o FSTYPE --mountpoint "$base/src")" = fuse.sshfs ] \
+      || die "sshfs: $base/src is not an sshfs mount"
+    notes[sshfs]="sshfs $(sshfs --version 2>&1 | awk '/SSHFS version/ { print $3; exit }') to a private sshd on 127.0.0.1 ($(/usr/sbin/sshd -V 2>&1 | head -1 | cut -d, -f1)) serving a tmpfs, default options + allow_other"
+  fi
 
   declare -A path=()
   active=()
@@ -450,7 +535,7 @@ for b in "${B[@]}"; do
     nruns=$runs slow=
     case $w in
       seqwrite) slow=" bindfs " ;;
-      extract|smallfiles) slow=" bindfs overlay " ;;
+      extract|smallfiles|extract_pinned|smallfiles_pinned) slow=" bindfs overlay " ;;
     esac
     for ((r = 1; r <= nruns; r++)); do
       # Each round starts at another contender, so none always runs right after the
@@ -485,22 +570,23 @@ for b in "${B[@]}"; do
     unset dead
   done
 
-  if [ -n "${path[fuse]:-}" ] && pid=$(daemon_pid "${path[fuse]}") && [ -n "$pid" ]; then
+  if [ -n "${path[fuse]:-}" ] && pid=$(daemon_pid "${path[fuse]}") && [ -r "/proc/${pid:-none}/status" ]; then
     notes[fuse_hwm_$b]=$(awk '/^VmHWM/ { print $2 " " $3 }' "/proc/$pid/status")
   fi
   for c in "${active[@]}"; do unmount_contender "$base" "$c"; done
   unset path
-  if [ "$b" = tmpfs ]; then
-    # FUSE daemons close their fds on the source a moment after their unmount returns.
-    for ((i = 0; i < 50; i++)); do umount "$base" 2>/dev/null && break; sleep 0.2; done
-    [ $i -lt 50 ] || umount -l "$base"
-    forget_mount "$base"
-  fi
+  # FUSE daemons close their fds on the source a moment after their unmount returns.
+  for m in $([ "$b" = tmpfs ] && echo "$base"; [ "$b" = sshfs ] && echo "$base/src $base/remote"); do
+    for ((i = 0; i < 50; i++)); do umount "$m" 2>/dev/null && break; sleep 0.2; done
+    [ $i -lt 50 ] || umount -l "$m"
+    forget_mount "$m"
+  done
   rm -rf --one-file-system "$base"
 done
 
 {
   echo "date=$(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "load=1/5/15-minute load average $load_start at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
   echo "mode=$([ $quick = 1 ] && echo quick || echo full) runs=$runs big_file_mib=$big_mib walk_loops=$walk_loops randread_secs=$rr_secs small_files=$small_n"
   # Idle vCPUs that halt at once make every FUSE round trip dearer (see benches/haltpoll.sh).
   idle=$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none)

@@ -216,10 +216,6 @@ mount_contender() {
       fi ;;
     fuse|fuse-uring)
       local uring=off extra=; [ "$c" = fuse ] || uring=on
-      # sshfs aborts (assertion `offset == 0` in its readdir) when a listing continues on a
-      # handle it did not start, which the default listing cache without OPENDIR does;
-      # attr_timeout=0 keeps one source handle per open (and suits a source others change).
-      if [ "$b" = sshfs ]; then extra=attr_timeout=0; notes[fuse_sshfs]="-o attr_timeout=0 on sshfs (see run.sh)"; fi
       # share=off: a daemon per contender, as before mounts of one source shared one (and a
       # uring=on mount cannot join a daemon serving /dev/fuse: ENOSYS setting up its rings).
       "$shiftfs" mount --backend fuse --map b:0:100000:65536 -o uring=$uring,share=off ${extra:+-o $extra} \

@@ -605,3 +605,48 @@ fn idmappable_mount_under_a_stack_is_not_unmounted() {
     m.unmount();
     dir.finish();
 }
+
+/// A long listing of a FUSE source (sshfs) through a shifting FUSE mount with the default
+/// cache: sshfs can only continue a listing on the handle that began it, so the daemon must
+/// not resume one on a fresh handle at an offset (sshfs 3.7 aborts on an assertion, and every
+/// later access gets ENOTCONN).
+#[test]
+fn long_listing_of_an_sshfs_source() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("idm-sshfs-list");
+    let Some(src) = sshfs(&dir) else {
+        return;
+    };
+    // Made on the remote side: many entries with long names fill several READDIR replies.
+    let remote = dir.path().join("remote");
+    let names: Vec<String> = (0..1500)
+        .map(|i| format!("{i:04}-{}", "x".repeat(100)))
+        .collect();
+    for n in &names {
+        fs::write(remote.join(n), b"").expect("make a remote file");
+    }
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src.path, &mnt);
+    for round in 0..2 {
+        let mut seen: Vec<String> = fs::read_dir(&mnt)
+            .expect("list the mount")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(seen, names, "listing {round} through the mount");
+    }
+    assert!(
+        fs::metadata(src.path.join(&names[0])).is_ok(),
+        "sshfs still serves"
+    );
+    m.unmount();
+    drop(src);
+    dir.finish();
+}

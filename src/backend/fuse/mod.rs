@@ -445,10 +445,24 @@ fn source_tree(source: OwnedFd, recursive: bool) -> Result<OwnedFd, Error> {
     clone_source(&source, recursive)
 }
 
+/// Whether a listing of a directory on a filesystem of type `f_type` can be resumed from its
+/// offset on any fd of the directory, which listing without OPENDIR needs. Only filesystems
+/// known to give cookies are trusted: overlayfs indexes a listing cached per open file, and
+/// FUSE servers (sshfs 3.7 aborts on an assertion) and network filesystems may keep a listing
+/// per handle.
+fn stable_dir_offsets(f_type: i64) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
+}
+
 /// The filesystem serving `root` (a tree from `source_tree`), its worker count and its
 /// place among the sessions of its source.
 fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), Error> {
-    let overlay = rustix::fs::fstatfs(&root).is_ok_and(|s| s.f_type == OVERLAYFS_SUPER_MAGIC);
+    let f_type = rustix::fs::fstatfs(&root).map_or(0, |s| s.f_type);
+    let overlay = f_type == OVERLAYFS_SUPER_MAGIC;
     let threads = if opts.threads == 0 {
         default_threads()
     } else {
@@ -499,7 +513,7 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
             stack_depth: if overlay { 2 } else { 1 },
-            stable_dir_offsets: !overlay,
+            stable_dir_offsets: stable_dir_offsets(f_type),
             fd_pool: budget.inode_fds,
             open_limit: budget.open,
             data_threads: threads,

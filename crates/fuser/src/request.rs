@@ -36,6 +36,15 @@ pub(crate) enum ReplyTo {
     Ring(crate::uring::RingReply),
 }
 
+impl ReplyTo {
+    pub(crate) fn into_sender(self) -> ReplySender {
+        match self {
+            ReplyTo::Dev(ch) => ReplySender::Channel(ch),
+            ReplyTo::Ring(r) => ReplySender::Ring(r),
+        }
+    }
+}
+
 /// Request data structure
 #[derive(Debug)]
 pub(crate) struct RequestWithSender<'a> {
@@ -48,15 +57,18 @@ pub(crate) struct RequestWithSender<'a> {
 impl<'a> RequestWithSender<'a> {
     /// Create a new request from the given data
     pub(crate) fn new(sender: ReplyTo, data: &'a [u8]) -> Option<RequestWithSender<'a>> {
-        let request = match ll::AnyRequest::try_from(data) {
-            Ok(request) => request,
+        Self::parse(sender, data).ok()
+    }
+
+    /// As `new`, but a request that does not parse gives its sender back, to answer it.
+    pub(crate) fn parse(sender: ReplyTo, data: &'a [u8]) -> Result<RequestWithSender<'a>, ReplyTo> {
+        match ll::AnyRequest::try_from(data) {
+            Ok(request) => Ok(Self { sender, request }),
             Err(err) => {
                 error!("{err}");
-                return None;
+                Err(sender)
             }
-        };
-
-        Some(Self { sender, request })
+        }
     }
 
     /// Dispatch request to the given filesystem.

@@ -621,19 +621,15 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         self.stats
             .ring
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match RequestWithSender::new(ReplyTo::Ring(reply.clone()), data) {
-            Some(req) => {
-                if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                    req.reply::<ReplyEmpty>().ok();
-                } else {
-                    req.dispatch(self);
-                }
+        let unique = ll::RequestId(reply.commit_id());
+        match RequestWithSender::parse(ReplyTo::Ring(reply), data) {
+            // The opcode alone tells DESTROY: `dispatch` parses the arguments once.
+            Ok(req) if req.request.header().opcode == abi::fuse_opcode::FUSE_DESTROY as u32 => {
+                req.reply::<ReplyEmpty>().ok();
             }
-            None => {
-                let unique = ll::RequestId(reply.commit_id());
-                <ReplyRaw as Reply>::new(unique, ReplySender::Ring(reply))
-                    .send_ll(&ResponseErrno(ll::Errno::EIO));
-            }
+            Ok(req) => req.dispatch(self),
+            Err(sender) => <ReplyRaw as Reply>::new(unique, sender.into_sender())
+                .send_ll(&ResponseErrno(ll::Errno::EIO)),
         }
     }
 

@@ -17,8 +17,8 @@
 //! completion the kernel may write them at any time; from a completion with a request until
 //! the reply is written the request's reply (possibly on another thread) owns them; then the
 //! queue's thread submits the commit. Only the queue's own thread touches its ring, so the
-//! ring can be single-issuer; replies from other threads queue the entry and wake the thread
-//! through an eventfd read that is always pending on the ring.
+//! ring can be single-issuer; a reply marks its entry replied, and one from another thread
+//! wakes the serving thread through an eventfd read that is always pending on the ring.
 //!
 //! Teardown: when the connection ends (unmount, abort) the kernel completes every pending
 //! entry with an error; a queue's thread ends once none of its entries is with the kernel or
@@ -265,8 +265,6 @@ pub(crate) struct Queue {
     payload_len: usize,
     states: Box<[AtomicU8]>,
     commit_ids: Box<[AtomicU64]>,
-    /// Entries whose reply is written, for the serving thread to commit.
-    commits: Mutex<Vec<u16>>,
     /// The request of entry `i` is being handed to the filesystem as a slice that covers the
     /// start of its payload buffer: a reply sent meanwhile is kept in `deferred[i]` and
     /// written into the entry by the serving thread afterwards, never over the slice.
@@ -390,7 +388,6 @@ impl Queue {
             payload_len,
             states: (0..DEPTH).map(|_| AtomicU8::new(IDLE)).collect(),
             commit_ids: (0..DEPTH).map(|_| AtomicU64::new(0)).collect(),
-            commits: Mutex::new(Vec::with_capacity(DEPTH)),
             viewing: (0..DEPTH).map(|_| AtomicBool::new(false)).collect(),
             deferred: (0..DEPTH).map(|_| Mutex::new(Vec::new())).collect(),
             wake,
@@ -656,10 +653,14 @@ impl Worker<'_> {
         }
     }
 
+    /// Commits every entry whose reply is written (state REPLIED). A scan of the DEPTH
+    /// states, not a list the replies fill: a reply sent on this thread, the common case,
+    /// then takes no lock, and only this thread moves an entry out of REPLIED.
     fn flush_commits(&mut self) {
-        let ready = std::mem::take(&mut *self.q.commits.lock().unwrap_or_else(|e| e.into_inner()));
-        for idx in ready {
-            let idx = usize::from(idx);
+        for idx in 0..DEPTH {
+            if self.q.states[idx].load(Ordering::Acquire) != REPLIED {
+                continue;
+            }
             let mut kept = self.q.deferred[idx]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
@@ -881,11 +882,9 @@ impl Slot {
             // returned).
             unsafe { q.write_reply(idx, total, reply.iter().map(|s| &**s)) };
         }
+        // The serving thread commits it at its next scan (`flush_commits`); from another
+        // thread, wake it for that.
         q.states[idx].store(REPLIED, Ordering::Release);
-        q.commits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.idx);
         if q.owner.get() != Some(&std::thread::current().id()) {
             if let Err(e) = rustix::io::write(&q.wake, &1u64.to_ne_bytes()) {
                 if e != rustix::io::Errno::AGAIN {

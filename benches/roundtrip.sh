@@ -3,11 +3,17 @@
 #
 #   benches/roundtrip.sh [SHIFTFS_BIN]     (as root; builds target/release/shiftfs if needed)
 #
+# Env: SHIFTFS_BASE_BIN, another shiftfs binary (an earlier commit's) whose io_uring mount is
+# timed next to this one's; PASSTHROUGH_HP, libfuse's example/passthrough_hp (built with
+# io_uring), timed the same way as a reference daemon with no work of its own.
+#
 # Mounts a small tmpfs through shiftfs FUSE with attr_timeout=0 (every fstat of an open file
 # is then a GETATTR round trip) and times fstat in a loop three ways: the daemon's threads
 # free to run anywhere, pinned to the caller's CPU, and pinned to another CPU; then through a
 # second mount served over io_uring (-o uring=on; fuse.enable_uring is set to 1 for it and put
-# back), caller free and caller pinned. Needs 2+ CPUs.
+# back), caller free and caller pinned. The io_uring mounts (this binary's, and the others
+# above when given) are timed interleaved, round by round, per call: median and 90th
+# percentile of single fstat calls, the timer's own cost taken off. Needs 2+ CPUs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=${1:-$here/../target/release/shiftfs}
@@ -19,10 +25,14 @@ work=$(mktemp -d /tmp/shiftfs-rtt.XXXXXX)
 uring_param=/sys/module/fuse/parameters/enable_uring uring_found=
 cleanup() {
   "$bin" umount "$work/mnt" 2>/dev/null || umount -l "$work/mnt" 2>/dev/null || true
-  "$bin" umount "$work/mnt-uring" 2>/dev/null || umount -l "$work/mnt-uring" 2>/dev/null || true
+  for m in "$work"/mnt-uring*; do
+    [ -d "$m" ] || continue
+    "$bin" umount "$m" 2>/dev/null || umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    rmdir "$m" 2>/dev/null || true
+  done
   [ -z "$uring_found" ] || echo "$uring_found" >"$uring_param"
-  rmdir "$work/mnt-uring" 2>/dev/null || true
-  umount "$work/src" 2>/dev/null || true
+  # passthrough_hp leaves in its own time after its unmount, holding the source meanwhile.
+  for _ in 1 2 3 4 5 6 7 8 9 10; do umount "$work/src" 2>/dev/null && break; sleep 0.2; done
   rmdir "$work/mnt" "$work/src" "$work" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -57,8 +67,37 @@ if [ -w "$uring_param" ]; then
   echo 1 >"$uring_param"
   mkdir "$work/mnt-uring"
   "$bin" mount --backend fuse -o attr_timeout=0,uring=on,share=off --map b:0:100000:65536 "$work/src" "$work/mnt-uring" >/dev/null
-  python3 -c "$loop" "$work/mnt-uring/f" "FUSE over io_uring, caller free"
-  taskset -c 0 python3 -c "$loop" "$work/mnt-uring/f" "FUSE over io_uring, caller on CPU 0"
+  paths=("$work/src/f" "$work/mnt-uring/f") names=("plain tmpfs" "FUSE over io_uring")
+  if [ -n "${SHIFTFS_BASE_BIN:-}" ]; then
+    mkdir "$work/mnt-uring-base"
+    "$SHIFTFS_BASE_BIN" mount --backend fuse -o attr_timeout=0,uring=on,share=off --map b:0:100000:65536 \
+      "$work/src" "$work/mnt-uring-base" >/dev/null
+    paths+=("$work/mnt-uring-base/f") names+=("FUSE over io_uring, SHIFTFS_BASE_BIN")
+  fi
+  if [ -n "${PASSTHROUGH_HP:-}" ]; then
+    mkdir "$work/mnt-uring-hp"
+    "$PASSTHROUGH_HP" --nocache --nopassthrough -o io_uring "$work/src" "$work/mnt-uring-hp"
+    paths+=("$work/mnt-uring-hp/f") names+=("FUSE over io_uring, passthrough_hp")
+  fi
+  percall='
+import os, sys, time, statistics
+paths = sys.argv[2::2]; names = sys.argv[3::2]
+fds = [os.open(p, os.O_RDONLY) for p in paths]
+samples = [[] for _ in fds]
+pc = time.perf_counter_ns
+for _ in range(5):
+    for fd, s in zip(fds, samples):
+        for _ in range(4000):
+            t = pc(); os.fstat(fd); s.append(pc() - t)
+tc = statistics.median([-pc() + pc() for _ in range(1000)])
+for name, s in zip(names, samples):
+    s.sort()
+    med, p90 = (s[len(s) // 2] - tc) / 1e3, (s[len(s) * 9 // 10] - tc) / 1e3
+    print(f"{name + sys.argv[1]:<56} {med:6.1f} us per fstat (median; p90 {p90:.1f})")
+'
+  args=(); for i in "${!paths[@]}"; do args+=("${paths[$i]}" "${names[$i]}"); done
+  python3 -c "$percall" ", caller free" "${args[@]}"
+  taskset -c 0 python3 -c "$percall" ", caller on CPU 0" "${args[@]}"
 else
   echo "FUSE over io_uring: $uring_param not writable, not measured"
 fi

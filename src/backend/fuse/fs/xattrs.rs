@@ -10,9 +10,21 @@ impl ShiftFs {
             // The kernel reads it at exec through us: a `nosuid` submount grants nothing.
             return Err(Errno::NO_XATTR);
         }
-        let ifd = inode.fd().map_err(io)?;
-        let path = self.proc.path(ifd.as_fd());
-        let value = match procfd::getxattr(&path, &cstr(name)?) {
+        let name_c = cstr(name)?;
+        // The same inode through an open file, without the walk of /proc/self/fd/N. Never
+        // ENOSYS to the kernel (it would stop asking for any xattr): a sandbox that refuses
+        // fgetxattr makes the walk after all.
+        let read = match inode
+            .open_fd()
+            .map(|fd| crate::sys::xattr::read_whole(|b| rustix::fs::fgetxattr(&*fd, &*name_c, b)))
+        {
+            Some(Err(SysErrno::NOSYS)) | None => {
+                let ifd = inode.fd().map_err(io)?;
+                procfd::getxattr(&self.proc.path(ifd.as_fd()), &name_c)
+            }
+            Some(r) => r.map_err(std::io::Error::from),
+        };
+        let value = match read {
             // A source without xattrs (ramfs, vfat) has no ACL and no capability: the FUSE
             // kernel treats ENODATA as "none" but fails permission checks and exec on EOPNOTSUPP.
             Err(e)

@@ -359,6 +359,7 @@ pub fn allowed_syscalls(io_uring: bool) -> Vec<(i64, Vec<SeccompRule>)> {
         SYS_utimensat,
         SYS_setxattr,
         SYS_getxattr,
+        SYS_fgetxattr,
         SYS_listxattr,
         SYS_removexattr,
         // Credentials per request (sys::creds).

@@ -372,6 +372,44 @@ fn image_capability_works_in_container(b: Backend) {
     dir.finish();
 }
 
+/// The daemon reads a file's capability through a file handle the caller holds open (no
+/// walk of /proc): one set on the source from outside while the file is open is still seen
+/// through the mount, and a write through the mount still removes it, as on the plain file
+/// system.
+fn capability_set_outside_while_open(b: Backend) {
+    if !require_acl_tools(b) {
+        return;
+    }
+    let dir = TestDir::new("caps-open");
+    let src = image(&dir);
+    let bin = grep_copy(&src, "opengrep");
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::with_args(b, &["--map", MAP, "-o", "suid"], &src, &mnt);
+    let through = mnt.join("bin/opengrep");
+    let out = run(Command::new("sh").arg("-c").arg(format!(
+        "exec 3>>{t}; setcap cap_net_bind_service+ep {s} || exit 9; echo \"open: $(getcap -n {t})\"; \
+         printf x >&3; exec 3>&-; echo \"after: $(getcap -n {s})\"",
+        t = q(&through),
+        s = q(&bin),
+    )));
+    out.assert_ok();
+    let open = out.stdout.lines().find_map(|l| l.strip_prefix("open: "));
+    assert!(
+        open.is_some_and(|l| l.contains("cap_net_bind_service=ep") && l.contains("rootid=100000")),
+        "a capability set outside is not seen through the mount while the file is open:\n{out}"
+    );
+    let after = out.stdout.lines().find_map(|l| l.strip_prefix("after: "));
+    assert_eq!(
+        after.map(str::trim),
+        Some(""),
+        "a write through the mount left the capability on the source:\n{out}"
+    );
+    assert!(getcap(&src.join("bin/opengrep")).trim().is_empty());
+
+    m.unmount();
+    dir.finish();
+}
+
 /// With an ACL the mode's group bits are the mask, not the owning group's rights: a member of
 /// the owning group whose `group::` entry is empty must not get the mask's rights.
 fn acl_mask_does_not_widen_group_access(b: Backend) {
@@ -412,6 +450,7 @@ backend_tests!(
     default_acl_inherited,
     file_capability_root_id,
     image_capability_works_in_container,
+    capability_set_outside_while_open,
     acl_mask_does_not_widen_group_access,
 );
 

@@ -144,7 +144,19 @@ impl FsCreds {
     /// goes without CAP_SYS_RESOURCE unless the caller holds it on the host: with it ext4
     /// hands out the blocks reserved for root and quotas pass their hard limits.
     pub fn switch(ids: FsIds, without: CapabilitySet) -> io::Result<Self> {
-        let (uid, gid) = ids.raw();
+        Self::switch_raw(ids.raw(), without)
+    }
+
+    /// Like `switch`, keeping the thread's own fsuid and fsgid (the daemon's, outside any
+    /// other guard): for work whose outcome does not depend on the acting ids. Costs no
+    /// syscall when the effective set lacks `without` already (the sandbox drops
+    /// CAP_SYS_RESOURCE for good).
+    pub fn keep_ids(without: CapabilitySet) -> io::Result<Self> {
+        let k = Known::get()?;
+        Self::switch_raw((k.fsuid, k.fsgid), without)
+    }
+
+    fn switch_raw((uid, gid): (u32, u32), without: CapabilitySet) -> io::Result<Self> {
         let mut guard = Self::set(uid, gid, None)?;
         let mut now = guard.old.caps;
         now.effective -= without;

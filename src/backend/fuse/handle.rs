@@ -22,7 +22,8 @@ use super::inode::Inode;
 pub struct FileHandle {
     /// Pins the inode (and its fd) for as long as the file is open.
     inode: Arc<Inode>,
-    fd: OwnedFd,
+    /// Shared (weakly) with the inode, for calls that need a real fd of it.
+    fd: Arc<OwnedFd>,
     /// Held only to keep the kernel's backing file alive while this handle is open.
     backing: Option<Arc<BackingId>>,
     _slot: Slot,
@@ -37,6 +38,8 @@ impl FileHandle {
         backing: Option<Arc<BackingId>>,
         slot: Slot,
     ) -> Self {
+        let fd = Arc::new(fd);
+        inode.offer_open_fd(&fd);
         Self {
             inode,
             fd,

@@ -52,6 +52,8 @@ pub struct Mount {
     /// kernel puts in this mount's handles. Unset while no directory of the mount was seen
     /// (a bind-mounted file): its inodes are then always anchored by fds.
     handle_root: OnceLock<(OwnedFd, i32)>,
+    /// The file system is a tmpfs (`statfs` type, read when the mount is first seen).
+    tmpfs: bool,
 }
 
 impl Mount {
@@ -59,6 +61,8 @@ impl Mount {
         let m = Self {
             flags: AtomicU64::new(0),
             handle_root: OnceLock::new(),
+            tmpfs: rustix::fs::fstatfs(fd)
+                .is_ok_and(|s| s.f_type as u64 == libc::TMPFS_MAGIC as u64),
         };
         m.refresh(fd);
         m
@@ -90,6 +94,16 @@ impl Mount {
 
     pub fn noexec(&self) -> bool {
         self.has(StatVfsMountFlags::NOEXEC)
+    }
+
+    /// Whether what a write, chmod or passthrough registration may take (blocks, xattr
+    /// space) depends on the acting fsuid/fsgid: ext4 hands the blocks it reserves to a
+    /// `resuid`/`resgid` match, so there the daemon acts with the caller's host ids. A tmpfs
+    /// has no such reserve: it charges the inode owner's quota, and a writer only through
+    /// CAP_SYS_RESOURCE (the hard limit), which the daemon's own credentials give up the
+    /// same way; acting with its own ids there saves the switch (10 syscalls there and back).
+    pub fn space_by_writer_ids(&self) -> bool {
+        !self.tmpfs
     }
 
     /// Remembers the directory `dir` (on this mount) as where handles are reopened.
@@ -127,6 +141,11 @@ pub struct Inode {
     /// mapping that outlives its fd) bypass the kernel's page cache of this inode, so from
     /// then on reads go through passthrough too, or at least never keep cached pages.
     pub passthrough_written: AtomicBool,
+    /// A real (not `O_PATH`) fd of this inode that some open file handle holds: the calls
+    /// that take only such an fd (`fgetxattr`) use it instead of a walk of
+    /// `/proc/self/fd/N`. The kernel reads `security.capability` through us at the first
+    /// write into a file and at a chown, both while the writer holds the file open.
+    open_fd: Mutex<Weak<OwnedFd>>,
 }
 
 pub enum Anchor {
@@ -177,6 +196,22 @@ impl Inode {
 
     pub fn is_symlink(&self) -> bool {
         self.kind == libc::S_IFLNK
+    }
+
+    /// Offers `fd`, a real fd of this inode held by an open file handle, for `open_fd`.
+    pub fn offer_open_fd(&self, fd: &Arc<OwnedFd>) {
+        let mut slot = self.open_fd.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.strong_count() == 0 {
+            *slot = Arc::downgrade(fd);
+        }
+    }
+
+    /// A real fd of this inode that an open file handle holds, kept open while in use.
+    pub fn open_fd(&self) -> Option<Arc<OwnedFd>> {
+        self.open_fd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .upgrade()
     }
 
     pub fn is_reg(&self) -> bool {
@@ -305,6 +340,7 @@ impl InodeTable {
             backing: Mutex::new(Weak::new()),
             cached_opens: AtomicUsize::new(0),
             passthrough_written: AtomicBool::new(false),
+            open_fd: Mutex::new(Weak::new()),
         });
         let mut by_id = HashMap::new();
         by_id.insert(
@@ -419,6 +455,7 @@ impl InodeTable {
                         backing: Mutex::new(Weak::new()),
                         cached_opens: AtomicUsize::new(0),
                         passthrough_written: AtomicBool::new(false),
+                        open_fd: Mutex::new(Weak::new()),
                     });
                     inner.by_id.insert(
                         nodeid,

@@ -15,13 +15,6 @@ fn as_data_writer<T>(ids: (u32, OuterUid, OuterGid), f: impl Fn() -> Result<T>) 
     )
 }
 
-/// Credentials for registering a passthrough backing file: the kernel keeps them for every
-/// passthrough write to the inode, by whichever opener, so they never include
-/// CAP_SYS_RESOURCE, whoever opened first.
-fn register_creds((uid, gid): (OuterUid, OuterGid)) -> std::io::Result<FsCreds> {
-    FsCreds::switch(FsIds::Host(uid, gid), CapabilitySet::SYS_RESOURCE)
-}
-
 /// Bytes one COPY_FILE_RANGE request copies at most: the copy then holds a data thread for
 /// milliseconds, not seconds, and the caller's loop (copy_file_range may copy less than
 /// asked) sends the next part.
@@ -306,10 +299,7 @@ impl Filesystem for ShiftFs {
         // The kernel keeps the credentials of the registration for every passthrough write.
         // One look at the caller's ids (on an idmappable mount a read of /proc) for both.
         let host = self.host_ids(req);
-        match self.do_open(host.0.get(), ino, flags, |fd| {
-            let _writer = register_creds(host)?;
-            reply.open_backing(fd)
-        }) {
+        match self.do_open(host, ino, flags, |fd| reply.open_backing(fd)) {
             Ok((fh, fl, Some(b))) => reply.opened_passthrough(FileHandle(fh), fl, &b),
             Ok((fh, fl, None)) => reply.opened(FileHandle(fh), fl),
             Err(e) => reply.error(e),
@@ -549,8 +539,7 @@ impl Filesystem for ShiftFs {
         reply: ReplyCreate,
     ) {
         let host = self.host_ids(req);
-        let r = self.do_create(req, parent, name, mode, umask, flags, host.0, |fd| {
-            let _writer = register_creds(host)?;
+        let r = self.do_create(req, parent, name, mode, umask, flags, host, |fd| {
             reply.open_backing(fd)
         });
         self.changed(&r, || name_changed(parent, name).into());

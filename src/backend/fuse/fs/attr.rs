@@ -167,7 +167,12 @@ impl ShiftFs {
         }
         // A chmod rewrites an ACL's mask, which may take a new xattr block (ext4 shares
         // them between inodes).
-        self.as_writer(req, || self.proc.chmod(ifd, mode & 0o7777).map_err(io))
+        let chmod = || self.proc.chmod(ifd, mode & 0o7777).map_err(io);
+        if inode.mount.space_by_writer_ids() {
+            self.as_writer(req, chmod)
+        } else {
+            chmod()
+        }
     }
 
     fn kill_sxid(&self, ifd: BorrowedFd<'_>) -> Result<()> {

@@ -5,7 +5,7 @@ use super::*;
 impl ShiftFs {
     pub(super) fn do_open(
         &self,
-        uid: u32,
+        host: (OuterUid, OuterGid),
         ino: INodeNo,
         flags: OpenFlags,
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
@@ -24,13 +24,13 @@ impl ShiftFs {
             // refused here: the kernel does not ask).
             return Err(Errno::EACCES);
         }
-        let slot = self.open_slot(uid)?;
+        let slot = self.open_slot(host.0.get())?;
         let ifd = inode.fd().map_err(io)?;
         let fd = self
             .proc
             .reopen(ifd.as_fd(), backing_open_flags(flags.0))
             .map_err(io)?;
-        let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags.0), register);
+        let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags.0), host, register);
         Ok(self.open_handle(inode, fd, mode, slot))
     }
 

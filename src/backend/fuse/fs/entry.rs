@@ -196,12 +196,12 @@ impl ShiftFs {
         mode: u32,
         umask: u32,
         flags: i32,
-        opener: OuterUid,
+        host: (OuterUid, OuterGid),
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> Result<(FileAttr, u64, FopenFlags, Option<Arc<BackingId>>)> {
         let p = self.inode(parent)?;
         self.check_writable(&p)?;
-        let slot = self.open_slot(opener.get())?;
+        let slot = self.open_slot(host.0.get())?;
         let pfd = p.fd().map_err(io)?;
         let pfd = pfd.as_fd();
         check_name(name)?;
@@ -222,7 +222,7 @@ impl ShiftFs {
         };
         let path_fd = self.proc.reopen(fd.as_fd(), OFlags::PATH).map_err(io)?;
         let (inode, attr) = self.remember(path_fd, mnt)?;
-        let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags), register);
+        let mode = self.open_mode(&inode, fd.as_fd(), is_write(flags), host, register);
         let (fh, fl, backing) = self.open_handle(inode, fd, mode, slot);
         Ok((attr, fh, fl, backing))
     }

@@ -732,6 +732,7 @@ impl ShiftFs {
         inode: &Inode,
         fd: BorrowedFd<'_>,
         write: bool,
+        host: (OuterUid, OuterGid),
         register: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<BackingId>,
     ) -> OpenMode {
         if !inode.is_reg() {
@@ -751,7 +752,7 @@ impl ShiftFs {
         {
             None
         } else {
-            match register(fd) {
+            match register_backing(inode, host, || register(fd)) {
                 Ok(id) => {
                     let id = Arc::new(id);
                     *slot = Arc::downgrade(&id);
@@ -828,6 +829,23 @@ const OVERFLOW: u32 = 65534;
 /// the creating requests).
 fn carries_ids(req: &Request) -> bool {
     req.uid() != NO_ID && req.gid() != NO_ID
+}
+
+/// Registers a passthrough backing file of `inode` (`register`). The kernel keeps the
+/// credentials of the registration for every passthrough write to the inode, by whichever
+/// opener, so they never include CAP_SYS_RESOURCE, whoever opened first, and they carry the
+/// caller's host ids (`host`) where the file system hands out space by the writer's ids.
+fn register_backing(
+    inode: &Inode,
+    (uid, gid): (OuterUid, OuterGid),
+    register: impl FnOnce() -> std::io::Result<BackingId>,
+) -> std::io::Result<BackingId> {
+    let _writer = if inode.mount.space_by_writer_ids() {
+        FsCreds::switch(FsIds::Host(uid, gid), CapabilitySet::SYS_RESOURCE)?
+    } else {
+        FsCreds::keep_ids(CapabilitySet::SYS_RESOURCE)?
+    };
+    register()
 }
 
 /// Runs `f` as fsuid/fsgid `ids` without CAP_SYS_RESOURCE (ext4's blocks reserved

@@ -3,16 +3,62 @@
 
 use super::*;
 
+/// An ENOSYS in the reply to an xattr request makes the kernel stop sending that request for
+/// the rest of the mount (`no_getxattr` and the like); without GETXATTR it takes every file
+/// for one without an ACL, so a deny entry would stop denying. A syscall refused with ENOSYS
+/// (by the sandbox's filter, or a kernel without it) fails the one request instead.
+fn not_enosys<T>(r: Result<T>) -> Result<T> {
+    match r {
+        Err(e) if e == Errno::ENOSYS => Err(Errno::EIO),
+        r => r,
+    }
+}
+
 impl ShiftFs {
     pub(super) fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> Result<Vec<u8>> {
+        not_enosys(self.read_xattr(ino, name))
+    }
+
+    pub(super) fn do_listxattr(&self, req: &Request, ino: INodeNo) -> Result<Vec<u8>> {
+        not_enosys(self.list_xattrs(req, ino))
+    }
+
+    pub(super) fn do_setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        not_enosys(self.write_xattr(req, ino, name, value, flags))
+    }
+
+    pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
+        not_enosys(self.remove_xattr(ino, name))
+    }
+
+    fn read_xattr(&self, ino: INodeNo, name: &OsStr) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         if self.hides_suid(&inode) && name.as_bytes() == XATTR_CAPS {
             // The kernel reads it at exec through us: a `nosuid` submount grants nothing.
             return Err(Errno::NO_XATTR);
         }
-        let ifd = inode.fd().map_err(io)?;
-        let path = self.proc.path(ifd.as_fd());
-        let value = match procfd::getxattr(&path, &cstr(name)?) {
+        let name_c = cstr(name)?;
+        // The same inode through an open file, without the walk of /proc/self/fd/N. Never
+        // ENOSYS to the kernel (it would stop asking for any xattr): a sandbox that refuses
+        // fgetxattr makes the walk after all.
+        let read = match inode
+            .open_fd()
+            .map(|fd| crate::sys::xattr::read_whole(|b| rustix::fs::fgetxattr(&*fd, &*name_c, b)))
+        {
+            Some(Err(SysErrno::NOSYS)) | None => {
+                let ifd = inode.fd().map_err(io)?;
+                procfd::getxattr(&self.proc.path(ifd.as_fd()), &name_c)
+            }
+            Some(r) => r.map_err(std::io::Error::from),
+        };
+        let value = match read {
             // A source without xattrs (ramfs, vfat) has no ACL and no capability: the FUSE
             // kernel treats ENODATA as "none" but fails permission checks and exec on EOPNOTSUPP.
             Err(e)
@@ -26,7 +72,7 @@ impl ShiftFs {
         self.xattr_out(name, value)
     }
 
-    pub(super) fn do_listxattr(&self, req: &Request, ino: INodeNo) -> Result<Vec<u8>> {
+    fn list_xattrs(&self, req: &Request, ino: INodeNo) -> Result<Vec<u8>> {
         let inode = self.inode(ino)?;
         let ifd = inode.fd().map_err(io)?;
         let mut names = procfd::listxattr(&self.proc.path(ifd.as_fd())).map_err(io)?;
@@ -51,7 +97,7 @@ impl ShiftFs {
             .collect())
     }
 
-    pub(super) fn do_setxattr(
+    fn write_xattr(
         &self,
         req: &Request,
         ino: INodeNo,
@@ -100,12 +146,24 @@ impl ShiftFs {
         Ok(())
     }
 
-    pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
+    fn remove_xattr(&self, ino: INodeNo, name: &OsStr) -> Result<()> {
         let inode = self.inode(ino)?;
         self.check_writable(&inode)?;
         let ifd = inode.fd().map_err(io)?;
         let st = rustix::fs::fstat(ifd.as_fd()).map_err(sys)?;
         self.check_owner_mapped(&st, Errno::EPERM)?;
         rustix::fs::removexattr(self.proc.path(ifd.as_fd()), &*cstr(name)?).map_err(sys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enosys_never_answers_an_xattr_request() {
+        assert_eq!(not_enosys::<()>(Err(Errno::ENOSYS)), Err(Errno::EIO));
+        assert_eq!(not_enosys::<()>(Err(Errno::NO_XATTR)), Err(Errno::NO_XATTR));
+        assert_eq!(not_enosys(Ok(3)), Ok(3));
     }
 }

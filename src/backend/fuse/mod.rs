@@ -361,6 +361,8 @@ fn clone_source(source: &OwnedFd, recursive: bool) -> Result<OwnedFd, Error> {
 
 /// overlayfs' magic: a source on overlayfs needs FUSE stacking depth 2 for passthrough.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+/// A FUSE source (sshfs, bindfs, another shiftfs): opens for writing skip passthrough.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target`, opened without following
 /// any symlink, and starts serving it.
@@ -512,6 +514,7 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             flags: opts.flags,
             ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
+            write_passthrough: f_type != FUSE_SUPER_MAGIC,
             stack_depth: if overlay { 2 } else { 1 },
             stable_dir_offsets: stable_dir_offsets(f_type),
             fd_pool: budget.inode_fds,

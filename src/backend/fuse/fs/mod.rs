@@ -303,6 +303,8 @@ pub(super) struct Config {
     pub flags: MountFlags,
     pub ttl: Duration,
     pub passthrough: bool,
+    /// Opens for writing may go through passthrough (not on a FUSE source: see `open_mode`).
+    pub write_passthrough: bool,
     pub stack_depth: u32,
     /// Directory offsets are cookies any fd can resume from (not overlayfs, whose offsets
     /// index a listing cached per open file).
@@ -331,6 +333,7 @@ pub(super) struct ShiftFs {
     data: Pool,
     proc: ProcFd,
     want_passthrough: bool,
+    write_passthrough: bool,
     stack_depth: u32,
     stable_dir_offsets: bool,
     /// Decided in `init`, cleared for the rest of the mount when the kernel refuses.
@@ -375,6 +378,7 @@ impl ShiftFs {
             data: Pool::new(cfg.data_threads),
             proc,
             want_passthrough: cfg.passthrough,
+            write_passthrough: cfg.write_passthrough,
             stack_depth: cfg.stack_depth,
             stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
@@ -529,28 +533,56 @@ impl ShiftFs {
         )
     }
 
+    /// `check_owner_mapped` for the on-disk owner `uid`, `gid`.
+    fn check_ids_mapped(&self, uid: u32, gid: u32, err: Errno) -> Result<()> {
+        let mapped = self.map.uid.to_outer(InnerUid::new(uid)).is_some()
+            && self.map.gid.to_outer(InnerGid::new(gid)).is_some();
+        if mapped { Ok(()) } else { Err(err) }
+    }
+
     /// Like the kernel's idmapped mounts (`may_delete`, `may_linkat`, "inode writeback is
     /// not safe when the uid or gid are invalid"): an object whose on-disk owner has no
     /// outer id may not be deleted, renamed, linked or have its xattrs changed, else a host
     /// user whose id happens to equal the overflow id would own every unmapped file.
     fn check_owner_mapped(&self, st: &Stat, err: Errno) -> Result<()> {
-        match self.owner_mapped(st) {
-            (true, true) => Ok(()),
-            _ => Err(err),
-        }
+        self.check_ids_mapped(st.st_uid, st.st_gid, err)
     }
 
     /// Before deleting or replacing `name`: the object there must be the one the kernel
     /// checked permissions on (it looked it up, so it is in the table; one swapped in on
     /// the source side since is not) and its owner must be mapped.
+    ///
+    /// One `statx` by name (a single component, not followed if a symlink, as the unlink or
+    /// rename after it treats it) gives the identity and the owner: no open, and on a FUSE
+    /// source no request beyond the lookup the unlink or rename makes anyway. An fd is only
+    /// opened for an object the table remembers by file handle, to compare handles.
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
-        let (fd, same_mount) = open_child(parent.fd().map_err(io)?.as_fd(), name)?;
-        let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        let key = key(fd.as_fd(), &st, same_mount.then_some(parent.key.mnt))?;
-        if !self.inodes.knows(key, fd.as_fd()) {
+        let pfd = parent.fd().map_err(io)?;
+        let want = rustix::fs::StatxFlags::TYPE
+            | rustix::fs::StatxFlags::INO
+            | rustix::fs::StatxFlags::UID
+            | rustix::fs::StatxFlags::GID
+            | rustix::fs::StatxFlags::MNT_ID
+            | rustix::fs::StatxFlags::from_bits_retain(crate::sys::statmount::STATX_MNT_ID_UNIQUE);
+        let stx = rustix::fs::statx(
+            pfd.as_fd(),
+            name,
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            want,
+        )
+        .map_err(sys)?;
+        let key = Key {
+            mnt: stx.stx_mnt_id,
+            dev: rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+            ino: stx.stx_ino,
+        };
+        let known = self
+            .inodes
+            .knows(key, || open_child(pfd.as_fd(), name).ok().map(|(fd, _)| fd));
+        if !known {
             return Err(stale);
         }
-        self.check_owner_mapped(&st, Errno::EOVERFLOW)
+        self.check_ids_mapped(stx.stx_uid, stx.stx_gid, Errno::EOVERFLOW)
     }
 
     /// Runs `f` (one creating syscall) with `ids` (the caller's inner ids) as this thread's
@@ -726,6 +758,10 @@ impl ShiftFs {
     /// without the daemon, while every passthrough read makes the kernel drop the cached
     /// atime, so the next stat costs a GETATTR and the ACL check after it a GETXATTR. With
     /// caching off, reads go through passthrough too: always fresh, no GETATTR per read.
+    /// On a FUSE source (sshfs) opens for writing are cached unless passthrough is active on
+    /// the inode already: the kernel opens the backing file a second time for passthrough,
+    /// an OPEN and a RELEASE for the source's server (for sshfs three SFTP round trips per
+    /// file), which costs more than sending the writes through the daemon.
     /// A cached open reserves its place in `cached_opens`, which the handle releases.
     fn open_mode(
         &self,
@@ -746,6 +782,7 @@ impl ShiftFs {
         let passthrough = if let Some(b) = slot.upgrade() {
             Some(b)
         } else if (!write && !written && !self.ttl.is_zero() && small())
+            || (write && !self.write_passthrough)
             || !self.passthrough_on()
             || inode.cached_opens.load(Ordering::Relaxed) > 0
         {

@@ -710,8 +710,9 @@ impl Drop for FuseRequests {
 
 /// Small files through a shifting FUSE mount of an sshfs source: what lands on the server,
 /// what one create costs sshfs (a write open goes through the daemon, not passthrough,
-/// whose second open of the sshfs file costs SFTP round trips), and the delete checks
-/// (an owner outside the map still refuses unlink and rename with EOVERFLOW).
+/// whose second open of the sshfs file costs SFTP round trips), new objects' owners when
+/// the first creator's uid is the server's user, and the delete checks (an owner outside
+/// the map still refuses unlink and rename with EOVERFLOW).
 #[test]
 fn small_files_on_an_sshfs_source() {
     if !require(Backend::Fuse) || !require_tool("python3", "python3") {
@@ -748,6 +749,26 @@ fn small_files_on_an_sshfs_source() {
             (0, 0, format!("file {i}\n").into_bytes())
         );
     }
+    // The container root's files got their owner by chance (sshfs logs in as root, whose
+    // files the server makes): another user's still get theirs, the setgid directory's
+    // group included.
+    mkdir(&remote.join("shared"), 0o1777, 0, 0);
+    mkdir(&remote.join("sgid"), 0o2777, 0, 50);
+    run(&mut ns.sh_as(
+        1000,
+        1000,
+        &format!("set -e; echo u > {m_}/shared/u; mkdir {m_}/shared/ud; echo s > {m_}/sgid/s"),
+    ))
+    .assert_ok();
+    assert_eq!(
+        on_source(&remote.join("shared/u")),
+        (1000, 1000, b"u\n".to_vec())
+    );
+    assert_eq!(lstat_ids(remote.join("shared/ud")), (1000, 1000));
+    assert_eq!(
+        on_source(&remote.join("sgid/s")),
+        (1000, 50, b"s\n".to_vec())
+    );
     // Appending and reading back through the mount.
     let out = run(&mut ns.sh(&format!("echo more >> {m_}/f1 && cat {m_}/f1")));
     out.assert_ok();

@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -344,8 +344,26 @@ pub(super) struct ShiftFs {
     /// Asked for: see the module's documentation.
     idmappable: bool,
     /// Whether the source gives new objects the creating fsuid/fsgid (sshfs, for one, does
-    /// not: the server creates as its own user): unknown until the first create.
+    /// not: the server creates as its own user). Known for local filesystems; elsewhere
+    /// unknown until a create got another owner, or creates by two different uids each got
+    /// their own (one uid's alone proves nothing: sshfs logged in as root gives a container
+    /// root's files the right owner by chance).
     owner_honoured: OnceLock<bool>,
+    /// While `owner_honoured` is unknown: the last uid whose create got it as owner
+    /// (`NO_WITNESS`: none yet).
+    honoured_uid: AtomicU32,
+}
+
+/// No create has been seen to give its caller's uid.
+const NO_WITNESS: u32 = u32::MAX;
+
+/// Filesystems that give a new object the creating fsuid/fsgid (the kernel's own rule).
+fn honours_creator(f_type: i64) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
 }
 
 impl ShiftFs {
@@ -359,6 +377,10 @@ impl ShiftFs {
         }
         let st = rustix::fs::fstat(&root)?;
         let mnt = mount_id(root.as_fd())?;
+        let owner_honoured = OnceLock::new();
+        if rustix::fs::fstatfs(&root).is_ok_and(|s| honours_creator(s.f_type)) {
+            let _ = owner_honoured.set(true);
+        }
         Ok(Self {
             map: cfg.mapping,
             flags: cfg.flags,
@@ -385,7 +407,8 @@ impl ShiftFs {
             no_opendir: false,
             share: cfg.share,
             idmappable: cfg.idmappable,
-            owner_honoured: OnceLock::new(),
+            owner_honoured,
+            honoured_uid: AtomicU32::new(NO_WITNESS),
         })
     }
 
@@ -647,8 +670,9 @@ impl ShiftFs {
 
     /// A source that ignores the creating fsuid/fsgid (sshfs creates as the server's user)
     /// would leave `name` with another owner: give it the one it should have, the caller's
-    /// (the group of a setgid directory). Checked on the first create of the mount; after that
-    /// only on sources that needed it.
+    /// (the group of a setgid directory). Not checked once the source is known to honour
+    /// the creator (see `owner_honoured`); a new object that already has its caller's uid
+    /// is left as it is.
     fn check_owner_of_new(&self, dir: BorrowedFd<'_>, name: &OsStr, ids: FsIds) -> Result<()> {
         if self.owner_honoured.get() == Some(&true) {
             return Ok(());
@@ -657,21 +681,37 @@ impl ShiftFs {
             return Ok(());
         };
         // The owner tells: the group may differ for good reasons (setgid directory, ext4's
-        // `grpid`), and is only set here when the owner was not honoured either.
+        // `grpid`), and is only set here when the owner was not honoured either. On a FUSE
+        // source the create's reply left these attributes cached: no request.
         let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys)?;
-        let honoured = st.st_uid == uid.get();
-        if self.owner_honoured.set(honoured).is_ok() && !honoured {
+        if st.st_uid == uid.get() {
+            if self.owner_honoured.get().is_none() {
+                let before = self.honoured_uid.swap(uid.get(), Ordering::Relaxed);
+                if before != NO_WITNESS && before != uid.get() {
+                    let _ = self.owner_honoured.set(true);
+                }
+            }
+            return Ok(());
+        }
+        if self.owner_honoured.set(false).is_ok() {
             tracing::info!(
                 "the source gives new objects its own owner, not the creator's; setting \
                  each new object's owner afterwards"
             );
         }
-        if honoured {
-            return Ok(());
-        }
-        let parent = rustix::fs::fstat(dir).map_err(sys)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            parent.st_gid
+        // Making an entry changes neither the directory's mode nor its group: the cached
+        // ones are as fresh as before the create, and on a FUSE source (whose attributes
+        // of the directory the create invalidated) refreshing them would cost the server a
+        // round trip (an SFTP LSTAT for sshfs).
+        let parent = rustix::fs::statx(
+            dir,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            rustix::fs::StatxFlags::MODE | rustix::fs::StatxFlags::GID,
+        )
+        .map_err(sys)?;
+        let gid = if u32::from(parent.stx_mode) & libc::S_ISGID != 0 {
+            parent.stx_gid
         } else {
             gid.get()
         };

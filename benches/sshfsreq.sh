@@ -11,7 +11,8 @@
 # each phase of benches/smallfiles.py (create+write+close, stat, unlink; N files, warm: the
 # phases run once untimed first), run as root of a user namespace mapped 0 100000 65536, counts
 # the requests the kernel sends sshfs (the fuse:fuse_request_send tracepoint filtered on sshfs's
-# connection, in a tracefs instance of its own) and the SFTP requests in sshfs's log, by type.
+# connection, in a tracefs instance of its own), the SFTP requests in sshfs's log, by type, and
+# for shiftfs and bindfs the requests their own FUSE connection gets (a second instance).
 # Prints per-file counts.
 set -euo pipefail
 export LC_ALL=C
@@ -43,9 +44,13 @@ tracing=/sys/kernel/tracing
 work=$(mktemp -d /var/tmp/shiftfs-sshfsreq.XXXXXX)
 chmod 755 "$work"
 inst=$tracing/instances/shiftfs-sshfsreq-$$
+own=$tracing/instances/shiftfs-sshfsreq-own-$$
 sshd_pid= sshfs_pid=
 cleanup() {
-  [ ! -d "$inst" ] || { echo 0 >"$inst/events/fuse/fuse_request_send/enable"; rmdir "$inst"; }
+  local i
+  for i in "$inst" "$own"; do
+    [ ! -d "$i" ] || { echo 0 >"$i/events/fuse/fuse_request_send/enable"; rmdir "$i"; }
+  done
   local m
   for m in "$work"/m-*; do
     [ -d "$m" ] || continue
@@ -125,29 +130,41 @@ for i in range(n):
         os.unlink(name, dir_fd=dfd)
 EOF
 NSROOT=(unshare --user --map-users=100000,0,65536 --map-groups=100000,0,65536 --setuid 0 --setgid 0 --)
-mkdir "$inst"
+mkdir "$inst" "$own"
 echo 16384 >"$inst/buffer_size_kb"
+echo 16384 >"$own/buffer_size_kb"
 echo "connection == $conn" >"$inst/events/fuse/fuse_request_send/filter"
+# Requests per file, by opcode, in the trace of instance $1: "TOTAL: OP N ...".
+per_file() {
+  grep -o '(FUSE_[A-Z_0-9]*)' "$1/trace" | tr -d '()' | sed 's/^FUSE_//' | sort | uniq -c \
+    | awk -v n="$files" '{ t += $1; s = s sprintf(" %s %.2f", $2, $1 / n) } END { printf "%.2f:%s", t / n, s }'
+}
 
 echo "benches/sshfsreq.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), kernel $(uname -r), shiftfs $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo ?), $(sshfs --version 2>&1 | awk '/SSHFS version/ { print "sshfs " $3; exit }'), $files files"
-echo "per file: FUSE requests sshfs gets (by opcode) | SFTP requests sshfs sends (by type); warm"
+echo "per file: FUSE requests sshfs gets (by opcode) | SFTP requests sshfs sends (by type) | requests the contender's own FUSE connection gets; warm"
 for c in "${contenders[@]}"; do
   p=${path[$c]}
+  owncon=
+  [ $c = plain ] || owncon=$(stat -c '%Hd %Ld' "$work/m-$c" | awk '{ print $1 * 1048576 + $2 }')
+  echo "connection == ${owncon:-0}" >"$own/events/fuse/fuse_request_send/filter"
   for phase in create stat delete; do "${NSROOT[@]}" python3 "$work/phase.py" "$p" $phase "$files"; done
   for phase in create stat delete; do
     echo >"$inst/trace"
+    echo >"$own/trace"
     sync "$work/sftp.log"
     off=$(stat -c %s "$work/sftp.log")
     echo 1 >"$inst/events/fuse/fuse_request_send/enable"
+    echo 1 >"$own/events/fuse/fuse_request_send/enable"
     "${NSROOT[@]}" python3 "$work/phase.py" "$p" $phase "$files"
     echo 0 >"$inst/events/fuse/fuse_request_send/enable"
+    echo 0 >"$own/events/fuse/fuse_request_send/enable"
     sleep 0.2   # sshfs writes its log after the reply
-    fuse=$(grep -o '(FUSE_[A-Z_0-9]*)' "$inst/trace" | tr -d '()' | sed 's/^FUSE_//' | sort | uniq -c \
-      | awk -v n="$files" '{ t += $1; s = s sprintf(" %s %.2f", $2, $1 / n) } END { printf "%.2f:%s", t / n, s }')
+    fuse=$(per_file "$inst")
+    ownreq=-; [ -z "$owncon" ] || ownreq=$(per_file "$own")
     sftp=$(tail -c +"$((off + 1))" "$work/sftp.log" | grep -oE '^\[[0-9]+\] +[A-Z_]+' | awk '{ print $2 }' | sort | uniq -c \
       | awk -v n="$files" '{ t += $1; s = s sprintf(" %s %.2f", $2, $1 / n) } END { printf "%.2f:%s", t / n, s }')
-    printf '%-8s %-7s FUSE %s | SFTP %s\n' "$c" "$phase" "$fuse" "$sftp"
+    printf '%-8s %-7s FUSE %s | SFTP %s | own %s\n' "$c" "$phase" "$fuse" "$sftp" "$ownreq"
   done
 done
-grep -q 'LOST EVENTS' "$inst/trace" && echo "warning: the trace buffer overflowed; counts are low" >&2
+grep -q 'LOST EVENTS' "$inst/trace" "$own/trace" && echo "warning: the trace buffer overflowed; counts are low" >&2
 exit 0

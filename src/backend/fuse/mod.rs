@@ -22,7 +22,8 @@
 //!   the kernel's, shared by all users of this mount but not with processes using SOURCE
 //!   directly), `FUSE_WRITEBACK_CACHE` (excludes passthrough), `FUSE_SETXATTR_EXT` (fuser
 //!   0.18 panics on it), `FUSE_EXPORT_SUPPORT` (no NFS re-export).
-//! - File data goes through kernel passthrough when allowed; an open never mixes modes for
+//! - File data goes through kernel passthrough when allowed (not writes on a FUSE source,
+//!   whose server passthrough would make open each file twice); an open never mixes modes for
 //!   one inode, since the kernel fails such an open with EIO.
 //!
 //! Sub-mounts inside SOURCE, as on the kernel backend: the daemon serves a private clone

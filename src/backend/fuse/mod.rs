@@ -22,8 +22,7 @@
 //!   the kernel's, shared by all users of this mount but not with processes using SOURCE
 //!   directly), `FUSE_WRITEBACK_CACHE` (excludes passthrough), `FUSE_SETXATTR_EXT` (fuser
 //!   0.18 panics on it), `FUSE_EXPORT_SUPPORT` (no NFS re-export).
-//! - File data goes through kernel passthrough when allowed (not writes on a FUSE source,
-//!   whose server passthrough would make open each file twice); an open never mixes modes for
+//! - File data goes through kernel passthrough when allowed; an open never mixes modes for
 //!   one inode, since the kernel fails such an open with EIO.
 //!
 //! Sub-mounts inside SOURCE, as on the kernel backend: the daemon serves a private clone
@@ -362,8 +361,6 @@ fn clone_source(source: &OwnedFd, recursive: bool) -> Result<OwnedFd, Error> {
 
 /// overlayfs' magic: a source on overlayfs needs FUSE stacking depth 2 for passthrough.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
-/// A FUSE source (sshfs, bindfs, another shiftfs): opens for writing skip passthrough.
-const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// Mounts `source` (an `O_PATH | O_DIRECTORY` fd) at `target`, opened without following
 /// any symlink, and starts serving it.
@@ -515,7 +512,6 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             flags: opts.flags,
             ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
-            write_passthrough: f_type != FUSE_SUPER_MAGIC,
             stack_depth: if overlay { 2 } else { 1 },
             stable_dir_offsets: stable_dir_offsets(f_type),
             fd_pool: budget.inode_fds,

@@ -303,8 +303,6 @@ pub(super) struct Config {
     pub flags: MountFlags,
     pub ttl: Duration,
     pub passthrough: bool,
-    /// Opens for writing may go through passthrough (not on a FUSE source: see `open_mode`).
-    pub write_passthrough: bool,
     pub stack_depth: u32,
     /// Directory offsets are cookies any fd can resume from (not overlayfs, whose offsets
     /// index a listing cached per open file).
@@ -333,7 +331,6 @@ pub(super) struct ShiftFs {
     data: Pool,
     proc: ProcFd,
     want_passthrough: bool,
-    write_passthrough: bool,
     stack_depth: u32,
     stable_dir_offsets: bool,
     /// Decided in `init`, cleared for the rest of the mount when the kernel refuses.
@@ -400,7 +397,6 @@ impl ShiftFs {
             data: Pool::new(cfg.data_threads),
             proc,
             want_passthrough: cfg.passthrough,
-            write_passthrough: cfg.write_passthrough,
             stack_depth: cfg.stack_depth,
             stable_dir_offsets: cfg.stable_dir_offsets,
             passthrough: AtomicBool::new(false),
@@ -798,10 +794,6 @@ impl ShiftFs {
     /// without the daemon, while every passthrough read makes the kernel drop the cached
     /// atime, so the next stat costs a GETATTR and the ACL check after it a GETXATTR. With
     /// caching off, reads go through passthrough too: always fresh, no GETATTR per read.
-    /// On a FUSE source (sshfs) opens for writing are cached unless passthrough is active on
-    /// the inode already: the kernel opens the backing file a second time for passthrough,
-    /// an OPEN and a RELEASE for the source's server (for sshfs three SFTP round trips per
-    /// file), which costs more than sending the writes through the daemon.
     /// A cached open reserves its place in `cached_opens`, which the handle releases.
     fn open_mode(
         &self,
@@ -822,7 +814,6 @@ impl ShiftFs {
         let passthrough = if let Some(b) = slot.upgrade() {
             Some(b)
         } else if (!write && !written && !self.ttl.is_zero() && small())
-            || (write && !self.write_passthrough)
             || !self.passthrough_on()
             || inode.cached_opens.load(Ordering::Relaxed) > 0
         {

@@ -8,6 +8,7 @@ mod common;
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -646,6 +647,169 @@ fn long_listing_of_an_sshfs_source() {
         fs::metadata(src.path.join(&names[0])).is_ok(),
         "sshfs still serves"
     );
+    m.unmount();
+    drop(src);
+    dir.finish();
+}
+
+/// The kernel's FUSE requests to one connection (the fuse:fuse_request_send tracepoint, in
+/// a tracefs instance of its own, filtered on the connection), removed on drop.
+struct FuseRequests {
+    instance: PathBuf,
+}
+
+impl FuseRequests {
+    /// Starts counting the requests sent to the FUSE mount at `mnt`; None (after `skip`)
+    /// without tracefs or the tracepoint.
+    fn start(mnt: &Path) -> Option<Self> {
+        let tracing = Path::new("/sys/kernel/tracing");
+        if !tracing.join("events/fuse/fuse_request_send").is_dir() {
+            skip("needs tracefs on /sys/kernel/tracing with the fuse:fuse_request_send event");
+            return None;
+        }
+        let instance = tracing.join(format!("instances/shiftfs-test-{}", std::process::id()));
+        fs::create_dir(&instance).expect("make a tracefs instance");
+        let counter = Self { instance };
+        // The tracepoint's connection is the mount's dev_t as the kernel encodes it.
+        let dev = fs::metadata(mnt).expect("stat the mount").dev();
+        let conn = (libc::major(dev) << 20) | libc::minor(dev);
+        let event = counter.instance.join("events/fuse/fuse_request_send");
+        fs::write(event.join("filter"), format!("connection == {conn}")).expect("set the filter");
+        fs::write(event.join("enable"), "1").expect("enable the tracepoint");
+        Some(counter)
+    }
+
+    /// How many requests of each opcode (`FUSE_OPEN`, ...) were sent; stops counting.
+    fn stop(&self) -> std::collections::BTreeMap<String, usize> {
+        let event = self.instance.join("events/fuse/fuse_request_send");
+        fs::write(event.join("enable"), "0").expect("disable the tracepoint");
+        let trace = fs::read_to_string(self.instance.join("trace")).expect("read the trace");
+        let mut counts = std::collections::BTreeMap::new();
+        for line in trace.lines().filter(|l| !l.starts_with('#')) {
+            if let Some(op) = line
+                .split(['(', ')'])
+                .nth(1)
+                .filter(|op| op.starts_with("FUSE_"))
+            {
+                *counts.entry(op.to_string()).or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for FuseRequests {
+    fn drop(&mut self) {
+        let _ = fs::write(
+            self.instance.join("events/fuse/fuse_request_send/enable"),
+            "0",
+        );
+        let _ = fs::remove_dir(&self.instance);
+    }
+}
+
+/// Small files through a shifting FUSE mount of an sshfs source: what lands on the server,
+/// new objects' owners when the first creator's uid happens to be the server's user, no
+/// chown for a new file whose owner is already right, and the delete checks (an owner
+/// outside the map still refuses unlink and rename with EOVERFLOW).
+#[test]
+fn small_files_on_an_sshfs_source() {
+    if !require(Backend::Fuse) {
+        return;
+    }
+    let dir = TestDir::new("idm-sshfs-small");
+    let Some(src) = sshfs(&dir) else {
+        return;
+    };
+    let remote = dir.path().join("remote");
+    mkdir(&remote.join("shared"), 0o1777, 0, 0);
+    mkdir(&remote.join("sgid"), 0o2777, 0, 50);
+    let mnt = dir.dir("mnt");
+    let m = ShiftMount::new(Backend::Fuse, MAP, &src.path, &mnt);
+    let ns = UserNs::new(NS_MAP);
+    let m_ = q(&mnt);
+    // First the container root: sshfs logs in as root, so the server gives its files the
+    // right owner by chance. Another user's files must still get theirs, the setgid
+    // directory's group included.
+    run(&mut ns.sh(&format!("echo warm > {m_}/warm"))).assert_ok();
+    run(&mut ns.sh_as(
+        1000,
+        1000,
+        &format!("set -e; echo u > {m_}/shared/u; mkdir {m_}/shared/ud; echo s > {m_}/sgid/s"),
+    ))
+    .assert_ok();
+    assert_eq!(on_source(&remote.join("warm")), (0, 0, b"warm\n".to_vec()));
+    assert_eq!(
+        on_source(&remote.join("shared/u")),
+        (1000, 1000, b"u\n".to_vec())
+    );
+    assert_eq!(lstat_ids(remote.join("shared/ud")), (1000, 1000));
+    assert_eq!(
+        on_source(&remote.join("sgid/s")),
+        (1000, 50, b"s\n".to_vec())
+    );
+
+    // The source is now known to ignore the creator; the root's new files, made with the
+    // right owner, are not chowned (sshfs would send a SETSTAT each).
+    let Some(requests) = FuseRequests::start(&src.path) else {
+        return;
+    };
+    const N: usize = 20;
+    run(&mut ns.sh(&format!(
+        "set -e; for i in $(seq 1 {N}); do printf 'file %s\\n' $i > {m_}/f$i; done"
+    )))
+    .assert_ok();
+    let counts = requests.stop();
+    let count = |op: &str| counts.get(op).copied().unwrap_or(0);
+    assert_eq!(count("FUSE_CREATE"), N, "one create per file: {counts:?}");
+    assert_eq!(count("FUSE_SETATTR"), 0, "no chown: {counts:?}");
+    for i in 1..=N {
+        assert_eq!(
+            on_source(&remote.join(format!("f{i}"))),
+            (0, 0, format!("file {i}\n").into_bytes())
+        );
+    }
+    // Appending and reading back through the mount.
+    let out = run(&mut ns.sh(&format!("echo more >> {m_}/f1 && cat {m_}/f1")));
+    out.assert_ok();
+    assert_eq!(out.stdout, "file 1\nmore\n");
+    assert_eq!(
+        fs::read(remote.join("f1")).expect("read"),
+        b"file 1\nmore\n"
+    );
+
+    // Deleting: a mapped file goes; one owned by an id outside the map stays, for everyone.
+    run(&mut ns.sh(&format!("rm {m_}/f2"))).assert_ok();
+    assert!(!remote.join("f2").exists(), "deleted on the server");
+    fs::write(remote.join("alien"), b"alien\n").expect("make a remote file");
+    std::os::unix::fs::chown(remote.join("alien"), Some(70000), Some(70000)).expect("chown");
+    let errno = |r: std::io::Result<()>| r.expect_err("refused").raw_os_error();
+    assert_eq!(
+        errno(fs::remove_file(mnt.join("alien"))),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(
+        errno(fs::rename(mnt.join("alien"), mnt.join("renamed"))),
+        Some(libc::EOVERFLOW)
+    );
+    assert_eq!(
+        errno(fs::rename(mnt.join("f3"), mnt.join("alien"))),
+        Some(libc::EOVERFLOW)
+    );
+    let out = run(&mut ns.sh(&format!("rm -f {m_}/alien")));
+    out.assert_fails();
+    assert!(
+        out.stderr.contains("Value too large for defined data type"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        on_source(&remote.join("alien")),
+        (70000, 70000, b"alien\n".to_vec())
+    );
+    assert_eq!(fs::read(remote.join("f3")).expect("f3 stays"), b"file 3\n");
+
+    drop(ns);
     m.unmount();
     drop(src);
     dir.finish();

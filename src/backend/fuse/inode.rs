@@ -475,8 +475,9 @@ impl InodeTable {
 
     /// Whether the kernel knows the object `fd` (with identity `key`) refers to: it looked
     /// it up and has not forgotten it. A handle-anchored entry must also have the same
-    /// handle, else its inode number was reused by this new object.
-    pub fn knows(&self, key: Key, fd: BorrowedFd<'_>) -> bool {
+    /// handle, else its inode number was reused by this new object; `fd` is only opened to
+    /// compare that handle (None: the object cannot be opened, so it is not known).
+    pub fn knows(&self, key: Key, fd: impl FnOnce() -> Option<OwnedFd>) -> bool {
         let handle = {
             let inner = self.inner.read().unwrap_or_else(PoisonError::into_inner);
             let entry = inner.by_key.get(&key).and_then(|id| inner.by_id.get(id));
@@ -486,7 +487,7 @@ impl InodeTable {
                 Some(Anchor::Handle(handle)) => handle.clone(),
             }
         };
-        fhandle::name_to_handle(fd).is_ok_and(|(h, _)| h == handle)
+        fd().is_some_and(|fd| fhandle::name_to_handle(fd.as_fd()).is_ok_and(|(h, _)| h == handle))
     }
 
     /// Counts one more lookup of a node already in the table (e.g. `link` returning the
@@ -748,7 +749,7 @@ mod handle_tests {
         t.forget(b.nodeid, 1);
         let a_fd = open(&dir.path().join("a"));
         assert!(
-            t.knows(b.key, a_fd.as_fd()),
+            t.knows(b.key, || Some(a_fd)),
             "forgetting the old node keeps the new key"
         );
         // Forgetting the fd-anchored one frees budget for the next.

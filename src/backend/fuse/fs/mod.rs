@@ -27,7 +27,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -341,8 +341,26 @@ pub(super) struct ShiftFs {
     /// Asked for: see the module's documentation.
     idmappable: bool,
     /// Whether the source gives new objects the creating fsuid/fsgid (sshfs, for one, does
-    /// not: the server creates as its own user): unknown until the first create.
+    /// not: the server creates as its own user). Known for local filesystems; elsewhere
+    /// unknown until a create got another owner, or creates by two different uids each got
+    /// their own (one uid's alone proves nothing: sshfs logged in as root gives a container
+    /// root's files the right owner by chance).
     owner_honoured: OnceLock<bool>,
+    /// While `owner_honoured` is unknown: the last uid whose create got it as owner
+    /// (`NO_WITNESS`: none yet).
+    honoured_uid: AtomicU32,
+}
+
+/// No create has been seen to give its caller's uid.
+const NO_WITNESS: u32 = u32::MAX;
+
+/// Filesystems that give a new object the creating fsuid/fsgid (the kernel's own rule).
+fn honours_creator(f_type: i64) -> bool {
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683E;
+    const TMPFS: i64 = 0x0102_1994;
+    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
 }
 
 impl ShiftFs {
@@ -356,6 +374,10 @@ impl ShiftFs {
         }
         let st = rustix::fs::fstat(&root)?;
         let mnt = mount_id(root.as_fd())?;
+        let owner_honoured = OnceLock::new();
+        if rustix::fs::fstatfs(&root).is_ok_and(|s| honours_creator(s.f_type)) {
+            let _ = owner_honoured.set(true);
+        }
         Ok(Self {
             map: cfg.mapping,
             flags: cfg.flags,
@@ -381,7 +403,8 @@ impl ShiftFs {
             no_opendir: false,
             share: cfg.share,
             idmappable: cfg.idmappable,
-            owner_honoured: OnceLock::new(),
+            owner_honoured,
+            honoured_uid: AtomicU32::new(NO_WITNESS),
         })
     }
 
@@ -529,28 +552,56 @@ impl ShiftFs {
         )
     }
 
+    /// `check_owner_mapped` for the on-disk owner `uid`, `gid`.
+    fn check_ids_mapped(&self, uid: u32, gid: u32, err: Errno) -> Result<()> {
+        let mapped = self.map.uid.to_outer(InnerUid::new(uid)).is_some()
+            && self.map.gid.to_outer(InnerGid::new(gid)).is_some();
+        if mapped { Ok(()) } else { Err(err) }
+    }
+
     /// Like the kernel's idmapped mounts (`may_delete`, `may_linkat`, "inode writeback is
     /// not safe when the uid or gid are invalid"): an object whose on-disk owner has no
     /// outer id may not be deleted, renamed, linked or have its xattrs changed, else a host
     /// user whose id happens to equal the overflow id would own every unmapped file.
     fn check_owner_mapped(&self, st: &Stat, err: Errno) -> Result<()> {
-        match self.owner_mapped(st) {
-            (true, true) => Ok(()),
-            _ => Err(err),
-        }
+        self.check_ids_mapped(st.st_uid, st.st_gid, err)
     }
 
     /// Before deleting or replacing `name`: the object there must be the one the kernel
     /// checked permissions on (it looked it up, so it is in the table; one swapped in on
     /// the source side since is not) and its owner must be mapped.
+    ///
+    /// One `statx` by name (a single component, not followed if a symlink, as the unlink or
+    /// rename after it treats it) gives the identity and the owner: no open, and on a FUSE
+    /// source no request beyond the lookup the unlink or rename makes anyway. An fd is only
+    /// opened for an object the table remembers by file handle, to compare handles.
     fn check_victim(&self, parent: &Inode, name: &OsStr, stale: Errno) -> Result<()> {
-        let (fd, same_mount) = open_child(parent.fd().map_err(io)?.as_fd(), name)?;
-        let st = rustix::fs::fstat(&fd).map_err(sys)?;
-        let key = key(fd.as_fd(), &st, same_mount.then_some(parent.key.mnt))?;
-        if !self.inodes.knows(key, fd.as_fd()) {
+        let pfd = parent.fd().map_err(io)?;
+        let want = rustix::fs::StatxFlags::TYPE
+            | rustix::fs::StatxFlags::INO
+            | rustix::fs::StatxFlags::UID
+            | rustix::fs::StatxFlags::GID
+            | rustix::fs::StatxFlags::MNT_ID
+            | rustix::fs::StatxFlags::from_bits_retain(crate::sys::statmount::STATX_MNT_ID_UNIQUE);
+        let stx = rustix::fs::statx(
+            pfd.as_fd(),
+            name,
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            want,
+        )
+        .map_err(sys)?;
+        let key = Key {
+            mnt: stx.stx_mnt_id,
+            dev: rustix::fs::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+            ino: stx.stx_ino,
+        };
+        let known = self
+            .inodes
+            .knows(key, || open_child(pfd.as_fd(), name).ok().map(|(fd, _)| fd));
+        if !known {
             return Err(stale);
         }
-        self.check_owner_mapped(&st, Errno::EOVERFLOW)
+        self.check_ids_mapped(stx.stx_uid, stx.stx_gid, Errno::EOVERFLOW)
     }
 
     /// Runs `f` (one creating syscall) with `ids` (the caller's inner ids) as this thread's
@@ -615,8 +666,9 @@ impl ShiftFs {
 
     /// A source that ignores the creating fsuid/fsgid (sshfs creates as the server's user)
     /// would leave `name` with another owner: give it the one it should have, the caller's
-    /// (the group of a setgid directory). Checked on the first create of the mount; after that
-    /// only on sources that needed it.
+    /// (the group of a setgid directory). Not checked once the source is known to honour
+    /// the creator (see `owner_honoured`); a new object that already has its caller's uid
+    /// is left as it is.
     fn check_owner_of_new(&self, dir: BorrowedFd<'_>, name: &OsStr, ids: FsIds) -> Result<()> {
         if self.owner_honoured.get() == Some(&true) {
             return Ok(());
@@ -625,21 +677,37 @@ impl ShiftFs {
             return Ok(());
         };
         // The owner tells: the group may differ for good reasons (setgid directory, ext4's
-        // `grpid`), and is only set here when the owner was not honoured either.
+        // `grpid`), and is only set here when the owner was not honoured either. On a FUSE
+        // source the create's reply left these attributes cached: no request.
         let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(sys)?;
-        let honoured = st.st_uid == uid.get();
-        if self.owner_honoured.set(honoured).is_ok() && !honoured {
+        if st.st_uid == uid.get() {
+            if self.owner_honoured.get().is_none() {
+                let before = self.honoured_uid.swap(uid.get(), Ordering::Relaxed);
+                if before != NO_WITNESS && before != uid.get() {
+                    let _ = self.owner_honoured.set(true);
+                }
+            }
+            return Ok(());
+        }
+        if self.owner_honoured.set(false).is_ok() {
             tracing::info!(
                 "the source gives new objects its own owner, not the creator's; setting \
                  each new object's owner afterwards"
             );
         }
-        if honoured {
-            return Ok(());
-        }
-        let parent = rustix::fs::fstat(dir).map_err(sys)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            parent.st_gid
+        // Making an entry changes neither the directory's mode nor its group: the cached
+        // ones are as fresh as before the create, and on a FUSE source (whose attributes
+        // of the directory the create invalidated) refreshing them would cost the server a
+        // round trip (an SFTP LSTAT for sshfs).
+        let parent = rustix::fs::statx(
+            dir,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            rustix::fs::StatxFlags::MODE | rustix::fs::StatxFlags::GID,
+        )
+        .map_err(sys)?;
+        let gid = if u32::from(parent.stx_mode) & libc::S_ISGID != 0 {
+            parent.stx_gid
         } else {
             gid.get()
         };

@@ -445,12 +445,13 @@ fn source_tree(source: OwnedFd, recursive: bool) -> Result<OwnedFd, Error> {
     clone_source(&source, recursive)
 }
 
-/// Whether a listing of a directory on a filesystem of type `f_type` can be resumed from its
-/// offset on any fd of the directory, which listing without OPENDIR needs. Only filesystems
-/// known to give cookies are trusted: overlayfs indexes a listing cached per open file, and
-/// FUSE servers (sshfs 3.7 aborts on an assertion) and network filesystems may keep a listing
-/// per handle.
-fn stable_dir_offsets(f_type: i64) -> bool {
+/// The local filesystems whose behaviour the FUSE backend relies on where others differ: a
+/// listing resumes from its offset on any fd of the directory (listing without OPENDIR needs
+/// it: overlayfs indexes a listing cached per open file, and FUSE servers such as sshfs 3.7,
+/// which aborts on an assertion, and network filesystems may keep a listing per handle), and a
+/// new object gets the creating fsuid/fsgid, the kernel's own rule (sshfs gives the server's
+/// user).
+pub(crate) fn well_known_local(f_type: i64) -> bool {
     const EXT4: i64 = 0xEF53;
     const XFS: i64 = 0x5846_5342;
     const BTRFS: i64 = 0x9123_683E;
@@ -513,7 +514,7 @@ fn build(root: OwnedFd, opts: Options) -> Result<(fs::ShiftFs, usize, Member), E
             ttl: opts.attr_timeout,
             passthrough: opts.passthrough,
             stack_depth: if overlay { 2 } else { 1 },
-            stable_dir_offsets: stable_dir_offsets(f_type),
+            stable_dir_offsets: well_known_local(f_type),
             fd_pool: budget.inode_fds,
             open_limit: budget.open,
             data_threads: threads,

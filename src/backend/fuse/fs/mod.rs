@@ -354,15 +354,6 @@ pub(super) struct ShiftFs {
 /// No create has been seen to give its caller's uid.
 const NO_WITNESS: u32 = u32::MAX;
 
-/// Filesystems that give a new object the creating fsuid/fsgid (the kernel's own rule).
-fn honours_creator(f_type: i64) -> bool {
-    const EXT4: i64 = 0xEF53;
-    const XFS: i64 = 0x5846_5342;
-    const BTRFS: i64 = 0x9123_683E;
-    const TMPFS: i64 = 0x0102_1994;
-    matches!(f_type, EXT4 | XFS | BTRFS | TMPFS)
-}
-
 impl ShiftFs {
     pub fn new(root: OwnedFd, proc: ProcFd, cfg: Config) -> std::io::Result<Self> {
         // Creating requests then carry ids mapped by the kernel, stored as they come.
@@ -375,7 +366,7 @@ impl ShiftFs {
         let st = rustix::fs::fstat(&root)?;
         let mnt = mount_id(root.as_fd())?;
         let owner_honoured = OnceLock::new();
-        if rustix::fs::fstatfs(&root).is_ok_and(|s| honours_creator(s.f_type)) {
+        if rustix::fs::fstatfs(&root).is_ok_and(|s| super::well_known_local(s.f_type)) {
             let _ = owner_honoured.set(true);
         }
         Ok(Self {

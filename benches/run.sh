@@ -336,29 +336,12 @@ w_readall_pinned() { pinned readall "$@"; }
 w_extract_pinned() { pinned extract "$@"; }
 w_smallfiles_pinned() { pinned smallfiles "$@"; }
 
-# A private sshd on 127.0.0.1 for the sshfs backing (started once): its own host key, a key for
-# root's login made here, nothing of the system's sshd configuration or keys.
+# The private sshd for the sshfs backing, started once (benches/private_sshd.sh).
+. "$here/private_sshd.sh"
 sshd_port=
 start_sshd() {
   [ -z "$sshd_pid" ] || return 0
-  local d=$work/ssh i
-  mkdir -m 700 "$d"
-  ssh-keygen -q -t ed25519 -N '' -f "$d/host_key"
-  ssh-keygen -q -t ed25519 -N '' -f "$d/root_key"
-  cp "$d/root_key.pub" "$d/authorized_keys"
-  mkdir -p /run/sshd   # sshd's privilege separation directory, made at boot by the package
-  sshd_port=$(/usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  printf '%s\n' "Port $sshd_port" "ListenAddress 127.0.0.1" "HostKey $d/host_key" "PidFile $d/sshd.pid" \
-    "AuthorizedKeysFile $d/authorized_keys" "PermitRootLogin prohibit-password" "PasswordAuthentication no" \
-    "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" "Subsystem sftp internal-sftp" \
-    "LogLevel ERROR" >"$d/sshd_config"
-  /usr/sbin/sshd -D -e -f "$d/sshd_config" </dev/null >/dev/null 2>"$d/sshd.err" &
-  sshd_pid=$!
-  for ((i = 0; i < 100; i++)); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$sshd_port") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  die "the private sshd did not listen on 127.0.0.1:$sshd_port: $(head -c 300 "$d/sshd.err")"
+  start_private_sshd "$work/ssh" || die "no sshd for the sshfs backing"
 }
 
 # ---------------------------------------------------------------- scale mode

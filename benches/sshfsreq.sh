@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
 done
 bin=${bin:-$repo/target/release/shiftfs}
 die() { echo "sshfsreq.sh: $*" >&2; exit 1; }
+. "$here/private_sshd.sh"
 [ "$(id -u)" = 0 ] || die "run as root (it mounts and traces)"
 [ -x "$bin" ] || die "no shiftfs binary at $bin (cargo build --release)"
 [ -z "$base" ] || [ -x "$base" ] || die "no shiftfs binary at $base"
@@ -67,22 +68,8 @@ trap cleanup EXIT
 mkdir "$work/remote" "$work/src"
 mount -t tmpfs -o size=1G,mode=755 shiftfs-sshfsreq "$work/remote"
 d=$work/ssh
-mkdir -m 700 "$d"
-ssh-keygen -q -t ed25519 -N '' -f "$d/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$d/root_key"
-cp "$d/root_key.pub" "$d/authorized_keys"
-mkdir -p /run/sshd
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-printf '%s\n' "Port $port" "ListenAddress 127.0.0.1" "HostKey $d/host_key" "PidFile $d/sshd.pid" \
-  "AuthorizedKeysFile $d/authorized_keys" "PermitRootLogin prohibit-password" "PasswordAuthentication no" \
-  "KbdInteractiveAuthentication no" "UsePAM no" "StrictModes no" "Subsystem sftp internal-sftp" \
-  "LogLevel ERROR" >"$d/sshd_config"
-/usr/sbin/sshd -D -e -f "$d/sshd_config" </dev/null >/dev/null 2>"$d/sshd.err" &
-sshd_pid=$!
-for ((i = 0; i < 100; i++)); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+start_private_sshd "$d" || die "no sshd for the sshfs source"
+port=$sshd_port
 # Foreground (-f) so that sshfs_debug's log goes to a file; the mount is up once it shows.
 sshfs -f -o "sshfs_debug,allow_other,port=$port,IdentityFile=$d/root_key,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes" \
   "root@127.0.0.1:$work/remote" "$work/src" 2>"$work/sftp.log" &

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The FUSE daemon's own CPU time per request, two binaries side by side (issue 16 item 4):
-#   cpu.sh BASE_BIN NEW_BIN ROUNDS N_FILES
+#   cpu.sh BASE_BIN NEW_BIN ROUNDS N_FILES          (SOURCE=ext4: the source is a directory of /var/tmp)
 # Both mount one tmpfs source (`-o uring=off,share=off`: two daemons, not one shared); each round runs, on each mount in turn,
 # benches/smallfiles.py (N_FILES) and a `tar x` + `rm -rf` of /usr/share/doc as the root of a
 # user namespace mapped 0 100000 65536, and records the wall time and the daemon's user+system
@@ -9,16 +9,17 @@
 set -euo pipefail
 base=$1 new=$2 rounds=${3:-5} n=${4:-3000}
 here=$(cd "$(dirname "$0")/../.." && pwd)
-work=$(mktemp -d /tmp/cost-cpu.XXXXXX)
+source=${SOURCE:-tmpfs}
+work=$(mktemp -d /var/tmp/cost-cpu.XXXXXX)
 mkdir "$work/src" "$work/m-base" "$work/m-new"
-mount -t tmpfs tmpfs "$work/src"
+[ "$source" = ext4 ] || mount -t tmpfs tmpfs "$work/src"
 tar -C /usr/share -cf "$work/doc.tar" doc
 cp "$here/benches/smallfiles.py" "$work/"
 chmod 755 "$work"; chmod 644 "$work/doc.tar" "$work/smallfiles.py"
 cleanup() {
   "$base" umount "$work/m-base" 2>/dev/null || umount -l "$work/m-base" 2>/dev/null || true
   "$new" umount "$work/m-new" 2>/dev/null || umount -l "$work/m-new" 2>/dev/null || true
-  umount "$work/src" 2>/dev/null || true
+  [ "$source" = ext4 ] || umount "$work/src" 2>/dev/null || true
   rm -rf "$work"
 }
 trap cleanup EXIT
